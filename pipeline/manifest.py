@@ -1,0 +1,254 @@
+"""data_manifest.yaml -> frozen, validated records.
+
+Every error names the key path and what was expected; unknown keys are errors. Relative paths
+resolve against the manifest's folder (roots) or against their declared root (dataset and
+resource paths), and no path may escape its declared root.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from features.params import STAGE_PARAMS, FlowParams
+from pipeline.config import from_mapping
+from pipeline.errors import ManifestError
+
+DEFAULT_MANIFEST = "data_manifest.yaml"
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Roots:
+    """Declared roots (relative to the manifest folder). Paths below may not escape them."""
+
+    data: Path = Path(".")  # datasets' raw tables and images
+    resources: Path = Path(".")  # word vectors, detector weights
+    store: Path = Path("store")  # the feature store folder itself
+    runs: Path = Path("runs")  # training runs
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    raw_root: Path  # folder holding <category>.{prd,rvw,rel}.<split>, relative to roots.data
+    image_root: Path  # folder holding pictures/<split>/{prd,rvw}/<id>/..., relative to roots.data
+    categories: tuple[str, ...]
+    name: str = ""  # filled from the mapping key
+    format: Literal["mrhp"] = "mrhp"
+    source: Literal["amazon", "lazada"] = "amazon"  # img_url and product-text conventions
+    language: Literal["en", "id"] = "en"
+    splits: tuple[str, ...] = ("train", "dev", "test")
+    threshold: float = 1.0  # relevance threshold for MAP/NDCG: 1 Amazon, 0 Lazada
+    labels: Literal["auto", "votes", "labels"] = "auto"  # how rel.upvotes is read
+    word_vectors: str = "glove-6b-50d"  # name under resources.word_vectors
+    detector: str = "bua-r101-c4"  # name under resources.detectors
+
+
+@dataclass(frozen=True)
+class WordVectorSpec:
+    format: Literal["glove", "word2vec", "fasttext-bin", "kumo"]
+    path: Path | None = None  # file, relative to roots.resources; None for a packaged source
+    package: str | None = None  # python package shipping the vectors (format kumo)
+    sha256: str | None = None  # checked before use when given
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    architecture: Literal["bua-r101-c4"] = "bua-r101-c4"
+    path: Path | None = None  # checkpoint, relative to roots.resources; None: only random_init works
+    sha256: str | None = None
+    format: Literal["auto", "bua-pth", "d2-pkl"] = "auto"
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Resources:
+    word_vectors: Mapping[str, WordVectorSpec] = field(default_factory=dict)
+    detectors: Mapping[str, DetectorSpec] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path  # the manifest file
+    folder: Path  # its folder: relative roots resolve against it
+    roots: Roots
+    datasets: Mapping[str, DatasetSpec]
+    resources: Resources
+    stages: Mapping[str, Any]  # stage name -> its params record (features.params)
+    flows: FlowParams
+
+    @property
+    def store_root(self) -> Path:
+        return self.roots.store
+
+    def dataset(self, name: str) -> DatasetSpec:
+        if name not in self.datasets:
+            raise ManifestError(
+                f"{self.path}: no dataset {name!r}; declared: {', '.join(self.datasets) or '(none)'}"
+            )
+        return self.datasets[name]
+
+    def stage_params(self, stage: str) -> Any:
+        return self.stages[stage]
+
+    def word_vectors(self, name: str) -> WordVectorSpec:
+        if name not in self.resources.word_vectors:
+            raise ManifestError(
+                f"{self.path}: resources.word_vectors has no {name!r}; declared: "
+                f"{', '.join(self.resources.word_vectors) or '(none)'}"
+            )
+        return self.resources.word_vectors[name]
+
+    def detector(self, name: str) -> DetectorSpec:
+        if name not in self.resources.detectors:
+            raise ManifestError(
+                f"{self.path}: resources.detectors has no {name!r}; declared: "
+                f"{', '.join(self.resources.detectors) or '(none)'}"
+            )
+        return self.resources.detectors[name]
+
+
+@dataclass(frozen=True)
+class _Raw:
+    """Top-level keys, validated before paths are resolved."""
+
+    version: int = SCHEMA_VERSION
+    roots: Roots = Roots()
+    datasets: Mapping[str, Any] = field(default_factory=dict)
+    resources: Mapping[str, Any] = field(default_factory=dict)
+    stages: Mapping[str, Any] = field(default_factory=dict)
+    flows: FlowParams = FlowParams()
+
+
+def resolve_under(root: Path, p: Path, keypath: str, manifest: Path) -> Path:
+    """Resolve `p` against `root`; refuse a result outside `root` (symlinks and '..' included)."""
+    root_r = root.resolve()
+    full = (root / p) if not p.is_absolute() else p
+    full_r = full.resolve()
+    if full_r != root_r and root_r not in full_r.parents:
+        raise ManifestError(
+            f"{manifest}: {keypath}: path {str(p)!r} resolves to {full_r}, outside its declared "
+            f"root {root_r}"
+        )
+    return full_r
+
+
+def default_manifest_path() -> Path:
+    return Path(os.environ.get("MRHP_MANIFEST", DEFAULT_MANIFEST))
+
+
+def load_manifest(path: str | Path | None = None) -> Manifest:
+    """Load and validate a manifest (default: $MRHP_MANIFEST or ./data_manifest.yaml)."""
+    mpath = Path(path) if path is not None else default_manifest_path()
+    if not mpath.is_file():
+        raise ManifestError(f"{mpath}: manifest file not found")
+    try:
+        with open(mpath, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ManifestError(f"{mpath}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{mpath}: not UTF-8 text ({e})") from None
+    return manifest_from_mapping(data, mpath)
+
+
+def manifest_from_mapping(data: Any, mpath: Path) -> Manifest:
+    """Validate an already-parsed manifest mapping that came from the file `mpath`."""
+    try:
+        raw = from_mapping(_Raw, data, "")
+    except ManifestError:
+        raise
+    except Exception as e:  # ConfigError from the generic validator
+        raise ManifestError(f"{mpath}: {e}") from None
+    if raw.version != SCHEMA_VERSION:
+        raise ManifestError(f"{mpath}: version: expected {SCHEMA_VERSION}, got {raw.version}")
+    folder = mpath.resolve().parent
+
+    roots = Roots(**{
+        f.name: (folder / getattr(raw.roots, f.name)).resolve()
+        for f in dataclasses.fields(Roots)
+    })
+
+    def sub(cls, value, keypath):
+        try:
+            return from_mapping(cls, value, keypath)
+        except ManifestError:
+            raise
+        except Exception as e:
+            raise ManifestError(f"{mpath}: {e}") from None
+
+    res_raw = sub(_ResourcesRaw, raw.resources, "resources")
+    word_vectors = {}
+    for name, value in res_raw.word_vectors.items():
+        kp = f"resources.word_vectors.{name}"
+        spec = sub(WordVectorSpec, value, kp)
+        if spec.path is None and spec.format != "kumo":
+            raise ManifestError(f"{mpath}: {kp}.path: required for format {spec.format!r}")
+        path = resolve_under(roots.resources, spec.path, f"{kp}.path", mpath) if spec.path else None
+        word_vectors[name] = dataclasses.replace(spec, path=path, name=name)
+    detectors = {}
+    for name, value in res_raw.detectors.items():
+        kp = f"resources.detectors.{name}"
+        spec = sub(DetectorSpec, value, kp)
+        path = resolve_under(roots.resources, spec.path, f"{kp}.path", mpath) if spec.path else None
+        detectors[name] = dataclasses.replace(spec, path=path, name=name)
+    resources = Resources(
+        word_vectors=types.MappingProxyType(word_vectors),
+        detectors=types.MappingProxyType(detectors),
+    )
+
+    datasets = {}
+    for name, value in raw.datasets.items():
+        kp = f"datasets.{name}"
+        spec = sub(DatasetSpec, value, kp)
+        if not spec.categories:
+            raise ManifestError(f"{mpath}: {kp}.categories: expected at least one category")
+        if spec.word_vectors not in word_vectors:
+            raise ManifestError(
+                f"{mpath}: {kp}.word_vectors: {spec.word_vectors!r} is not declared under "
+                f"resources.word_vectors ({', '.join(word_vectors) or 'none declared'})"
+            )
+        if spec.detector not in detectors:
+            raise ManifestError(
+                f"{mpath}: {kp}.detector: {spec.detector!r} is not declared under "
+                f"resources.detectors ({', '.join(detectors) or 'none declared'})"
+            )
+        datasets[name] = dataclasses.replace(
+            spec,
+            name=name,
+            raw_root=resolve_under(roots.data, spec.raw_root, f"{kp}.raw_root", mpath),
+            image_root=resolve_under(roots.data, spec.image_root, f"{kp}.image_root", mpath),
+        )
+
+    stages = {}
+    unknown = sorted(set(raw.stages) - set(STAGE_PARAMS))
+    if unknown:
+        raise ManifestError(
+            f"{mpath}: stages: unknown stage(s) {', '.join(unknown)}; valid: "
+            f"{', '.join(STAGE_PARAMS)}"
+        )
+    for name, cls in STAGE_PARAMS.items():
+        stages[name] = sub(cls, raw.stages.get(name), f"stages.{name}")
+
+    return Manifest(
+        path=mpath.resolve(),
+        folder=folder,
+        roots=roots,
+        datasets=types.MappingProxyType(datasets),
+        resources=resources,
+        stages=types.MappingProxyType(stages),
+        flows=raw.flows,
+    )
+
+
+@dataclass(frozen=True)
+class _ResourcesRaw:
+    word_vectors: Mapping[str, Any] = field(default_factory=dict)
+    detectors: Mapping[str, Any] = field(default_factory=dict)
