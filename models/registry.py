@@ -18,7 +18,8 @@ MODEL_MODULES: tuple[str, ...] = ()
 
 def register_model(name: str) -> Callable:
     """Class decorator: `@register_model("sancl")`. The class must offer
-    `from_config(cfg: Mapping, embeddings: np.ndarray | None) -> nn.Module`."""
+    `from_config(cfg: Mapping, embeddings: Mapping[str, np.ndarray] | None) -> nn.Module`, where
+    embeddings maps "prd" and "rvw" to the (V, dim) matrices of the two vocabularies."""
 
     def deco(cls):
         if name in _REGISTRY and _REGISTRY[name] is not cls:
@@ -50,6 +51,6 @@ def model_class(name: str):
 
 
 def build_model(name: str, cfg: Mapping[str, Any] | None = None,
-                embeddings: np.ndarray | None = None) -> nn.Module:
+                embeddings: Mapping[str, np.ndarray] | None = None) -> nn.Module:
     """Build the model registered as `name` from a plain config mapping (validated by the model)."""
     return model_class(name).from_config(dict(cfg or {}), embeddings)
