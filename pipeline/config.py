@@ -151,6 +151,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-3" as a string; a user means the number
+                value = float(value)
+            except ValueError:
+                pass
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
