@@ -1,0 +1,469 @@
+"""Bottom-up-attention Faster R-CNN (ResNet C4) on torchvision ops.
+
+The layout follows the Caffe model of Anderson et al. as converted by bottom-up-attention.pytorch
+(`bua-caffe` configs) and, with a different `DetectorConfig`, detectron2's R101-C4 model zoo
+models. Module names mirror detectron2's (`backbone.res2.0.conv1.norm.weight`,
+`proposal_generator.rpn_head.conv.weight`, `roi_heads.res5.0...`, `roi_heads.box_predictor...`)
+so that both checkpoint families load without renaming (see `checkpoint.py`).
+
+Inference only: frozen batch norm, no losses, no training-time sampling.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import batched_nms, roi_align, roi_pool
+
+_SCALE_CLAMP = math.log(1000.0 / 16)  # largest dw/dh applied to a box (detectron2's bound)
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Architecture and test-time settings; `bua_caffe_r101()` and `d2_r101_c4()` are the presets."""
+
+    stage_blocks: tuple[int, ...] = (3, 4, 23)  # bottleneck blocks in res2, res3, res4 (R-101)
+    res5_blocks: int = 3  # bottleneck blocks of the res5 box head
+    stem_channels: int = 64  # output channels of the 7x7 stem conv
+    res2_channels: int = 256  # res2 output channels; bottleneck width is a quarter; doubles per stage
+    stride_in_1x1: bool = True  # caffe/MSRA ResNet: downsampling stride on the first 1x1 conv
+    res5_dilation: int = 2  # 2: res5 keeps the 14x14 crop (bua caffe); 1: stride 2 (detectron2)
+    norm_eps: float = 1e-5  # frozen batch norm epsilon
+    num_classes: int = 1601  # classifier outputs, background included
+    background: Literal["first", "last"] = "first"  # caffe puts background at 0, detectron2 last
+    num_attributes: int = 401  # attribute outputs, index 0 = "no attribute"; 0 disables the head
+    attr_embed_dim: int = 256  # class embedding concatenated with the box feature
+    attr_hidden: int = 512  # hidden width of the attribute MLP
+    rpn_channels: int = 512  # RPN 3x3 conv width (512 bua caffe, 1024 detectron2)
+    rpn_objectness: Literal["softmax", "sigmoid"] = "softmax"  # caffe: 2A logits; d2: A logits
+    anchor_style: Literal["caffe", "d2"] = "caffe"  # caffe generate_anchors or d2 cell anchors
+    anchor_sizes: tuple[float, ...] = (64.0, 128.0, 256.0, 512.0)  # caffe scales 4..32 x stride 16
+    anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)  # height / width
+    legacy_boxes: bool = True  # caffe "+1" box widths in decoding, clipping and size filtering
+    rpn_nms_thresh: float = 0.7  # IoU of the proposal NMS
+    min_proposal_size: float = 16.0  # proposals with a side below this (original pixels) are dropped
+    pooler: Literal["roipool", "roialign", "roialignv2"] = "roipool"  # see docs/detector.md
+    pooler_resolution: int = 14  # crop size fed to res5
+    pooler_sampling_ratio: int = 0  # ROIAlign samples per bin (0 = adaptive)
+    pixel_mean: tuple[float, float, float] = (102.9801, 115.9465, 122.7717)  # BGR means subtracted
+    size_divisibility: int = 32  # padded batch height/width are multiples of this
+    box_head_chunk: int = 1024  # ROIs per res5 pass: bounds peak memory of the box head
+
+    @property
+    def num_anchors(self) -> int:
+        return len(self.anchor_sizes) * len(self.anchor_ratios)
+
+    @property
+    def bbox_reg_classes(self) -> int:
+        return self.num_classes if self.background == "first" else self.num_classes - 1
+
+    @property
+    def res5_channels(self) -> int:
+        return self.res2_channels * 8
+
+    @property
+    def feature_stride(self) -> int:
+        return 16
+
+
+def bua_caffe_r101() -> DetectorConfig:
+    """The Visual Genome model of bottom-up-attention (1600 objects, 400 attributes)."""
+    return DetectorConfig()
+
+
+def d2_r101_c4(num_classes: int = 81) -> DetectorConfig:
+    """detectron2 model zoo R101-C4 Faster R-CNN (COCO: 80 classes + background, no attributes)."""
+    return DetectorConfig(
+        res5_dilation=1,
+        num_classes=num_classes,
+        background="last",
+        num_attributes=0,
+        rpn_channels=1024,
+        rpn_objectness="sigmoid",
+        anchor_style="d2",
+        anchor_sizes=(32.0, 64.0, 128.0, 256.0, 512.0),
+        legacy_boxes=False,
+        min_proposal_size=0.0,
+        pooler="roialignv2",
+        pixel_mean=(103.530, 116.280, 123.675),
+    )
+
+
+# --------------------------------------------------------------------------- backbone
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """Batch norm with fixed statistics: y = (x - mean) / sqrt(var + eps) * weight + bias."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(channels))
+        self.register_buffer("bias", torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels) - eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.to(x.dtype)[None, :, None, None] + shift.to(x.dtype)[None, :, None, None]
+
+
+class ConvNorm(nn.Conv2d):
+    """Conv without bias followed by frozen BN, stored as `<name>.weight` and `<name>.norm.*`."""
+
+    def __init__(self, cin: int, cout: int, k: int, *, stride: int = 1, padding: int = 0,
+                 dilation: int = 1, eps: float = 1e-5):
+        super().__init__(cin, cout, k, stride=stride, padding=padding, dilation=dilation, bias=False)
+        self.norm = FrozenBatchNorm2d(cout, eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(super().forward(x))
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck; `stride_in_1x1` puts the downsampling on conv1 (caffe/MSRA ResNet)."""
+
+    def __init__(self, cin: int, cout: int, width: int, *, stride: int, dilation: int,
+                 stride_in_1x1: bool, eps: float):
+        super().__init__()
+        self.shortcut = ConvNorm(cin, cout, 1, stride=stride, eps=eps) if cin != cout else None
+        s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = ConvNorm(cin, width, 1, stride=s1, eps=eps)
+        self.conv2 = ConvNorm(width, width, 3, stride=s3, padding=dilation, dilation=dilation, eps=eps)
+        self.conv3 = ConvNorm(width, cout, 1, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.conv1(x))
+        out = F.relu(self.conv2(out))
+        out = self.conv3(out)
+        short = self.shortcut(x) if self.shortcut is not None else x
+        return F.relu(out + short)
+
+
+def make_stage(n: int, cin: int, cout: int, width: int, *, first_stride: int, dilation: int,
+               stride_in_1x1: bool, eps: float) -> nn.Sequential:
+    blocks = []
+    for i in range(n):
+        blocks.append(Bottleneck(cin if i == 0 else cout, cout, width,
+                                 stride=first_stride if i == 0 else 1, dilation=dilation,
+                                 stride_in_1x1=stride_in_1x1, eps=eps))
+    return nn.Sequential(*blocks)
+
+
+class Stem(nn.Module):
+    """conv 7x7/2 + frozen BN + ReLU + max pool 3x3/2 (caffe rounding: ceil_mode)."""
+
+    def __init__(self, cout: int, eps: float):
+        super().__init__()
+        self.conv1 = ConvNorm(3, cout, 7, stride=2, padding=3, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(F.relu(self.conv1(x)), kernel_size=3, stride=2, padding=0, ceil_mode=True)
+
+
+class Backbone(nn.Module):
+    """Stem + res2..res4: the C4 trunk at stride 16."""
+
+    def __init__(self, cfg: DetectorConfig):
+        super().__init__()
+        self.stem = Stem(cfg.stem_channels, cfg.norm_eps)
+        cin, cout, width = cfg.stem_channels, cfg.res2_channels, cfg.res2_channels // 4
+        self.stage_names = []
+        for i, n in enumerate(cfg.stage_blocks):
+            name = f"res{i + 2}"
+            self.add_module(name, make_stage(n, cin, cout, width, first_stride=1 if i == 0 else 2,
+                                             dilation=1, stride_in_1x1=cfg.stride_in_1x1,
+                                             eps=cfg.norm_eps))
+            self.stage_names.append(name)
+            cin, cout, width = cout, cout * 2, width * 2
+        self.out_channels = cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+        return x
+
+
+# --------------------------------------------------------------------------- boxes
+
+
+def cell_anchors(cfg: DetectorConfig) -> torch.Tensor:
+    """(A, 4) anchors of one feature-map cell at the origin, in the checkpoint family's order."""
+    stride = cfg.feature_stride
+    out = []
+    if cfg.anchor_style == "caffe":
+        # py-faster-rcnn generate_anchors: ratio-major, rounded widths, centre (stride-1)/2.
+        base = float(stride)
+        ctr = (base - 1) / 2
+        for r in cfg.anchor_ratios:
+            ws = round(math.sqrt(base * base / r))
+            hs = round(ws * r)
+            for size in cfg.anchor_sizes:
+                s = size / base
+                w, h = ws * s, hs * s
+                out.append([ctr - (w - 1) / 2, ctr - (h - 1) / 2, ctr + (w - 1) / 2, ctr + (h - 1) / 2])
+    else:
+        # detectron2 DefaultAnchorGenerator: size-major, centred on the cell origin.
+        for size in cfg.anchor_sizes:
+            area = size * size
+            for r in cfg.anchor_ratios:
+                w = math.sqrt(area / r)
+                h = w * r
+                out.append([-w / 2, -h / 2, w / 2, h / 2])
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def grid_anchors(cell: torch.Tensor, height: int, width: int, stride: int) -> torch.Tensor:
+    """(H*W*A, 4) anchors over a feature map, ordered (y, x, anchor) like the RPN outputs."""
+    sy = torch.arange(height, dtype=torch.float32, device=cell.device) * stride
+    sx = torch.arange(width, dtype=torch.float32, device=cell.device) * stride
+    yy, xx = torch.meshgrid(sy, sx, indexing="ij")
+    shifts = torch.stack([xx, yy, xx, yy], dim=-1).reshape(-1, 1, 4)  # (H*W, 1, 4)
+    return (shifts + cell[None]).reshape(-1, 4)
+
+
+def decode_boxes(deltas: torch.Tensor, boxes: torch.Tensor, *, legacy: bool,
+                 weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)) -> torch.Tensor:
+    """Apply (dx, dy, dw, dh) deltas (..., 4) to boxes (..., 4); `legacy` uses +1 widths."""
+    one = 1.0 if legacy else 0.0
+    w = boxes[..., 2] - boxes[..., 0] + one
+    h = boxes[..., 3] - boxes[..., 1] + one
+    cx = boxes[..., 0] + 0.5 * w
+    cy = boxes[..., 1] + 0.5 * h
+    dx, dy = deltas[..., 0] / weights[0], deltas[..., 1] / weights[1]
+    dw = (deltas[..., 2] / weights[2]).clamp(max=_SCALE_CLAMP)
+    dh = (deltas[..., 3] / weights[3]).clamp(max=_SCALE_CLAMP)
+    pcx, pcy = dx * w + cx, dy * h + cy
+    pw, ph = dw.exp() * w, dh.exp() * h
+    return torch.stack([pcx - 0.5 * pw, pcy - 0.5 * ph, pcx + 0.5 * pw, pcy + 0.5 * ph], dim=-1)
+
+
+def clip_boxes(boxes: torch.Tensor, height: float, width: float, *, legacy: bool) -> torch.Tensor:
+    one = 1.0 if legacy else 0.0
+    x = boxes[:, 0::2].clamp(0, width - one)
+    y = boxes[:, 1::2].clamp(0, height - one)
+    return torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], dim=1)
+
+
+# --------------------------------------------------------------------------- RPN
+
+
+class RPNHead(nn.Module):
+    def __init__(self, cin: int, channels: int, num_anchors: int, objectness: str):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, channels, 3, padding=1)
+        n_obj = 2 * num_anchors if objectness == "softmax" else num_anchors
+        self.objectness_logits = nn.Conv2d(channels, n_obj, 1)
+        self.anchor_deltas = nn.Conv2d(channels, 4 * num_anchors, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = F.relu(self.conv(x))
+        return self.objectness_logits(t), self.anchor_deltas(t)
+
+
+class ProposalGenerator(nn.Module):
+    """RPN head + anchors + per-image top-k, clipping, size filter and NMS (batched on device)."""
+
+    def __init__(self, cfg: DetectorConfig, cin: int):
+        super().__init__()
+        self.cfg = cfg
+        self.rpn_head = RPNHead(cin, cfg.rpn_channels, cfg.num_anchors, cfg.rpn_objectness)
+        self.register_buffer("cell_anchors", cell_anchors(cfg), persistent=False)
+
+    def forward(self, feats: torch.Tensor, image_sizes: list[tuple[int, int]], scales: list[float],
+                pre_nms_top_n: int, post_nms_top_n: int) -> list[torch.Tensor]:
+        cfg = self.cfg
+        n, _, fh, fw = feats.shape
+        a = cfg.num_anchors
+        logits, deltas = self.rpn_head(feats)
+        logits, deltas = logits.float(), deltas.float()
+        if cfg.rpn_objectness == "softmax":
+            # caffe layout: channels [bg_0..bg_{A-1}, fg_0..fg_{A-1}]
+            scores = F.softmax(logits.view(n, 2, a, fh, fw), dim=1)[:, 1]
+        else:
+            scores = logits.view(n, a, fh, fw)  # logits rank like probabilities
+        scores = scores.permute(0, 2, 3, 1).reshape(n, -1)  # (N, H*W*A)
+        deltas = deltas.view(n, a, 4, fh, fw).permute(0, 3, 4, 1, 2).reshape(n, -1, 4)
+        anchors = grid_anchors(self.cell_anchors, fh, fw, cfg.feature_stride)
+        boxes = decode_boxes(deltas, anchors[None], legacy=cfg.legacy_boxes)  # (N, H*W*A, 4)
+
+        one = 1.0 if cfg.legacy_boxes else 0.0
+        cand_boxes, cand_scores, cand_img = [], [], []
+        for i, ((h, w), s) in enumerate(zip(image_sizes, scales)):
+            b, sc = boxes[i], scores[i]
+            if not cfg.legacy_boxes:  # detectron2: top-k first, then clip and drop empty boxes
+                k = min(pre_nms_top_n, sc.numel())
+                sc, idx = sc.topk(k)
+                b = b[idx]
+            b = clip_boxes(b, h, w, legacy=cfg.legacy_boxes)
+            bw, bh = b[:, 2] - b[:, 0] + one, b[:, 3] - b[:, 1] + one
+            keep = (bw > cfg.min_proposal_size * s) & (bh > cfg.min_proposal_size * s)
+            if cfg.legacy_boxes:
+                keep &= (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+            b, sc = b[keep], sc[keep]
+            if cfg.legacy_boxes:  # bua caffe: clip and filter first, then top-k
+                k = min(pre_nms_top_n, sc.numel())
+                sc, idx = sc.topk(k)
+                b = b[idx]
+            cand_boxes.append(b)
+            cand_scores.append(sc)
+            cand_img.append(torch.full_like(sc, i, dtype=torch.int64))
+        all_boxes = torch.cat(cand_boxes)
+        all_scores = torch.cat(cand_scores)
+        all_img = torch.cat(cand_img)
+        keep = batched_nms(all_boxes, all_scores, all_img, cfg.rpn_nms_thresh)  # score-descending
+        kept_img = all_img[keep]
+        out = []
+        for i in range(n):
+            k_i = keep[kept_img == i][:post_nms_top_n]
+            out.append(all_boxes[k_i])
+        return out
+
+
+# --------------------------------------------------------------------------- box head
+
+
+class BoxPredictor(nn.Module):
+    """Classifier, class-specific box deltas and the attribute head of bottom-up-attention.
+
+    Attributes (bua `BUACaffeFastRCNNOutputLayers`): embed the argmax class (background
+    included) into 256-d, concatenate with the 2048-d box feature, fc 512, ReLU, fc 401.
+    """
+
+    def __init__(self, cfg: DetectorConfig, cin: int):
+        super().__init__()
+        self.cls_score = nn.Linear(cin, cfg.num_classes)
+        self.bbox_pred = nn.Linear(cin, 4 * cfg.bbox_reg_classes)
+        self.has_attributes = cfg.num_attributes > 0
+        if self.has_attributes:
+            self.cls_embed = nn.Embedding(cfg.num_classes, cfg.attr_embed_dim)
+            self.attr_linear1 = nn.Linear(cin + cfg.attr_embed_dim, cfg.attr_hidden)
+            self.attr_linear2 = nn.Linear(cfg.attr_hidden, cfg.num_attributes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        logits = self.cls_score(x)
+        deltas = self.bbox_pred(x)
+        attr = None
+        if self.has_attributes:
+            emb = self.cls_embed(logits.argmax(dim=1))
+            attr = self.attr_linear2(F.relu(self.attr_linear1(torch.cat([x, emb.to(x.dtype)], dim=1))))
+        return logits, deltas, attr
+
+
+class ROIHeads(nn.Module):
+    """Crop res4 per proposal, run res5, mean-pool to the box feature, predict classes/attributes."""
+
+    def __init__(self, cfg: DetectorConfig, cin: int):
+        super().__init__()
+        self.cfg = cfg
+        cout = cfg.res5_channels
+        stride = 1 if cfg.res5_dilation > 1 else 2
+        self.res5 = make_stage(cfg.res5_blocks, cin, cout, cout // 4, first_stride=stride,
+                               dilation=cfg.res5_dilation, stride_in_1x1=cfg.stride_in_1x1,
+                               eps=cfg.norm_eps)
+        self.box_predictor = BoxPredictor(cfg, cout)
+
+    def pool(self, feats: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        scale = 1.0 / cfg.feature_stride
+        size = (cfg.pooler_resolution, cfg.pooler_resolution)
+        if cfg.pooler == "roipool":
+            return roi_pool(feats, rois.to(feats.dtype), size, scale)
+        return roi_align(feats, rois.to(feats.dtype), size, scale, cfg.pooler_sampling_ratio,
+                         aligned=cfg.pooler == "roialignv2")
+
+    def forward(self, feats: torch.Tensor, rois: torch.Tensor):
+        pooled = []
+        for start in range(0, rois.shape[0], max(1, self.cfg.box_head_chunk)):
+            crop = self.pool(feats, rois[start:start + self.cfg.box_head_chunk])
+            pooled.append(self.res5(crop).mean(dim=(2, 3)))
+        x = torch.cat(pooled) if pooled else feats.new_zeros((0, self.cfg.res5_channels))
+        logits, deltas, attr = self.box_predictor(x)
+        return x, logits, deltas, attr
+
+
+# --------------------------------------------------------------------------- detector
+
+
+@dataclass
+class Detections:
+    """Per-image raw outputs before box selection (R proposals)."""
+
+    boxes: torch.Tensor  # (R, 4) proposal boxes x1,y1,x2,y2 in original image pixels
+    features: torch.Tensor  # (R, D) mean-pooled res5 features
+    cls_probs: torch.Tensor  # (R, num_classes) softmax, background included
+    attr_probs: torch.Tensor | None  # (R, num_attributes) softmax, or None without the head
+    image_hw: tuple[int, int]  # original image height, width
+    meta: dict = field(default_factory=dict)
+
+
+class BUADetector(nn.Module):
+    """Faster R-CNN C4 with the attribute head; `forward` takes a padded, normalised batch."""
+
+    def __init__(self, cfg: DetectorConfig | None = None):
+        super().__init__()
+        self.cfg = cfg or DetectorConfig()
+        self.backbone = Backbone(self.cfg)
+        self.proposal_generator = ProposalGenerator(self.cfg, self.backbone.out_channels)
+        self.roi_heads = ROIHeads(self.cfg, self.backbone.out_channels)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, image_sizes: list[tuple[int, int]], scales: list[float],
+                orig_sizes: list[tuple[int, int]], *, pre_nms_top_n: int = 6000,
+                post_nms_top_n: int = 300) -> list[Detections]:
+        """images (N, 3, H, W) BGR minus pixel means, zero-padded; image_sizes are the resized
+        (h, w) of each image, scales resized/original, orig_sizes the original (h, w)."""
+        feats = self.backbone(images)
+        proposals = self.proposal_generator(feats, image_sizes, scales, pre_nms_top_n, post_nms_top_n)
+        counts = [p.shape[0] for p in proposals]
+        batch_idx = torch.cat([torch.full((c, 1), i, dtype=torch.float32, device=images.device)
+                               for i, c in enumerate(counts)])
+        rois = torch.cat([batch_idx, torch.cat(proposals)], dim=1)
+        x, logits, _deltas, attr = self.roi_heads(feats, rois)
+        probs = F.softmax(logits.float(), dim=1)
+        attr_probs = F.softmax(attr.float(), dim=1) if attr is not None else None
+        out = []
+        start = 0
+        for i, c in enumerate(counts):
+            sl = slice(start, start + c)
+            out.append(Detections(
+                boxes=proposals[i] / scales[i],
+                features=x[sl],
+                cls_probs=probs[sl],
+                attr_probs=attr_probs[sl] if attr_probs is not None else None,
+                image_hw=orig_sizes[i],
+            ))
+            start += c
+        return out
+
+
+def build_detector(cfg: DetectorConfig | None = None, *, seed: int | None = None) -> BUADetector:
+    """A detector in eval mode; with `seed`, weights are drawn deterministically (random-init mode)."""
+    if seed is not None:
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+    model = BUADetector(cfg)
+    if seed is not None:
+        _randomize_norms(model, seed)
+        torch.random.set_rng_state(gen_state)
+    return model.eval()
+
+
+def _randomize_norms(model: nn.Module, seed: int) -> None:
+    """Random-init mode: give frozen BN realistic non-trivial statistics so activations stay finite
+    and varied through 100 blocks (a unit scale would blow up the residual sums)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            c = m.weight.numel()
+            m.weight.copy_(0.5 + 0.5 * torch.rand(c, generator=g))
+            m.bias.copy_(0.1 * torch.randn(c, generator=g))
+    for m in model.modules():
+        if isinstance(m, Bottleneck):
+            m.conv3.norm.weight.mul_(0.2)  # damp residual branches as trained ResNets do
