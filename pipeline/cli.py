@@ -18,6 +18,8 @@ from pipeline.errors import MRHPError
 COMMANDS: tuple[str, ...] = (
     "pipeline.commands.validate",
     "pipeline.commands.fetch_images",
+    "pipeline.commands.fsck",
+    "pipeline.commands.gc",
 )
 
 

@@ -1,0 +1,1366 @@
+"""The feature store: content-addressed stage outputs in immutable HDF5 segments plus a SQLite index.
+
+Layout under the store root::
+
+    index.sqlite                                   # segments, items, failures, views (WAL)
+    segments/<stage>/<fingerprint>/<segment>.h5    # immutable once renamed into place
+    tmp/                                           # writes in flight: <segment>.lock, <segment>.part
+
+A writer buffers records and commits them in chunks: write `tmp/<id>.part`, fsync, rename into
+`segments/`, fsync the folder, then record the segment, its items and its failures in one SQLite
+transaction. A crash loses at most the chunk in flight; whatever it left behind is recognised by
+its lock file (held with flock while the writer lives) and cleaned by the next `FeatureStore()`.
+
+Segments are self-describing (stage, fingerprint, schema, keys, failures and a sha256 checksum in
+the file), so `rebuild_index()` can recover the index from the files alone. Nothing is pickled.
+Readers keep the key -> (segment, row) map in memory and read rows with `pread` at the file
+offsets of contiguous datasets; they hold no HDF5 handle, so they are safe to use across fork.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import h5py
+import numpy as np
+
+from pipeline.errors import StoreError
+from pipeline.stage import FieldSpec, Record
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1  # segment file layout version (attribute `schema_version`)
+INDEX_VERSION = 1  # index.sqlite table layout version
+_SQL_CHUNK = 900  # keys per `IN (...)` query, below SQLite's bound-parameter limit
+_BUSY_TIMEOUT_MS = 60_000
+_STALE_LOCKING_S = 3600.0  # lock files this old whose owner is gone are removed on open
+_MAX_OPEN_FILES = 128  # per reader: segment file descriptors kept open (LRU)
+_STR = h5py.string_dtype("utf-8")
+
+_SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS segments (
+    id TEXT PRIMARY KEY,              -- uuid4 hex, also the file name
+    stage TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    path TEXT NOT NULL UNIQUE,        -- relative to the store root
+    n_rows INTEGER NOT NULL,          -- successful items (rows of the field arrays)
+    n_failed INTEGER NOT NULL,
+    checksum TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS segments_by_stage ON segments (stage, fingerprint);
+CREATE TABLE IF NOT EXISTS items (
+    stage TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    key TEXT NOT NULL,
+    segment TEXT NOT NULL,
+    row INTEGER,                      -- NULL for a failure
+    failure TEXT,                     -- NULL for a success
+    PRIMARY KEY (stage, fingerprint, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS items_by_segment ON items (segment);
+CREATE TABLE IF NOT EXISTS views (
+    dataset TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    n_items INTEGER NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (dataset, stage)
+);
+CREATE TABLE IF NOT EXISTS view_items (
+    dataset TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    item_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    PRIMARY KEY (dataset, stage, item_id)
+) WITHOUT ROWID;
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _chunks(seq: Sequence[Any], n: int = _SQL_CHUNK) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(seq), n):
+        yield seq[i : i + n]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs_durable(path: Path) -> None:
+    """mkdir -p, fsyncing each parent whose entry was created, so a new folder survives a crash."""
+    if path.is_dir():
+        return
+    missing = []
+    p = path
+    while not p.is_dir():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        _fsync_dir(d.parent)
+
+
+def _check_name(what: str, value: str) -> None:
+    """Stage names and fingerprints become folder names: keep them to a safe alphabet."""
+    if not isinstance(value, str) or not value or not all(c.isalnum() or c in "-_." for c in value):
+        raise StoreError(f"{what} must be a non-empty string of letters, digits, '-', '_' or '.'; got {value!r}")
+    if value in (".", ".."):
+        raise StoreError(f"{what} may not be {value!r}")
+
+
+def _schema_to_json(schema: Mapping[str, FieldSpec]) -> str:
+    return json.dumps(
+        {name: {"dtype": s.dtype, "shape": list(s.shape), "ragged": s.ragged} for name, s in schema.items()},
+        sort_keys=True,
+    )
+
+
+def _schema_from_json(text: str) -> dict[str, FieldSpec]:
+    raw = json.loads(text)
+    return {
+        name: FieldSpec(dtype=d["dtype"], shape=tuple(int(x) for x in d["shape"]), ragged=bool(d["ragged"]))
+        for name, d in raw.items()
+    }
+
+
+def _validate_schema(stage: str, schema: Mapping[str, FieldSpec]) -> None:
+    if not schema:
+        raise StoreError(f"stage {stage!r}: the schema has no fields")
+    for name, spec in schema.items():
+        if not isinstance(name, str) or not name or "/" in name:
+            raise StoreError(f"stage {stage!r}: field name {name!r} must be a non-empty string without '/'")
+        if not isinstance(spec, FieldSpec):
+            raise StoreError(f"stage {stage!r} field {name!r}: expected a FieldSpec, got {type(spec).__name__}")
+        try:
+            dt = np.dtype(spec.dtype)
+        except TypeError as e:
+            raise StoreError(f"stage {stage!r} field {name!r}: unknown dtype {spec.dtype!r}") from e
+        if dt.kind not in "biufc":
+            raise StoreError(
+                f"stage {stage!r} field {name!r}: dtype {spec.dtype!r} is not numeric or bool "
+                "(only fixed-size numeric arrays are stored)"
+            )
+        if any((not isinstance(d, int)) or d < 0 for d in spec.shape):
+            raise StoreError(f"stage {stage!r} field {name!r}: shape {spec.shape!r} must be non-negative ints")
+
+
+def _hash_strings(h: Any, values: Iterable[str]) -> None:
+    for v in values:
+        b = v.encode("utf-8")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+
+
+def _checksum(datasets: Mapping[str, np.ndarray | list[str]]) -> str:
+    """sha256 over every dataset of a segment, in name order: name, dtype, shape, bytes.
+
+    String datasets (keys, reasons, meta) are hashed as length-prefixed utf-8 so the value
+    computed while writing equals the one recomputed from the file."""
+    h = hashlib.sha256()
+    for name in sorted(datasets):
+        value = datasets[name]
+        h.update(name.encode("utf-8") + b"\x00")
+        if isinstance(value, list):
+            h.update(b"str\x00" + len(value).to_bytes(8, "little"))
+            _hash_strings(h, value)
+        else:
+            arr = np.ascontiguousarray(value)
+            h.update(f"{arr.dtype.str}{arr.shape}".encode() + b"\x00")
+            h.update(memoryview(arr).cast("B"))
+    return h.hexdigest()
+
+
+def _read_segment_datasets(f: h5py.File) -> dict[str, np.ndarray | list[str]]:
+    """Every dataset of an open segment, strings decoded: the input of `_checksum`."""
+    out: dict[str, np.ndarray | list[str]] = {}
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset):
+            if h5py.check_string_dtype(obj.dtype) is not None:
+                out[name] = [s for s in obj.asstr()[()]] if obj.shape[0] else []
+            else:
+                out[name] = obj[()]
+
+    f.visititems(visit)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# lock files: tell a live writer's files from a dead writer's leftovers
+
+
+def _lock_path(root: Path, seg_id: str) -> Path:
+    return root / "tmp" / f"{seg_id}.lock"
+
+
+def _part_path(root: Path, seg_id: str) -> Path:
+    return root / "tmp" / f"{seg_id}.part"
+
+
+def _acquire_lock(path: Path, content: str) -> int:
+    """Create and flock `path` (retrying if a cleaner unlinked it between open and flock)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.write(fd, content.encode("utf-8"))
+            os.fsync(fd)
+            return fd
+        os.close(fd)
+
+
+def _lock_is_held(path: Path) -> bool:
+    """True when a live process holds the flock on `path` (False when absent or abandoned)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            return True
+        raise
+    finally:
+        os.close(fd)
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# reports
+
+
+@dataclass
+class FsckReport:
+    """What `FeatureStore.fsck` found; `ok` when nothing is wrong."""
+
+    segments_checked: int = 0  # segment files whose checksum was recomputed
+    items_checked: int = 0  # index rows (successes and failures) resolved to a segment row
+    view_entries_checked: int = 0
+    problems: list[str] = field(default_factory=list)  # one line each, naming the file/key/view
+    repaired: list[str] = field(default_factory=list)  # what --repair changed
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def format(self) -> str:
+        lines = [
+            f"checked {self.segments_checked} segments, {self.items_checked} index rows, "
+            f"{self.view_entries_checked} view entries: "
+            + ("ok" if self.ok else f"{len(self.problems)} problem(s)")
+        ]
+        lines += [f"  problem: {p}" for p in self.problems]
+        lines += [f"  repaired: {r}" for r in self.repaired]
+        return "\n".join(lines)
+
+
+@dataclass
+class GcReport:
+    """What `FeatureStore.gc` removed (or would remove with dry_run)."""
+
+    dry_run: bool = False
+    segments_removed: list[str] = field(default_factory=list)  # relative paths
+    orphans_removed: list[str] = field(default_factory=list)  # files not in the index
+    items_dropped: int = 0  # index rows (successes and failures) dropped
+    bytes_freed: int = 0
+
+    def format(self) -> str:
+        verb = "would remove" if self.dry_run else "removed"
+        return (
+            f"{verb} {len(self.segments_removed)} unreferenced segments and "
+            f"{len(self.orphans_removed)} orphan files ({self.bytes_freed / 1e6:.1f} MB), "
+            f"{'would drop' if self.dry_run else 'dropped'} {self.items_dropped} index rows"
+        )
+
+
+class ViewInfo(NamedTuple):
+    dataset: str
+    stage: str
+    fingerprint: str
+    n_items: int
+
+
+# --------------------------------------------------------------------------------------------
+# the store
+
+
+class FeatureStore:
+    """Open (creating if needed) the store at `root`; safe to construct in many processes at once."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).resolve()
+        self.segments_dir = self.root / "segments"
+        self.tmp_dir = self.root / "tmp"
+        try:
+            for d in (self.root, self.segments_dir, self.tmp_dir):
+                _makedirs_durable(d)
+        except OSError as e:
+            raise StoreError(f"cannot create the feature store at {self.root}: {e}") from e
+        self._local = threading.local()
+        conn = self._conn()
+        with _Tx(conn):
+            for stmt in _SCHEMA_SQL.split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
+            row = conn.execute("SELECT value FROM meta WHERE name='index_version'").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO meta VALUES ('index_version', ?)", (str(INDEX_VERSION),))
+            elif int(row[0]) != INDEX_VERSION:
+                raise StoreError(
+                    f"{self.root / 'index.sqlite'}: index version {row[0]}, this code reads version {INDEX_VERSION}"
+                )
+        self.clean_tmp()
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({str(self.root)!r})"
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        """One SQLite connection per thread and process (connections do not survive fork)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None or self._local.pid != os.getpid():
+            path = self.root / "index.sqlite"
+            try:
+                conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+                conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA temp_store=MEMORY")
+            except sqlite3.Error as e:
+                raise StoreError(f"cannot open the store index {path}: {e}") from e
+            self._local.conn = conn
+            self._local.pid = os.getpid()
+        return conn
+
+    def _present(self, conn: sqlite3.Connection, stage: str, fingerprint: str, keys: Sequence[str]) -> set[str]:
+        """The subset of `keys` with an index row (success or failure) for (stage, fingerprint)."""
+        present: set[str] = set()
+        for part in _chunks(keys):
+            q = (
+                "SELECT key FROM items WHERE stage=? AND fingerprint=? AND key IN "
+                f"({','.join('?' * len(part))})"
+            )
+            present.update(r[0] for r in conn.execute(q, (stage, fingerprint, *part)))
+        return present
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def writer(
+        self,
+        stage: str,
+        fingerprint: str,
+        schema: Mapping[str, FieldSpec],
+        *,
+        attrs: Mapping[str, Any] | None = None,
+        chunk_size: int = 500,
+    ) -> SegmentWriter:
+        """A writer committing records of (stage, fingerprint) every `chunk_size` records and on close.
+
+        `attrs` (JSON-able stage parameters) are stored in each segment's `params` attribute."""
+        return SegmentWriter(self, stage, fingerprint, schema, attrs=attrs, chunk_size=chunk_size)
+
+    def forget(self, stage: str, fingerprint: str, keys: Iterable[str]) -> int:
+        """Drop the index rows of `keys` so they count as missing again (--force). Returns rows dropped.
+
+        Their segment rows stay on disk until `gc()` finds them unreferenced."""
+        keys = list(dict.fromkeys(keys))
+        conn = self._conn()
+        dropped = 0
+        with _Tx(conn):
+            for part in _chunks(keys):
+                cur = conn.execute(
+                    "DELETE FROM items WHERE stage=? AND fingerprint=? AND key IN "
+                    f"({','.join('?' * len(part))})",
+                    (stage, fingerprint, *part),
+                )
+                dropped += cur.rowcount
+        return dropped
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def missing(self, stage: str, fingerprint: str, keys: Iterable[str]) -> list[str]:
+        """Keys (deduplicated, in input order) with neither a committed row nor a recorded failure."""
+        keys = list(dict.fromkeys(keys))
+        present = self._present(self._conn(), stage, fingerprint, keys)
+        return [k for k in keys if k not in present]
+
+    def done_keys(self, stage: str, fingerprint: str, keys: Iterable[str] | None = None) -> list[str]:
+        """Keys with a successful committed row: all of them, or those among `keys` (input order)."""
+        conn = self._conn()
+        if keys is None:
+            rows = conn.execute(
+                "SELECT key FROM items WHERE stage=? AND fingerprint=? AND failure IS NULL", (stage, fingerprint)
+            )
+            return [r[0] for r in rows]
+        keys = list(dict.fromkeys(keys))
+        done: set[str] = set()
+        for part in _chunks(keys):
+            q = (
+                "SELECT key FROM items WHERE stage=? AND fingerprint=? AND failure IS NULL AND key IN "
+                f"({','.join('?' * len(part))})"
+            )
+            done.update(r[0] for r in conn.execute(q, (stage, fingerprint, *part)))
+        return [k for k in keys if k in done]
+
+    def failures(self, stage: str, fingerprint: str) -> dict[str, str]:
+        """Recorded failures of (stage, fingerprint): key -> reason."""
+        rows = self._conn().execute(
+            "SELECT key, failure FROM items WHERE stage=? AND fingerprint=? AND failure IS NOT NULL",
+            (stage, fingerprint),
+        )
+        return dict(rows.fetchall())
+
+    def counts(self, stage: str, fingerprint: str) -> dict[str, int]:
+        """{"done": successes, "failed": recorded failures} for (stage, fingerprint)."""
+        done, failed = self._conn().execute(
+            "SELECT COALESCE(SUM(failure IS NULL), 0), COALESCE(SUM(failure IS NOT NULL), 0) "
+            "FROM items WHERE stage=? AND fingerprint=?",
+            (stage, fingerprint),
+        ).fetchone()
+        return {"done": int(done), "failed": int(failed)}
+
+    def stages(self) -> list[str]:
+        """Stage names that have at least one committed segment."""
+        return [r[0] for r in self._conn().execute("SELECT DISTINCT stage FROM segments ORDER BY stage")]
+
+    def fingerprints(self, stage: str) -> list[str]:
+        """Fingerprints of `stage` that have at least one committed segment, sorted."""
+        rows = self._conn().execute(
+            "SELECT DISTINCT fingerprint FROM segments WHERE stage=? ORDER BY fingerprint", (stage,)
+        )
+        return [r[0] for r in rows]
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def reader(self, stage: str, fingerprint: str) -> StageReader:
+        """A reader over everything committed for (stage, fingerprint) at this moment."""
+        conn = self._conn()
+        with _Tx(conn, immediate=False):
+            return self._reader_in_tx(conn, stage, fingerprint)
+
+    def _reader_in_tx(self, conn: sqlite3.Connection, stage: str, fingerprint: str) -> StageReader:
+        seg_index: dict[str, int] = {}
+        seg_paths: list[str] = []
+        for seg_id, path in conn.execute(
+            "SELECT id, path FROM segments WHERE stage=? AND fingerprint=?", (stage, fingerprint)
+        ):
+            seg_index[seg_id] = len(seg_paths)
+            seg_paths.append(path)
+        locs: dict[str, tuple[int, int]] = {}
+        failures: dict[str, str] = {}
+        for key, seg, row, failure in conn.execute(
+            "SELECT key, segment, row, failure FROM items WHERE stage=? AND fingerprint=?", (stage, fingerprint)
+        ):
+            if failure is not None:
+                failures[key] = failure
+            elif seg in seg_index:
+                locs[key] = (seg_index[seg], row)
+            else:
+                raise StoreError(
+                    f"store index {self.root / 'index.sqlite'}: item {key} of {stage}/{fingerprint} names "
+                    f"segment {seg}, which is not in the index; run `mrhp fsck --repair`"
+                )
+        return StageReader(
+            root=self.root, stage=stage, fingerprint=fingerprint, segment_paths=seg_paths, locations=locs,
+            failures=failures,
+        )
+
+    # -- views ---------------------------------------------------------------------------------
+
+    def write_view(self, dataset: str, stage: str, fingerprint: str, mapping: Mapping[str, str]) -> None:
+        """Replace the view of (dataset, stage) by `mapping` (item id -> key), atomically.
+
+        Every key must already be committed (done or failed) for (stage, fingerprint)."""
+        if not isinstance(dataset, str) or not dataset:
+            raise StoreError(f"view dataset name must be a non-empty string, got {dataset!r}")
+        pairs = [(str(i), str(k)) for i, k in mapping.items()]
+        conn = self._conn()
+        with _Tx(conn):
+            conn.execute("CREATE TEMP TABLE IF NOT EXISTS new_view (item_id TEXT PRIMARY KEY, key TEXT NOT NULL)")
+            conn.execute("DELETE FROM new_view")
+            conn.executemany("INSERT INTO new_view VALUES (?, ?)", pairs)
+            absent = conn.execute(
+                "SELECT n.item_id, n.key FROM new_view n LEFT JOIN items i "
+                "ON i.stage=? AND i.fingerprint=? AND i.key=n.key WHERE i.key IS NULL",
+                (stage, fingerprint),
+            ).fetchall()
+            if absent:
+                conn.execute("DELETE FROM new_view")
+                examples = ", ".join(f"{i} -> {k}" for i, k in absent[:5])
+                raise StoreError(
+                    f"cannot write view {dataset}/{stage}: {len(absent)} of {len(pairs)} items are not in the "
+                    f"store for fingerprint {fingerprint} (neither done nor failed), e.g. {examples}"
+                )
+            conn.execute("DELETE FROM view_items WHERE dataset=? AND stage=?", (dataset, stage))
+            conn.execute(
+                "INSERT INTO view_items SELECT ?, ?, item_id, key FROM new_view", (dataset, stage)
+            )
+            conn.execute(
+                "INSERT OR REPLACE INTO views VALUES (?, ?, ?, ?, ?)",
+                (dataset, stage, fingerprint, len(pairs), time.time()),
+            )
+            conn.execute("DELETE FROM new_view")
+
+    def drop_view(self, dataset: str, stage: str) -> bool:
+        """Remove the view of (dataset, stage); True when there was one."""
+        conn = self._conn()
+        with _Tx(conn):
+            conn.execute("DELETE FROM view_items WHERE dataset=? AND stage=?", (dataset, stage))
+            return conn.execute("DELETE FROM views WHERE dataset=? AND stage=?", (dataset, stage)).rowcount > 0
+
+    def view(self, dataset: str, stage: str) -> View:
+        """The current view of (dataset, stage): item id -> stored arrays."""
+        conn = self._conn()
+        with _Tx(conn, immediate=False):
+            row = conn.execute(
+                "SELECT fingerprint FROM views WHERE dataset=? AND stage=?", (dataset, stage)
+            ).fetchone()
+            if row is None:
+                have = [f"{d}/{s}" for d, s in conn.execute("SELECT dataset, stage FROM views ORDER BY 1, 2")]
+                raise StoreError(
+                    f"feature store {self.root} has no view for dataset {dataset!r}, stage {stage!r} "
+                    f"(run the stage for that dataset first); views present: {', '.join(have) or '(none)'}"
+                )
+            fingerprint = row[0]
+            mapping = dict(
+                conn.execute("SELECT item_id, key FROM view_items WHERE dataset=? AND stage=?", (dataset, stage))
+            )
+            reader = self._reader_in_tx(conn, stage, fingerprint)
+        return View(dataset=dataset, stage=stage, fingerprint=fingerprint, mapping=mapping, reader=reader)
+
+    def views(self) -> list[ViewInfo]:
+        """Every view: (dataset, stage, fingerprint, n_items)."""
+        rows = self._conn().execute("SELECT dataset, stage, fingerprint, n_items FROM views ORDER BY 1, 2")
+        return [ViewInfo(*r) for r in rows]
+
+    # -- maintenance ---------------------------------------------------------------------------
+
+    def clean_tmp(self) -> list[str]:
+        """Remove what dead writers left: their tmp files and any segment renamed but never indexed.
+
+        A live writer holds the flock on its `tmp/<id>.lock` and is left alone. Returns paths removed."""
+        removed: list[str] = []
+        try:
+            entries = sorted(self.tmp_dir.iterdir())
+        except FileNotFoundError:
+            return removed
+        for p in entries:
+            if p.suffix == ".lock":
+                removed += self._clean_abandoned(p.stem)
+        for p in entries:
+            if p.suffix == ".part" and not _lock_path(self.root, p.stem).exists():
+                try:
+                    p.unlink()
+                    removed.append(str(p.relative_to(self.root)))
+                except FileNotFoundError:
+                    pass
+        return removed
+
+    def _clean_abandoned(self, seg_id: str) -> list[str]:
+        lock = _lock_path(self.root, seg_id)
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:
+            return []
+        removed: list[str] = []
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    return []  # a live writer
+                raise
+            target = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            part = _part_path(self.root, seg_id)
+            if part.exists():
+                part.unlink()
+                removed.append(str(part.relative_to(self.root)))
+            if target:
+                indexed = self._conn().execute("SELECT 1 FROM segments WHERE id=?", (seg_id,)).fetchone()
+                tpath = self.root / target
+                if indexed is None and tpath.exists() and tpath.resolve().is_relative_to(self.segments_dir):
+                    tpath.unlink()
+                    removed.append(target)
+            lock.unlink(missing_ok=True)
+            removed.append(str(lock.relative_to(self.root)))
+        finally:
+            os.close(fd)
+        return removed
+
+    def _segment_files(self) -> dict[str, Path]:
+        """Every *.h5 under segments/ by segment id (file stem)."""
+        return {p.stem: p for p in self.segments_dir.glob("*/*/*.h5")}
+
+    def _is_orphan(self, seg_id: str) -> bool:
+        """A segment file no index row names and no live writer is about to commit."""
+        if _lock_is_held(_lock_path(self.root, seg_id)):
+            return False
+        return self._conn().execute("SELECT 1 FROM segments WHERE id=?", (seg_id,)).fetchone() is None
+
+    def gc(self, dry_run: bool = False) -> GcReport:
+        """Delete segments of (stage, fingerprint)s no view references, segments none of whose rows
+        are indexed any more (after `forget` or a lost race), and orphan files.
+
+        Run it when no flow is writing: a stage whose view is not written yet counts as unreferenced."""
+        report = GcReport(dry_run=dry_run)
+        conn = self._conn()
+        with _Tx(conn):
+            referenced = "(SELECT DISTINCT stage, fingerprint FROM views)"
+            garbage = conn.execute(
+                f"SELECT id, path FROM segments s WHERE (stage, fingerprint) NOT IN {referenced} "
+                "OR NOT EXISTS (SELECT 1 FROM items i WHERE i.segment = s.id)"
+            ).fetchall()
+            report.items_dropped = conn.execute(
+                f"SELECT COUNT(*) FROM items WHERE (stage, fingerprint) NOT IN {referenced}"
+            ).fetchone()[0]
+            if not dry_run:
+                conn.execute(f"DELETE FROM items WHERE (stage, fingerprint) NOT IN {referenced}")
+                conn.executemany("DELETE FROM segments WHERE id=?", [(g[0],) for g in garbage])
+        for _, rel in garbage:
+            path = self.root / rel
+            report.segments_removed.append(rel)
+            report.bytes_freed += path.stat().st_size if path.exists() else 0
+            if not dry_run:
+                path.unlink(missing_ok=True)
+        for seg_id, path in sorted(self._segment_files().items()):
+            rel = str(path.relative_to(self.root))
+            if rel in report.segments_removed or not self._is_orphan(seg_id):
+                continue
+            report.orphans_removed.append(rel)
+            report.bytes_freed += path.stat().st_size
+            if not dry_run:
+                path.unlink(missing_ok=True)
+        if dry_run:
+            report.orphans_removed += self._stale_tmp()
+        else:
+            report.orphans_removed += self.clean_tmp()
+            self._remove_empty_dirs()
+        return report
+
+    def _stale_tmp(self) -> list[str]:
+        """tmp/ files no live writer owns (what `clean_tmp` would remove), without removing them."""
+        out = []
+        for p in sorted(self.tmp_dir.iterdir()):
+            if p.suffix in (".lock", ".part") and not _lock_is_held(_lock_path(self.root, p.stem)):
+                out.append(str(p.relative_to(self.root)))
+        return out
+
+    def _remove_empty_dirs(self) -> None:
+        for d in sorted(self.segments_dir.glob("*/*"), reverse=True) + sorted(self.segments_dir.glob("*")):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+    def fsck(self, repair: bool = False) -> FsckReport:
+        """Verify every segment's checksum, that every index row names an existing segment row,
+        that every view entry resolves, and that no file lies outside the index.
+
+        With `repair`: corrupt or missing segments lose their index rows (their items count as
+        missing and are recomputed by the next run; corrupt files move to quarantine/), valid
+        orphan segments are indexed again, stale tmp files are removed. Dangling view entries
+        cannot be repaired here: rerun the stage for that dataset."""
+        report = FsckReport()
+        conn = self._conn()
+        with _Tx(conn, immediate=False):
+            segments = conn.execute("SELECT id, stage, fingerprint, path, checksum FROM segments").fetchall()
+            rows_by_seg: dict[str, list[tuple[str, int | None, str | None]]] = {}
+            for key, seg, row, failure in conn.execute("SELECT key, segment, row, failure FROM items"):
+                rows_by_seg.setdefault(seg, []).append((key, row, failure))
+        known = {s[0] for s in segments}
+        bad_segments: list[tuple[str, str, bool]] = []  # (id, path, file exists)
+        for seg_id, stage, fingerprint, rel, checksum in segments:
+            path = self.root / rel
+            items = rows_by_seg.get(seg_id, [])
+            report.items_checked += len(items)
+            if not path.exists():
+                report.problems.append(f"{rel}: segment file missing ({len(items)} index rows point at it)")
+                bad_segments.append((seg_id, rel, False))
+                continue
+            report.segments_checked += 1
+            problem = _verify_segment(path, stage, fingerprint, checksum, items)
+            if problem:
+                report.problems.append(f"{rel}: {problem}")
+                bad_segments.append((seg_id, rel, True))
+        for seg, items in rows_by_seg.items():
+            if seg not in known:
+                report.items_checked += len(items)
+                report.problems.append(
+                    f"index: {len(items)} item rows name segment {seg}, which is not in the index "
+                    f"(e.g. key {items[0][0]})"
+                )
+                if repair:
+                    with _Tx(conn):
+                        conn.execute("DELETE FROM items WHERE segment=?", (seg,))
+                    report.repaired.append(f"dropped {len(items)} item rows naming unknown segment {seg}")
+        if repair:
+            for seg_id, rel, exists in bad_segments:
+                with _Tx(conn):
+                    n = conn.execute("DELETE FROM items WHERE segment=?", (seg_id,)).rowcount
+                    conn.execute("DELETE FROM segments WHERE id=?", (seg_id,))
+                moved = ""
+                if exists:
+                    q = self.root / "quarantine"
+                    _makedirs_durable(q)
+                    os.replace(self.root / rel, q / Path(rel).name)
+                    moved = f", moved the file to quarantine/{Path(rel).name}"
+                report.repaired.append(f"{rel}: dropped {n} index rows (recomputed by the next run){moved}")
+        for seg_id, path in sorted(self._segment_files().items()):
+            if seg_id in known or not self._is_orphan(seg_id):
+                continue
+            rel = str(path.relative_to(self.root))
+            report.problems.append(f"{rel}: orphan segment file (not in the index)")
+            if repair:
+                try:
+                    n = self._adopt(path)
+                    report.repaired.append(f"{rel}: indexed the orphan segment ({n} new item rows)")
+                except StoreError as e:
+                    q = self.root / "quarantine"
+                    _makedirs_durable(q)
+                    os.replace(path, q / path.name)
+                    report.repaired.append(f"{rel}: unusable orphan ({e}), moved to quarantine/{path.name}")
+        for rel in self._stale_tmp():
+            report.problems.append(f"{rel}: left by a writer that died")
+        if repair:
+            report.repaired += [f"{r}: removed" for r in self.clean_tmp()]
+        with _Tx(conn, immediate=False):
+            for dataset, stage, fingerprint in conn.execute("SELECT dataset, stage, fingerprint FROM views").fetchall():
+                n = conn.execute(
+                    "SELECT COUNT(*) FROM view_items WHERE dataset=? AND stage=?", (dataset, stage)
+                ).fetchone()[0]
+                report.view_entries_checked += n
+                dangling = conn.execute(
+                    "SELECT v.item_id, v.key FROM view_items v LEFT JOIN items i "
+                    "ON i.stage=v.stage AND i.fingerprint=? AND i.key=v.key "
+                    "WHERE v.dataset=? AND v.stage=? AND i.key IS NULL",
+                    (fingerprint, dataset, stage),
+                ).fetchall()
+                if dangling:
+                    ex = ", ".join(f"{i} -> {k}" for i, k in dangling[:3])
+                    report.problems.append(
+                        f"view {dataset}/{stage} ({fingerprint}): {len(dangling)} of {n} entries do not resolve "
+                        f"(e.g. {ex}); rerun the {stage} stage for {dataset}"
+                    )
+        return report
+
+    def _adopt(self, path: Path) -> int:
+        """Index a self-describing segment file; returns the item rows added (existing keys win)."""
+        seg_row, item_rows = _describe_segment(path, self.root)
+        conn = self._conn()
+        with _Tx(conn):
+            if conn.execute("SELECT 1 FROM segments WHERE id=?", (seg_row[0],)).fetchone():
+                return 0
+            conn.execute("INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?)", seg_row)
+            before = conn.total_changes
+            conn.executemany("INSERT OR IGNORE INTO items VALUES (?, ?, ?, ?, ?, ?)", item_rows)
+            return conn.total_changes - before
+
+    def rebuild_index(self) -> FsckReport:
+        """Disaster recovery: rebuild the segments and items tables from the segment files alone
+        (oldest segment wins for a key found twice). Views are kept; fsck then shows whether they resolve."""
+        report = FsckReport()
+        described = []
+        for _, path in sorted(self._segment_files().items()):
+            report.segments_checked += 1
+            try:
+                described.append(_describe_segment(path, self.root))
+            except StoreError as e:
+                report.problems.append(f"{path.relative_to(self.root)}: skipped, {e}")
+        described.sort(key=lambda d: d[0][7])  # created
+        conn = self._conn()
+        with _Tx(conn):
+            conn.execute("DELETE FROM items")
+            conn.execute("DELETE FROM segments")
+            for seg_row, item_rows in described:
+                conn.execute("INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?)", seg_row)
+                before = conn.total_changes
+                conn.executemany("INSERT OR IGNORE INTO items VALUES (?, ?, ?, ?, ?, ?)", item_rows)
+                report.items_checked += conn.total_changes - before
+        report.repaired.append(f"rebuilt the index from {len(described)} segments ({report.items_checked} items)")
+        return report
+
+
+class _Tx:
+    """BEGIN [IMMEDIATE] ... COMMIT, rolling back on error; SQLite errors become StoreError."""
+
+    def __init__(self, conn: sqlite3.Connection, immediate: bool = True) -> None:
+        self.conn = conn
+        self.immediate = immediate
+
+    def __enter__(self) -> sqlite3.Connection:
+        try:
+            self.conn.execute("BEGIN IMMEDIATE" if self.immediate else "BEGIN")
+        except sqlite3.Error as e:
+            raise StoreError(f"store index: cannot start a transaction: {e}") from e
+        return self.conn
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            try:
+                self.conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                self.conn.execute("ROLLBACK")
+                raise StoreError(f"store index: commit failed: {e}") from e
+        else:
+            self.conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"store index: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# segment files
+
+
+def _describe_segment(path: Path, root: Path) -> tuple[tuple, list[tuple]]:
+    """(segment row, item rows) for the index, from a segment file whose checksum verifies."""
+    seg_id = path.stem
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = dict(f.attrs)
+            datasets = _read_segment_datasets(f)
+    except (OSError, KeyError, ValueError) as e:
+        raise StoreError(f"unreadable HDF5 segment: {e}") from e
+    for a in ("schema_version", "stage", "fingerprint", "checksum", "created"):
+        if a not in attrs:
+            raise StoreError(f"not a segment: attribute {a!r} missing")
+    if int(attrs["schema_version"]) != SCHEMA_VERSION:
+        raise StoreError(f"segment layout version {attrs['schema_version']}, this code reads {SCHEMA_VERSION}")
+    if _checksum(datasets) != attrs["checksum"]:
+        raise StoreError("checksum mismatch (the file is corrupt)")
+    stage, fingerprint = str(attrs["stage"]), str(attrs["fingerprint"])
+    keys, failed, reasons = datasets["keys"], datasets["failed_keys"], datasets["failed_reasons"]
+    seg_row = (
+        seg_id, stage, fingerprint, str(path.relative_to(root)), len(keys), len(failed), str(attrs["checksum"]),
+        float(attrs["created"]),
+    )
+    items = [(stage, fingerprint, k, seg_id, i, None) for i, k in enumerate(keys)]
+    items += [(stage, fingerprint, k, seg_id, None, r) for k, r in zip(failed, reasons)]
+    return seg_row, items
+
+
+def _verify_segment(
+    path: Path, stage: str, fingerprint: str, checksum: str, items: list[tuple[str, int | None, str | None]]
+) -> str | None:
+    """Why a segment is unusable (checksum, identity, index rows not matching its content), or None."""
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = dict(f.attrs)
+            datasets = _read_segment_datasets(f)
+    except (OSError, KeyError, ValueError) as e:
+        return f"unreadable HDF5 file ({e})"
+    actual = _checksum(datasets)
+    if actual != attrs.get("checksum"):
+        return f"checksum mismatch: stored {attrs.get('checksum')}, recomputed {actual} (the file is corrupt)"
+    if actual != checksum:
+        return f"checksum {actual} differs from the index's {checksum}"
+    if (attrs.get("stage"), attrs.get("fingerprint")) != (stage, fingerprint):
+        return (
+            f"segment says stage {attrs.get('stage')!r} fingerprint {attrs.get('fingerprint')!r}, "
+            f"the index says {stage!r} {fingerprint!r}"
+        )
+    keys = datasets.get("keys", [])
+    failed = set(datasets.get("failed_keys", []))
+    for key, row, failure in items:
+        if failure is None:
+            if row is None or not 0 <= row < len(keys) or keys[row] != key:
+                return f"index row for key {key} points at row {row}, which holds another key or does not exist"
+        elif key not in failed:
+            return f"index records failure of key {key}, which the segment does not list"
+    return None
+
+
+@dataclass
+class _Field:
+    name: str
+    ragged: bool
+    shape: tuple[int, ...]  # per-item shape after the ragged axis (or whole shape when fixed)
+    dtype: np.dtype
+    file_offset: int  # byte offset of the contiguous data in the file (0 when empty)
+    row_bytes: int  # bytes per row of the flat data
+    offsets: np.ndarray | None  # (n+1,) int64 for ragged fields
+
+
+class _OpenSegment:
+    """A segment opened for reading in this process: a file descriptor and each field's layout."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        fields: list[_Field] = []
+        try:
+            with h5py.File(path, "r") as f:
+                schema = _schema_from_json(str(f.attrs["schema"]))
+                for name, spec in schema.items():
+                    ds = f[f"fields/{name}/data"]
+                    offset = ds.id.get_offset()
+                    if offset is None and ds.size:
+                        raise StoreError(f"segment {path}: field {name!r} is not stored contiguously")
+                    offsets = f[f"fields/{name}/offsets"][()].astype(np.int64) if spec.ragged else None
+                    dtype = ds.dtype
+                    row_bytes = dtype.itemsize * int(np.prod(spec.shape, dtype=np.int64))
+                    fields.append(_Field(name, spec.ragged, spec.shape, dtype, offset or 0, row_bytes, offsets))
+        except (OSError, KeyError) as e:
+            raise StoreError(f"cannot read segment {path}: {e}") from e
+        self.fields = fields
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def read(self, row: int) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for f in self.fields:
+            if f.ragged:
+                a, b = int(f.offsets[row]), int(f.offsets[row + 1])
+                arr = np.empty((b - a, *f.shape), dtype=f.dtype)
+                start = f.file_offset + a * f.row_bytes
+            else:
+                arr = np.empty(f.shape, dtype=f.dtype)
+                start = f.file_offset + row * f.row_bytes
+            if arr.nbytes:
+                self._pread_into(arr, start)
+            out[f.name] = arr
+        return out
+
+    def _pread_into(self, arr: np.ndarray, start: int) -> None:
+        view = memoryview(arr).cast("B")
+        got = 0
+        while got < len(view):
+            n = os.preadv(self.fd, [view[got:]], start + got)
+            if n == 0:
+                raise StoreError(f"segment {self.path} is truncated (reading {len(view)} bytes at {start})")
+            got += n
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# --------------------------------------------------------------------------------------------
+# writer
+
+
+class SegmentWriter:
+    """Buffers records of one (stage, fingerprint) and commits them as segments (a context manager).
+
+    Not thread-safe: use one writer per thread. Keys already in the store are skipped."""
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        stage: str,
+        fingerprint: str,
+        schema: Mapping[str, FieldSpec],
+        *,
+        attrs: Mapping[str, Any] | None = None,
+        chunk_size: int = 500,
+    ) -> None:
+        _check_name("stage", stage)
+        _check_name("fingerprint", fingerprint)
+        _validate_schema(stage, schema)
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise StoreError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        try:
+            self._params_json = json.dumps(dict(attrs or {}), sort_keys=True, default=str)
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"stage {stage!r}: attrs are not JSON-serialisable: {e}") from e
+        self.store = store
+        self.stage = stage
+        self.fingerprint = fingerprint
+        self.schema = dict(schema)
+        self.chunk_size = chunk_size
+        self._schema_json = _schema_to_json(self.schema)
+        self._dtypes = {name: np.dtype(s.dtype) for name, s in self.schema.items()}
+        self._buffer: dict[str, tuple[dict[str, np.ndarray] | None, str | None, str]] = {}
+        self._closed = False
+        self.n_committed = 0  # items (successes and failures) this writer recorded
+        self.n_skipped = 0  # items skipped because their key was already stored or buffered
+        self.n_segments = 0  # segment files this writer committed
+
+    def __enter__(self) -> SegmentWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        # Records added before an exception are valid results: keep them.
+        self.close()
+
+    def add(self, record: Record) -> list[str]:
+        """Validate and buffer one record; commits when the buffer reaches chunk_size.
+
+        Returns the keys committed by this call (empty unless a chunk was committed)."""
+        if self._closed:
+            raise StoreError(f"writer for {self.stage}/{self.fingerprint} is closed")
+        if not isinstance(record, Record):
+            raise StoreError(f"stage {self.stage!r}: expected a Record, got {type(record).__name__}")
+        key = record.key
+        if not isinstance(key, str) or not key:
+            raise StoreError(f"stage {self.stage!r}: record key must be a non-empty string, got {key!r}")
+        try:
+            meta = json.dumps(record.meta or {}, sort_keys=True)
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"stage {self.stage!r} key {key}: meta is not JSON-serialisable: {e}") from e
+        if record.failure is not None:
+            if not isinstance(record.failure, str):
+                raise StoreError(
+                    f"stage {self.stage!r} key {key}: failure must be a string reason, got {record.failure!r}"
+                )
+            entry: tuple[dict[str, np.ndarray] | None, str | None, str] = (None, record.failure or "failed", meta)
+        else:
+            entry = (self._convert(key, record.arrays), None, meta)
+        if key in self._buffer:
+            self.n_skipped += 1
+            return []
+        self._buffer[key] = entry
+        if len(self._buffer) >= self.chunk_size:
+            return self.commit()
+        return []
+
+    def _convert(self, key: str, arrays: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
+        """Check a record's arrays against the schema and cast them to the schema dtypes (copies)."""
+        where = f"stage {self.stage!r} key {key}"
+        if not isinstance(arrays, Mapping):
+            raise StoreError(f"{where}: a record without failure needs arrays, got {type(arrays).__name__}")
+        extra = sorted(set(arrays) - set(self.schema))
+        if extra:
+            raise StoreError(f"{where}: field(s) {extra} are not in the schema ({sorted(self.schema)})")
+        out = {}
+        for name, spec in self.schema.items():
+            if name not in arrays:
+                raise StoreError(f"{where}: field {name!r} missing (schema fields: {sorted(self.schema)})")
+            arr = np.asarray(arrays[name])
+            dtype = self._dtypes[name]
+            if not np.can_cast(arr.dtype, dtype, casting="same_kind"):
+                raise StoreError(f"{where} field {name!r}: dtype {arr.dtype} cannot be stored as {dtype}")
+            if spec.ragged:
+                ok = arr.ndim == 1 + len(spec.shape) and arr.shape[1:] == spec.shape
+                expected = f"(n, {', '.join(map(str, spec.shape))})" if spec.shape else "(n,)"
+            else:
+                ok = arr.shape == spec.shape
+                expected = str(spec.shape)
+            if not ok:
+                raise StoreError(f"{where} field {name!r}: shape {arr.shape}, expected {expected}")
+            out[name] = np.array(arr, dtype=dtype, order="C", copy=True)
+        return out
+
+    def extend(self, records: Iterable[Record]) -> list[str]:
+        """add() each record; returns the keys committed along the way."""
+        done: list[str] = []
+        for r in records:
+            done += self.add(r)
+        return done
+
+    def commit(self) -> list[str]:
+        """Write the buffered records as one segment and index them; returns the keys recorded."""
+        if not self._buffer:
+            return []
+        store, conn = self.store, self.store._conn()
+        present = store._present(conn, self.stage, self.fingerprint, list(self._buffer))
+        buffer = {k: v for k, v in self._buffer.items() if k not in present}
+        self.n_skipped += len(self._buffer) - len(buffer)
+        self._buffer = {}
+        if not buffer:
+            return []
+        seg_id = uuid.uuid4().hex
+        rel = f"segments/{self.stage}/{self.fingerprint}/{seg_id}.h5"
+        target = store.root / rel
+        part = _part_path(store.root, seg_id)
+        lock = _lock_path(store.root, seg_id)
+        lock_fd = _acquire_lock(lock, rel)
+        renamed = indexed = False
+        try:
+            ok_keys, n_failed, checksum, created = self._write_part(part, buffer)
+            fd = os.open(part, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _makedirs_durable(target.parent)
+            os.rename(part, target)
+            renamed = True
+            _fsync_dir(target.parent)
+            with _Tx(conn):
+                # Another process may have committed some of these keys meanwhile: the first wins.
+                again = store._present(conn, self.stage, self.fingerprint, list(buffer))
+                rows = [
+                    (self.stage, self.fingerprint, k, seg_id, i, None)
+                    for i, k in enumerate(ok_keys)
+                    if k not in again
+                ]
+                rows += [
+                    (self.stage, self.fingerprint, k, seg_id, None, v[1])
+                    for k, v in buffer.items()
+                    if v[1] is not None and k not in again
+                ]
+                if rows:
+                    conn.execute(
+                        "INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (seg_id, self.stage, self.fingerprint, rel, len(ok_keys), n_failed, checksum, created),
+                    )
+                    conn.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?)", rows)
+                    indexed = True
+            self.n_skipped += len(buffer) - len(rows)
+        except OSError as e:
+            raise StoreError(f"writing segment {rel} of stage {self.stage!r}: {e}") from e
+        finally:
+            if not indexed:
+                part.unlink(missing_ok=True)
+                if renamed:
+                    target.unlink(missing_ok=True)
+            lock.unlink(missing_ok=True)
+            os.close(lock_fd)
+        if not indexed:
+            return []
+        self.n_committed += len(rows)
+        self.n_segments += 1
+        return [r[2] for r in rows]
+
+    def _write_part(
+        self, part: Path, buffer: Mapping[str, tuple[dict[str, np.ndarray] | None, str | None, str]]
+    ) -> tuple[list[str], int, str, float]:
+        ok = [(k, v[0], v[2]) for k, v in buffer.items() if v[1] is None]
+        failed = [(k, v[1]) for k, v in buffer.items() if v[1] is not None]
+        datasets: dict[str, np.ndarray | list[str]] = {}
+        for name, spec in self.schema.items():
+            dtype = self._dtypes[name]
+            arrays = [a[name] for _, a, _ in ok]
+            if spec.ragged:
+                lengths = np.fromiter((a.shape[0] for a in arrays), dtype=np.int64, count=len(arrays))
+                offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+                np.cumsum(lengths, out=offsets[1:])
+                data = np.concatenate(arrays, axis=0) if arrays else np.empty((0, *spec.shape), dtype=dtype)
+                datasets[f"fields/{name}/data"] = data
+                datasets[f"fields/{name}/offsets"] = offsets
+            else:
+                datasets[f"fields/{name}/data"] = (
+                    np.stack(arrays) if arrays else np.empty((0, *spec.shape), dtype=dtype)
+                )
+        ok_keys = [k for k, _, _ in ok]
+        datasets["keys"] = ok_keys
+        datasets["meta"] = [m for _, _, m in ok]
+        datasets["failed_keys"] = [k for k, _ in failed]
+        datasets["failed_reasons"] = [r for _, r in failed]
+        checksum = _checksum(datasets)
+        created = time.time()
+        with h5py.File(part, "w") as f:
+            for name, value in datasets.items():
+                if isinstance(value, list):
+                    f.create_dataset(name, shape=(len(value),), dtype=_STR, data=value if value else None)
+                else:
+                    f.create_dataset(name, data=value)
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["stage"] = self.stage
+            f.attrs["fingerprint"] = self.fingerprint
+            f.attrs["schema"] = self._schema_json
+            f.attrs["params"] = self._params_json
+            f.attrs["checksum"] = checksum
+            f.attrs["created"] = created
+        return ok_keys, len(failed), checksum, created
+
+    def close(self) -> list[str]:
+        """Commit what is buffered; the writer accepts no more records. Returns the keys recorded."""
+        if self._closed:
+            return []
+        try:
+            return self.commit()
+        finally:
+            self._closed = True
+
+
+# --------------------------------------------------------------------------------------------
+# readers
+
+
+class StageReader:
+    """Reads the committed items of one (stage, fingerprint) as of its creation.
+
+    Holds the key -> (segment, row) map in memory; segment files open lazily, per process (a reader
+    made before a DataLoader forks works in the workers), at most `_MAX_OPEN_FILES` at a time.
+    Picklable (for spawn-started workers): open files are not carried over."""
+
+    def __init__(
+        self,
+        *,
+        root: Path,
+        stage: str,
+        fingerprint: str,
+        segment_paths: Sequence[str],
+        locations: Mapping[str, tuple[int, int]],
+        failures: Mapping[str, str],
+    ) -> None:
+        self.root = Path(root)
+        self.stage = stage
+        self.fingerprint = fingerprint
+        self._paths = list(segment_paths)
+        self._locs = dict(locations)
+        self._failures = dict(failures)
+        self._open: dict[int, _OpenSegment] = {}
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_open"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self._locs)
+
+    def __contains__(self, key: object) -> bool:
+        """True when `get(key)` returns arrays (the key was committed without failure)."""
+        return key in self._locs
+
+    def keys(self) -> list[str]:
+        """Keys with stored arrays (failures excluded)."""
+        return list(self._locs)
+
+    def failure(self, key: str) -> str | None:
+        """The recorded failure reason of `key`, or None."""
+        return self._failures.get(key)
+
+    def _segment(self, index: int) -> _OpenSegment:
+        if self._pid != os.getpid():
+            # Forked: the descriptors are shared with the parent; drop ours and reopen lazily.
+            for seg in self._open.values():
+                seg.close()
+            self._open = {}
+            self._pid = os.getpid()
+        seg = self._open.pop(index, None)
+        if seg is None:
+            seg = _OpenSegment(self.root / self._paths[index])
+            if len(self._open) >= _MAX_OPEN_FILES:
+                oldest = next(iter(self._open))
+                self._open.pop(oldest).close()
+        self._open[index] = seg  # most recently used last
+        return seg
+
+    def _missing(self, key: str) -> StoreError:
+        reason = self._failures.get(key)
+        if reason is not None:
+            return StoreError(f"{self.stage} item {key} failed: {reason}")
+        return StoreError(f"{self.stage} item {key} is not in the store for fingerprint {self.fingerprint}")
+
+    def get(self, key: str) -> dict[str, np.ndarray]:
+        """The arrays of `key` (field -> array); StoreError if unknown or failed (with its reason)."""
+        loc = self._locs.get(key)
+        if loc is None:
+            raise self._missing(key)
+        return self._segment(loc[0]).read(loc[1])
+
+    def get_many(self, keys: Sequence[str]) -> list[dict[str, np.ndarray]]:
+        """`get` for several keys, read in file order; results in the order of `keys`."""
+        locs = []
+        for k in keys:
+            loc = self._locs.get(k)
+            if loc is None:
+                raise self._missing(k)
+            locs.append(loc)
+        out: list[dict[str, np.ndarray] | None] = [None] * len(locs)
+        for i in sorted(range(len(locs)), key=locs.__getitem__):
+            seg, row = locs[i]
+            out[i] = self._segment(seg).read(row)
+        return out  # type: ignore[return-value]
+
+    def meta(self, key: str) -> dict[str, Any]:
+        """The `Record.meta` stored with `key` (read from the file on demand; small)."""
+        loc = self._locs.get(key)
+        if loc is None:
+            raise self._missing(key)
+        path = self.root / self._paths[loc[0]]
+        try:
+            with h5py.File(path, "r") as f:
+                return json.loads(f["meta"].asstr()[loc[1]])
+        except (OSError, KeyError) as e:
+            raise StoreError(f"cannot read meta of {key} from {path}: {e}") from e
+
+    def close(self) -> None:
+        """Close the open segment files (they reopen on the next read)."""
+        for seg in self._open.values():
+            seg.close()
+        self._open = {}
+
+    def __del__(self) -> None:
+        if getattr(self, "_pid", None) == os.getpid():
+            self.close()
+
+
+class View:
+    """A dataset's items for one stage: item id -> key -> arrays, as of its creation."""
+
+    def __init__(
+        self, *, dataset: str, stage: str, fingerprint: str, mapping: Mapping[str, str], reader: StageReader
+    ) -> None:
+        self.dataset = dataset
+        self.stage = stage
+        self.fingerprint = fingerprint
+        self.reader = reader
+        self._mapping = dict(mapping)
+
+    def __len__(self) -> int:
+        return len(self._mapping)
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._mapping
+
+    def item_ids(self) -> list[str]:
+        return list(self._mapping)
+
+    def key(self, item_id: str) -> str:
+        """The content key holding `item_id`'s result."""
+        try:
+            return self._mapping[item_id]
+        except KeyError:
+            raise StoreError(
+                f"view {self.dataset}/{self.stage} has no item {item_id!r} ({len(self._mapping)} items)"
+            ) from None
+
+    def failure(self, item_id: str) -> str | None:
+        """Why `item_id` failed in this stage, or None."""
+        return self.reader.failure(self.key(item_id))
+
+    def get(self, item_id: str) -> dict[str, np.ndarray]:
+        """The arrays of `item_id`; StoreError naming dataset, stage and item when absent or failed."""
+        key = self.key(item_id)
+        try:
+            return self.reader.get(key)
+        except StoreError as e:
+            raise StoreError(f"view {self.dataset}/{self.stage} item {item_id!r}: {e}") from None
+
+    def get_many(self, item_ids: Sequence[str]) -> list[dict[str, np.ndarray]]:
+        keys = [self.key(i) for i in item_ids]
+        try:
+            return self.reader.get_many(keys)
+        except StoreError as e:
+            raise StoreError(f"view {self.dataset}/{self.stage}: {e}") from None
