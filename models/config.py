@@ -1,0 +1,119 @@
+"""Training configuration: one frozen record, from YAML plus `key=value` overrides.
+
+Defaults follow the shared training protocol (REFERENCE.md section 4): Adam at 1e-4, about 30
+epochs, learning rate halved when the dev MAP plateaus, best checkpoint by dev MAP, MCR
+pairwise sampling with 7 negatives and the label-difference hinge margin.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.config import deep_merge, from_mapping, parse_overrides, to_mapping
+from pipeline.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How product examples are read and padded."""
+
+    max_boxes_per_image: int = 32  # MCR: at most 32 ROIs per image ...
+    max_rois: int = 128  # ... images of an item concatenated, capped at this many ROIs
+    min_rois: int = 1  # pad the ROI axis of a batch to at least this (MCR pads to >= 16)
+    empty_rois: Literal["mask", "zeros"] = "mask"  # item without image features: all-False mask,
+    # or MCR's `zeros_rois` all-zero rows marked real
+    zeros_rois: int = 16  # rows used by empty_rois="zeros"
+    max_tokens: int | None = None  # cap on token ids per text (the tokens stage already cuts at 128)
+    roi_dim: int = 2048  # ROI feature size; checked against the stored features
+    require_probes: bool = False  # error when the probes view is missing (SANCL); else masks of ones
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on (saved as runs/<name>/config.yaml)."""
+
+    model: str = "text-gru"  # registered model name (models.registry)
+    model_cfg: Mapping[str, Any] = field(default_factory=dict)  # passed to Model.from_config
+    dataset: str = ""  # dataset name in the manifest ("" when data is given in memory)
+    epochs: int = 30
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    batch_products: int = 8  # products per training batch (every review of each, up to the cap)
+    eval_batch_products: int = 16  # products per evaluation batch
+    max_reviews_per_product: int | None = 64  # training: subsample larger products (memory)
+    eval_max_reviews: int = 256  # evaluation: score larger products in chunks of this many
+    sampler: Literal["pairwise", "listwise"] = "pairwise"
+    num_negatives: int = 7  # K negatives per positive (pairwise)
+    min_gap: float = 2.0  # a negative's label is at least this much below the positive's
+    negative_weights: Literal["loss", "sampling", "none"] = "loss"  # use of 1 - label frequency
+    margin: Literal["label", "fixed"] = "label"  # hinge margin: label difference or fixed_margin
+    fixed_margin: float = 1.0
+    grad_clip: float | None = 5.0  # max global grad norm; None disables clipping
+    metric: str = "MAP"  # dev metric that picks the best checkpoint and drives the scheduler
+    lr_factor: float = 0.5  # ReduceLROnPlateau factor on the dev metric
+    lr_patience: int = 2  # epochs without dev improvement before the lr is cut
+    min_lr: float = 1e-6
+    patience: int = 6  # early stopping: epochs without dev improvement; 0 disables
+    eval_every: int = 1  # evaluate on dev every N epochs
+    seed: int = 0
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:N"
+    autocast: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    num_workers: int = 0  # DataLoader worker processes (HDF5 opened lazily in each)
+    threshold: float | None = None  # relevance threshold; None = the dataset's (manifest)
+    ks: tuple[int, ...] = (3, 5)  # NDCG cut-offs
+    data: DataConfig = DataConfig()
+
+
+def _check(cfg: TrainConfig) -> TrainConfig:
+    positive = {"epochs": cfg.epochs, "batch_products": cfg.batch_products,
+                "eval_batch_products": cfg.eval_batch_products, "num_negatives": cfg.num_negatives,
+                "eval_max_reviews": cfg.eval_max_reviews, "eval_every": cfg.eval_every}
+    for k, v in positive.items():
+        if v < 1:
+            raise ConfigError(f"{k}: expected a positive integer, got {v}")
+    if cfg.lr <= 0:
+        raise ConfigError(f"lr: expected a positive number, got {cfg.lr}")
+    if not 0 < cfg.lr_factor < 1:
+        raise ConfigError(f"lr_factor: expected a number in (0, 1), got {cfg.lr_factor}")
+    if cfg.max_reviews_per_product is not None and cfg.max_reviews_per_product < 2:
+        raise ConfigError(f"max_reviews_per_product: expected >= 2 or null, got {cfg.max_reviews_per_product}")
+    if cfg.num_workers < 0 or cfg.patience < 0 or cfg.lr_patience < 0:
+        raise ConfigError("num_workers, patience and lr_patience must be >= 0")
+    valid_metrics = ["MAP", "MRR", *[f"NDCG@{k}" for k in cfg.ks]]
+    if cfg.metric not in valid_metrics:
+        raise ConfigError(f"metric: expected one of {', '.join(valid_metrics)}, got {cfg.metric!r}")
+    if cfg.data.max_boxes_per_image < 1 or cfg.data.max_rois < 1 or cfg.data.min_rois < 1:
+        raise ConfigError("data.max_boxes_per_image, data.max_rois and data.min_rois must be >= 1")
+    return cfg
+
+
+def train_config(mapping: Mapping[str, Any] | None = None) -> TrainConfig:
+    """Validated TrainConfig from a plain mapping (unknown keys name the valid ones)."""
+    return _check(from_mapping(TrainConfig, dict(mapping or {}), ""))
+
+
+def load_train_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                      base: Mapping[str, Any] | None = None) -> TrainConfig:
+    """base mapping <- YAML file <- `key=value` overrides, validated."""
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"{p}: expected a mapping of training settings, got {type(loaded).__name__}")
+        data = deep_merge(data, loaded)
+    data = deep_merge(data, parse_overrides(list(overrides)))
+    return train_config(data)
+
+
+def config_to_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(to_mapping(cfg), sort_keys=False)

@@ -1,0 +1,410 @@
+"""Product-grouped examples over the feature store, batching plans and collation into `Batch`.
+
+A *source* gives, per product, its labels (cheap, for sampling) and its arrays on demand: the
+product's token ids and ROI features, and for each review its token ids, ROI features, probe
+mask, label and raw length. `StoreSource` reads the dataset views of the feature store
+(`tokens`, `rois`, `probes`, `embeddings`, see docs/design.md) and opens the store lazily in
+each process, so DataLoader workers never share HDF5 handles; `InMemorySource` holds arrays
+for tests and the synthetic generator.
+
+Batches are planned in the main process from the trainer's seeded Generator (which products,
+which reviews) and collated in workers, so results do not depend on the number of workers.
+A unit of work is `(product index, review indices)`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from models.batch import Batch
+from models.config import DataConfig
+from pipeline.errors import DataError, StoreError
+
+log = logging.getLogger(__name__)
+
+Unit = tuple[int, tuple[int, ...]]  # (product index, review indices within the product)
+
+
+@dataclass
+class ReviewItem:
+    id: str
+    tokens: np.ndarray  # (t,) int64 token ids, no padding
+    rois: np.ndarray  # (n, D) float32, n may be 0
+    probe: np.ndarray  # (t,) float32 in {0, 1}, aligned with tokens
+    label: float
+    length: float  # number of raw tokens in the review text
+
+
+@dataclass
+class ProductItem:
+    id: str
+    tokens: np.ndarray  # (t,) int64
+    rois: np.ndarray  # (n, D) float32
+    reviews: list[ReviewItem] = field(default_factory=list)
+
+
+class ProductSource(Protocol):
+    """Products of one split."""
+
+    product_ids: list[str]
+    roi_dim: int
+
+    def labels(self, index: int) -> np.ndarray:
+        """Labels of the product's reviews, in the product's review order."""
+
+    def load(self, index: int, reviews: Sequence[int] | None = None) -> ProductItem:
+        """The product's arrays and those of the chosen reviews (all when None)."""
+
+
+def _as_rois(features: np.ndarray | None, roi_dim: int, where: str) -> np.ndarray:
+    if features is None:
+        return np.zeros((0, roi_dim), dtype=np.float32)
+    a = np.asarray(features)
+    if a.ndim != 2 or a.shape[1] != roi_dim:
+        raise DataError(f"{where}: ROI features of shape {a.shape}, expected (n, {roi_dim})")
+    return a.astype(np.float32, copy=False)
+
+
+def concat_rois(per_image: Sequence[np.ndarray], cfg: DataConfig) -> np.ndarray:
+    """At most `max_boxes_per_image` ROIs per image, images concatenated, capped at `max_rois`."""
+    parts = [a[: cfg.max_boxes_per_image] for a in per_image if len(a)]
+    if not parts:
+        return np.zeros((0, cfg.roi_dim), dtype=np.float32)
+    return np.concatenate(parts, axis=0)[: cfg.max_rois].astype(np.float32, copy=False)
+
+
+class InMemorySource:
+    """Products held in memory (tests, synthetic data, predictions on new inputs)."""
+
+    def __init__(self, products: Sequence[ProductItem], *, roi_dim: int) -> None:
+        self.products = list(products)
+        self.product_ids = [p.id for p in self.products]
+        self.roi_dim = roi_dim
+
+    def labels(self, index: int) -> np.ndarray:
+        return np.array([r.label for r in self.products[index].reviews], dtype=np.float64)
+
+    def load(self, index: int, reviews: Sequence[int] | None = None) -> ProductItem:
+        p = self.products[index]
+        chosen = p.reviews if reviews is None else [p.reviews[i] for i in reviews]
+        return ProductItem(id=p.id, tokens=p.tokens, rois=p.rois, reviews=list(chosen))
+
+
+@dataclass(frozen=True)
+class _ProductRef:
+    id: str
+    image_paths: tuple[str, ...]
+    review_ids: tuple[str, ...]
+    review_images: tuple[tuple[str, ...], ...]
+    labels: tuple[float, ...]
+
+
+class StoreSource:
+    """Products of one split read from the feature store's views of `dataset`.
+
+    Item ids (docs/design.md): tokens `prd:<id>` / `rvw:<id>`, rois by image path relative to the
+    image root, probes `rvw:<id>`. An image without features (failed or not extracted) adds no
+    ROIs; a text without tokens is a DataError naming the item and the stage to run."""
+
+    def __init__(self, *, store_root: str | Path, dataset: str, records, cfg: DataConfig,
+                 split: str = "") -> None:
+        by_product = records.reviews_by_product()
+        refs = []
+        for pid in sorted(by_product):
+            revs = by_product[pid]
+            prod = records.products.get(pid)
+            if prod is None:
+                raise DataError(f"dataset {dataset!r} split {split!r}: reviews name unknown product {pid!r}")
+            refs.append(_ProductRef(
+                id=pid,
+                image_paths=tuple(im.path for im in prod.images),
+                review_ids=tuple(r.id for r in revs),
+                review_images=tuple(tuple(im.path for im in r.images) for r in revs),
+                labels=tuple(float(r.label) for r in revs),
+            ))
+        self._refs = refs
+        self.product_ids = [r.id for r in refs]
+        self.roi_dim = cfg.roi_dim
+        self.cfg = cfg
+        self.dataset = dataset
+        self.split = split
+        self.store_root = Path(store_root)
+        self._views: dict[str, Any] | None = None
+        self._pid: int | None = None
+
+    def __getstate__(self):  # never ship open stores/HDF5 handles to workers
+        state = dict(self.__dict__)
+        state["_views"] = None
+        state["_pid"] = None
+        return state
+
+    def _open(self) -> dict[str, Any]:
+        if self._views is None or self._pid != os.getpid():
+            from pipeline.store import FeatureStore
+
+            store = FeatureStore(self.store_root)
+            views: dict[str, Any] = {}
+            for stage in ("tokens", "rois", "probes"):
+                try:
+                    views[stage] = store.view(self.dataset, stage)
+                except (StoreError, KeyError):
+                    views[stage] = None
+            if views["tokens"] is None:
+                raise StoreError(
+                    f"store {self.store_root}: no tokens view for dataset {self.dataset!r}; "
+                    f"run the tokens stage (mrhp extract) first"
+                )
+            if views["probes"] is None and self.cfg.require_probes:
+                raise StoreError(
+                    f"store {self.store_root}: no probes view for dataset {self.dataset!r} "
+                    f"(data.require_probes is set); run the probes stage first"
+                )
+            self._views = views
+            self._pid = os.getpid()
+        return self._views
+
+    @staticmethod
+    def _get(view, item_id: str) -> dict[str, np.ndarray] | None:
+        if view is None:
+            return None
+        try:
+            return view.get(item_id)
+        except (StoreError, KeyError):
+            return None
+
+    def labels(self, index: int) -> np.ndarray:
+        return np.array(self._refs[index].labels, dtype=np.float64)
+
+    def _tokens(self, item_id: str) -> dict[str, np.ndarray]:
+        got = self._get(self._open()["tokens"], item_id)
+        if got is None:
+            raise DataError(
+                f"dataset {self.dataset!r}: no tokens for {item_id!r} in the store "
+                f"(tokens stage not run for it, or recorded as a failure)"
+            )
+        return got
+
+    def _rois(self, paths: Sequence[str]) -> np.ndarray:
+        view = self._open()["rois"]
+        per_image = []
+        for path in paths:
+            got = self._get(view, path)
+            if got is not None:
+                per_image.append(_as_rois(got["features"], self.roi_dim, f"rois {path!r}"))
+        return concat_rois(per_image, self.cfg)
+
+    def _cap(self, ids: np.ndarray) -> np.ndarray:
+        return ids[: self.cfg.max_tokens] if self.cfg.max_tokens is not None else ids
+
+    def load(self, index: int, reviews: Sequence[int] | None = None) -> ProductItem:
+        ref = self._refs[index]
+        views = self._open()
+        ptok = self._tokens(f"prd:{ref.id}")
+        item = ProductItem(id=ref.id, tokens=self._cap(np.asarray(ptok["ids"], dtype=np.int64)),
+                           rois=self._rois(ref.image_paths))
+        chosen = range(len(ref.review_ids)) if reviews is None else reviews
+        for j in chosen:
+            rid = ref.review_ids[j]
+            tok = self._tokens(f"rvw:{rid}")
+            ids = np.asarray(tok["ids"], dtype=np.int64)
+            pos = np.asarray(tok["pos"], dtype=np.int64)
+            probe_rec = self._get(views["probes"], f"rvw:{rid}")
+            if probe_rec is None:
+                probe = np.ones(len(ids), dtype=np.float32)  # no probes: plain attention
+            else:
+                mask = np.asarray(probe_rec["mask"])
+                if len(pos) and pos.max() >= len(mask):
+                    raise DataError(
+                        f"dataset {self.dataset!r} review {rid!r}: probe mask has {len(mask)} raw "
+                        f"tokens but the tokens view points at raw token {int(pos.max())}"
+                    )
+                probe = mask[pos].astype(np.float32)
+            item.reviews.append(ReviewItem(
+                id=rid, tokens=self._cap(ids), rois=self._rois(ref.review_images[j]),
+                probe=self._cap(probe), label=ref.labels[j], length=float(tok["n_raw"]),
+            ))
+        return item
+
+
+class ProductDataset(Dataset):
+    """Map-style dataset whose indices are units `(product index, review indices)`."""
+
+    def __init__(self, source: ProductSource) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source.product_ids)
+
+    def __getitem__(self, unit: Unit) -> ProductItem:
+        pidx, reviews = unit
+        return self.source.load(pidx, reviews)
+
+
+def train_plan(source: ProductSource, *, batch_products: int, max_reviews: int | None,
+               rng: np.random.Generator) -> list[list[Unit]]:
+    """One epoch of training batches: products shuffled, large products subsampled."""
+    order = rng.permutation(len(source.product_ids))
+    units: list[Unit] = []
+    for p in order:
+        n = len(source.labels(int(p)))
+        if n < 2:
+            continue  # a single review gives no ranking pair
+        if max_reviews is not None and n > max_reviews:
+            idx = tuple(int(i) for i in np.sort(rng.choice(n, size=max_reviews, replace=False)))
+        else:
+            idx = tuple(range(n))
+        units.append((int(p), idx))
+    return [units[i:i + batch_products] for i in range(0, len(units), batch_products)]
+
+
+def eval_plan(source: ProductSource, *, batch_products: int, max_reviews: int) -> list[list[Unit]]:
+    """Every review of every product, products in order; big products split into chunks."""
+    units: list[Unit] = []
+    for p in range(len(source.product_ids)):
+        n = len(source.labels(p))
+        for start in range(0, n, max_reviews):
+            units.append((p, tuple(range(start, min(n, start + max_reviews)))))
+    return [units[i:i + batch_products] for i in range(0, len(units), batch_products)]
+
+
+def _pad_tokens(seqs: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(1, max((len(s) for s in seqs), default=0))
+    out = torch.zeros((len(seqs), width), dtype=torch.int64)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.from_numpy(np.asarray(s, dtype=np.int64))
+    return out, out != 0
+
+
+def _pad_float(seqs: Sequence[np.ndarray], width: int) -> torch.Tensor:
+    out = torch.zeros((len(seqs), width), dtype=torch.float32)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.from_numpy(np.asarray(s, dtype=np.float32))
+    return out
+
+
+class Collator:
+    """ProductItems -> Batch (padding and masks; instances are added later by the trainer)."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        self.cfg = cfg
+
+    def _rois(self, items: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        arrays, real = [], []
+        for a in items:
+            if len(a) == 0 and cfg.empty_rois == "zeros":
+                arrays.append(np.zeros((cfg.zeros_rois, cfg.roi_dim), dtype=np.float32))
+                real.append(cfg.zeros_rois)
+            else:
+                arrays.append(a)
+                real.append(len(a))
+        width = max(cfg.min_rois, max(real, default=0))
+        out = torch.zeros((len(items), width, cfg.roi_dim), dtype=torch.float32)
+        mask = torch.zeros((len(items), width), dtype=torch.bool)
+        for i, (a, n) in enumerate(zip(arrays, real)):
+            if n:
+                out[i, :n] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+                mask[i, :n] = True
+        return out, mask
+
+    def __call__(self, products: Sequence[ProductItem]) -> Batch:
+        reviews = [(pi, r) for pi, p in enumerate(products) for r in p.reviews]
+        prod_tokens, prod_token_mask = _pad_tokens([p.tokens for p in products])
+        prod_rois, prod_roi_mask = self._rois([p.rois for p in products])
+        rev_tokens, rev_token_mask = _pad_tokens([r.tokens for _, r in reviews])
+        rev_rois, rev_roi_mask = self._rois([r.rois for _, r in reviews])
+        probe = _pad_float([r.probe for _, r in reviews], rev_tokens.shape[1])
+        return Batch(
+            prod_tokens=prod_tokens, prod_token_mask=prod_token_mask,
+            prod_rois=prod_rois, prod_roi_mask=prod_roi_mask,
+            rev_tokens=rev_tokens, rev_token_mask=rev_token_mask,
+            rev_rois=rev_rois, rev_roi_mask=rev_roi_mask,
+            rev_probe_mask=probe * rev_token_mask.float(),
+            rev_product=torch.tensor([pi for pi, _ in reviews], dtype=torch.int64),
+            labels=torch.tensor([r.label for _, r in reviews], dtype=torch.float32),
+            rev_length=torch.tensor([r.length for _, r in reviews], dtype=torch.float32),
+            product_ids=[p.id for p in products],
+            review_ids=[r.id for _, r in reviews],
+        )
+
+
+def make_loader(source: ProductSource, plan: list[list[Unit]], cfg: DataConfig, *,
+                num_workers: int = 0) -> DataLoader:
+    """A DataLoader yielding one Batch per planned batch, in plan order."""
+    return DataLoader(
+        ProductDataset(source), batch_sampler=plan, collate_fn=Collator(cfg),
+        num_workers=num_workers, persistent_workers=False,
+    )
+
+
+@dataclass
+class DataBundle:
+    """What the trainer needs from a dataset: split sources, embeddings, threshold."""
+
+    name: str
+    splits: dict[str, ProductSource]
+    embeddings: dict[str, np.ndarray] | None
+    threshold: float
+    train_labels: list[float] = field(default_factory=list)  # for negative weights
+
+    def split(self, name: str) -> ProductSource:
+        if name not in self.splits:
+            raise DataError(
+                f"dataset {self.name!r}: no split {name!r}; available: {', '.join(self.splits) or '(none)'}"
+            )
+        return self.splits[name]
+
+
+def store_embeddings(store_root: str | Path, dataset: str) -> dict[str, np.ndarray]:
+    """The `prd` and `rvw` embedding matrices from the embeddings view of `dataset`."""
+    from pipeline.store import FeatureStore
+
+    store = FeatureStore(Path(store_root))
+    try:
+        view = store.view(dataset, "embeddings")
+        return {
+            "prd": np.asarray(view.get("prd_vocab")["matrix"], dtype=np.float32),
+            "rvw": np.asarray(view.get("rvw_vocab")["matrix"], dtype=np.float32),
+        }
+    except (StoreError, KeyError) as e:
+        raise StoreError(
+            f"store {store_root}: no embeddings for dataset {dataset!r} ({e}); run the "
+            f"embeddings stage first"
+        ) from None
+
+
+def bundle_from_records(records, *, store_root: str | Path, dataset: str, cfg: DataConfig,
+                        threshold: float, splits: Sequence[str] = ("train", "dev", "test"),
+                        embeddings: Mapping[str, np.ndarray] | None = None) -> DataBundle:
+    """A DataBundle over store views for already-loaded DatasetRecords."""
+    sources: dict[str, ProductSource] = {}
+    for s in splits:
+        part = records.split(s)
+        if part.reviews:
+            sources[s] = StoreSource(store_root=store_root, dataset=dataset, records=part, cfg=cfg, split=s)
+    emb = dict(embeddings) if embeddings is not None else store_embeddings(store_root, dataset)
+    return DataBundle(
+        name=dataset, splits=sources, embeddings=emb, threshold=float(threshold),
+        train_labels=[float(r.label) for r in records.reviews if r.split == "train"],
+    )
+
+
+def build_datasets(manifest, dataset_name: str, cfg: DataConfig | None = None) -> DataBundle:
+    """Labels and grouping from the dataset reader, arrays from the store views (the CLI and
+    the training flow call this)."""
+    from pipeline.datasets.mrhp import load_dataset
+
+    spec = manifest.dataset(dataset_name)
+    records = load_dataset(spec)
+    return bundle_from_records(
+        records, store_root=manifest.store_root, dataset=dataset_name, cfg=cfg or DataConfig(),
+        threshold=spec.threshold, splits=spec.splits,
+    )

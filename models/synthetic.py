@@ -1,0 +1,229 @@
+"""Synthetic MRHP data with a planted signal, for learning checks and benchmarks.
+
+Each product has a topic. Words and ROI features belong to topics: a word's embedding and a
+box's feature vector are its topic's centroid plus noise. A review draws each token from its
+product's topic with probability a_text (else from another topic) and each box from the
+product's visual topic with probability a_image; its helpfulness grows with a_text and a_image
+(plus noise), quantised to labels 0..4. Review length is drawn independently of the label, so
+`length` and `random` score near chance while a model that matches review to product can learn.
+
+`make_synthetic(...)` returns the data in memory (a DataBundle ready for the trainer) and, when
+given a store root, also writes it into the feature store exactly as the stages would (tokens,
+rois, probes and embeddings segments plus the dataset's views), with the DatasetRecords that
+group it; `train_and_evaluate(...)` trains a registered model on it and returns test metrics.
+"""
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.config import DataConfig, TrainConfig, train_config
+from models.data import DataBundle, InMemorySource, ProductItem, ReviewItem, bundle_from_records, concat_rois
+from pipeline.config import deep_merge, to_mapping
+from pipeline.hashing import text_key
+from pipeline.records import DatasetRecords, ImageRef, Product, Review
+
+SPLITS = ("train", "dev", "test")
+
+
+@dataclass
+class SyntheticData:
+    """Synthetic dataset: in memory (`bundle`) and, if written, in the store under `dataset`."""
+
+    bundle: DataBundle  # in-memory sources per split, embeddings, threshold
+    records: DatasetRecords  # products and reviews with labels and image refs
+    dataset: str
+    store_root: Path | None  # where the store copy lives (None: memory only)
+    data_cfg: DataConfig  # DataConfig matching the generated shapes (roi_dim)
+
+    def store_bundle(self) -> DataBundle:
+        """The same data read back through the feature store views (StoreSource)."""
+        if self.store_root is None:
+            raise ValueError("this synthetic dataset was not written to a store")
+        return bundle_from_records(self.records, store_root=self.store_root, dataset=self.dataset,
+                                   cfg=self.data_cfg, threshold=self.bundle.threshold)
+
+
+def _label(z: np.ndarray) -> np.ndarray:
+    # z in about [0, 1]: five bins; the cuts make labels 0..4 all common
+    return np.digitize(z, [0.25, 0.45, 0.62, 0.8]).astype(np.int64)
+
+
+def make_synthetic(store_root: str | Path | None = None, dataset: str = "synth", *,
+                   n_products: int = 60, reviews_per_product: tuple[int, int] = (6, 12),
+                   vocab_size: int = 200, embed_dim: int = 16, n_topics: int = 8, roi_dim: int = 32,
+                   max_boxes: int = 4, image_prob: float = 0.7, review_len: tuple[int, int] = (8, 40),
+                   product_len: int = 24, noise: float = 0.08, split_shares: tuple[float, float, float] = (0.6, 0.2, 0.2),
+                   threshold: float = 1.0, seed: int = 0) -> SyntheticData:
+    """Generate a planted-signal dataset; see the module docstring. Sizes are per item ranges."""
+    if vocab_size < n_topics + 2:
+        raise ValueError(f"vocab_size {vocab_size} must exceed n_topics + 2 = {n_topics + 2}")
+    rng = np.random.default_rng(seed)
+    # words 2..V-1 belong to topics round-robin; 0 = PAD, 1 = OOV
+    word_topic = np.full(vocab_size, -1)
+    word_topic[2:] = np.arange(vocab_size - 2) % n_topics
+    topic_words = [np.flatnonzero(word_topic == t) for t in range(n_topics)]
+    text_centroids = rng.normal(size=(n_topics, embed_dim))
+    matrix = (text_centroids[np.clip(word_topic, 0, None)] + 0.5 * rng.normal(size=(vocab_size, embed_dim)))
+    matrix[0] = 0.0
+    matrix[1] = rng.uniform(-0.25, 0.25, size=embed_dim)
+    matrix = matrix.astype(np.float32)
+    vis_centroids = rng.normal(size=(n_topics, roi_dim))
+
+    def words(topic: int, agree: float, n: int) -> np.ndarray:
+        own = rng.random(n) < agree
+        other = (topic + rng.integers(1, n_topics, size=n)) % n_topics
+        topics = np.where(own, topic, other)
+        return np.array([rng.choice(topic_words[t]) for t in topics], dtype=np.int64)
+
+    def boxes(topic: int, agree: float, n: int) -> np.ndarray:
+        own = rng.random(n) < agree
+        other = (topic + rng.integers(1, n_topics, size=n)) % n_topics
+        topics = np.where(own, topic, other)
+        return (vis_centroids[topics] + 0.5 * rng.normal(size=(n, roi_dim))).astype(np.float32)
+
+    n_train = int(round(split_shares[0] * n_products))
+    n_dev = int(round(split_shares[1] * n_products))
+    split_of = ["train"] * n_train + ["dev"] * n_dev + ["test"] * (n_products - n_train - n_dev)
+
+    records = DatasetRecords(name=dataset, label_interpretation="labels")
+    items: dict[str, list[ProductItem]] = {s: [] for s in SPLITS}
+    arrays: dict[str, dict[str, np.ndarray]] = {}  # view item id -> arrays (tokens, probes)
+    rois: dict[str, np.ndarray] = {}  # image path -> features
+    cfg = DataConfig(roi_dim=roi_dim)
+    for i in range(n_products):
+        split = split_of[i]
+        pid = f"P{i:05d}"
+        topic = int(rng.integers(n_topics))
+        ptok = words(topic, 0.9, product_len)
+        pimgs = []
+        for k in range(int(rng.integers(1, 3))):
+            path = f"{split}/prd/{pid}/pic_{k}_0.jpg"
+            rois[path] = boxes(topic, 0.9, int(rng.integers(1, max_boxes + 1)))
+            pimgs.append(path)
+        records.products[pid] = Product(id=pid, name=f"product {pid}", description="synthetic",
+                                        text=f"product {pid} synthetic", images=tuple(ImageRef(p) for p in pimgs),
+                                        split=split)
+        arrays[f"prd:{pid}"] = {"ids": ptok.astype(np.int32), "pos": np.arange(len(ptok), dtype=np.int32),
+                                "n_raw": np.int32(len(ptok))}
+        n_rev = int(rng.integers(reviews_per_product[0], reviews_per_product[1] + 1))
+        a_text = rng.random(n_rev)
+        has_img = rng.random(n_rev) < image_prob
+        a_img = rng.random(n_rev)
+        z = 0.6 * a_text + 0.4 * np.where(has_img, a_img, 0.2) + noise * rng.normal(size=n_rev)
+        labels = _label(z)
+        revs = []
+        for j in range(n_rev):
+            rid = f"{pid}-{j}"
+            n_tok = int(rng.integers(review_len[0], review_len[1] + 1))
+            tok = words(topic, float(a_text[j]), n_tok)
+            probe = (word_topic[tok] == topic).astype(np.uint8)
+            rimgs = []
+            if has_img[j]:
+                path = f"{split}/rvw/{rid}/pic_0_0.jpg"
+                rois[path] = boxes(topic, float(a_img[j]), int(rng.integers(1, max_boxes + 1)))
+                rimgs.append(path)
+            records.reviews.append(Review(id=rid, product_id=pid, text=f"review {rid}", label=int(labels[j]),
+                                          images=tuple(ImageRef(p) for p in rimgs), split=split))
+            arrays[f"rvw:{rid}"] = {"ids": tok.astype(np.int32), "pos": np.arange(n_tok, dtype=np.int32),
+                                    "n_raw": np.int32(n_tok), "mask": probe}
+            revs.append(ReviewItem(id=rid, tokens=tok, rois=concat_rois([rois[p] for p in rimgs], cfg),
+                                   probe=probe.astype(np.float32), label=float(labels[j]), length=float(n_tok)))
+        items[split].append(ProductItem(id=pid, tokens=ptok, rois=concat_rois([rois[p] for p in pimgs], cfg),
+                                        reviews=revs))
+    embeddings = {"prd": matrix, "rvw": matrix}
+    bundle = DataBundle(
+        name=dataset,
+        splits={s: InMemorySource(items[s], roi_dim=roi_dim) for s in SPLITS if items[s]},
+        embeddings=embeddings, threshold=float(threshold),
+        train_labels=[float(r.label) for r in records.reviews if r.split == "train"],
+    )
+    root = None
+    if store_root is not None:
+        root = Path(store_root)
+        _write_store(root, dataset, arrays, rois, matrix)
+    return SyntheticData(bundle=bundle, records=records, dataset=dataset, store_root=root, data_cfg=cfg)
+
+
+def _write_store(root: Path, dataset: str, arrays: dict[str, dict[str, np.ndarray]],
+                 rois: dict[str, np.ndarray], matrix: np.ndarray) -> None:
+    """Write the arrays as the four stages would: content-keyed segments plus dataset views."""
+    from pipeline.stage import FieldSpec, Record
+    from pipeline.store import FeatureStore
+
+    store = FeatureStore(root)
+    fp = "synthetic0000000"
+
+    def put(stage: str, schema: dict[str, FieldSpec], items: dict[str, tuple[str, dict[str, np.ndarray]]]) -> None:
+        view: dict[str, str] = {}
+        written: set[str] = set()
+        writer = store.writer(stage, fp, schema, attrs={"synthetic": True})
+        for item_id, (key, arrs) in items.items():
+            view[item_id] = key
+            if key not in written:
+                writer.add(Record(key=key, arrays=arrs))
+                written.add(key)
+        writer.close()
+        store.write_view(dataset, stage, fp, view)
+
+    tok_schema = {"ids": FieldSpec("int32", (), True), "pos": FieldSpec("int32", (), True),
+                  "n_raw": FieldSpec("int32", (), False)}
+    put("tokens", tok_schema, {
+        item: (text_key(item, "synthetic-tokens"), {k: a[k] for k in ("ids", "pos", "n_raw")})
+        for item, a in arrays.items()
+    })
+    put("probes", {"mask": FieldSpec("uint8", (), True)}, {
+        item: (text_key(item, "synthetic-probes"), {"mask": a["mask"]})
+        for item, a in arrays.items() if "mask" in a
+    })
+    d = next(iter(rois.values())).shape[1] if rois else 2048
+    roi_schema = {
+        "features": FieldSpec("float32", (d,), True), "boxes": FieldSpec("float32", (4,), True),
+        "obj_ids": FieldSpec("int32", (), True), "obj_conf": FieldSpec("float32", (), True),
+        "attr_ids": FieldSpec("int32", (), True), "attr_conf": FieldSpec("float32", (), True),
+        "image_hw": FieldSpec("int32", (2,), False),
+    }
+
+    def roi_arrays(f: np.ndarray) -> dict[str, np.ndarray]:
+        n = len(f)
+        return {"features": f, "boxes": np.tile(np.array([0, 0, 10, 10], np.float32), (n, 1)),
+                "obj_ids": np.zeros(n, np.int32), "obj_conf": np.ones(n, np.float32),
+                "attr_ids": np.zeros(n, np.int32), "attr_conf": np.ones(n, np.float32),
+                "image_hw": np.array([10, 10], np.int32)}
+
+    put("rois", roi_schema, {path: (text_key(path, "synthetic-image"), roi_arrays(f)) for path, f in rois.items()})
+    put("embeddings", {"matrix": FieldSpec("float32", (matrix.shape[1],), True)}, {
+        "prd_vocab": (text_key("vocab", "synthetic"), {"matrix": matrix}),
+        "rvw_vocab": (text_key("vocab", "synthetic"), {"matrix": matrix}),
+    })
+
+
+# Settings that make a small synthetic run learn in seconds on a CPU.
+SYNTHETIC_TRAIN_DEFAULTS: dict[str, Any] = {
+    "epochs": 8, "lr": 3e-3, "batch_products": 4, "eval_batch_products": 16, "patience": 0,
+    "lr_patience": 3, "grad_clip": 5.0, "device": "cpu", "num_workers": 0,
+}
+
+
+def synthetic_train_config(model_name: str, data: SyntheticData,
+                           overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    base = deep_merge(SYNTHETIC_TRAIN_DEFAULTS, {"model": model_name, "dataset": data.dataset,
+                                                 "data": to_mapping(data.data_cfg)})
+    return train_config(deep_merge(base, dict(overrides or {})))
+
+
+def train_and_evaluate(model_name: str, data: SyntheticData, cfg_overrides: Mapping[str, Any] | None = None,
+                       *, run_dir: str | Path | None = None) -> dict[str, float]:
+    """Train `model_name` on the synthetic data and return its test metrics (best dev epoch)."""
+    from models.trainer import train
+
+    cfg = synthetic_train_config(model_name, data, cfg_overrides)
+    if run_dir is not None:
+        return train(cfg, data.bundle, run_dir).test or {}
+    with tempfile.TemporaryDirectory(prefix="mrhp-synth-run-") as tmp:
+        return train(cfg, data.bundle, Path(tmp) / model_name).test or {}

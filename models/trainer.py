@@ -1,0 +1,429 @@
+"""The training loop: Adam, ranking loss over MCR instances, dev-driven lr halving and early
+stopping, best/last checkpoints, bit-identical resume on CPU, NaN guard, gradient clipping.
+
+All randomness the loop uses (product order, review subsampling, instance sampling) comes from
+one numpy Generator seeded by `cfg.seed`; dropout uses torch's global RNG seeded the same way.
+Both are saved in every checkpoint, so `resume=True` continues exactly where the run stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from models.config import TrainConfig, config_to_yaml, train_config
+from models.data import DataBundle, ProductSource, eval_plan, make_loader, train_plan
+from models.losses import ranking_loss
+from models.metrics import per_product_metrics, metric_names
+from models.registry import build_model
+from models.runs import (
+    RunPaths,
+    append_jsonl,
+    load_checkpoint,
+    save_checkpoint,
+    truncate_metrics,
+    write_json_atomic,
+    write_plots,
+)
+from models.samplers import PairwiseSampler, label_frequency_weights
+from pipeline.errors import TrainingError
+
+log = logging.getLogger(__name__)
+
+# Settings a resumed run may change; anything else must match the checkpointed config.
+RESUMABLE_CHANGES = ("epochs", "patience", "num_workers", "eval_every")
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    per_product: dict[str, dict[str, float]]
+    predictions: list[dict[str, Any]]  # {"product_id", "review_id", "label", "score"} in input order
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_epoch: int
+    best_dev: dict[str, float]
+    test: dict[str, float] | None
+    epochs_run: int
+    stopped_early: bool
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise TrainingError(f"device: {name!r} is not a torch device (auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"device: {name!r} requested but CUDA is not available")
+    return dev
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, source: ProductSource, *, threshold: float, cfg: TrainConfig,
+             device: torch.device | None = None) -> EvalResult:
+    """Score every review of every product of `source` and compute the ranking metrics."""
+    device = device or resolve_device(cfg.device)
+    model.eval()
+    plan = eval_plan(source, batch_products=cfg.eval_batch_products, max_reviews=cfg.eval_max_reviews)
+    loader = make_loader(source, plan, cfg.data, num_workers=cfg.num_workers)
+    preds: list[dict[str, Any]] = []
+    for batch in loader:
+        b = batch.to(device)
+        with _autocast(device, cfg.autocast):
+            scores = model(b).scores.float().cpu().numpy()
+        if scores.shape != (batch.num_reviews,):
+            raise TrainingError(f"model returned scores of shape {scores.shape}, expected ({batch.num_reviews},)")
+        for i in range(batch.num_reviews):
+            preds.append({
+                "product_id": batch.product_ids[int(batch.rev_product[i])],
+                "review_id": batch.review_ids[i],
+                "label": float(batch.labels[i]),
+                "score": float(scores[i]),
+            })
+    if not preds:
+        raise TrainingError("evaluation split has no reviews")
+    bad = [p["review_id"] for p in preds if not math.isfinite(p["score"])]
+    if bad:
+        raise TrainingError(f"model produced non-finite scores for {len(bad)} review(s), e.g. {bad[0]!r}")
+    per = per_product_metrics([p["product_id"] for p in preds], [p["label"] for p in preds],
+                              [p["score"] for p in preds], threshold=threshold, ks=cfg.ks)
+    names = metric_names(cfg.ks)
+    metrics = {n: float(np.mean([m[n] for m in per.values()])) for n in names}
+    return EvalResult(metrics=metrics, per_product=per, predictions=preds)
+
+
+def _rng_state(rng: np.random.Generator) -> str:
+    return json.dumps(rng.bit_generator.state)
+
+
+def _set_rng_state(rng: np.random.Generator, state: str) -> None:
+    rng.bit_generator.state = json.loads(state)
+
+
+def _config_diff(a: TrainConfig, b: TrainConfig) -> list[str]:
+    from pipeline.config import to_mapping
+
+    ma, mb = to_mapping(a), to_mapping(b)
+    return [k for k in ma if ma[k] != mb.get(k) and k not in RESUMABLE_CHANGES]
+
+
+class Trainer:
+    """One training run in one run folder."""
+
+    def __init__(self, cfg: TrainConfig, data: DataBundle, run_dir: str | Path, *,
+                 progress: Callable[[str], None] | None = None) -> None:
+        self.cfg = cfg
+        self.data = data
+        self.paths = RunPaths(Path(run_dir))
+        self.progress = progress or log.info
+        self.device = resolve_device(cfg.device)
+        self.threshold = cfg.threshold if cfg.threshold is not None else data.threshold
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.model, cfg.model_cfg, data.embeddings).to(self.device)
+        self.params = trainable_parameters(self.model)
+        self.rng = np.random.default_rng(cfg.seed)
+        self.sampler = PairwiseSampler(
+            mode=cfg.sampler, num_negatives=cfg.num_negatives, min_gap=cfg.min_gap,
+            label_weights=label_frequency_weights(data.train_labels), weight_mode=cfg.negative_weights,
+        )
+        self.optimizer = self.scheduler = None
+        if self.params:
+            self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr,
+            )
+        self.epoch = 0
+        self.best_metric = -math.inf
+        self.best_epoch = 0
+        self.best_dev: dict[str, float] = {}
+        self.bad_epochs = 0
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "model_name": self.cfg.model,
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer else {},
+            "scheduler": self.scheduler.state_dict() if self.scheduler else {},
+            "numpy_rng": _rng_state(self.rng),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "best_dev": dict(self.best_dev),
+            "bad_epochs": self.bad_epochs,
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        if state.get("model_name") != self.cfg.model:
+            raise TrainingError(
+                f"checkpoint is for model {state.get('model_name')!r}, config says {self.cfg.model!r}"
+            )
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise TrainingError(f"checkpoint does not fit model {self.cfg.model!r}: {e}") from None
+        if self.optimizer and state.get("optimizer"):
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(self.rng, state["numpy_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.epoch = int(state["epoch"])
+        self.best_metric = float(state["best_metric"])
+        self.best_epoch = int(state["best_epoch"])
+        self.best_dev = dict(state["best_dev"])
+        self.bad_epochs = int(state["bad_epochs"])
+
+    # ---- one epoch -----------------------------------------------------------------------------
+    def _train_epoch(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.model.train()
+        source = self.data.split("train")
+        plan = train_plan(source, batch_products=cfg.batch_products,
+                          max_reviews=cfg.max_reviews_per_product, rng=self.rng)
+        loader = make_loader(source, plan, cfg.data, num_workers=cfg.num_workers)
+        totals = {"loss": 0.0, "rank": 0.0}
+        aux_totals: dict[str, float] = {}
+        steps = reviews = instances = 0
+        t0 = time.perf_counter()
+        for step, batch in enumerate(loader):
+            inst = self.sampler.sample(batch.labels.numpy(), batch.rev_product.numpy(), self.rng)
+            if inst.count == 0:
+                continue  # no ranking pair in these products
+            batch.instances = torch.from_numpy(inst.index)
+            batch.instance_weights = torch.from_numpy(inst.weights)
+            b = batch.to(self.device)
+            with _autocast(self.device, cfg.autocast):
+                out = self.model(b)
+            rank = ranking_loss(out.scores.float(), b.labels, b.instances, b.instance_weights,
+                                margin=cfg.margin, fixed_margin=cfg.fixed_margin)
+            aux = {k: v.float() for k, v in out.aux_losses.items()}
+            loss = rank + sum(aux.values()) if aux else rank
+            if not torch.isfinite(loss):
+                parts = ", ".join(f"{k}={v.item():.4g}" for k, v in aux.items())
+                raise TrainingError(
+                    f"non-finite loss at epoch {self.epoch + 1} step {step + 1} (ranking="
+                    f"{rank.item():.4g}{', ' + parts if parts else ''}); lower lr, enable grad_clip "
+                    f"or check the inputs of products {batch.product_ids[:3]}"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+                if not torch.isfinite(norm):
+                    raise TrainingError(
+                        f"non-finite gradient norm at epoch {self.epoch + 1} step {step + 1}; "
+                        f"lower lr or check the inputs"
+                    )
+            self.optimizer.step()
+            totals["loss"] += loss.item()
+            totals["rank"] += rank.item()
+            for k, v in aux.items():
+                aux_totals[k] = aux_totals.get(k, 0.0) + v.item()
+            steps += 1
+            reviews += batch.num_reviews
+            instances += inst.count
+        dt = time.perf_counter() - t0
+        if steps == 0:
+            raise TrainingError("training split gave no ranking instance (every product has equal labels?)")
+        return {
+            "train_loss": totals["loss"] / steps,
+            "rank_loss": totals["rank"] / steps,
+            "aux": {k: v / steps for k, v in aux_totals.items()},
+            "steps": steps,
+            "instances": instances,
+            "reviews_per_s": reviews / dt if dt > 0 else None,
+            "epoch_time_s": dt,
+        }
+
+    # ---- the run -------------------------------------------------------------------------------
+    def _writer(self):
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=str(self.paths.tensorboard))
+
+    def _write_meta(self, status: str) -> None:
+        write_json_atomic(self.paths.meta, {
+            "model": self.cfg.model, "dataset": self.cfg.dataset or self.data.name,
+            "threshold": self.threshold, "seed": self.cfg.seed, "status": status,
+            "best_epoch": self.best_epoch, "best_dev": self.best_dev, "epochs_done": self.epoch,
+            "trainable_parameters": sum(p.numel() for p in self.params),
+        })
+
+    def run(self, *, resume: bool = False) -> TrainResult:
+        cfg = self.cfg
+        paths = self.paths
+        if resume:
+            if not paths.last.is_file():
+                raise TrainingError(f"{paths.root}: nothing to resume (no {paths.last.name})")
+            old = train_config(_load_yaml(paths.config))
+            diff = _config_diff(old, cfg)
+            if diff:
+                raise TrainingError(
+                    f"{paths.root}: cannot resume with a different config; changed: {', '.join(diff)} "
+                    f"(only {', '.join(RESUMABLE_CHANGES)} may change)"
+                )
+            self._restore(load_checkpoint(paths.last))
+            truncate_metrics(paths.metrics, self.epoch)
+            self.progress(f"resuming {paths.root} after epoch {self.epoch}")
+        else:
+            if paths.last.is_file():
+                raise TrainingError(f"{paths.root}: already holds a run; use --resume or another --name")
+            paths.make()
+            if paths.metrics.exists():
+                paths.metrics.unlink()
+        paths.make()
+        paths.config.write_text(config_to_yaml(cfg), encoding="utf-8")
+        if "dev" not in self.data.splits:
+            raise TrainingError(f"dataset {self.data.name!r} has no dev split to select the best epoch")
+        writer = self._writer()
+        self._write_meta("running")
+        stopped_early = False
+        history: list[dict[str, Any]] = []
+        try:
+            if not self.params:
+                stopped_early = self._run_parameter_free(writer, history)
+            else:
+                while self.epoch < cfg.epochs:
+                    rec = self._train_epoch()
+                    self.epoch += 1
+                    rec = {"event": "epoch", "epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"], **rec}
+                    if self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs:
+                        dev = evaluate(self.model, self.data.split("dev"), threshold=self.threshold,
+                                       cfg=cfg, device=self.device).metrics
+                        rec["dev"] = dev
+                        value = dev[cfg.metric]
+                        self.scheduler.step(value)
+                        if value > self.best_metric:
+                            self.best_metric, self.best_epoch, self.best_dev = value, self.epoch, dev
+                            self.bad_epochs = 0
+                            save_checkpoint(paths.best, self._state())
+                        else:
+                            self.bad_epochs += 1
+                    save_checkpoint(paths.last, self._state())
+                    append_jsonl(paths.metrics, rec)
+                    history.append(rec)
+                    self._log_epoch(writer, rec)
+                    if cfg.patience and self.bad_epochs >= cfg.patience:
+                        stopped_early = True
+                        self.progress(f"early stop after epoch {self.epoch}: no dev {cfg.metric} "
+                                      f"gain for {self.bad_epochs} evaluations")
+                        break
+            test = None
+            if "test" in self.data.splits:
+                state = load_checkpoint(paths.best)
+                self.model.load_state_dict(state["model"])
+                res = evaluate(self.model, self.data.split("test"), threshold=self.threshold, cfg=cfg,
+                               device=self.device)
+                test = res.metrics
+                append_jsonl(paths.metrics, {"event": "test", "epoch": self.best_epoch, "test": test})
+                write_json_atomic(paths.eval_file("test"), {
+                    "split": "test", "checkpoint": "best", "threshold": self.threshold,
+                    "metrics": res.metrics, "per_product": res.per_product,
+                })
+                for k, v in test.items():
+                    writer.add_scalar(f"test/{k}", v, self.best_epoch)
+            self._write_meta("done")
+        except BaseException:
+            self._write_meta("failed")
+            raise
+        finally:
+            writer.close()
+        write_plots(paths)
+        return TrainResult(run_dir=paths.root, best_epoch=self.best_epoch, best_dev=self.best_dev,
+                           test=test, epochs_run=self.epoch, stopped_early=stopped_early, history=history)
+
+    def _run_parameter_free(self, writer, history: list[dict[str, Any]]) -> bool:
+        """A model with nothing to train: evaluate once on dev, checkpoint, done."""
+        self.progress(f"model {self.cfg.model!r} has no trainable parameters: skipping optimisation")
+        dev = evaluate(self.model, self.data.split("dev"), threshold=self.threshold, cfg=self.cfg,
+                       device=self.device).metrics
+        self.best_metric, self.best_epoch, self.best_dev = dev[self.cfg.metric], 0, dev
+        save_checkpoint(self.paths.best, self._state())
+        save_checkpoint(self.paths.last, self._state())
+        rec = {"event": "epoch", "epoch": 0, "train_loss": 0.0, "dev": dev, "steps": 0}
+        append_jsonl(self.paths.metrics, rec)
+        history.append(rec)
+        self._log_epoch(writer, rec)
+        return False
+
+    def _log_epoch(self, writer, rec: dict[str, Any]) -> None:
+        e = rec["epoch"]
+        writer.add_scalar("train/loss", rec["train_loss"], e)
+        if "rank_loss" in rec:
+            writer.add_scalar("train/rank_loss", rec["rank_loss"], e)
+        for k, v in rec.get("aux", {}).items():
+            writer.add_scalar(f"train/aux_{k}", v, e)
+        if rec.get("lr") is not None:
+            writer.add_scalar("train/lr", rec["lr"], e)
+        for k, v in rec.get("dev", {}).items():
+            writer.add_scalar(f"dev/{k}", v, e)
+        writer.flush()
+        dev = rec.get("dev")
+        self.progress(
+            f"epoch {e}: loss {rec['train_loss']:.4f}"
+            + (f", dev {self.cfg.metric} {dev[self.cfg.metric]:.4f}" if dev else "")
+            + (f", lr {rec['lr']:.2e}" if rec.get("lr") is not None else "")
+        )
+        write_plots(self.paths)
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise TrainingError(f"{path}: not found") from None
+    except yaml.YAMLError as e:
+        raise TrainingError(f"{path}: not valid YAML ({e})") from None
+
+
+def train(cfg: TrainConfig, data: DataBundle, run_dir: str | Path, *, resume: bool = False,
+          progress: Callable[[str], None] | None = None) -> TrainResult:
+    """Train `cfg.model` on `data`, writing everything into `run_dir` (see models.runs)."""
+    return Trainer(cfg, data, run_dir, progress=progress).run(resume=resume)
+
+
+def load_run(run_dir: str | Path, *, embeddings: dict[str, np.ndarray] | None,
+             checkpoint: str = "best") -> tuple[nn.Module, TrainConfig]:
+    """The model of a finished run (its best or last checkpoint) and its config."""
+    paths = RunPaths(Path(run_dir))
+    cfg = train_config(_load_yaml(paths.config))
+    model = build_model(cfg.model, cfg.model_cfg, embeddings)
+    state = load_checkpoint(paths.best if checkpoint == "best" else paths.last)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise TrainingError(f"{paths.root}: checkpoint does not fit model {cfg.model!r}: {e}") from None
+    return model, cfg
