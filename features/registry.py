@@ -1,0 +1,120 @@
+"""Which stages exist, where their code lives and in which order they run.
+
+Each entry names the module exposing `build_stage(manifest, dataset_name) -> Stage`. Modules are
+imported only when a stage is built, so listing stages never imports torch or spaCy.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.errors import ConfigError, StageError
+
+
+@dataclass(frozen=True)
+class StageEntry:
+    """Where a stage's code lives and what it needs."""
+
+    module: str  # importable module exposing build_stage(manifest, dataset_name), or "module:function"
+    depends_on: tuple[str, ...] = ()  # stages whose outputs this one reads (run first)
+    gpu: bool = False  # uses the accelerator: chunks of it never overlap on one GPU
+
+    def to_json(self) -> list[Any]:
+        return [self.module, list(self.depends_on), self.gpu]
+
+    @classmethod
+    def from_json(cls, value: Sequence[Any]) -> "StageEntry":
+        module, deps, gpu = value
+        return cls(module=str(module), depends_on=tuple(deps), gpu=bool(gpu))
+
+
+# Order of this mapping is the default run order (dependencies first).
+STAGES: dict[str, StageEntry] = {
+    "rois": StageEntry(module="features.rois", gpu=True),
+    "tokens": StageEntry(module="features.text.tokens"),
+    "embeddings": StageEntry(module="features.text.embeddings", depends_on=("tokens",)),
+    "probes": StageEntry(module="features.text.probes"),
+}
+
+
+def stage_order(
+    names: Iterable[str] | None = None,
+    registry: Mapping[str, StageEntry] | None = None,
+    *,
+    with_dependencies: bool = True,
+) -> list[str]:
+    """The stages to run for `names` (None: all), dependencies first, in registry order.
+
+    With `with_dependencies`, the stages a requested one depends on are included (a no-op when
+    they are up to date), so `--stage embeddings` never reads a stale vocabulary.
+    """
+    reg = STAGES if registry is None else registry
+    wanted = list(reg) if names is None else list(dict.fromkeys(names))
+    unknown = [n for n in wanted if n not in reg]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; valid: {', '.join(reg)}")
+    chosen: set[str] = set()
+
+    def visit(name: str, trail: tuple[str, ...]) -> None:
+        if name in trail:
+            raise ConfigError(f"stage dependency cycle: {' -> '.join((*trail, name))}")
+        if name in chosen:
+            return
+        for dep in reg[name].depends_on:
+            if dep not in reg:
+                raise ConfigError(f"stage {name!r} depends on unknown stage {dep!r}")
+            if with_dependencies:
+                visit(dep, (*trail, name))
+        chosen.add(name)
+
+    for n in wanted:
+        visit(n, ())
+    # Registry order, then make sure every dependency precedes its dependents.
+    ordered: list[str] = []
+    placed: set[str] = set()
+    pending = [n for n in reg if n in chosen]
+    while pending:
+        for n in pending:
+            if all(d in placed or d not in chosen for d in reg[n].depends_on):
+                ordered.append(n)
+                placed.add(n)
+                pending.remove(n)
+                break
+        else:  # pragma: no cover - visit() already rejects cycles
+            raise ConfigError(f"stage dependency cycle among {', '.join(pending)}")
+    return ordered
+
+
+def build_stage(manifest: Any, dataset: str, name: str, registry: Mapping[str, StageEntry] | None = None):
+    """Import the stage's module and build it for `dataset`; a missing module is a StageError."""
+    reg = STAGES if registry is None else registry
+    if name not in reg:
+        raise ConfigError(f"unknown stage {name!r}; valid: {', '.join(reg)}")
+    entry = reg[name]
+    module_name, _, func = entry.module.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise StageError(f"stage {name!r}: cannot import {module_name} ({e})") from None
+    builder = getattr(module, func or "build_stage", None)
+    if builder is None:
+        raise StageError(f"stage {name!r}: {module_name} has no {func or 'build_stage'}()")
+    stage = builder(manifest, dataset)
+    if stage.name != name:
+        raise StageError(f"{entry.module}.build_stage returned stage {stage.name!r}, expected {name!r}")
+    return stage
+
+
+def build_stages(
+    manifest: Any, dataset: str, names: Iterable[str] | None = None,
+    registry: Mapping[str, StageEntry] | None = None,
+) -> list:
+    """Build the stages `names` (None: all) for `dataset`, dependencies first.
+
+    Stages whose plan reads a dependency's output (embeddings reads the token vocabularies) must
+    be planned after that dependency ran; the flows therefore build stages one at a time with
+    `build_stage` and use this only where every dependency is already in the store.
+    """
+    return [build_stage(manifest, dataset, n, registry) for n in stage_order(names, registry)]

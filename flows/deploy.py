@@ -1,0 +1,135 @@
+"""Deployments of the extraction flows for a GPU box.
+
+`build_deployments()` makes one deployment per flow (the whole extraction plus one per stage)
+carrying the manifest path, the manifest's cron schedule (on the whole extraction only) and the
+name of the global concurrency limit the GPU chunks take a slot of. `apply_deployments()`
+registers them on a work pool (creating a `process` pool and the limit when missing);
+`serve_deployments()` runs them from this process instead (`mrhp serve`), no worker needed.
+
+Why a global concurrency limit: two flow runs on one box (a scheduled run and a manual rerun)
+must not put two ROI chunks on the same GPU. Each ROI chunk holds one slot of the limit
+`<work_pool>-gpu` (size `flows.gpu_concurrency`, 1 per GPU) while it computes; within one flow
+run the chunks of a process are serialised by a lock as well.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError
+from pipeline.manifest import Manifest
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def gpu_limit_name(work_pool: str) -> str:
+    return f"{work_pool}-gpu"
+
+
+@dataclass(frozen=True)
+class DeploySpec:
+    """What `mrhp deploy` / `mrhp serve` create."""
+
+    work_pool: str  # Prefect work pool the deployments run on
+    cron: str | None  # schedule of the whole extraction (None: run on demand)
+    gpu_limit: str  # global concurrency limit name
+    gpu_concurrency: int  # its size: concurrent GPU chunks per box
+    manifest_path: str  # absolute path passed to every flow run
+
+
+def deploy_spec(manifest: Manifest, *, work_pool: str | None = None, cron: str | None = None) -> DeploySpec:
+    pool = work_pool or manifest.flows.work_pool
+    if not pool:
+        raise ConfigError("flows.work_pool: expected a work pool name, got an empty string")
+    schedule = cron if cron is not None else manifest.flows.cron
+    if schedule is not None:
+        _check_cron(schedule)
+    if manifest.flows.gpu_concurrency < 1:
+        raise ConfigError(f"flows.gpu_concurrency: expected at least 1, got {manifest.flows.gpu_concurrency}")
+    return DeploySpec(
+        work_pool=pool, cron=schedule or None, gpu_limit=gpu_limit_name(pool),
+        gpu_concurrency=manifest.flows.gpu_concurrency, manifest_path=str(manifest.path),
+    )
+
+
+def _check_cron(expr: str) -> None:
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=expr)
+    except Exception as e:  # pydantic ValidationError: say which value and what was expected
+        raise ConfigError(f"cron: {expr!r} is not a valid cron expression (e.g. '0 3 * * *'): {e}") from None
+
+
+def require_api_url(command: str) -> str:
+    """The configured Prefect API; deployments on a temporary server would vanish with it."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise ConfigError(
+            f"mrhp {command} needs a running Prefect server: start one (`prefect server start`) and "
+            "set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api); see docs/gpu_box.md"
+        )
+    return str(url)
+
+
+def build_deployments(spec: DeploySpec, *, for_work_pool: bool = True) -> list[Any]:
+    """RunnerDeployment objects of the five extraction flows (nothing is sent to the API)."""
+    from flows.extract import STAGE_FLOWS, extract_flow
+
+    params = {"manifest_path": spec.manifest_path, "gpu_limit": spec.gpu_limit, "progress": False}
+    kw: dict[str, Any] = {"work_pool_name": spec.work_pool} if for_work_pool else {}
+    out = [extract_flow.to_deployment(
+        name="all", cron=spec.cron, parameters=params, tags=["mrhp"],
+        description="Every stage of every dataset, recomputing only what changed.", **kw,
+    )]
+    for name, fl in STAGE_FLOWS.items():
+        out.append(fl.to_deployment(
+            name=name, parameters=params, tags=["mrhp", f"mrhp-stage:{name}"],
+            description=f"The {name} stage (run on demand, e.g. after a data change).", **kw,
+        ))
+    return out
+
+
+def ensure_gpu_limit(spec: DeploySpec) -> None:
+    """Create or resize the global concurrency limit the GPU chunks hold."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(spec.gpu_limit, spec.gpu_concurrency)
+
+
+def ensure_work_pool(name: str) -> bool:
+    """Create a `process` work pool called `name` unless it exists; True when created."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+            return False
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+            return True
+
+
+def apply_deployments(spec: DeploySpec) -> list[str]:
+    """Register the deployments on the work pool; returns their full names."""
+    ensure_work_pool(spec.work_pool)
+    ensure_gpu_limit(spec)
+    names = []
+    for dep in build_deployments(spec):
+        dep.apply(work_pool_name=spec.work_pool)
+        names.append(f"{dep.flow_name}/{dep.name}")
+    return names
+
+
+def serve_deployments(spec: DeploySpec) -> None:
+    """Serve the deployments from this process until interrupted (`mrhp serve`)."""
+    from prefect import serve
+
+    ensure_gpu_limit(spec)
+    serve(*build_deployments(spec, for_work_pool=False))

@@ -1,0 +1,367 @@
+"""Prefect flows wiring the `features/` stages to the feature store in chunked tasks.
+
+- `extract_flow` (flow `mrhp-extract`) runs the requested stages (all by default) of one or every
+  dataset, dependencies first; `extract_rois`, `extract_tokens`, `extract_embeddings` and
+  `extract_probes` run one stage each (plus its dependencies, a no-op when they are up to date).
+- Each stage is planned in the flow (content keys, cheap), the keys the store lacks are split
+  into chunks of `chunk_size` items, and one task per chunk computes and commits them
+  (`pipeline.runner.run_chunk`). Task retries cover transient errors; bad inputs are failure
+  records, stored once and not retried; a chunk that still raises after its retries is reported
+  in the summary with its keys and item ids, and the other chunks' results are kept.
+- Every flow returns (and logs) one summary per dataset and stage (`StageSummary.to_json()`).
+
+`run_extraction()` is the Python entry point (`mrhp extract` calls it): it picks the task
+runner (threads, a local Dask cluster, or an existing one) and makes Dask workers report to the
+flow's own Prefect API instead of each starting a temporary server.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from prefect import flow, get_run_logger, task
+from prefect.context import FlowRunContext
+from prefect.futures import as_completed
+
+from features.registry import STAGES, StageEntry, build_stage, stage_order
+from flows.caching import ContentChunkCache, forget_stage_results, result_storage
+from pipeline.errors import ConfigError, StageError
+from pipeline.manifest import Manifest, load_manifest
+from pipeline.runner import (
+    ChunkOutcome, StageSummary, finish_stage, is_random_init, plan_stage, run_chunk,
+)
+from pipeline.stage import WorkItem
+
+GPU_LIMIT_TAG = "mrhp-gpu"  # task tag of GPU chunks (a tag concurrency limit can target it)
+
+
+@dataclass(frozen=True)
+class StageRef:
+    """Everything a worker process needs to rebuild a stage (stage objects are not shipped)."""
+
+    manifest_path: str
+    dataset: str
+    stage: str
+    entry: StageEntry
+    store_root: str
+    run_token: str  # the flow run id: stages are rebuilt for each run, once per process
+
+
+# Per-process caches: the flow process puts the stages it built here, so thread tasks reuse
+# them; a Dask worker builds each stage once per flow run and reuses it for all its chunks.
+_lock = threading.Lock()
+_stage_cache: dict[StageRef, Any] = {}
+_store_cache: dict[str, Any] = {}
+_gpu_lock = threading.Lock()  # GPU chunks of one process never overlap
+
+
+def open_store(root: str | Path):
+    """One FeatureStore per process and root, shared by the threads of that process."""
+    from pipeline.store import FeatureStore
+
+    key = str(Path(root).resolve())
+    with _lock:
+        if key not in _store_cache:
+            _store_cache[key] = FeatureStore(key)
+        return _store_cache[key]
+
+
+def resolve_stage(ref: StageRef) -> Any:
+    with _lock:
+        cached = _stage_cache.get(ref)
+    if cached is not None:
+        return cached
+    manifest = load_manifest(ref.manifest_path)
+    stage = build_stage(manifest, ref.dataset, ref.stage, {ref.stage: ref.entry})
+    with _lock:
+        # Drop stages of earlier runs (a served flow lives across many runs).
+        for old in [r for r in _stage_cache if r.run_token != ref.run_token]:
+            del _stage_cache[old]
+        return _stage_cache.setdefault(ref, stage)
+
+
+@contextmanager
+def _gpu_slot(ref: StageRef, gpu_limit: str | None) -> Iterator[None]:
+    """Hold the process's GPU lock and, when deployed, a slot of the global limit `gpu_limit`."""
+    if not ref.entry.gpu:
+        yield
+        return
+    if gpu_limit:
+        from prefect.concurrency.sync import concurrency
+
+        ctx = concurrency(gpu_limit, occupy=1)
+    else:
+        ctx = nullcontext()
+    with ctx, _gpu_lock:
+        yield
+
+
+@task(
+    name="extract-chunk",
+    cache_policy=ContentChunkCache(),
+    persist_result=True,
+    result_serializer="json",
+)
+def extract_chunk(
+    ref: StageRef, items: list[WorkItem], fingerprint: str, gpu_limit: str | None = None
+) -> dict[str, Any]:
+    """Compute and commit one chunk of a stage; returns its `ChunkOutcome` as JSON."""
+    stage = resolve_stage(ref)
+    actual = stage.fingerprint()
+    if actual != fingerprint:
+        raise StageError(
+            f"stage {ref.stage}: this worker computes fingerprint {actual}, the flow planned "
+            f"{fingerprint} (different code, parameters or resources on this host?)"
+        )
+    with _gpu_slot(ref, gpu_limit):
+        return run_chunk(stage, open_store(ref.store_root), items, fingerprint=fingerprint).to_json()
+
+
+def _registry_from_json(registry: Mapping[str, Any] | None) -> dict[str, StageEntry]:
+    if not registry:
+        return dict(STAGES)
+    return {name: StageEntry.from_json(v) for name, v in registry.items()}
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="item", disable=not enabled or None, leave=True)
+
+
+def _run_stage(
+    manifest: Manifest, dataset: str, name: str, entry: StageEntry, *, force: bool, chunk_size: int,
+    gpu_limit: str | None, run_token: str, progress: bool,
+) -> StageSummary:
+    logger = get_run_logger()
+    store_root = str(manifest.roots.store)
+    store = open_store(store_root)
+    ref = StageRef(
+        manifest_path=str(manifest.path), dataset=dataset, stage=name, entry=entry,
+        store_root=store_root, run_token=run_token,
+    )
+    stage = build_stage(manifest, dataset, name, {name: entry})
+    with _lock:
+        _stage_cache[ref] = stage
+    work = plan_stage(stage, store, force=force)
+    if force:
+        forget_stage_results(store_root, name)
+    chunk_task = extract_chunk.with_options(
+        name=f"extract-{name}",
+        retries=manifest.flows.retries,
+        retry_delay_seconds=manifest.flows.retry_delay_seconds,
+        result_storage=result_storage(store_root),
+        refresh_cache=force,
+        tags=[f"mrhp-stage:{name}", *([GPU_LIMIT_TAG] if entry.gpu else [])],
+    )
+    outcomes: list[ChunkOutcome] = []
+    errors: dict[str, str] = {}
+    n_chunks = 0
+
+    def run_chunks(chunks: Sequence[list[WorkItem]], the_task: Any) -> None:
+        nonlocal n_chunks
+        n_chunks += len(chunks)
+        futures = {the_task.submit(ref, chunk, work.fingerprint, gpu_limit): chunk for chunk in chunks}
+        with _progress(sum(map(len, chunks)), f"{dataset}/{name}", progress) as bar:
+            for fut in as_completed(list(futures)):
+                chunk = futures[fut]
+                state = fut.state
+                if state.is_completed():
+                    outcomes.append(ChunkOutcome.from_json(fut.result()))
+                else:
+                    exc = state.result(raise_on_failure=False)
+                    msg = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(state.message)
+                    logger.error("%s/%s: chunk of %d item(s) failed: %s", dataset, name, len(chunk), msg)
+                    errors.update({it.key: msg for it in chunk})
+                bar.update(len(chunk))
+
+    run_chunks(work.chunks(chunk_size), chunk_task)
+    # A cached outcome whose results the store no longer holds: recompute those keys once.
+    lost = sorted(
+        set(store.missing(name, work.fingerprint, work.todo)) - set(errors)
+    ) if work.todo else []
+    if lost:
+        logger.warning("%s/%s: %d key(s) reported done are not in the store; recomputing", dataset, name, len(lost))
+        retry = [[work.plan.items[k] for k in lost[i:i + chunk_size]] for i in range(0, len(lost), chunk_size)]
+        run_chunks(retry, chunk_task.with_options(refresh_cache=True))
+    summary = finish_stage(
+        work, store, dataset, outcomes, errors,
+        random_init=is_random_init(stage, manifest), chunks=n_chunks,
+    )
+    logger.info(
+        "%s/%s fingerprint %s%s: %d total, %d done, %d reused, %d failed",
+        dataset, name, summary.fingerprint, " (random-init)" if summary.random_init else "",
+        summary.total, summary.done, summary.reused, summary.failed,
+    )
+    return summary
+
+
+def _extract(
+    *, manifest_path: str | None, dataset: str | None, stages: list[str] | None, force: bool,
+    chunk_size: int | None, registry: Mapping[str, Any] | None, gpu_limit: str | None,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    manifest = load_manifest(manifest_path)
+    reg = _registry_from_json(registry)
+    order = stage_order(stages, reg)
+    forced = set(stages or reg) if force else set()
+    size = chunk_size or manifest.flows.chunk_size
+    if size < 1:
+        raise ConfigError(f"chunk_size must be at least 1, got {size}")
+    datasets = [manifest.dataset(dataset).name] if dataset else list(manifest.datasets)
+    ctx = FlowRunContext.get()
+    run_token = str(ctx.flow_run.id) if ctx and ctx.flow_run else "local"
+    summaries: list[dict[str, Any]] = []
+    for ds in datasets:
+        for name in order:
+            summaries.append(_run_stage(
+                manifest, ds, name, reg[name], force=name in forced, chunk_size=size,
+                gpu_limit=gpu_limit, run_token=run_token, progress=progress,
+            ).to_json())
+    return summaries
+
+
+@flow(name="mrhp-extract", log_prints=False)
+def extract_flow(
+    dataset: str | None = None,
+    stages: list[str] | None = None,
+    force: bool = False,
+    chunk_size: int | None = None,
+    manifest_path: str | None = None,
+    registry: dict[str, Any] | None = None,
+    gpu_limit: str | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run `stages` (default: all) for `dataset` (default: every dataset in the manifest).
+
+    `registry` overrides the stage registry (name -> [module, depends_on, gpu]); `gpu_limit` names
+    a Prefect global concurrency limit GPU chunks hold a slot of (set by `mrhp deploy`).
+    """
+    return _extract(
+        manifest_path=manifest_path, dataset=dataset, stages=stages, force=force,
+        chunk_size=chunk_size, registry=registry, gpu_limit=gpu_limit, progress=progress,
+    )
+
+
+def _stage_flow_body(stage: str, dataset: str | None, force: bool, chunk_size: int | None,
+                     manifest_path: str | None, gpu_limit: str | None, progress: bool) -> list[dict[str, Any]]:
+    return _extract(
+        manifest_path=manifest_path, dataset=dataset, stages=[stage], force=force,
+        chunk_size=chunk_size, registry=None, gpu_limit=gpu_limit, progress=progress,
+    )
+
+
+# One flow per stage (module-level functions so deployments can name them as entrypoints).
+@flow(name="mrhp-extract-rois")
+def extract_rois(dataset: str | None = None, force: bool = False, chunk_size: int | None = None,
+                 manifest_path: str | None = None, gpu_limit: str | None = None,
+                 progress: bool = True) -> list[dict[str, Any]]:
+    """ROI features and boxes of every image (GPU chunks hold the GPU slot)."""
+    return _stage_flow_body("rois", dataset, force, chunk_size, manifest_path, gpu_limit, progress)
+
+
+@flow(name="mrhp-extract-tokens")
+def extract_tokens(dataset: str | None = None, force: bool = False, chunk_size: int | None = None,
+                   manifest_path: str | None = None, gpu_limit: str | None = None,
+                   progress: bool = True) -> list[dict[str, Any]]:
+    """Token ids and vocabularies of product and review texts."""
+    return _stage_flow_body("tokens", dataset, force, chunk_size, manifest_path, gpu_limit, progress)
+
+
+@flow(name="mrhp-extract-embeddings")
+def extract_embeddings(dataset: str | None = None, force: bool = False, chunk_size: int | None = None,
+                       manifest_path: str | None = None, gpu_limit: str | None = None,
+                       progress: bool = True) -> list[dict[str, Any]]:
+    """Embedding matrices of the vocabularies (tokens first when out of date)."""
+    return _stage_flow_body("embeddings", dataset, force, chunk_size, manifest_path, gpu_limit, progress)
+
+
+@flow(name="mrhp-extract-probes")
+def extract_probes(dataset: str | None = None, force: bool = False, chunk_size: int | None = None,
+                   manifest_path: str | None = None, gpu_limit: str | None = None,
+                   progress: bool = True) -> list[dict[str, Any]]:
+    """SANCL probe masks of review texts."""
+    return _stage_flow_body("probes", dataset, force, chunk_size, manifest_path, gpu_limit, progress)
+
+
+STAGE_FLOWS = {
+    "rois": extract_rois, "tokens": extract_tokens,
+    "embeddings": extract_embeddings, "probes": extract_probes,
+}
+
+
+def _api_url_for_workers() -> str:
+    """The Prefect API the flow uses: the configured one, else the temporary server (started
+    here, once, so that Dask workers share it instead of each starting their own)."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if url:
+        return str(url)
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url  # this process's own flow uses it too
+    return server.api_url
+
+
+def make_task_runner(kind: str, *, dask_address: str | None = None, dask_workers: int = 2):
+    """The task runner for `kind`: threads, or Dask (an existing scheduler, or a local cluster of
+    `dask_workers` processes with one thread each; one worker per GPU on a GPU box)."""
+    if kind == "thread":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=max(1, min(4, os.cpu_count() or 1)))
+    if kind != "dask":
+        raise ConfigError(f"task runner: expected 'thread' or 'dask', got {kind!r}")
+    from prefect_dask import DaskTaskRunner
+
+    if dask_address:
+        return DaskTaskRunner(address=dask_address)
+    env = {
+        "PREFECT_API_URL": _api_url_for_workers(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
+    for name in ("PREFECT_HOME", "PREFECT_LOGGING_LEVEL", "PREFECT_SERVER_ANALYTICS_ENABLED", "MRHP_MANIFEST"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    return DaskTaskRunner(cluster_kwargs={
+        "n_workers": dask_workers, "processes": True, "threads_per_worker": 1,
+        "env": env, "dashboard_address": None,
+    })
+
+
+def run_extraction(
+    manifest_path: str | Path | None = None,
+    *,
+    dataset: str | None = None,
+    stages: Sequence[str] | None = None,
+    force: bool = False,
+    task_runner: str | None = None,
+    dask_address: str | None = None,
+    chunk_size: int | None = None,
+    registry: Mapping[str, StageEntry] | None = None,
+    progress: bool = True,
+) -> list[StageSummary]:
+    """Run the extraction flow (Prefect's temporary server unless PREFECT_API_URL is set) and
+    return one summary per dataset and stage. Defaults come from the manifest's `flows:`."""
+    manifest = load_manifest(manifest_path)
+    if dataset is not None:
+        manifest.dataset(dataset)  # a clear error before any Prefect start-up
+    stage_order(stages, registry or STAGES)
+    kind = task_runner or manifest.flows.task_runner
+    address = dask_address or manifest.flows.dask_address
+    runner = make_task_runner(kind, dask_address=address, dask_workers=manifest.flows.dask_workers)
+    reg_json = {n: e.to_json() for n, e in registry.items()} if registry else None
+    result = extract_flow.with_options(task_runner=runner)(
+        dataset=dataset, stages=list(stages) if stages else None, force=force,
+        chunk_size=chunk_size, manifest_path=str(manifest.path), registry=reg_json,
+        progress=progress,
+    )
+    return [StageSummary.from_json(s) for s in result]

@@ -1,0 +1,53 @@
+"""`mrhp extract`: run the feature stages through the Prefect flows, recomputing only what changed."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.errors import StageError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "extract",
+        help="extract features (rois, tokens, embeddings, probes) into the store",
+        description=(
+            "Run the stages in dependency order through Prefect flows (a temporary local Prefect "
+            "server unless PREFECT_API_URL is set). Only items whose content or stage fingerprint "
+            "changed are computed; a summary table ends the run."
+        ),
+    )
+    p.add_argument("--dataset", help="one dataset of the manifest (default: all)")
+    p.add_argument(
+        "--stage", dest="stages", action="extend", nargs="+", metavar="S",
+        help="stage(s) to run (rois, tokens, embeddings, probes; default: all); "
+        "their dependencies run first when out of date",
+    )
+    p.add_argument("--force", action="store_true", help="recompute the named stages' items even if stored")
+    p.add_argument("--task-runner", choices=("thread", "dask"), help="default: the manifest's flows.task_runner")
+    p.add_argument("--dask-address", help="scheduler of an existing Dask cluster (default: start a local one)")
+    p.add_argument("--chunk-size", type=int, help="items per task (default: the manifest's flows.chunk_size)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from flows.extract import run_extraction
+    from pipeline.runner import failure_lines, summary_table
+
+    summaries = run_extraction(
+        args.manifest, dataset=args.dataset, stages=args.stages, force=args.force,
+        task_runner=args.task_runner, dask_address=args.dask_address,
+        chunk_size=args.chunk_size, progress=not args.no_progress,
+    )
+    print(summary_table(summaries))
+    for line in failure_lines(summaries):
+        print(line)
+    n_errors = sum(len(s.errors) for s in summaries)
+    if n_errors:
+        raise StageError(
+            f"{n_errors} item(s) could not be computed (errors above); their views were not "
+            "written: rerun `mrhp extract` to retry them"
+        )
+    sys.stdout.flush()
+    return 0

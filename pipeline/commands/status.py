@@ -1,0 +1,123 @@
+"""`mrhp status`: per dataset and stage, what the store holds for the current plan.
+
+Columns (counts of distinct content keys of the current plan unless said otherwise):
+- `total`: keys the stage's plan covers (`plan()` only hashes files: no pixel is decoded);
+- `done`: keys with a stored result under the current fingerprint;
+- `failed`: keys with a stored failure record under the current fingerprint (bad input);
+- `missing`: keys with neither (what `mrhp extract` would compute);
+- `stale`: dataset item ids whose view entry is out of date: the view was written under another
+  fingerprint, maps the id to another key (its data changed), or the id is no longer in the plan;
+  plus planned ids the view lacks. 0 when the view matches the plan exactly; `-` when no view;
+- `fingerprint`: the stage's current fingerprint, `(random-init)` when its detector weights
+  are random (demo/test only, never for reported results).
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.errors import MRHPError
+
+
+@dataclass
+class StageStatus:
+    """One row of `mrhp status`."""
+
+    dataset: str
+    stage: str
+    fingerprint: str = ""
+    random_init: bool = False
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    missing: int = 0
+    stale: int | None = None  # None: no view written yet
+    view_fingerprint: str | None = None
+    error: str | None = None  # why the stage could not be planned (e.g. a dependency not extracted)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "status",
+        help="per dataset and stage: items total, done, stale, failed, missing; fingerprints",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--dataset", help="one dataset of the manifest (default: all)")
+    p.add_argument("--stage", dest="stages", action="extend", nargs="+", metavar="S", help="default: all stages")
+    p.set_defaults(func=run)
+
+
+def count_stale(plan_view: dict[str, str], fingerprint: str, view: Any) -> int | None:
+    """Item ids whose view entry differs from the plan (see module docstring); None: no view."""
+    if view is None:
+        return None
+    mapping = {item_id: view.key(item_id) for item_id in view.item_ids()}
+    if view.fingerprint != fingerprint:
+        return len(set(mapping) | set(plan_view))
+    changed = sum(1 for item_id, key in mapping.items() if plan_view.get(item_id) != key)
+    absent = sum(1 for item_id in plan_view if item_id not in mapping)
+    return changed + absent
+
+
+def stage_status(manifest: Any, store: Any, dataset: str, name: str, registry: Any = None) -> StageStatus:
+    """Plan the stage and compare with the store; planning errors become the row's `error`."""
+    from features.registry import build_stage
+    from pipeline.runner import is_random_init
+
+    row = StageStatus(dataset=dataset, stage=name)
+    try:
+        stage = build_stage(manifest, dataset, name, registry)
+        row.random_init = is_random_init(stage, manifest)
+        row.fingerprint = stage.fingerprint()
+        plan = stage.plan()
+    except MRHPError as e:
+        row.error = str(e)
+        return row
+    keys = sorted(plan.items)
+    row.total = len(keys)
+    missing = set(store.missing(name, row.fingerprint, keys))
+    row.missing = len(missing)
+    present = [k for k in keys if k not in missing]
+    failures = store.failures(name, row.fingerprint) if present else {}
+    row.failed = sum(1 for k in present if k in failures)
+    row.done = len(present) - row.failed
+    has_view = any(v.dataset == dataset and v.stage == name for v in store.views())
+    view = store.view(dataset, name) if has_view else None
+    row.view_fingerprint = view.fingerprint if view is not None else None
+    row.stale = count_stale(plan.view, row.fingerprint, view)
+    return row
+
+
+def status_table(rows: list[StageStatus]) -> str:
+    from pipeline.runner import format_table
+
+    body = []
+    for r in rows:
+        if r.error:
+            body.append((r.dataset, r.stage, "-", "-", "-", "-", "-", "-", f"not planned: {r.error}"))
+            continue
+        fp = r.fingerprint + (" (random-init)" if r.random_init else "")
+        body.append((r.dataset, r.stage, r.total, r.done, "-" if r.stale is None else r.stale,
+                     r.failed, r.missing, fp, ""))
+    return format_table(
+        ("dataset", "stage", "total", "done", "stale", "failed", "missing", "fingerprint", "note"), body,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from features.registry import stage_order
+    from pipeline.manifest import load_manifest
+    from pipeline.store import FeatureStore
+
+    manifest = load_manifest(args.manifest)
+    datasets = [manifest.dataset(args.dataset).name] if args.dataset else list(manifest.datasets)
+    store = FeatureStore(manifest.roots.store)
+    rows = [
+        stage_status(manifest, store, ds, name)
+        for ds in datasets
+        for name in stage_order(args.stages, with_dependencies=False)
+    ]
+    print(status_table(rows))
+    return 0

@@ -1,0 +1,304 @@
+"""Run a stage against the feature store, without any orchestrator.
+
+The flows (`flows/extract.py`) call these functions from Prefect tasks; they work the same from
+a plain script. The runner asks the store which keys are missing for the stage's fingerprint,
+splits them into chunks, runs each chunk through `stage.run` into a segment writer, and writes
+the dataset view once every planned key is either computed or recorded as a failure.
+
+Counting (the summary every flow returns):
+- `reused`: planned keys the store already held (a result or a recorded failure) before the run;
+- `done`: keys computed by this run with a result;
+- `failed`: keys this run recorded as failures (bad input) plus keys whose chunk raised after
+  its retries (`errors`; not stored, so a later run tries them again).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pipeline.errors import StageError
+from pipeline.stage import Plan, Stage, WorkItem
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChunkOutcome:
+    """What one chunk did. JSON-able: it is the Prefect task result persisted under the store."""
+
+    stage: str
+    fingerprint: str
+    keys: int  # keys the chunk was given
+    done: int = 0  # records written with a result
+    skipped: int = 0  # keys already in the store when the chunk started (a retry or a rerun)
+    failures: dict[str, str] = field(default_factory=dict)  # key -> reason, failure records written
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "ChunkOutcome":
+        return cls(**dict(data))
+
+
+@dataclass
+class StageWork:
+    """A planned stage: its plan, fingerprint and the keys this run must compute."""
+
+    stage: Stage
+    fingerprint: str
+    plan: Plan
+    todo: list[str]  # keys to compute, sorted
+
+    @property
+    def total(self) -> int:
+        return len(self.plan.items)
+
+    @property
+    def reused(self) -> int:
+        return self.total - len(self.todo)
+
+    def chunks(self, chunk_size: int) -> list[list[WorkItem]]:
+        """The work items to compute, in chunks of at most `chunk_size`."""
+        return [
+            [self.plan.items[k] for k in self.todo[i:i + chunk_size]]
+            for i in range(0, len(self.todo), chunk_size)
+        ]
+
+
+@dataclass
+class StageSummary:
+    """The outcome of one stage for one dataset (a row of the summary table)."""
+
+    dataset: str
+    stage: str
+    fingerprint: str
+    random_init: bool  # the stage ran with random-init weights (demos/tests only)
+    total: int  # distinct keys in the plan
+    done: int = 0
+    reused: int = 0
+    failures: dict[str, str] = field(default_factory=dict)  # key -> reason (stored failure records)
+    errors: dict[str, str] = field(default_factory=dict)  # key -> exception of its chunk (not stored)
+    failed_items: dict[str, list[str]] = field(default_factory=dict)  # key -> dataset item ids
+    view_written: bool = False
+    chunks: int = 0  # chunks run (tasks submitted)
+
+    @property
+    def failed(self) -> int:
+        return len(self.failures) + len(self.errors)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["failed"] = self.failed
+        return d
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "StageSummary":
+        d = dict(data)
+        d.pop("failed", None)
+        return cls(**d)
+
+
+def is_random_init(stage: Any, manifest: Any = None) -> bool:
+    """Whether a stage computes with random-init weights: the stage's own answer when it gives
+    one (`is_random_init()` or a `random_init` attribute), else its manifest parameters."""
+    probe = getattr(stage, "is_random_init", None)
+    if callable(probe):
+        return bool(probe())
+    if probe is not None:
+        return bool(probe)
+    for holder in (stage, getattr(stage, "params", None)):
+        value = getattr(holder, "random_init", None)
+        if isinstance(value, bool):
+            return value
+    if manifest is not None:
+        params = getattr(manifest, "stages", {}).get(getattr(stage, "name", ""))
+        return bool(getattr(params, "random_init", False))
+    return False
+
+
+def stage_params(stage: Any) -> dict[str, Any]:
+    """The stage's parameters (JSON-able) for segment attributes; empty when it exposes none."""
+    params = getattr(stage, "params", None)
+    if params is None:
+        return {}
+    from pipeline.config import to_mapping
+
+    value = to_mapping(params)
+    return json.loads(json.dumps(value if isinstance(value, dict) else {"params": value}, default=str))
+
+
+def plan_stage(stage: Stage, store: Any, *, force: bool = False) -> StageWork:
+    """Plan `stage` and find the keys to compute: the missing ones, or all of them with `force`
+    (which first makes the store forget this fingerprint's results and failures for them)."""
+    plan = stage.plan()
+    fp = stage.fingerprint()
+    keys = sorted(plan.items)
+    bad = sorted(set(plan.view.values()) - set(plan.items))
+    if bad:
+        raise StageError(
+            f"stage {stage.name}: plan view maps item(s) to key(s) not in plan.items, e.g. {bad[0]}"
+        )
+    if force:
+        store.forget(stage.name, fp, keys)
+        todo = keys
+    else:
+        todo = sorted(store.missing(stage.name, fp, keys))
+    return StageWork(stage=stage, fingerprint=fp, plan=plan, todo=todo)
+
+
+def run_chunk(
+    stage: Stage, store: Any, items: Sequence[WorkItem], *, fingerprint: str | None = None,
+    commit_every: int = 500,
+) -> ChunkOutcome:
+    """Compute one chunk into a new segment and commit it.
+
+    Keys the store already holds are skipped (so a retried or rerun chunk redoes only what a
+    crash lost). If `stage.run` raises, the records it produced are still committed and the
+    exception propagates (the task's retries cover transient errors). The writer commits a
+    segment every `commit_every` records, so a killed process loses at most that many. A stage that yields a key
+    it was not given, or no record for a key it was given, is a StageError.
+    """
+    fp = fingerprint or stage.fingerprint()
+    given = [it.key for it in items]
+    todo_keys = set(store.missing(stage.name, fp, given))
+    todo = [it for it in items if it.key in todo_keys]
+    out = ChunkOutcome(stage=stage.name, fingerprint=fp, keys=len(given), skipped=len(given) - len(todo))
+    if not todo:
+        return out
+    seen: set[str] = set()
+    writer = store.writer(stage.name, fp, stage.schema, attrs=stage_params(stage), chunk_size=commit_every)
+    try:
+        for rec in stage.run(todo):
+            if rec.key not in todo_keys:
+                raise StageError(f"stage {stage.name} returned a record for key {rec.key}, which it was not given")
+            if rec.key in seen:
+                continue
+            seen.add(rec.key)
+            writer.add(rec)
+            if rec.ok:
+                out.done += 1
+            else:
+                out.failures[rec.key] = str(rec.failure)
+    finally:
+        writer.close()  # commits what was produced, even when the stage raised
+    lost = todo_keys - seen
+    if lost:
+        raise StageError(
+            f"stage {stage.name} yielded no record for {len(lost)} of {len(todo)} item(s), "
+            f"e.g. {sorted(lost)[0]}"
+        )
+    return out
+
+
+def item_ids_by_key(view: Mapping[str, str], keys: Iterable[str]) -> dict[str, list[str]]:
+    """The dataset item ids mapped to each of `keys` (several ids can share one content key)."""
+    wanted = set(keys)
+    out: dict[str, list[str]] = {k: [] for k in wanted}
+    for item_id, key in view.items():
+        if key in wanted:
+            out[key].append(item_id)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def finish_stage(
+    work: StageWork, store: Any, dataset: str, outcomes: Iterable[ChunkOutcome],
+    errors: Mapping[str, str], *, random_init: bool = False, chunks: int = 0,
+) -> StageSummary:
+    """Sum the chunks' outcomes and write the dataset view when no planned key is missing.
+
+    `errors` maps keys of chunks that raised to the error; keys among them that the store holds
+    anyway (committed before the exception) are not reported.
+    """
+    summary = StageSummary(
+        dataset=dataset, stage=work.stage.name, fingerprint=work.fingerprint,
+        random_init=random_init, total=work.total, reused=work.reused, chunks=chunks,
+    )
+    for o in outcomes:
+        # Skipped keys were missing when planned: an earlier attempt of the same chunk made them.
+        summary.done += o.done + o.skipped
+        summary.failures.update(o.failures)
+    still_missing = set(store.missing(work.stage.name, work.fingerprint, sorted(work.plan.items)))
+    for key in sorted(still_missing):
+        summary.errors[key] = errors.get(key, "not computed (no chunk reported it)")
+    # Keys an erroring chunk committed before raising (its records are kept): count them.
+    committed = [k for k in errors if k not in still_missing and k not in summary.failures]
+    if committed:
+        stored_failures = store.failures(work.stage.name, work.fingerprint)
+        for key in committed:
+            if key in stored_failures:
+                summary.failures[key] = stored_failures[key]
+            else:
+                summary.done += 1
+    summary.failed_items = item_ids_by_key(work.plan.view, [*summary.failures, *summary.errors])
+    if not still_missing:
+        store.write_view(dataset, work.stage.name, work.fingerprint, dict(work.plan.view))
+        summary.view_written = True
+    else:
+        log.warning(
+            "%s/%s: %d key(s) not computed; view not written (rerun to retry them)",
+            dataset, work.stage.name, len(still_missing),
+        )
+    return summary
+
+
+def run_stage(
+    stage: Stage, store: Any, dataset: str, *, chunk_size: int = 500, force: bool = False,
+    random_init: bool | None = None,
+) -> StageSummary:
+    """Run a whole stage in this process, chunk by chunk (the orchestrator-free path)."""
+    if chunk_size < 1:
+        raise StageError(f"chunk_size must be at least 1, got {chunk_size}")
+    work = plan_stage(stage, store, force=force)
+    outcomes: list[ChunkOutcome] = []
+    errors: dict[str, str] = {}
+    chunks = work.chunks(chunk_size)
+    for chunk in chunks:
+        try:
+            outcomes.append(run_chunk(stage, store, chunk, fingerprint=work.fingerprint))
+        except Exception as e:  # noqa: BLE001 - one chunk's error must not lose the others
+            msg = f"{type(e).__name__}: {e}"
+            log.error("%s/%s: chunk of %d item(s) failed: %s", dataset, stage.name, len(chunk), msg)
+            errors.update({it.key: msg for it in chunk})
+    return finish_stage(
+        work, store, dataset, outcomes, errors,
+        random_init=is_random_init(stage) if random_init is None else random_init, chunks=len(chunks),
+    )
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain left-aligned text table (numbers right-aligned)."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    numeric = [all(isinstance(r[i], int) for r in rows) and bool(rows) for i in range(len(header))]
+
+    def line(r: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric)).rstrip()
+
+    return "\n".join([line(cells[0]), line(["-" * w for w in widths]), *map(line, cells[1:])])
+
+
+def summary_table(summaries: Sequence[StageSummary]) -> str:
+    """The end-of-run table: dataset, stage, fingerprint (random-init flagged) and counts."""
+    rows = [
+        (s.dataset, s.stage, s.fingerprint + (" (random-init)" if s.random_init else ""),
+         s.total, s.done, s.reused, s.failed)
+        for s in summaries
+    ]
+    return format_table(("dataset", "stage", "fingerprint", "total", "done", "reused", "failed"), rows)
+
+
+def failure_lines(summaries: Sequence[StageSummary], limit: int = 20) -> list[str]:
+    """One line per failed key (item ids and reason), at most `limit` per stage."""
+    out: list[str] = []
+    for s in summaries:
+        bad = [(k, r, "failed") for k, r in s.failures.items()] + [(k, r, "error") for k, r in s.errors.items()]
+        for key, reason, kind in bad[:limit]:
+            ids = ", ".join(s.failed_items.get(key, [])) or key
+            out.append(f"{s.dataset}/{s.stage} {kind}: {ids}: {reason}")
+        if len(bad) > limit:
+            out.append(f"{s.dataset}/{s.stage}: ... and {len(bad) - limit} more")
+    return out
