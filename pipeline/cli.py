@@ -18,6 +18,10 @@ from pipeline.errors import MRHPError
 COMMANDS: tuple[str, ...] = (
     "pipeline.commands.validate",
     "pipeline.commands.fetch_images",
+    "pipeline.commands.extract",
+    "pipeline.commands.status",
+    "pipeline.commands.deploy",
+    "pipeline.commands.serve",
     "pipeline.commands.fsck",
     "pipeline.commands.gc",
 )
