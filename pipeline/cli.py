@@ -17,6 +17,7 @@ from pipeline.errors import MRHPError
 # Order = order in `mrhp --help`.
 COMMANDS: tuple[str, ...] = (
     "pipeline.commands.validate",
+    "pipeline.commands.build_dataset",
     "pipeline.commands.fetch_images",
     "pipeline.commands.extract",
     "pipeline.commands.status",
