@@ -193,7 +193,8 @@ def _checksum(datasets: Mapping[str, np.ndarray | list[str]]) -> str:
         else:
             arr = np.ascontiguousarray(value)
             h.update(f"{arr.dtype.str}{arr.shape}".encode() + b"\x00")
-            h.update(memoryview(arr).cast("B"))
+            if arr.size:
+                h.update(memoryview(arr.reshape(-1)).cast("B"))
     return h.hexdigest()
 
 
