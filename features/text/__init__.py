@@ -1,0 +1,7 @@
+"""Text stages: tokens and vocabularies, embedding matrices via gensim, SANCL probe masks.
+
+Modules: `tokenize` (raw tokens shared by every text stage), `vocab` (MCR/standard vocabularies
+and their cache beside the store), `tokens`, `embeddings`, `probes` (the stages), `vectors`
+(GloVe/word2vec/fastText loading), `coref/` (coreference backends). Nothing here imports spaCy or
+gensim at package import: the stages load them when they first run.
+"""

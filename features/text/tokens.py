@@ -1,0 +1,205 @@
+"""Stage "tokens": token ids per text field, in the dataset's vocabularies (docs/design.md).
+
+View item ids `prd:<product_id>` and `rvw:<review_id>`; fields `ids` (int32, ragged), `pos`
+(int32, ragged: index of each kept token among the raw tokens) and `n_raw` (int32: number of raw
+tokens). An item's key is `text_key(text, "tokens", field, digest of the field's vocabulary)`,
+so an unchanged text with an unchanged vocabulary is never recomputed (a new review vocabulary
+leaves product items alone), and a text shared by several items is computed once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from features.params import TokensParams
+from features.text.tokenize import check_language, clean_text, tokenize, tokenizer_id
+from features.text.vocab import FIELDS, Vocabularies, Vocabulary, fit_vocabularies, read_vocabularies, train_texts
+from pipeline.errors import StageError
+from pipeline.hashing import fingerprint as stage_fingerprint
+from pipeline.hashing import text_key
+from pipeline.stage import FieldSpec, Plan, Record, WorkItem
+
+log = logging.getLogger(__name__)
+
+CODE_VERSION = "tokens-1"
+SCHEMA = {
+    "ids": FieldSpec("int32", (), ragged=True),
+    "pos": FieldSpec("int32", (), ragged=True),
+    "n_raw": FieldSpec("int32", ()),
+}
+
+
+@dataclasses.dataclass
+class Encoded:
+    """One text in a vocabulary: what the stage stores for it."""
+
+    ids: np.ndarray  # int32 (t,) token ids (0 PAD never appears; 1 OOV in standard mode)
+    pos: np.ndarray  # int32 (t,) index of each kept token among the raw tokens
+    n_raw: int  # number of raw tokens of the text
+
+
+def encode_texts(
+    texts: Sequence[str], vocab: Vocabulary, *, language: str, max_len: int = 128, batch_size: int = 512
+) -> list[Encoded]:
+    """Tokenize new texts and encode them in `vocab` (what `mrhp predict` does for unseen reviews)."""
+    out = []
+    for toks in tokenize(texts, language, batch_size=batch_size):
+        ids, pos = vocab.encode(toks, max_len)
+        out.append(Encoded(ids=ids, pos=pos, n_raw=len(toks)))
+    return out
+
+
+def load_records(manifest: Any, dataset_name: str) -> Any:
+    """The dataset's records through the MRHP reader (imported lazily: it is another package)."""
+    from pipeline.datasets.mrhp import load_dataset
+
+    return load_dataset(manifest.dataset(dataset_name))
+
+
+def dataset_vocabularies(manifest: Any, dataset_name: str, *, records: Any = None) -> Vocabularies:
+    """The vocabularies of a dataset under the manifest's tokens parameters: fit on its train
+    split on first use, read from `<store root>/vocab/` afterwards."""
+    spec = manifest.dataset(dataset_name)
+    params: TokensParams = manifest.stage_params("tokens")
+    if records is None:
+        records = load_records(manifest, dataset_name)
+    prd, rvw = train_texts(records)
+    return fit_vocabularies(
+        prd, rvw, language=spec.language, params=params, store_root=Path(manifest.store_root),
+        dataset=dataset_name,
+    )
+
+
+def load_vocabularies(
+    manifest: Any, dataset_name: str, *, fingerprint: str | None = None
+) -> tuple[Vocabulary, Vocabulary]:
+    """(product vocabulary, review vocabulary) of a dataset; with `fingerprint`, exactly the saved
+    pair of that fingerprint (what a trained model recorded), without reading the dataset."""
+    if fingerprint is not None:
+        v = read_vocabularies(Path(manifest.store_root), fingerprint)
+    else:
+        v = dataset_vocabularies(manifest, dataset_name)
+    return v.prd, v.rvw
+
+
+class TokensStage:
+    """Token ids of every product and review text of one dataset."""
+
+    name = "tokens"
+    schema = SCHEMA
+    depends_on: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        *,
+        params: TokensParams,
+        language: str,
+        dataset: str,
+        records_loader: Callable[[], Any],
+        store_root: Path | None,
+    ) -> None:
+        check_language(language)
+        if params.max_len < 1 or params.min_freq < 1:
+            raise StageError(
+                f"tokens: max_len and min_freq must be >= 1, got max_len={params.max_len}, "
+                f"min_freq={params.min_freq}"
+            )
+        self.params = params
+        self.language = language
+        self.dataset = dataset
+        self._records_loader = records_loader
+        self.store_root = store_root
+        self.vocabularies: Vocabularies | None = None
+
+    def fingerprint(self) -> str:
+        # The vocabulary is not part of it: its fingerprint is in every item key instead, so one
+        # folder of segments serves successive vocabularies and unchanged items are reused.
+        p = dataclasses.asdict(self.params)
+        p.pop("batch_size")  # does not change any output
+        return stage_fingerprint(
+            self.name, {**p, "language": self.language, "tokenizer": tokenizer_id(self.language)},
+            code_version=CODE_VERSION,
+        )
+
+    def plan(self) -> Plan:
+        records = self._records_loader()
+        prd, rvw = train_texts(records)
+        self.vocabularies = fit_vocabularies(
+            prd, rvw, language=self.language, params=self.params, store_root=self.store_root,
+            dataset=self.dataset,
+        )
+        vfp = self.vocabularies.fingerprint
+        digests = {fld: self.vocabularies.field(fld).digest() for fld in FIELDS}
+        items: dict[str, WorkItem] = {}
+        view: dict[str, str] = {}
+
+        def add(item_id: str, fld: str, text: str) -> None:
+            key = text_key(clean_text(text), self.name, fld, digests[fld])
+            items.setdefault(key, WorkItem(key=key, source=(fld, text, vfp)))
+            view[item_id] = key
+
+        for pid, p in records.products.items():
+            add(f"prd:{pid}", "prd", p.text)
+        for r in records.reviews:
+            add(f"rvw:{r.id}", "rvw", r.text)
+        return Plan(items=items, view=view)
+
+    def _vocabularies_for(self, fingerprint: str) -> Vocabularies:
+        """The planned vocabularies; read back from the store when this object did not plan
+        (a stage rebuilt in another worker process)."""
+        if self.vocabularies is None or self.vocabularies.fingerprint != fingerprint:
+            if self.store_root is None:
+                raise StageError("tokens: run() needs plan() first when no store root is set")
+            self.vocabularies = read_vocabularies(self.store_root, fingerprint)
+        return self.vocabularies
+
+    def run(self, items: Sequence[WorkItem]) -> Iterator[Record]:
+        texts = [it.source[1] for it in items]
+        for it, toks in zip(items, tokenize(texts, self.language, batch_size=self.params.batch_size)):
+            fld, _, vfp = it.source
+            vocabs = self._vocabularies_for(vfp)
+            ids, pos = vocabs.field(fld).encode(toks, self.params.max_len)
+            meta: dict[str, Any] = {"field": fld, "vocab": vfp}
+            if not toks:
+                meta["reason"] = "empty text: no tokens"
+            elif len(ids) == 0:
+                meta["reason"] = "no token of the text is in the vocabulary"
+            yield Record(
+                key=it.key,
+                arrays={"ids": ids, "pos": pos, "n_raw": np.asarray(len(toks), dtype=np.int32)},
+                meta=meta,
+            )
+
+
+def build_stage(manifest: Any, dataset_name: str, *, records: Any = None) -> TokensStage:
+    """The tokens stage of `dataset_name` (records: already-loaded DatasetRecords, e.g. in tests)."""
+    spec = manifest.dataset(dataset_name)
+    return TokensStage(
+        params=manifest.stage_params("tokens"),
+        language=spec.language,
+        dataset=dataset_name,
+        records_loader=_Given(records) if records is not None else functools.partial(load_records, manifest, dataset_name),
+        store_root=Path(manifest.store_root),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Given:
+    """A records loader returning records already in memory (picklable, unlike a lambda)."""
+
+    records: Any
+
+    def __call__(self) -> Any:
+        return self.records
+
+
+__all__ = [
+    "FIELDS", "Encoded", "TokensStage", "build_stage", "dataset_vocabularies", "encode_texts",
+    "load_vocabularies",
+]
