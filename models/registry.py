@@ -13,7 +13,7 @@ from pipeline.errors import ConfigError
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 # Modules that register models when imported; listed here so build_model finds every name.
-MODEL_MODULES: tuple[str, ...] = ("models.baselines", "models.mcl", "models.sancl")
+MODEL_MODULES: tuple[str, ...] = ("models.baselines", "models.mcl", "models.mmss", "models.sancl")
 
 
 def register_model(name: str) -> Callable:
