@@ -472,7 +472,12 @@ def _check_images(spec: DatasetSpec, records: DatasetRecords, issues: _Issues, r
         *((f"product {p.id!r}", p.split, p.images) for p in records.products.values()),
         *((f"review {r.id!r}", r.split, r.images) for r in records.reviews),
     ]
+    absent_splits: Counter[str] = Counter()
     for what, split, refs in items:
+        if refs and not (Path(spec.image_root) / split).is_dir():
+            absent_splits[split] += len(refs)  # nothing crawled for this split yet: one warning
+            missing += len(refs)
+            continue
         for ref in refs:
             label = f"images/{split}"
             try:
@@ -491,6 +496,9 @@ def _check_images(spec: DatasetSpec, records: DatasetRecords, issues: _Issues, r
             except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
                 unreadable += 1
                 issues.warning(label, f"{what}: image {ref.path} is unreadable ({e})")
+    for split, n in absent_splits.items():
+        issues.warning(f"images/{split}", f"{Path(spec.image_root) / split}: folder not found, so all {n:,} "
+                       f"image(s) of split {split!r} are missing (crawl them with `mrhp fetch-images`)")
     report.stats["images ok"] = found
     report.stats["images missing"] = missing
     report.stats["images unreadable"] = unreadable
