@@ -1,5 +1,5 @@
 """The bottom-up-attention Faster R-CNN (ResNet C4 + attribute head) on torchvision ops."""
-from features.detector.checkpoint import LoadReport, load_into, read_checkpoint, safe_unpickle, verify_weights
+from features.detector.checkpoint import LoadReport, load_into, load_state, read_checkpoint, safe_unpickle, verify_weights
 from features.detector.model import (
     BUADetector,
     DetectorConfig,
@@ -7,13 +7,14 @@ from features.detector.model import (
     build_detector,
     bua_caffe_r101,
     d2_r101_c4,
+    tiny_config,
 )
 from features.detector.preprocess import PreparedImage, pad_batch, prepare_image, resize_scale
 from features.detector.selection import box_iou, max_class_confidence, select_boxes
 
 __all__ = [
     "BUADetector", "DetectorConfig", "Detections", "LoadReport", "PreparedImage", "box_iou",
-    "build_detector", "bua_caffe_r101", "d2_r101_c4", "load_into", "max_class_confidence",
+    "build_detector", "bua_caffe_r101", "d2_r101_c4", "load_into", "load_state", "max_class_confidence",
     "pad_batch", "prepare_image", "read_checkpoint", "resize_scale", "safe_unpickle",
-    "select_boxes", "verify_weights",
+    "select_boxes", "tiny_config", "verify_weights",
 ]

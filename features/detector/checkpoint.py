@@ -232,11 +232,15 @@ def map_state_dict(raw: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict
     return mapped, report
 
 
-def load_into(model: nn.Module, path: Path, fmt: str = "auto") -> LoadReport:
-    """Load a checkpoint into `model`; StageError listing keys by name unless everything matches."""
-    raw = read_checkpoint(Path(path), fmt)
+def load_state(model: nn.Module, raw: dict[str, torch.Tensor], *, source: str) -> LoadReport:
+    """Load already-read checkpoint tensors; StageError listing keys by name unless all match."""
     mapped, report = map_state_dict(raw, model)
     if not report.ok:
-        raise StageError(f"{path}: checkpoint does not fit the detector: {report.describe()}")
+        raise StageError(f"{source}: checkpoint does not fit the detector: {report.describe()}")
     model.load_state_dict(mapped, strict=False)
     return report
+
+
+def load_into(model: nn.Module, path: Path, fmt: str = "auto") -> LoadReport:
+    """Read a checkpoint file and load it into `model` (see `load_state`)."""
+    return load_state(model, read_checkpoint(Path(path), fmt), source=str(path))

@@ -93,6 +93,14 @@ def d2_r101_c4(num_classes: int = 81) -> DetectorConfig:
     )
 
 
+def tiny_config() -> DetectorConfig:
+    """A narrow, shallow layout with the same code paths, for fast CPU tests and demos of wiring."""
+    return DetectorConfig(
+        stage_blocks=(1, 1, 1), res5_blocks=1, stem_channels=8, res2_channels=32,
+        num_classes=11, num_attributes=7, attr_embed_dim=8, attr_hidden=16, rpn_channels=16,
+    )
+
+
 # --------------------------------------------------------------------------- backbone
 
 

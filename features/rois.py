@@ -1,0 +1,327 @@
+"""The `rois` stage: bottom-up-attention ROI features for every image of a dataset.
+
+Items are image files keyed by the sha256 of their bytes (the same photo used by a product and
+three reviews is extracted once); the view maps each image ref path to its key. Images are
+decoded and resized in DataLoader workers, grouped by aspect ratio into padded batches and run
+through the detector on the configured device; the original box-selection rule picks the stored
+boxes (`features.detector.selection`). Undecodable images become failure records; an image
+whose proposals all vanish (possible with min_boxes 0 or a tiny image) is a record with 0 boxes.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from features.detector.checkpoint import load_state, read_checkpoint, verify_weights
+from features.detector.model import (
+    BUADetector,
+    DetectorConfig,
+    Detections,
+    build_detector,
+    bua_caffe_r101,
+    d2_r101_c4,
+)
+from features.detector.preprocess import PreparedImage, pad_batch, prepare_image
+from features.detector.selection import max_class_confidence, select_boxes
+from features.images import decode_image
+from features.params import RoisParams
+from pipeline.errors import DataError, StageError
+from pipeline.hashing import fingerprint as hash_fingerprint
+from pipeline.hashing import sha256_file
+from pipeline.stage import FieldSpec, Plan, Record, WorkItem
+
+CODE_VERSION = "rois-1"  # bump when extraction code changes its outputs
+RANDOM_INIT_PREFIX = "random-init-"
+_OPERATIONAL = ("num_workers", "device")  # do not change the numbers, so not fingerprinted
+_BUCKET = 4  # aspect-ratio bucketing window, in batches
+
+
+def rois_schema(feature_dtype: str = "float16", feature_dim: int = 2048) -> dict[str, FieldSpec]:
+    """Stored fields per image (docs/design.md "Stage outputs")."""
+    return {
+        "features": FieldSpec(feature_dtype, (feature_dim,), ragged=True),
+        "boxes": FieldSpec("float32", (4,), ragged=True),
+        "obj_ids": FieldSpec("int32", (), ragged=True),
+        "obj_conf": FieldSpec("float32", (), ragged=True),
+        "attr_ids": FieldSpec("int32", (), ragged=True),
+        "attr_conf": FieldSpec("float32", (), ragged=True),
+        "image_hw": FieldSpec("int32", (2,)),
+    }
+
+
+def is_random_init(fingerprint_or_params: Any) -> bool:
+    """True for a rois fingerprint computed with random weights, or params with random_init set."""
+    if isinstance(fingerprint_or_params, str):
+        return fingerprint_or_params.startswith(RANDOM_INIT_PREFIX)
+    if isinstance(fingerprint_or_params, Mapping):
+        return bool(fingerprint_or_params.get("random_init", False))
+    return bool(getattr(fingerprint_or_params, "random_init", False))
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; otherwise the named device (StageError if absent)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise StageError(f"stages.rois.device: {device!r} asked for CUDA, which is not available here")
+    return dev
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def pack_detections(det: Detections, params: RoisParams, cfg: DetectorConfig) -> dict[str, np.ndarray]:
+    """Apply box selection to one image's detections and return the stored arrays."""
+    probs = det.cls_probs[:, 1:] if cfg.background == "first" else det.cls_probs[:, :-1]
+    max_conf = max_class_confidence(det.boxes, probs, params.nms_thresh, legacy=cfg.legacy_boxes)
+    keep = select_boxes(max_conf, conf_thresh=params.conf_thresh, min_boxes=params.min_boxes,
+                        max_boxes=params.max_boxes, fixed_k=params.fixed_k)
+    obj_conf, obj_ids = probs[keep].max(dim=1) if keep.numel() else (probs.new_zeros(0), keep)
+    if det.attr_probs is not None and keep.numel():
+        attr_conf, attr_ids = det.attr_probs[keep][:, 1:].max(dim=1)  # index 0 = "no attribute"
+    else:  # no attribute head (detectron2 COCO weights): -1 ids, 0 confidence
+        attr_ids = torch.full((keep.numel(),), -1, dtype=torch.int64)
+        attr_conf = torch.zeros(keep.numel())
+    h, w = det.image_hw
+    return {
+        "features": det.features[keep].float().cpu().numpy().astype(params.feature_dtype),
+        "boxes": det.boxes[keep].float().cpu().numpy().astype(np.float32).reshape(-1, 4),
+        "obj_ids": obj_ids.cpu().numpy().astype(np.int32),
+        "obj_conf": obj_conf.float().cpu().numpy().astype(np.float32),
+        "attr_ids": attr_ids.cpu().numpy().astype(np.int32),
+        "attr_conf": attr_conf.float().cpu().numpy().astype(np.float32),
+        "image_hw": np.array([h, w], dtype=np.int32),
+    }
+
+
+def detect_batch(model: BUADetector, images: Sequence[PreparedImage], params: RoisParams,
+                 device: torch.device) -> list[Detections]:
+    """One padded forward pass over several prepared images (NMS and selection inputs on device)."""
+    batch = pad_batch([p.tensor for p in images], model.cfg.size_divisibility).to(device, non_blocking=True)
+    with _autocast(device, params.autocast):
+        return model(batch, [p.size for p in images], [p.scale for p in images],
+                     [p.orig_hw for p in images], pre_nms_top_n=params.rpn_pre_nms_top_n,
+                     post_nms_top_n=params.rpn_post_nms_top_n)
+
+
+def extract_features(model: BUADetector, images: Sequence[np.ndarray | PreparedImage],
+                     params: RoisParams, *, device: torch.device | str | None = None) -> list[dict[str, np.ndarray]]:
+    """ROI fields for RGB uint8 images (or prepared ones), batch_size images per forward pass.
+
+    Usable without the store: returns one dict per image, in input order, with the `rois`
+    schema's arrays.
+    """
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    prepared = [img if isinstance(img, PreparedImage) else
+                prepare_image(img, min_size=params.min_size, max_size=params.max_size,
+                              pixel_mean=model.cfg.pixel_mean) for img in images]
+    out: list[dict[str, np.ndarray]] = []
+    for start in range(0, len(prepared), max(1, params.batch_size)):
+        chunk = prepared[start:start + params.batch_size]
+        for det in detect_batch(model, chunk, params, dev):
+            out.append(pack_detections(det, params, model.cfg))
+    return out
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _DecodeDataset(Dataset):
+    """Decode + resize in DataLoader workers; a bad image becomes (key, None, reason)."""
+
+    def __init__(self, items: Sequence[WorkItem], params: RoisParams, pixel_mean: tuple[float, float, float]):
+        self.items = list(items)
+        self.params = params
+        self.pixel_mean = pixel_mean
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[str, PreparedImage | None, str | None]:
+        item = self.items[i]
+        if item.key.startswith("invalid:"):
+            return item.key, None, f"image path escapes the dataset image root: {item.key[8:]}"
+        res = decode_image(item.source, max_pixels=self.params.max_pixels)
+        if not res.ok:
+            return item.key, None, res.failure
+        try:
+            prep = prepare_image(res.rgb, min_size=self.params.min_size, max_size=self.params.max_size,
+                                 pixel_mean=self.pixel_mean)
+        except Exception as e:  # resizing a degenerate image must not end the run
+            return item.key, None, f"cannot resize image ({type(e).__name__}: {e}): {item.source}"
+        return item.key, prep, None
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+def config_for_checkpoint(raw: Mapping[str, torch.Tensor], fmt: str) -> DetectorConfig:
+    """Detector layout implied by a checkpoint: bua caffe for .pth, detectron2 C4 for .pkl."""
+    if fmt == "d2-pkl":
+        n_cls = raw.get("roi_heads.box_predictor.cls_score.weight")
+        cfg = d2_r101_c4(num_classes=int(n_cls.shape[0]) if n_cls is not None else 81)
+        attr = raw.get("roi_heads.box_predictor.attr_linear2.weight")
+        if attr is not None:
+            cfg = dataclasses.replace(cfg, num_attributes=int(attr.shape[0]))
+        return cfg
+    return bua_caffe_r101()
+
+
+# --------------------------------------------------------------------------- stage
+
+
+class RoisStage:
+    """The `rois` stage of one dataset (see pipeline/stage.py for the contract)."""
+
+    name = "rois"
+    depends_on: tuple[str, ...] = ()
+
+    def __init__(self, *, manifest: Any, dataset_name: str, params: RoisParams | None = None,
+                 detector_config: DetectorConfig | None = None):
+        self.manifest = manifest
+        self.dataset_name = dataset_name
+        self.dataset = manifest.dataset(dataset_name)
+        self.params: RoisParams = params or manifest.stage_params("rois")
+        self.detector_spec = manifest.detector(self.params.detector)
+        self._config_override = detector_config
+        self.schema = rois_schema(self.params.feature_dtype)
+        self._weights_id: str | None = None
+        self._fingerprint: str | None = None
+        self._model: BUADetector | None = None
+        self._device: torch.device | None = None
+
+    # ---- identity
+    def is_random_init(self) -> bool:
+        return bool(self.params.random_init)
+
+    def weights_id(self) -> str:
+        """"random-init:seed=N" or "sha256:<hex>" of the verified weights file."""
+        if self._weights_id is None:
+            if self.params.random_init:
+                self._weights_id = f"random-init:seed={self.params.seed}"
+            else:
+                sha = verify_weights(self.detector_spec.path, self.detector_spec.sha256,
+                                     name=self.detector_spec.name or self.params.detector)
+                self._weights_id = f"sha256:{sha}"
+        return self._weights_id
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            params = {k: v for k, v in dataclasses.asdict(self.params).items() if k not in _OPERATIONAL}
+            payload = {
+                "params": params,
+                "weights": self.weights_id(),
+                "architecture": self.detector_spec.architecture,
+                "format": self.detector_spec.format,
+                "config": dataclasses.asdict(self._config_override) if self._config_override else None,
+            }
+            fp = hash_fingerprint("rois", payload, code_version=CODE_VERSION)
+            self._fingerprint = RANDOM_INIT_PREFIX + fp if self.params.random_init else fp
+        return self._fingerprint
+
+    # ---- model
+    def model(self) -> BUADetector:
+        """The detector, built and loaded once per stage object."""
+        if self._model is None:
+            self.weights_id()  # verifies the weights before the expensive build
+            self._device = resolve_device(self.params.device)
+            if self.params.random_init:
+                cfg = self._config_override or bua_caffe_r101()
+                model = build_detector(cfg, seed=self.params.seed)
+            else:
+                path = Path(self.detector_spec.path)
+                fmt = self.detector_spec.format
+                if fmt == "auto":
+                    fmt = "d2-pkl" if path.suffix.lower() == ".pkl" else "bua-pth"
+                raw = read_checkpoint(path, fmt)
+                model = build_detector(self._config_override or config_for_checkpoint(raw, fmt))
+                load_state(model, raw, source=str(path))
+                del raw
+            self._model = model.to(self._device).eval()
+        return self._model
+
+    # ---- plan
+    def plan(self) -> Plan:
+        from pipeline.datasets.mrhp import load_dataset, resolve_image
+
+        records = load_dataset(self.dataset)
+        refs = [ref for p in records.products.values() for ref in p.images]
+        refs += [ref for r in records.reviews for ref in r.images]
+        items: dict[str, WorkItem] = {}
+        view: dict[str, str] = {}
+        for ref in refs:
+            if ref.path in view:
+                continue
+            try:
+                full = resolve_image(self.dataset, ref)
+            except DataError:
+                key = f"invalid:{ref.path}"
+                items[key] = WorkItem(key=key, source="")
+                view[ref.path] = key
+                continue
+            key = sha256_file(full) if full.is_file() else f"missing:{ref.path}"
+            items.setdefault(key, WorkItem(key=key, source=str(full)))
+            view[ref.path] = key
+        return Plan(items=items, view=view)
+
+    # ---- run
+    def run(self, items: Sequence[WorkItem]) -> Iterator[Record]:
+        if not items:
+            return
+        model = self.model()
+        p = self.params
+        loader = DataLoader(
+            _DecodeDataset(items, p, model.cfg.pixel_mean),
+            batch_size=max(1, p.batch_size),
+            num_workers=p.num_workers,
+            collate_fn=_as_list,
+            pin_memory=self._device.type == "cuda",
+            persistent_workers=False,
+            prefetch_factor=4 if p.num_workers > 0 else None,
+        )
+        pool: list[tuple[str, PreparedImage]] = []
+        for batch in loader:
+            for key, prep, failure in batch:
+                if prep is None:
+                    yield Record(key=key, failure=failure)
+                else:
+                    pool.append((key, prep))
+            if len(pool) >= _BUCKET * p.batch_size:
+                yield from self._flush(pool)
+                pool = []
+        if pool:
+            yield from self._flush(pool)
+
+    def _flush(self, pool: list[tuple[str, PreparedImage]]) -> Iterator[Record]:
+        """Batch pooled images by aspect ratio (less padding) and yield their records."""
+        pool = sorted(pool, key=lambda kp: kp[1].size[0] / kp[1].size[1])
+        bs = max(1, self.params.batch_size)
+        for start in range(0, len(pool), bs):
+            chunk = pool[start:start + bs]
+            dets = detect_batch(self._model, [prep for _, prep in chunk], self.params, self._device)
+            for (key, _), det in zip(chunk, dets):
+                arrays = pack_detections(det, self.params, self._model.cfg)
+                yield Record(key=key, arrays=arrays,
+                             meta={"n_boxes": int(arrays["boxes"].shape[0]),
+                                   "image_hw": [int(x) for x in arrays["image_hw"]]})
+
+
+def build_stage(manifest: Any, dataset_name: str) -> RoisStage:
+    """The `rois` stage for `dataset_name` with the manifest's `stages.rois` parameters."""
+    return RoisStage(manifest=manifest, dataset_name=dataset_name)
