@@ -37,7 +37,7 @@ class Roots:
 @dataclass(frozen=True)
 class DatasetSpec:
     raw_root: Path  # folder holding <category>.{prd,rvw,rel}.<split>, relative to roots.data
-    image_root: Path  # folder holding pictures/<split>/{prd,rvw}/<id>/..., relative to roots.data
+    image_root: Path  # folder holding <split>/{prd,rvw}/<id>/pic_<n>_<i>.jpg, relative to roots.data
     categories: tuple[str, ...]
     name: str = ""  # filled from the mapping key
     format: Literal["mrhp"] = "mrhp"
@@ -161,6 +161,14 @@ def load_manifest(path: str | Path | None = None) -> Manifest:
 
 def manifest_from_mapping(data: Any, mpath: Path) -> Manifest:
     """Validate an already-parsed manifest mapping that came from the file `mpath`."""
+    if data is not None and not isinstance(data, Mapping):
+        raise ManifestError(f"{mpath}: expected a mapping of top-level keys, got {type(data).__name__}")
+    top = {f.name for f in dataclasses.fields(_Raw)}
+    unknown_top = sorted(set(map(str, data or {})) - top)
+    if unknown_top:
+        raise ManifestError(
+            f"{mpath}: unknown top-level key(s) {', '.join(unknown_top)}; valid keys: {', '.join(sorted(top))}"
+        )
     try:
         raw = from_mapping(_Raw, data, "")
     except ManifestError:

@@ -1,0 +1,199 @@
+"""data_manifest.yaml loading: typed frozen records, key paths in errors, paths kept under their roots."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.errors import ManifestError
+from pipeline.manifest import load_manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BASE = {
+    "version": 1,
+    "roots": {"data": "data", "resources": "res", "store": "store", "runs": "runs"},
+    "datasets": {
+        "d": {"raw_root": "mrhp", "image_root": "mrhp/pictures", "categories": ["home"],
+              "word_vectors": "wv", "detector": "det"},
+    },
+    "resources": {
+        "word_vectors": {"wv": {"format": "glove", "path": "vectors/glove.txt"}},
+        "detectors": {"det": {"path": "weights/bua.pth"}},
+    },
+}
+
+
+def write_manifest(tmp_path: Path, data: dict) -> Path:
+    p = tmp_path / "data_manifest.yaml"
+    p.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return p
+
+
+def variant(**edits) -> dict:
+    """BASE with `a.b.c=value` style edits (value None deletes the key)."""
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    for path, value in edits.items():
+        *parents, last = path.split("__")
+        node = data
+        for k in parents:
+            node = node[k]
+        if value is None:
+            node.pop(last)
+        else:
+            node[last] = value
+    return data
+
+
+def test_repository_manifest_loads_and_declares_the_demo():
+    m = load_manifest(ROOT / "data_manifest.yaml")
+    demo = m.dataset("demo")
+    assert demo.raw_root == (ROOT / "demo_data" / "mrhp").resolve()
+    assert demo.image_root == (ROOT / "demo_data" / "pictures").resolve()
+    assert demo.categories == ("home",) and demo.labels == "auto" and demo.source == "amazon"
+    assert m.word_vectors(demo.word_vectors).format == "kumo"
+
+
+def test_relative_paths_resolve_against_manifest_folder_and_declared_roots(tmp_path):
+    m = load_manifest(write_manifest(tmp_path, BASE))
+    root = tmp_path.resolve()
+    assert m.folder == root
+    assert m.roots.data == root / "data" and m.store_root == root / "store"
+    d = m.dataset("d")
+    assert d.name == "d"
+    assert d.raw_root == root / "data" / "mrhp" and d.image_root == root / "data" / "mrhp" / "pictures"
+    assert m.word_vectors("wv").path == root / "res" / "vectors" / "glove.txt"
+    assert m.detector("det").path == root / "res" / "weights" / "bua.pth"
+
+
+def test_records_are_frozen(tmp_path):
+    m = load_manifest(write_manifest(tmp_path, BASE))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        m.dataset("d").threshold = 0.0  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        m.datasets["e"] = m.dataset("d")  # type: ignore[index]
+
+
+@pytest.mark.parametrize("edits, pattern", [
+    ({"datasets__d__colour": "blue"}, r"datasets\.d: unknown key\(s\) colour; valid keys: .*categories"),
+    ({"roots__cache": "c"}, r"roots: unknown key\(s\) cache"),
+    ({"surprise": 1}, r"unknown top-level key\(s\) surprise; valid keys: .*datasets"),
+    ({"resources__detectors__det__arch": "x"}, r"resources\.detectors\.det: unknown key\(s\) arch"),
+    ({"stages": {"rois": {"min_sise": 3}}}, r"stages\.rois: unknown key\(s\) min_sise"),
+    ({"stages": {"ocr": {}}}, r"stages: unknown stage\(s\) ocr"),
+])
+def test_unknown_keys_are_errors_naming_the_key_path(tmp_path, edits, pattern):
+    with pytest.raises(ManifestError, match=pattern):
+        load_manifest(write_manifest(tmp_path, variant(**edits)))
+
+
+@pytest.mark.parametrize("edits, pattern", [
+    ({"datasets__d__threshold": "high"}, r"datasets\.d\.threshold: expected a number, got 'high'"),
+    ({"datasets__d__categories": "home"}, r"datasets\.d\.categories: expected a list, got 'home'"),
+    ({"datasets__d__source": "ebay"}, r"datasets\.d\.source: expected one of 'amazon', 'lazada', got 'ebay'"),
+    ({"datasets__d__labels": True}, r"datasets\.d\.labels: expected one of 'auto', 'votes', 'labels'"),
+    ({"datasets__d__raw_root": None}, r"datasets\.d\.raw_root: required key is missing"),
+    ({"datasets__d__categories": []}, r"datasets\.d\.categories: expected at least one category"),
+    ({"version": 2}, r"version: expected 1, got 2"),
+    ({"version": "1"}, r"version: expected an integer, got '1'"),
+    ({"stages": {"tokens": {"min_freq": True}}}, r"stages\.tokens\.min_freq: expected an integer, got True"),
+    ({"resources__word_vectors__wv__path": None}, r"resources\.word_vectors\.wv\.path: required for format 'glove'"),
+    ({"flows": {"task_runner": "celery"}}, r"flows\.task_runner: expected one of 'thread', 'dask'"),
+])
+def test_wrong_types_are_errors_naming_the_key_path_and_expectation(tmp_path, edits, pattern):
+    with pytest.raises(ManifestError, match=pattern):
+        load_manifest(write_manifest(tmp_path, variant(**edits)))
+
+
+def test_errors_name_the_manifest_file(tmp_path):
+    p = write_manifest(tmp_path, variant(datasets__d__threshold="high"))
+    with pytest.raises(ManifestError, match=str(p).replace(".", r"\.")):
+        load_manifest(p)
+
+
+@pytest.mark.parametrize("edits, pattern", [
+    ({"datasets__d__raw_root": "../../etc"}, r"datasets\.d\.raw_root: path '\.\./\.\./etc' resolves to .* outside its declared root"),
+    ({"datasets__d__image_root": "mrhp/../../pictures"}, r"datasets\.d\.image_root: .*outside its declared root"),
+    ({"resources__word_vectors__wv__path": "../x.txt"}, r"resources\.word_vectors\.wv\.path: .*outside"),
+    ({"resources__detectors__det__path": "/etc/passwd"}, r"resources\.detectors\.det\.path: .*outside"),
+])
+def test_paths_escaping_their_root_via_dotdot_or_absolute_are_refused(tmp_path, edits, pattern):
+    with pytest.raises(ManifestError, match=pattern):
+        load_manifest(write_manifest(tmp_path, variant(**edits)))
+
+
+def test_paths_escaping_their_root_via_symlink_are_refused(tmp_path):
+    (tmp_path / "data").mkdir()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    os.symlink(outside, tmp_path / "data" / "mrhp")
+    with pytest.raises(ManifestError, match=r"datasets\.d\.raw_root: .*outside its declared root"):
+        load_manifest(write_manifest(tmp_path, BASE))
+
+
+def test_symlink_staying_inside_the_root_is_fine(tmp_path):
+    (tmp_path / "data" / "real").mkdir(parents=True)
+    os.symlink(tmp_path / "data" / "real", tmp_path / "data" / "mrhp")
+    m = load_manifest(write_manifest(tmp_path, BASE))
+    assert m.dataset("d").raw_root == (tmp_path / "data" / "real").resolve()
+
+
+@pytest.mark.parametrize("edits, pattern", [
+    ({"datasets__d__word_vectors": "glove-300"},
+     r"datasets\.d\.word_vectors: 'glove-300' is not declared under resources\.word_vectors \(wv\)"),
+    ({"datasets__d__detector": "frcnn"}, r"datasets\.d\.detector: 'frcnn' is not declared under resources\.detectors \(det\)"),
+])
+def test_dataset_referencing_an_undeclared_resource_is_an_error(tmp_path, edits, pattern):
+    with pytest.raises(ManifestError, match=pattern):
+        load_manifest(write_manifest(tmp_path, variant(**edits)))
+
+
+def test_lookups_of_undeclared_names_list_what_is_declared(tmp_path):
+    m = load_manifest(write_manifest(tmp_path, BASE))
+    with pytest.raises(ManifestError, match=r"no dataset 'x'; declared: d"):
+        m.dataset("x")
+    with pytest.raises(ManifestError, match=r"word_vectors has no 'x'; declared: wv"):
+        m.word_vectors("x")
+    with pytest.raises(ManifestError, match=r"detectors has no 'x'; declared: det"):
+        m.detector("x")
+
+
+def test_unreadable_manifest_files_are_manifest_errors(tmp_path):
+    with pytest.raises(ManifestError, match="manifest file not found"):
+        load_manifest(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("datasets: [unclosed\n")
+    with pytest.raises(ManifestError, match="not valid YAML"):
+        load_manifest(bad)
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"version: 1\nroots: {data: \xff}\n")
+    with pytest.raises(ManifestError, match="not UTF-8"):
+        load_manifest(binary)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ManifestError, match="expected a mapping"):
+        load_manifest(listy)
+
+
+def test_yaml_tags_are_not_executed(tmp_path):
+    p = tmp_path / "evil.yaml"
+    p.write_text("version: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(ManifestError, match="not valid YAML"):
+        load_manifest(p)
+
+
+def test_default_manifest_comes_from_environment(tmp_path, monkeypatch):
+    p = write_manifest(tmp_path, BASE)
+    monkeypatch.setenv("MRHP_MANIFEST", str(p))
+    assert load_manifest().path == p.resolve()
+
+
+def test_empty_manifest_is_valid_and_declares_nothing(tmp_path):
+    p = tmp_path / "empty.yaml"
+    p.write_text("")
+    m = load_manifest(p)
+    assert dict(m.datasets) == {} and m.roots.data == tmp_path.resolve()
+    assert m.stage_params("tokens").min_freq == 5
