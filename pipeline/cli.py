@@ -19,12 +19,17 @@ COMMANDS: tuple[str, ...] = (
     "pipeline.commands.validate",
     "pipeline.commands.build_dataset",
     "pipeline.commands.fetch_images",
+    "pipeline.commands.import_features",
     "pipeline.commands.extract",
     "pipeline.commands.status",
     "pipeline.commands.deploy",
     "pipeline.commands.serve",
     "pipeline.commands.fsck",
     "pipeline.commands.gc",
+    "pipeline.commands.train",
+    "pipeline.commands.evaluate",
+    "pipeline.commands.predict",
+    "pipeline.commands.compare",
 )
 
 
