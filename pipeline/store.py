@@ -236,7 +236,6 @@ def _acquire_lock(path: Path, content: str) -> int:
             same = False
         if same:
             os.write(fd, content.encode("utf-8"))
-            os.fsync(fd)
             return fd
         os.close(fd)
 
