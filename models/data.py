@@ -354,6 +354,7 @@ class DataBundle:
     embeddings: dict[str, np.ndarray] | None
     threshold: float
     train_labels: list[float] = field(default_factory=list)  # for negative weights
+    records: Any = None  # the DatasetRecords the bundle was built from, when read from a dataset
 
     def split(self, name: str) -> ProductSource:
         if name not in self.splits:
@@ -394,6 +395,7 @@ def bundle_from_records(records, *, store_root: str | Path, dataset: str, cfg: D
     return DataBundle(
         name=dataset, splits=sources, embeddings=emb, threshold=float(threshold),
         train_labels=[float(r.label) for r in records.reviews if r.split == "train"],
+        records=records,
     )
 
 

@@ -177,3 +177,14 @@ def seed_dirs(run: Path) -> list[Path]:
     if not seeds:
         raise TrainingError(f"{run}: not a run folder (no config.yaml, no seed*/config.yaml)")
     return seeds
+
+
+def resolve_run(runs_root: Path, run: str) -> Path:
+    """A run given as a path (existing folder) or as a name under the manifest's runs root."""
+    p = Path(run)
+    if p.is_dir():
+        return p
+    q = Path(runs_root) / run
+    if q.is_dir():
+        return q
+    raise TrainingError(f"run {run!r}: no such folder (looked at {p} and {q})")

@@ -106,9 +106,10 @@ def make_synthetic(store_root: str | Path | None = None, dataset: str = "synth",
             path = f"{split}/prd/{pid}/pic_{k}_0.jpg"
             rois[path] = boxes(topic, 0.9, int(rng.integers(1, max_boxes + 1)))
             pimgs.append(path)
-        records.products[pid] = Product(id=pid, name=f"product {pid}", description="synthetic",
-                                        text=f"product {pid} synthetic", images=tuple(ImageRef(p) for p in pimgs),
-                                        split=split)
+        ptext = " ".join(f"w{t}" for t in ptok)
+        records.products[pid] = Product(id=pid, name=ptext, description="", text=ptext,
+                                        images=tuple(ImageRef(p, url=f"http://synthetic.invalid/{p}") for p in pimgs),
+                                        category="home", split=split)
         arrays[f"prd:{pid}"] = {"ids": ptok.astype(np.int32), "pos": np.arange(len(ptok), dtype=np.int32),
                                 "n_raw": np.int32(len(ptok))}
         n_rev = int(rng.integers(reviews_per_product[0], reviews_per_product[1] + 1))
@@ -128,8 +129,9 @@ def make_synthetic(store_root: str | Path | None = None, dataset: str = "synth",
                 path = f"{split}/rvw/{rid}/pic_0_0.jpg"
                 rois[path] = boxes(topic, float(a_img[j]), int(rng.integers(1, max_boxes + 1)))
                 rimgs.append(path)
-            records.reviews.append(Review(id=rid, product_id=pid, text=f"review {rid}", label=int(labels[j]),
-                                          images=tuple(ImageRef(p) for p in rimgs), split=split))
+            records.reviews.append(Review(id=rid, product_id=pid, text=" ".join(f"w{t}" for t in tok),
+                                          label=int(labels[j]), category="home", split=split,
+                                          images=tuple(ImageRef(p, url=f"http://synthetic.invalid/{p}") for p in rimgs)))
             arrays[f"rvw:{rid}"] = {"ids": tok.astype(np.int32), "pos": np.arange(n_tok, dtype=np.int32),
                                     "n_raw": np.int32(n_tok), "mask": probe}
             revs.append(ReviewItem(id=rid, tokens=tok, rois=concat_rois([rois[p] for p in rimgs], cfg),
@@ -201,6 +203,32 @@ def _write_store(root: Path, dataset: str, arrays: dict[str, dict[str, np.ndarra
         "prd_vocab": (text_key("vocab", "synthetic"), {"matrix": matrix}),
         "rvw_vocab": (text_key("vocab", "synthetic"), {"matrix": matrix}),
     })
+
+
+def write_mrhp_tables(records: DatasetRecords, raw_root: str | Path, category: str = "home") -> Path:
+    """Write records as released-format MRHP tables `<category>.{prd,rvw,rel}.<split>` (labels
+    in the rel `upvotes` column), so the dataset reader and the CLI can load the synthetic data."""
+    from pipeline.datasets.mrhp import PRD_COLUMNS, REL_COLUMNS, RVW_COLUMNS
+    from pipeline.datasets.tables import ColumnTableWriter
+
+    root = Path(raw_root)
+    root.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        prd = ColumnTableWriter(root / f"{category}.prd.{split}", PRD_COLUMNS)
+        rvw = ColumnTableWriter(root / f"{category}.rvw.{split}", RVW_COLUMNS)
+        rel = ColumnTableWriter(root / f"{category}.rel.{split}", REL_COLUMNS)
+        for p in records.products.values():
+            if p.split == split:
+                prd.add({"product_id": p.id, "name": p.name, "description": p.description,
+                         "img_url": [im.url for im in p.images]})
+        for r in records.reviews:
+            if r.split == split:
+                rvw.add({"product_id": r.product_id, "review_id": r.id, "content": r.text,
+                         "img_url": [im.url for im in r.images]})
+                rel.add({"product_id": r.product_id, "review_id": r.id, "upvotes": r.label})
+        for w in (prd, rvw, rel):
+            w.close()
+    return root
 
 
 # Settings that make a small synthetic run learn in seconds on a CPU.

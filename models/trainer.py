@@ -84,9 +84,10 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, source: ProductSource, *, threshold: float, cfg: TrainConfig,
-             device: torch.device | None = None) -> EvalResult:
-    """Score every review of every product of `source` and compute the ranking metrics."""
+def score_source(model: nn.Module, source: ProductSource, *, cfg: TrainConfig,
+                 device: torch.device | None = None) -> list[dict[str, Any]]:
+    """Score every review of every product of `source`: a list of {"product_id", "review_id",
+    "label", "score"}, products in source order, reviews in product order."""
     device = device or resolve_device(cfg.device)
     model.eval()
     plan = eval_plan(source, batch_products=cfg.eval_batch_products, max_reviews=cfg.eval_max_reviews)
@@ -105,11 +106,18 @@ def evaluate(model: nn.Module, source: ProductSource, *, threshold: float, cfg: 
                 "label": float(batch.labels[i]),
                 "score": float(scores[i]),
             })
-    if not preds:
-        raise TrainingError("evaluation split has no reviews")
     bad = [p["review_id"] for p in preds if not math.isfinite(p["score"])]
     if bad:
         raise TrainingError(f"model produced non-finite scores for {len(bad)} review(s), e.g. {bad[0]!r}")
+    return preds
+
+
+def evaluate(model: nn.Module, source: ProductSource, *, threshold: float, cfg: TrainConfig,
+             device: torch.device | None = None) -> EvalResult:
+    """Score every review of every product of `source` and compute the ranking metrics."""
+    preds = score_source(model, source, cfg=cfg, device=device)
+    if not preds:
+        raise TrainingError("evaluation split has no reviews")
     per = per_product_metrics([p["product_id"] for p in preds], [p["label"] for p in preds],
                               [p["score"] for p in preds], threshold=threshold, ks=cfg.ks)
     names = metric_names(cfg.ks)
@@ -415,11 +423,16 @@ def train(cfg: TrainConfig, data: DataBundle, run_dir: str | Path, *, resume: bo
     return Trainer(cfg, data, run_dir, progress=progress).run(resume=resume)
 
 
+def run_config(run_dir: str | Path) -> TrainConfig:
+    """The TrainConfig saved in a run folder."""
+    return train_config(_load_yaml(RunPaths(Path(run_dir)).config))
+
+
 def load_run(run_dir: str | Path, *, embeddings: dict[str, np.ndarray] | None,
              checkpoint: str = "best") -> tuple[nn.Module, TrainConfig]:
     """The model of a finished run (its best or last checkpoint) and its config."""
     paths = RunPaths(Path(run_dir))
-    cfg = train_config(_load_yaml(paths.config))
+    cfg = run_config(run_dir)
     model = build_model(cfg.model, cfg.model_cfg, embeddings)
     state = load_checkpoint(paths.best if checkpoint == "best" else paths.last)
     try:

@@ -30,6 +30,10 @@ COMMANDS: tuple[str, ...] = (
     "pipeline.commands.evaluate",
     "pipeline.commands.predict",
     "pipeline.commands.compare",
+    "pipeline.commands.train",
+    "pipeline.commands.evaluate",
+    "pipeline.commands.predict",
+    "pipeline.commands.compare",
 )
 
 

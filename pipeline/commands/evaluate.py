@@ -1,0 +1,60 @@
+"""`mrhp evaluate RUN [--split test]`: MAP, NDCG@3, NDCG@5 and MRR of a run's best checkpoint.
+
+RUN is a run name under the manifest's runs root (or a path): a single run folder or a folder of
+seed<k>/ runs. The threshold is the dataset's (manifest) unless the run's config overrides it.
+Writes `eval_<split>.json` (metrics and per-product metrics) into each run folder, which
+`mrhp compare` reads.
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from models.data import build_datasets
+from models.metrics import metric_names
+from models.runs import RunPaths, resolve_run, seed_dirs, write_json_atomic
+from models.trainer import evaluate, load_run, run_config
+from pipeline.manifest import load_manifest
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="ranking metrics of a trained run on a split",
+        description="Score every review of every product of a split with the run's best checkpoint "
+        "and print MAP, NDCG@3, NDCG@5 and MRR (per seed, then mean +- std).",
+    )
+    p.add_argument("run", metavar="RUN", help="run name under the runs root, or a run folder")
+    p.add_argument("--split", default="test", help="split to evaluate (default test)")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    manifest = load_manifest(args.manifest)
+    dirs = seed_dirs(resolve_run(manifest.roots.runs, args.run))
+    bundles: dict[str, object] = {}
+    rows = []
+    for d in dirs:
+        cfg = run_config(d)
+        key = cfg.dataset
+        if key not in bundles:
+            bundles[key] = build_datasets(manifest, cfg.dataset, cfg.data)
+        data = bundles[key]
+        model, cfg = load_run(d, embeddings=data.embeddings, checkpoint=args.checkpoint)
+        threshold = cfg.threshold if cfg.threshold is not None else data.threshold
+        res = evaluate(model, data.split(args.split), threshold=threshold, cfg=cfg)
+        write_json_atomic(RunPaths(d).eval_file(args.split), {
+            "split": args.split, "checkpoint": args.checkpoint, "threshold": threshold,
+            "metrics": res.metrics, "per_product": res.per_product,
+        })
+        rows.append((d.name, res.metrics))
+    names = metric_names(cfg.ks)
+    print(f"{args.run} on {args.split} (threshold {threshold:g}, {len(res.per_product)} products)")
+    print(f"{'run':<10}" + "".join(f"{n:>10}" for n in names))
+    for label, m in rows:
+        print(f"{label:<10}" + "".join(f"{m[n]:>10.4f}" for n in names))
+    if len(rows) > 1:
+        print(f"{'mean':<10}" + "".join(f"{np.mean([m[n] for _, m in rows]):>10.4f}" for n in names))
+        print(f"{'std':<10}" + "".join(f"{np.std([m[n] for _, m in rows], ddof=1):>10.4f}" for n in names))
+    return 0

@@ -1,0 +1,80 @@
+"""`mrhp train`: train a registered model on a dataset of the manifest, one run per seed.
+
+    mrhp train --model text-gru --dataset demo [--seeds 3] [--name RUN] [--config FILE]
+               [--resume] [key=value ...]
+
+Runs go to `<roots.runs>/<name>/seed<k>/` (k = 0..N-1, seed = config seed + k); labels and
+grouping come from the dataset reader, arrays from the feature store views.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+
+from models.config import load_train_config
+from models.data import build_datasets
+from models.runs import write_json_atomic
+from models.trainer import train
+from pipeline.errors import ConfigError
+from pipeline.manifest import load_manifest
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a model (one run per seed) and evaluate it on the test split",
+        description="Train a registered model on a dataset from the feature store. Settings come "
+        "from the TrainConfig defaults, then --config FILE (YAML), then key=value overrides "
+        "(e.g. lr=3e-4 model_cfg.hidden=64 data.max_rois=64).",
+    )
+    p.add_argument("--model", required=True, help="registered model name (e.g. text-gru, length, sancl)")
+    p.add_argument("--dataset", required=True, help="dataset name declared in the manifest")
+    p.add_argument("--seeds", type=int, default=1, help="number of runs with seeds seed, seed+1, ... (default 1)")
+    p.add_argument("--name", default=None, help="run name under the runs root (default <model>-<dataset>)")
+    p.add_argument("--config", default=None, help="YAML file of training settings")
+    p.add_argument("--resume", action="store_true", help="continue the runs from their last checkpoints")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="setting overrides")
+    p.set_defaults(func=run)
+
+
+def _vocab_fingerprint(manifest, dataset: str, records) -> str | None:
+    """The vocabulary the tokens stage uses for this dataset (predict re-tokenizes with it)."""
+    try:
+        from features.text.tokens import dataset_vocabularies
+    except ImportError:  # tokens stage not installed: predict cannot re-tokenize
+        return None
+    return dataset_vocabularies(manifest, dataset, records=records).fingerprint
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds: expected a positive integer, got {args.seeds}")
+    manifest = load_manifest(args.manifest)
+    manifest.dataset(args.dataset)  # ManifestError naming the declared datasets
+    cfg = load_train_config(args.config, args.overrides, base={"model": args.model, "dataset": args.dataset})
+    if cfg.model != args.model or cfg.dataset != args.dataset:
+        raise ConfigError(
+            f"--model/--dataset ({args.model}, {args.dataset}) disagree with the config "
+            f"({cfg.model}, {cfg.dataset}); set them in one place"
+        )
+    name = args.name or f"{args.model}-{args.dataset}"
+    root = manifest.roots.runs / name
+    data = build_datasets(manifest, args.dataset, cfg.data)
+    vfp = _vocab_fingerprint(manifest, args.dataset, data.records)
+    results = []
+    for k in range(args.seeds):
+        seed_cfg = dataclasses.replace(cfg, seed=cfg.seed + k)
+        run_dir = root / f"seed{k}"
+        print(f"train {name} seed{k} (seed {seed_cfg.seed}) -> {run_dir}")
+        res = train(seed_cfg, data, run_dir, resume=args.resume, progress=print)
+        write_json_atomic(run_dir / "data.json", {
+            "dataset": args.dataset, "manifest": str(manifest.path), "vocab_fingerprint": vfp,
+            "threshold": data.threshold,
+        })
+        results.append(res)
+        if res.test:
+            print(f"  best epoch {res.best_epoch}: test " + ", ".join(f"{k2} {v:.4f}" for k2, v in res.test.items()))
+    print(f"runs written under {root}")
+    return 0

