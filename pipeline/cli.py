@@ -30,10 +30,6 @@ COMMANDS: tuple[str, ...] = (
     "pipeline.commands.evaluate",
     "pipeline.commands.predict",
     "pipeline.commands.compare",
-    "pipeline.commands.train",
-    "pipeline.commands.evaluate",
-    "pipeline.commands.predict",
-    "pipeline.commands.compare",
 )
 
 
