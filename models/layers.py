@@ -21,8 +21,9 @@ NEG_INF = -1e9  # finite "minus infinity": keeps softmax NaN-free, exp underflow
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Softmax of `scores` over the positions where `mask` is True; all-False rows give zeros."""
-    scores = scores.masked_fill(~mask, NEG_INF)
+    """Softmax of `scores` over the positions where `mask` is True; all-False rows give zeros.
+    Computed in float32 (safe under fp16/bf16 autocast)."""
+    scores = scores.float().masked_fill(~mask, NEG_INF)
     weights = torch.softmax(scores, dim=dim)
     return weights * mask.to(weights.dtype)  # zeroes the uniform weights of all-masked rows
 
@@ -31,12 +32,6 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of x (B, L, H) over the real positions of mask (B, L); (B, H), zeros for empty rows."""
     m = mask.to(x.dtype).unsqueeze(-1)  # (B, L, 1)
     return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
-
-
-def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Max of x (B, L, H) over the real positions; (B, H), zeros for empty rows."""
-    filled = x.masked_fill(~mask.unsqueeze(-1), NEG_INF).max(1).values  # (B, H)
-    return filled * mask.any(1, keepdim=True).to(x.dtype)
 
 
 def build_embedding(matrix: np.ndarray | None, *, vocab_size: int, dim: int, finetune: bool,
@@ -141,11 +136,11 @@ class MaskedMultiheadAttention(nn.Module):
         K = self.k(kv).view(B, Lk, h, d).transpose(1, 2)  # (B, h, Lk, d)
         V = self.v(kv).view(B, Lk, h, d).transpose(1, 2)  # (B, h, Lk, d)
         scores = Q @ K.transpose(-1, -2) / d ** 0.5  # (B, h, Lq, Lk)
-        att = masked_softmax(scores, kv_mask[:, None, None, :])  # (B, h, Lq, Lk)
+        att = masked_softmax(scores, kv_mask[:, None, None, :])  # (B, h, Lq, Lk) float32
         if pair_weights is not None:
-            att = att * pair_weights.unsqueeze(1)
+            att = att * pair_weights.unsqueeze(1).float()
             att = att / att.sum(-1, keepdim=True).clamp(min=1e-12)
-        out = self.drop(att) @ V  # (B, h, Lq, d)
+        out = self.drop(att.to(V.dtype)) @ V  # (B, h, Lq, d)
         return self.o(out.transpose(1, 2).reshape(B, Lq, H))  # (B, Lq, H)
 
 

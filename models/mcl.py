@@ -2,7 +2,7 @@
 
 Reads top to bottom like the paper:
   1. encoders: LSTM over the frozen word vectors for product and review text, a linear
-     projection plus self-attention over ROI features for their images (Eq. 1-4);
+     projection plus self-attention over ROI features for their images (before Eq. 5);
   2. the multimodal interaction module: D stacked cross-modal attention blocks in which each
      item's text attends to its images and its images to its text (Eq. 5-14, D = 5);
   3. fusion: intra-modal (product text x review text, product images x review images),
@@ -22,7 +22,10 @@ it that way and the tests pin that both agree with hand-computed values.
 
 The public code differs: one interaction layer and a circle-loss style contrastive term on the
 reviews with label >= 2. Set `interaction_layers: 1, contrastive: circle` for that variant.
-Hidden sizes are not in the project's summary of the paper; 128 is assumed (MCR's size).
+Hidden sizes are not in the project's summary of the paper; 128 is assumed. Equation numbers
+are the ranges the summary pins (encoders before Eq. 5, interaction 5-14, fusion 15-28, loss
+32-33); the paper's own text was not available offline, so the split inside a range, the
+projection heads feeding the contrastive loss and the placement of gamma are this reading of it.
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ class MCLConfig:
     roi_dim: int = 2048  # bottom-up-attention ROI feature size
     hidden: int = 128  # size of every hidden representation (assumed, see module docstring)
     heads: int = 4  # attention heads in every attention layer
-    roi_self_attention_layers: int = 1  # self-attention layers over ROI features (Eq. 3-4)
+    roi_self_attention_layers: int = 1  # self-attention layers over the projected ROI features
     interaction_layers: int = 5  # D, stacked cross-modal attention blocks (Eq. 5-14); code: 1
     dropout: float = 0.1  # dropout inside attention and feed-forward layers
     contrastive: Literal["adaptive", "circle", "none"] = "adaptive"  # Eq. 32-33 / public code
@@ -151,10 +154,9 @@ class MCL(nn.Module):
         c = self.config = config
         self.emb_p, self.emb_r = embedding_pair(embeddings, vocab_size=c.vocab_size,
                                                 dim=c.embed_dim, finetune=c.finetune_embeddings)
-        # Eq. (1-2): LSTM text encoders
+        # encoders (before Eq. 5): LSTM over text, projection + self-attention over ROIs
         self.text_p = RNNEncoder(kind="lstm", input_dim=c.embed_dim, hidden=c.hidden)
         self.text_r = RNNEncoder(kind="lstm", input_dim=c.embed_dim, hidden=c.hidden)
-        # Eq. (3-4): ROI projection + self-attention
         self.img_p = ROIEncoder(roi_dim=c.roi_dim, hidden=c.hidden, heads=c.heads,
                                 layers=c.roi_self_attention_layers, dropout=c.dropout)
         self.img_r = ROIEncoder(roi_dim=c.roi_dim, hidden=c.hidden, heads=c.heads,
@@ -164,14 +166,13 @@ class MCL(nn.Module):
                                          layers=c.interaction_layers, dropout=c.dropout)
         self.inter_r = InteractionModule(hidden=c.hidden, heads=c.heads,
                                          layers=c.interaction_layers, dropout=c.dropout)
-        # Eq. (15-26): intra-modal, inter-modal and intra-review fusion
+        # Eq. (15-28): intra-modal, inter-modal and intra-review fusion, then the scorer
         kw = dict(hidden=c.hidden, heads=c.heads, dropout=c.dropout)
         self.fuse = nn.ModuleDict({name: FusionHead(**kw)
                                    for name in ("rt_pt", "rv_pv", "rt_pv", "rv_pt", "rt_rv")})
-        # Eq. (27-28): scorer over the concatenated fusions
         self.scorer = nn.Sequential(nn.Linear(5 * c.hidden, c.hidden), nn.ReLU(),
                                     nn.Dropout(c.dropout), nn.Linear(c.hidden, 1))
-        # Eq. (29-31): projections of review text and images into the contrastive space
+        # projections of review text and images into the contrastive space (Eq. 32-33 inputs)
         self.proj_t = nn.Sequential(nn.Linear(c.hidden, c.hidden), nn.ReLU(),
                                     nn.Linear(c.hidden, c.hidden))
         self.proj_v = nn.Sequential(nn.Linear(c.hidden, c.hidden), nn.ReLU(),
@@ -185,7 +186,7 @@ class MCL(nn.Module):
         c = self.config
         pm_t, pm_v = batch.prod_token_mask, batch.prod_roi_mask  # (P, Lp), (P, Np)
         rm_t, rm_v = batch.rev_token_mask, batch.rev_roi_mask  # (R, Lr), (R, Nr)
-        # --- encoders, Eq. (1-4)
+        # --- encoders
         pt = self.text_p(self.emb_p(batch.prod_tokens), pm_t)  # (P, Lp, H)
         rt = self.text_r(self.emb_r(batch.rev_tokens), rm_t)  # (R, Lr, H)
         pv = self.img_p(batch.prod_rois, pm_v)  # (P, Np, H)
@@ -197,16 +198,16 @@ class MCL(nn.Module):
         idx = batch.rev_product
         pt_r, pmt_r = pt[idx], pm_t[idx]  # (R, Lp, H), (R, Lp)
         pv_r, pmv_r = pv[idx], pm_v[idx]  # (R, Np, H), (R, Np)
-        # --- fusion, Eq. (15-26)
+        # --- fusion, Eq. (15-28)
         f = self.fuse
         h = torch.cat([
-            f["rt_pt"](rt, rm_t, pt_r, pmt_r),  # intra-modal, text    Eq. (15-18)
-            f["rv_pv"](rv, rm_v, pv_r, pmv_r),  # intra-modal, images  Eq. (15-18)
-            f["rt_pv"](rt, rm_t, pv_r, pmv_r),  # inter-modal          Eq. (19-22)
-            f["rv_pt"](rv, rm_v, pt_r, pmt_r),  # inter-modal          Eq. (19-22)
-            f["rt_rv"](rt, rm_t, rv, rm_v),  # intra-review             Eq. (23-26)
+            f["rt_pt"](rt, rm_t, pt_r, pmt_r),  # intra-modal, text
+            f["rv_pv"](rv, rm_v, pv_r, pmv_r),  # intra-modal, images
+            f["rt_pv"](rt, rm_t, pv_r, pmv_r),  # inter-modal
+            f["rv_pt"](rv, rm_v, pt_r, pmt_r),  # inter-modal
+            f["rt_rv"](rt, rm_t, rv, rm_v),  # intra-review
         ], dim=-1)  # (R, 5H)
-        scores = self.scorer(h).squeeze(-1)  # (R,)  Eq. (27-28)
+        scores = self.scorer(h).squeeze(-1)  # (R,)  Eq. (15-28), the final scorer
 
         aux: dict[str, torch.Tensor] = {}
         if self.training and c.contrastive != "none" and c.contrastive_weight > 0:

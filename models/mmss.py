@@ -12,7 +12,7 @@ Reads top to bottom like the paper:
   4. five subtask heads, one per interaction (Eq. 9), regressing SSP-Label pseudo labels:
      label-weighted anchors (Eq. 17), Mahalanobis-normalised distances (Eq. 18), the relative
      distance and the offset from the global label (Eq. 19-21), an EWMA across epochs with
-     beta = 2 / (i + 1) (Eq. 10-11), the label y_g itself in the first epoch (Eq. 12);
+     beta = 2 / (i + 1), the label y_g itself in the first epoch (Eq. 12);
      subtask losses weighted by tanh(|y_s - y_g|) (Eq. 14) and balanced by learned homoscedastic
      uncertainty (Eq. 15). Returned as the aux loss `subtasks`.
 
@@ -31,6 +31,9 @@ training set; here they are label-weighted means over each batch smoothed by an 
 moving average across batches (`anchor_momentum`), which avoids a feature memory of every
 review; (c) pseudo labels are clamped to the label range [0, max_label]; (d) the Mahalanobis
 distance uses a diagonal covariance (per-dimension variance, also a moving average).
+No public code exists and the paper's text was not available offline: the equation numbers are
+those the project's summary pins; the L1 subtask regression and the offset formula follow the
+Self-MM label generation that SSP-Label adapts.
 """
 from __future__ import annotations
 
@@ -104,7 +107,7 @@ def offset_labels(alpha_s: torch.Tensor, alpha_g: torch.Tensor, y_g: torch.Tenso
 
 
 def ewma_beta(i: int) -> float:
-    """Eq. (11): the weight of the new estimate at (1-based) epoch i."""
+    """EWMA weight of the new estimate at (1-based) epoch i: beta = 2 / (i + 1)."""
     return 2.0 / (i + 1)
 
 
@@ -129,7 +132,7 @@ class PseudoLabelBank:
         return self.values[idx].to(y_g.device)
 
     def update(self, ids: Sequence[str], estimate: torch.Tensor, epoch: int) -> None:
-        """Eq. (10): y_s <- (1 - beta_i) y_s + beta_i * estimate with beta_i = 2/(i+1)."""
+        """EWMA: y_s <- (1 - beta_i) y_s + beta_i * estimate with beta_i = 2/(i+1)."""
         beta = ewma_beta(epoch)
         idx = torch.tensor([self.rows[r] for r in ids], dtype=torch.long)
         self.values[idx] = (1 - beta) * self.values[idx] + beta * estimate.detach().float().cpu()
@@ -260,19 +263,19 @@ class MMSS(nn.Module):
             raise TrainingError(f"MM-SS needs one review id per review to keep its pseudo labels: "
                                 f"batch has {batch.num_reviews} reviews and {len(batch.review_ids)} ids")
         y_g = batch.labels.float()  # (R,)
-        y_s = self.bank.get(batch.review_ids, y_g)  # (R, S) labels of this epoch (Eq. 10-12)
+        y_s = self.bank.get(batch.review_ids, y_g)  # (R, S) labels of this epoch (EWMA, Eq. 12)
         pred = torch.cat([self.heads[k](h[k]) for k in INTERACTIONS], dim=-1)  # (R, S)  Eq. (9)
         w = torch.tanh((y_s - y_g.unsqueeze(-1)).abs())  # (R, S)  Eq. (14)
-        per_task = (w * (pred - y_s).abs()).mean(0)  # (S,)  Eq. (14)
+        per_task = (w * (pred.float() - y_s).abs()).mean(0)  # (S,)  Eq. (14)
         loss = (0.5 * torch.exp(-self.log_var) * per_task + 0.5 * self.log_var).sum()  # Eq. (15)
         with torch.no_grad():
-            feats = torch.stack([h[k] for k in INTERACTIONS] + [z_g], dim=1).detach()  # (R, K, H)
+            feats = torch.stack([h[k] for k in INTERACTIONS] + [z_g], dim=1).detach().float()  # (R, K, H)
             self._update_anchors(feats, y_g)
             d_hi = mahalanobis(feats, self.anchors[0], self.feat_var)  # (R, K)  Eq. (18)
             d_lo = mahalanobis(feats, self.anchors[1], self.feat_var)  # (R, K)  Eq. (18)
             alpha = relative_distance(d_hi, d_lo)  # (R, K)  Eq. (19)
             estimate = offset_labels(alpha[:, :-1], alpha[:, -1:], y_g, c.max_label)  # Eq. (20-21)
-            self.bank.update(batch.review_ids, estimate, self.epoch)  # Eq. (10-11)
+            self.bank.update(batch.review_ids, estimate, self.epoch)  # EWMA, beta = 2/(i+1)
         return loss
 
     def _update_anchors(self, feats: torch.Tensor, y_g: torch.Tensor) -> None:

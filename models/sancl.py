@@ -2,7 +2,7 @@
 
 Reads top to bottom like the paper:
   1. encoders: GRU over the frozen word vectors for product and review text, a linear
-     projection of the ROI features for their images (Eq. 1);
+     projection of the ROI features for their images;
   2. probe-mask selective attention over the review text: the probe mask M (1 on the
      sentences that mention the product, `Batch.rev_probe_mask`) is softened to
      M' = alpha * M + beta * (1 - M) with alpha = 1 and beta = sigmoid(W h_seq + b) learned per
@@ -26,6 +26,9 @@ Table 2 ablations: `beta: fixed` (beta = 0.5), `probe_mask: false` (plain attent
 Parameter count without embeddings at the defaults: 1.48M (the paper reports 1.41M; its exact
 layer sizes are not in the project's summary, so hidden 128 and the head sizes are assumed); see
 `tests/test_sancl.py::test_parameter_count_is_near_the_papers_1_41M`.
+The paper's text was not available offline: equation numbers are those the project's summary
+pins; renormalising the re-weighted attention, cosine logits in the CPC and the pairing of the
+product-review domain (every review with its own product) are this reading of it.
 """
 from __future__ import annotations
 
@@ -135,7 +138,7 @@ class SANCL(nn.Module):
         c = self.config = config
         self.emb_p, self.emb_r = embedding_pair(embeddings, vocab_size=c.vocab_size,
                                                 dim=c.embed_dim, finetune=c.finetune_embeddings)
-        # Eq. (1): encoders
+        # encoders
         self.text_p = RNNEncoder(kind="gru", input_dim=c.embed_dim, hidden=c.hidden)
         self.text_r = RNNEncoder(kind="gru", input_dim=c.embed_dim, hidden=c.hidden)
         self.img_p = nn.Linear(c.roi_dim, c.hidden)
@@ -167,7 +170,7 @@ class SANCL(nn.Module):
         c = self.config
         pm_t, pm_v = batch.prod_token_mask, batch.prod_roi_mask  # (P, Lp), (P, Np)
         rm_t, rm_v = batch.rev_token_mask, batch.rev_roi_mask  # (R, Lr), (R, Nr)
-        # --- encoders, Eq. (1)
+        # --- encoders
         pt = self.text_p(self.emb_p(batch.prod_tokens), pm_t)  # (P, Lp, H)
         rt = self.text_r(self.emb_r(batch.rev_tokens), rm_t)  # (R, Lr, H)
         pv = self.img_p(batch.prod_rois) * pm_v.unsqueeze(-1)  # (P, Np, H)
@@ -192,13 +195,13 @@ class SANCL(nn.Module):
 
         aux: dict[str, torch.Tensor] = {}
         if self.training and c.kappa > 0:
-            if c.cpc_inner:  # Eq. (10-11): a review's text and images are the natural pair
+            if c.cpc_inner:  # Eq. (10-13): a review's text and images are the natural pair
                 both = rm_t.any(1) & rm_v.any(1)  # (R,) reviews that have both
                 zt = self.proj_inner_t(h_rt[both])  # (N, D)  Eq. (9)
                 zv = self.proj_inner_v(h_rv[both])  # (N, D)  Eq. (9)
                 pos = torch.arange(zt.shape[0], device=zt.device)
                 aux["cpc_inner"] = c.kappa * info_nce(zt, zv, pos, temperature=c.temperature)
-            if c.cpc_product_review:  # Eq. (12-13): a review and its own product
+            if c.cpc_product_review:  # Eq. (10-13): a review and its own product
                 zp = self.proj_pr_p(torch.cat([h_pt, h_pv], -1))  # (P, D)  Eq. (9)
                 zr = self.proj_pr_r(torch.cat([h_rt, h_rv], -1))  # (R, D)  Eq. (9)
                 aux["cpc_product_review"] = c.kappa * info_nce(zr, zp, idx,
