@@ -200,7 +200,8 @@ class RoisStage:
         self.params: RoisParams = params or manifest.stage_params("rois")
         self.detector_spec = manifest.detector(self.params.detector)
         self._config_override = detector_config
-        self.schema = rois_schema(self.params.feature_dtype)
+        feature_dim = (detector_config or bua_caffe_r101()).res5_channels
+        self.schema = rois_schema(self.params.feature_dtype, feature_dim)
         self._weights_id: str | None = None
         self._fingerprint: str | None = None
         self._model: BUADetector | None = None
