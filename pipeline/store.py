@@ -22,7 +22,6 @@ import errno
 import fcntl
 import hashlib
 import json
-import logging
 import os
 import sqlite3
 import threading
@@ -39,13 +38,11 @@ import numpy as np
 from pipeline.errors import StoreError
 from pipeline.stage import FieldSpec, Record
 
-log = logging.getLogger(__name__)
-
 SCHEMA_VERSION = 1  # segment file layout version (attribute `schema_version`)
 INDEX_VERSION = 1  # index.sqlite table layout version
 _SQL_CHUNK = 900  # keys per `IN (...)` query, below SQLite's bound-parameter limit
 _BUSY_TIMEOUT_MS = 60_000
-_STALE_LOCKING_S = 3600.0  # lock files this old whose owner is gone are removed on open
+_PRELOAD_BYTES = 1 << 20  # per segment, fields this small are read whole on open (boxes, ids, sizes)
 _MAX_OPEN_FILES = 128  # per reader: segment file descriptors kept open (LRU)
 _STR = h5py.string_dtype("utf-8")
 
@@ -911,6 +908,7 @@ class _Field:
     file_offset: int  # byte offset of the contiguous data in the file (0 when empty)
     row_bytes: int  # bytes per row of the flat data
     offsets: np.ndarray | None  # (n+1,) int64 for ragged fields
+    cached: np.ndarray | None  # the whole flat data when small (sliced instead of pread per item)
 
 
 class _OpenSegment:
@@ -930,7 +928,10 @@ class _OpenSegment:
                     offsets = f[f"fields/{name}/offsets"][()].astype(np.int64) if spec.ragged else None
                     dtype = ds.dtype
                     row_bytes = dtype.itemsize * int(np.prod(spec.shape, dtype=np.int64))
-                    fields.append(_Field(name, spec.ragged, spec.shape, dtype, offset or 0, row_bytes, offsets))
+                    cached = ds[()] if ds.size * dtype.itemsize <= _PRELOAD_BYTES else None
+                    fields.append(
+                        _Field(name, spec.ragged, spec.shape, dtype, offset or 0, row_bytes, offsets, cached)
+                    )
         except (OSError, KeyError) as e:
             raise StoreError(f"cannot read segment {path}: {e}") from e
         self.fields = fields
@@ -939,6 +940,12 @@ class _OpenSegment:
     def read(self, row: int) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         for f in self.fields:
+            if f.cached is not None:
+                if f.ragged:
+                    out[f.name] = f.cached[f.offsets[row] : f.offsets[row + 1]].copy()
+                else:
+                    out[f.name] = f.cached[row].copy()
+                continue
             if f.ragged:
                 a, b = int(f.offsets[row]), int(f.offsets[row + 1])
                 arr = np.empty((b - a, *f.shape), dtype=f.dtype)
@@ -952,7 +959,7 @@ class _OpenSegment:
         return out
 
     def _pread_into(self, arr: np.ndarray, start: int) -> None:
-        view = memoryview(arr).cast("B")
+        view = memoryview(arr.reshape(-1)).cast("B")
         got = 0
         while got < len(view):
             n = os.preadv(self.fd, [view[got:]], start + got)

@@ -70,7 +70,9 @@ def store(tmp_path: Path) -> FeatureStore:
     return FeatureStore(tmp_path / "store")
 
 
-def test_round_trip_of_ragged_and_fixed_fields_of_several_dtypes(store):
+@pytest.mark.parametrize("preload_bytes", [0, 1 << 20], ids=["pread", "preloaded"])
+def test_round_trip_of_ragged_and_fixed_fields_of_several_dtypes(store, monkeypatch, preload_bytes):
+    monkeypatch.setattr("pipeline.store._PRELOAD_BYTES", preload_bytes)
     recs = [roi_record(f"k{i}", n=i % 5, seed=i) for i in range(11)]  # n=0 items included
     w = write(store, recs, chunk_size=4)
     assert (w.n_committed, w.n_segments) == (11, 3)
@@ -85,6 +87,19 @@ def test_round_trip_of_ragged_and_fixed_fields_of_several_dtypes(store):
         assert_same(got, expected(r))
     assert reader.meta("k4") == {"n": 4}
     assert reader.get("k2")["features"].flags.writeable
+
+
+def test_a_truncated_segment_is_reported_not_misread(store, monkeypatch):
+    monkeypatch.setattr("pipeline.store._PRELOAD_BYTES", 0)
+    write(store, [roi_record("k0", 2), roi_record("k1", 4)], chunk_size=10)
+    path = segment_files(store.root)[0]
+    with h5py.File(path, "r") as f:
+        end = f["fields/features/data"].id.get_offset() + 16 * 2 * 3
+    with open(path, "r+b") as fh:
+        fh.truncate(end)
+    with pytest.raises(StoreError, match="truncated|cannot read segment"):
+        store.reader("rois", "fp1").get("k1")
+    assert "unreadable HDF5 file" in store.fsck().problems[0]
 
 
 def test_segment_file_layout_is_self_describing(store):

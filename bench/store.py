@@ -1,0 +1,135 @@
+"""Feature-store throughput: segment writes, shuffled per-item reads, batched reads.
+
+Items look like ROI features: `--boxes` boxes x 2048 float16 per image (ragged), plus, with
+`--schema rois`, the other fields of the rois stage (boxes, object/attribute ids and scores,
+image size). Reads are shuffled over all items, warm page cache (the files were just written),
+as a DataLoader worker sees them.
+
+    .venv/bin/python bench/store.py --items 8000 --schema features
+    .venv/bin/python bench/store.py --items 8000 --schema rois
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.stage import FieldSpec, Record  # noqa: E402
+from pipeline.store import FeatureStore  # noqa: E402
+
+SCHEMAS = {
+    "features": {"features": FieldSpec("float16", (2048,), ragged=True)},
+    "rois": {
+        "features": FieldSpec("float16", (2048,), ragged=True),
+        "boxes": FieldSpec("float32", (4,), ragged=True),
+        "obj_ids": FieldSpec("int32", (), ragged=True),
+        "obj_conf": FieldSpec("float32", (), ragged=True),
+        "attr_ids": FieldSpec("int32", (), ragged=True),
+        "attr_conf": FieldSpec("float32", (), ragged=True),
+        "image_hw": FieldSpec("int32", (2,)),
+    },
+}
+
+
+def make_records(n_items: int, boxes: int, schema: str, seed: int = 0) -> list[Record]:
+    """Synthetic records (built before timing so only the store is measured)."""
+    rng = np.random.default_rng(seed)
+    pool = rng.standard_normal((boxes * 4, 2048)).astype(np.float16)
+    out = []
+    for i in range(n_items):
+        start = int(rng.integers(0, boxes * 3))
+        arrays = {"features": pool[start : start + boxes]}
+        if schema == "rois":
+            arrays |= {
+                "boxes": rng.uniform(0, 600, (boxes, 4)).astype(np.float32),
+                "obj_ids": rng.integers(0, 1600, boxes, dtype=np.int32),
+                "obj_conf": rng.uniform(0, 1, boxes).astype(np.float32),
+                "attr_ids": rng.integers(0, 400, boxes, dtype=np.int32),
+                "attr_conf": rng.uniform(0, 1, boxes).astype(np.float32),
+                "image_hw": np.array([480, 640], dtype=np.int32),
+            }
+        out.append(Record(f"{i:064x}", arrays))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--items", type=int, default=8000, help="items (images) to write and read")
+    ap.add_argument("--boxes", type=int, default=32, help="boxes per image")
+    ap.add_argument("--schema", choices=sorted(SCHEMAS), default="features")
+    ap.add_argument("--chunk-size", type=int, default=500, help="records per segment")
+    ap.add_argument("--batch", type=int, default=64, help="keys per get_many call")
+    ap.add_argument("--dir", default=None, help="store folder (default: a fresh temp folder, removed after)")
+    args = ap.parse_args(argv)
+
+    records = make_records(args.items, args.boxes, args.schema)
+    mb_per_item = sum(a.nbytes for a in records[0].arrays.values()) / 1e6
+    tmp = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="mrhp-bench-store-"))
+    try:
+        store = FeatureStore(tmp / "store")
+        t0 = time.perf_counter()
+        with store.writer("rois", "bench", SCHEMAS[args.schema], chunk_size=args.chunk_size) as w:
+            for r in records:
+                w.add(r)
+        t_write = time.perf_counter() - t0
+        del records
+
+        t0 = time.perf_counter()
+        reader = store.reader("rois", "bench")
+        t_open = time.perf_counter() - t0
+        keys = reader.keys()
+        order = np.random.default_rng(1).permutation(len(keys))
+        shuffled = [keys[i] for i in order]
+        reader.get(shuffled[0])
+
+        t0 = time.perf_counter()
+        total = 0
+        for k in shuffled:
+            total += reader.get(k)["features"].shape[0]
+        t_get = time.perf_counter() - t0
+        assert total == args.items * args.boxes
+
+        t0 = time.perf_counter()
+        for i in range(0, len(shuffled), args.batch):
+            reader.get_many(shuffled[i : i + args.batch])
+        t_many = time.perf_counter() - t0
+
+        store.write_view("bench", "rois", "bench", {f"img/{i}.jpg": k for i, k in enumerate(keys)})
+        view = store.view("bench", "rois")
+        ids = view.item_ids()
+        ids = [ids[i] for i in order]
+        t0 = time.perf_counter()
+        for item_id in ids:
+            view.get(item_id)
+        t_view = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        report = store.fsck()
+        t_fsck = time.perf_counter() - t0
+        assert report.ok, report.format()
+
+        n = args.items
+        print(f"items: {n} x {args.boxes} boxes, schema {args.schema} ({mb_per_item * 1e3:.0f} kB/item), "
+              f"chunk {args.chunk_size}")
+        print(f"write (segments + fsync + index):  {n / t_write:9.0f} items/s  {n * mb_per_item / t_write:7.0f} MB/s")
+        print(f"open reader (index -> memory):     {t_open * 1e3:9.1f} ms")
+        print(f"shuffled reader.get:               {n / t_get:9.0f} items/s  {n * mb_per_item / t_get:7.0f} MB/s")
+        print(f"shuffled get_many (batch {args.batch:3d}):     {n / t_many:9.0f} items/s  "
+              f"{n * mb_per_item / t_many:7.0f} MB/s")
+        print(f"shuffled view.get:                 {n / t_view:9.0f} items/s")
+        print(f"fsck (checksums of all segments):  {n * mb_per_item / t_fsck:9.0f} MB/s")
+    finally:
+        if not args.dir:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
