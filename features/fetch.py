@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from pipeline.records import DatasetRecords
 
@@ -85,10 +85,11 @@ class FetchSummary:
     skipped: int = 0
     failed: int = 0
     failures_path: Path | None = None  # JSON lines, one per failed URL (None: no file written)
-    results: list[FetchResult] = field(default_factory=list)
+    results: list[FetchResult] = field(default_factory=list)  # failures, or all with keep_results
 
-    def add(self, r: FetchResult) -> None:
-        self.results.append(r)
+    def add(self, r: FetchResult, keep: bool = True) -> None:
+        if keep or r.status == "failed":
+            self.results.append(r)
         if r.status == "downloaded":
             self.downloaded += 1
         elif r.status == "skipped":
@@ -157,12 +158,15 @@ def fetch_images(
     failures_path: str | Path | None = None,
     sleep: Callable[[float], None] = time.sleep,
     progress_every: int = 1000,
+    keep_results: bool = False,
 ) -> FetchSummary:
     """Download every job's URL to `image_root/job.path`, skipping files already there.
 
     Failures (one per URL) are written as JSON lines to `failures_path` (default
     `<image_root>/fetch_failures.jsonl`), rewritten on each run so that it lists what is still
-    missing. `sleep` is the backoff wait (tests pass a fake).
+    missing. One download per distinct path (the first job naming it). `sleep` is the backoff
+    wait (tests pass a fake). `keep_results`: keep every FetchResult in the summary (failures are
+    always kept); off by default so a crawl of millions of images holds only counts.
     """
     root = Path(image_root)
     root.mkdir(parents=True, exist_ok=True)
@@ -172,7 +176,7 @@ def fetch_images(
     with open(fpath, "w", encoding="utf-8") as ffile:
 
         def record(r: FetchResult) -> None:  # called from this thread only
-            summary.add(r)
+            summary.add(r, keep_results)
             if r.status == "failed":
                 ffile.write(json.dumps({
                     "url": r.url, "path": r.path, "reason": r.reason, "attempts": r.attempts,
@@ -185,10 +189,14 @@ def fetch_images(
                          done, summary.downloaded, summary.skipped, summary.failed)
 
         pending: set[cf.Future] = set()
+        paths: set[str] = set()
         max_pending = config.concurrency * 4
         with cf.ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="fetch") as pool:
             try:
                 for job in jobs:
+                    if job.path in paths:
+                        continue
+                    paths.add(job.path)
                     quick = _precheck(job, root)
                     if quick is not None:
                         record(quick)
@@ -315,13 +323,15 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def _verify_image(path: Path) -> None:
-    """PIL's structural check, then a full decode (catches truncated JPEG data verify misses)."""
+    """PIL's structural check, then a full decode (catches truncated JPEG data verify misses),
+    skipped for images above PIL's pixel limit so that parallel downloads stay small in memory."""
     try:
         with Image.open(path) as im:
             im.verify()
         with Image.open(path) as im:
-            im.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            if im.width * im.height <= (Image.MAX_IMAGE_PIXELS or 0):
+                im.load()
+    except Exception as e:  # decoders raise many types on hostile bytes: all mean "not an image"
         raise _Permanent(f"not a decodable image: {type(e).__name__}: {e}") from None
 
 

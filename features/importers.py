@@ -42,10 +42,10 @@ import logging
 import pickle
 import sys
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -53,6 +53,9 @@ from pipeline.errors import DataError
 from pipeline.hashing import sha256_file
 from pipeline.records import DatasetRecords
 from pipeline.stage import FieldSpec, Record
+
+if TYPE_CHECKING:
+    from pipeline.store import FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +238,8 @@ def _int_field(text: str, what: str) -> int:
 
 
 def _ids32(a: np.ndarray, what: str) -> np.ndarray:
+    if a.dtype.kind not in "iu":
+        raise ValueError(f"{what}: expected integer ids, got {a.dtype}")
     if a.size and (a.min() < _INT32.min or a.max() > _INT32.max):
         raise ValueError(f"{what}: ids outside the int32 range (min {a.min()}, max {a.max()})")
     return a.astype(np.int32)
@@ -342,18 +347,21 @@ def export_lxmert_tsv(rows: Iterable[tuple[str, Mapping[str, np.ndarray]]], out:
 # bottom-up-attention.pytorch npz
 
 
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    """The globals numpy's own pickles of arrays, dtypes and scalars name (numpy 1.x and 2.x)."""
+    allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[(mod, "_reconstruct")] = np.zeros(1).__reduce__()[0]
+        allowed[(mod, "scalar")] = np.float32(0).__reduce__()[0]
+    for mod in ("numpy.core.numeric", "numpy._core.numeric"):
+        allowed[(mod, "_frombuffer")] = np.zeros(1).__reduce_ex__(5)[0]
+    return allowed
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Rebuilds numpy arrays, dtypes and scalars inside plain containers; refuses any other global."""
 
-    _ALLOWED: dict[tuple[str, str], Any] = {}
-    for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        _ALLOWED[(_mod, "_reconstruct")] = np.zeros(1).__reduce__()[0]
-        _ALLOWED[(_mod, "scalar")] = np.float32(0).__reduce__()[0]
-    for _mod in ("numpy.core.numeric", "numpy._core.numeric"):
-        _ALLOWED[(_mod, "_frombuffer")] = np.zeros(1).__reduce_ex__(5)[0]
-    _ALLOWED[("numpy", "ndarray")] = np.ndarray
-    _ALLOWED[("numpy", "dtype")] = np.dtype
-    del _mod
+    _ALLOWED = _numpy_globals()
 
     def find_class(self, module: str, name: str) -> Any:
         try:
@@ -401,7 +409,10 @@ def read_bua_npz(path: str | Path, img_id: str, *, feature_dim: int = 2048,
     path = Path(path)
     where = str(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError(f"not an .npz archive (np.load gave {type(z).__name__})")
+        with z:
             missing = [k for k in ("x", "bbox", "image_h", "image_w") if k not in z.files]
             if missing:
                 raise ValueError(f"missing key(s) {', '.join(missing)} (has {', '.join(z.files)})")
@@ -436,7 +447,7 @@ def read_bua_npz(path: str | Path, img_id: str, *, feature_dim: int = 2048,
         if arrays["features"].dtype.kind != "f" or arrays["boxes"].dtype.kind != "f":
             raise ValueError(f"x/bbox: expected floating point, got {x.dtype}/{bbox.dtype}")
         _check_lengths(arrays, n, feature_dim, _NPZ_NAMES)
-    except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+    except Exception as e:  # any error decoding an untrusted file is that file's failure
         return SourceItem(img_id=img_id, where=where, failure=f"{where}: {e}")
     arrays["features"] = arrays["features"].astype(np.float32).reshape(n, feature_dim)
     arrays["boxes"] = arrays["boxes"].astype(np.float32).reshape(n, 4)
@@ -505,7 +516,7 @@ def pth_item(value: Any, img_id: str, where: str, *, feature_dim: int = 2048) ->
             "attr_conf": got.get("attr_conf", sent["attr_conf"]).reshape(-1).astype(np.float32),
         }
         _check_lengths(arrays, n, feature_dim)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         return SourceItem(img_id=img_id, where=where, failure=f"{where}: {e}")
     arrays["features"] = arrays["features"].astype(np.float32).reshape(n, feature_dim)
     arrays["boxes"] = arrays["boxes"].astype(np.float32).reshape(n, 4)
@@ -513,10 +524,11 @@ def pth_item(value: Any, img_id: str, where: str, *, feature_dim: int = 2048) ->
     return SourceItem(img_id=img_id, where=where, arrays=arrays)
 
 
-def _torch_load(path: Path) -> Any:
+def _torch_load(path: Path, *, mmap: bool = False) -> Any:
+    """torch.load with weights_only=True (tensors and plain containers only); mmap for big files."""
     import torch  # only this format needs torch
 
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def read_mcr_pth_file(path: str | Path, img_id: str, *, feature_dim: int = 2048) -> SourceItem:
@@ -532,7 +544,7 @@ def read_mcr_pth_mapping(path: str | Path, *, feature_dim: int = 2048) -> Iterat
     """A single torch file holding {img_id: per-image value}."""
     path = Path(path)
     try:
-        mapping = _torch_load(path)
+        mapping = _torch_load(path, mmap=True)
     except Exception as e:
         raise DataError(f"{path}: cannot load with torch.load(weights_only=True): {type(e).__name__}: {e}") from None
     if not isinstance(mapping, Mapping):
@@ -597,16 +609,14 @@ class RefIndex:
 
 
 def import_features(
-    store: Any,
+    store: FeatureStore,
     dataset: str,
     image_root: str | Path,
     records: DatasetRecords,
     source: str | Path,
     config: ImportConfig,
-    *,
-    progress: Callable[[ImportReport], None] | None = None,
 ) -> ImportReport:
-    """Import `source` into `store` (a pipeline.store.FeatureStore) and write the dataset's rois view.
+    """Import `source` into `store` and write the dataset's rois view.
 
     Resumable: keys the store already holds for this fingerprint are not written again. Bad rows
     become store failures and report lines; the run goes on. Rows matching no dataset image are
@@ -641,8 +651,8 @@ def import_features(
             for ref in refs:  # failed ones too, as the extractor does: status counts them
                 view[ref] = rec.key
         pending.clear()
-        if progress is not None:
-            progress(report)
+        log.info("import %s: %d rows read, %d imported, %d already present, %d failed",
+                 config.format, report.rows, report.imported, report.already_present, report.failed)
 
     try:
         for item in read_source(config, source, files):
@@ -678,7 +688,7 @@ def import_features(
     return report
 
 
-def export_view_tsv(store: Any, dataset: str, out: str | Path, *, item_ids: Sequence[str] | None = None) -> int:
+def export_view_tsv(store: FeatureStore, dataset: str, out: str | Path, *, item_ids: Sequence[str] | None = None) -> int:
     """Write a dataset's rois view (or the given item ids of it, in that order) as an LXMERT TSV.
 
     Failed items are left out. img_id is the one recorded at import (`meta["img_id"]`), else the

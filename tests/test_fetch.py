@@ -26,7 +26,7 @@ def _jpeg(color: tuple[int, int, int], size: tuple[int, int] = (24, 16)) -> byte
 
 class _Server:
     """Routes: /ok/<name>, /broken.jpg, /slow-once.jpg, /500-once.jpg, /429-once.jpg, /missing.jpg,
-    /truncated.jpg, /always-500.jpg. Counts requests per path and records User-Agents."""
+    /truncated.jpg, /half-jpeg.jpg, /empty.jpg, /always-500.jpg. Counts requests per path and records User-Agents."""
 
     def __init__(self) -> None:
         self.images = {f"/ok/{i}.jpg": _jpeg((40 * i, 100, 200)) for i in range(4)}
@@ -70,6 +70,10 @@ class _Server:
                     self._send(429, b"slow down", headers=[("Retry-After", "0")]) if n == 1 else self._send(200, good)
                 elif path == "/always-500.jpg":
                     self._send(503, b"down")
+                elif path == "/half-jpeg.jpg":  # a server-side corrupt file: length honest, data cut
+                    self._send(200, good[: len(good) // 2])
+                elif path == "/empty.jpg":
+                    self._send(200, b"")
                 elif path == "/truncated.jpg":
                     self._send(200, good[: len(good) // 2], length=len(good))
                 else:
@@ -115,7 +119,7 @@ def test_fetch_downloads_retries_and_records_failures(server, tmp_path):
         FetchJob(server.url("/truncated.jpg"), "train/rvw/r6/pic_0_0.jpg"),
     ]
     sleeps: list[float] = []
-    summary = fetch_images(jobs, root, _config(), sleep=sleeps.append)
+    summary = fetch_images(jobs, root, _config(), sleep=sleeps.append, keep_results=True)
 
     assert (summary.downloaded, summary.skipped, summary.failed) == (7, 0, 3)
     by_path = {r.path: r for r in summary.results}
@@ -204,6 +208,18 @@ def test_paths_escaping_the_image_root_and_non_http_urls_are_refused(server, tmp
     assert "outside" in reasons["../escaped.jpg"] or "inside the image root" in reasons["../escaped.jpg"]
     assert "unsupported URL scheme 'file'" in reasons["local.jpg"]
     assert sum(server.requests.values()) == 0
+
+
+def test_cut_jpeg_data_and_empty_bodies_fail_without_retry(server, tmp_path):
+    jobs = [FetchJob(server.url("/half-jpeg.jpg"), "a.jpg"), FetchJob(server.url("/empty.jpg"), "b.jpg"),
+            FetchJob(server.url("/ok/1.jpg"), "c.jpg"), FetchJob(server.url("/ok/2.jpg"), "c.jpg")]
+    s = fetch_images(jobs, tmp_path, _config())
+    assert (s.downloaded, s.failed) == (1, 2)
+    failures = _failures(s.failures_path)
+    assert failures["a.jpg"]["attempts"] == 1 and "not a decodable image" in failures["a.jpg"]["reason"]
+    assert failures["b.jpg"]["reason"] == "empty body"
+    assert (tmp_path / "c.jpg").read_bytes() == server.images["/ok/1.jpg"]  # first job for a path wins
+    assert server.requests["/ok/2.jpg"] == 0
 
 
 def test_dataset_jobs_cover_products_and_reviews_once_per_path():

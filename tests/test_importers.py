@@ -251,6 +251,26 @@ def test_bua_npz_skip_info_stores_sentinel_ids_under_its_own_fingerprint(tmp_pat
     assert got["attr_ids"].tolist() == [-1] * 4 and np.isnan(got["attr_conf"]).all()
 
 
+def test_bua_npz_unreadable_files_become_failures(tmp_path):
+    src = tmp_path / "npz"
+    src.mkdir()
+    (src / "text.npz").write_text("not a zip")
+    np.save(src / "plain.npy", np.zeros(3))
+    (src / "plain.npy").rename(src / "plain.npz")
+    np.savez(src / "nobbox.npz", x=np.zeros((2, 8), np.float32), image_h=1, image_w=1)
+    np.savez(src / "count.npz", x=np.zeros((2, 8), np.float32), bbox=np.zeros((2, 4), np.float32),
+             num_bbox=3, image_h=1, image_w=1)
+    store = FeatureStore(tmp_path / "store")
+    report = import_features(store, "d", tmp_path, _records([]), src,
+                             ImportConfig(format="bua-npz", feature_dim=8, npz_info="skip"))
+    assert (report.rows, report.failed) == (4, 4)
+    reasons = dict(sorted((Path(f.split(":")[0]).name, f) for f in report.failures))
+    assert "missing key(s) bbox" in reasons["nobbox.npz"]
+    assert "num_bbox is 3 but x has 2 rows" in reasons["count.npz"]
+    assert "not an .npz archive" in reasons["plain.npz"]
+    assert set(reasons) == {"text.npz", "plain.npz", "nobbox.npz", "count.npz"}
+
+
 # ------------------------------------------------------------------------------ mcr-pth
 
 
