@@ -151,6 +151,34 @@ def test_a_batch_where_nothing_has_images_gives_finite_scores(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_bf16_autocast_with_empty_items_stays_finite(name):
+    batch = make_batch(empty_review_rois=(0, 1), empty_review_tokens=(2,), empty_product_rois=(1,))
+    model = tiny(name)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch)
+    loss = ranking_loss(out.scores.float(), batch.labels, batch.instances, batch.instance_weights)
+    loss = loss + sum((v.float() for v in out.aux_losses.values()), torch.zeros(()))
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", MODELS)
+def test_cuda_bf16_forward_backward_is_finite(name):
+    batch = make_batch(empty_review_rois=(0,), empty_review_tokens=(2,)).to("cuda")
+    model = tiny(name).cuda().train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(batch)
+    loss = ranking_loss(out.scores.float(), batch.labels, batch.instances, batch.instance_weights)
+    loss = loss + sum((v.float() for v in out.aux_losses.values()), torch.zeros((), device="cuda"))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_one_small_batch_can_be_overfitted(name):
     batch = make_batch(products=2, reviews_per_product=5)
     model = tiny(name)
