@@ -7,6 +7,7 @@ Both are saved in every checkpoint, so `resume=True` continues exactly where the
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -440,3 +441,42 @@ def load_run(run_dir: str | Path, *, embeddings: dict[str, np.ndarray] | None,
     except RuntimeError as e:
         raise TrainingError(f"{paths.root}: checkpoint does not fit model {cfg.model!r}: {e}") from None
     return model, cfg
+
+
+def _vocab_fingerprint(manifest, dataset: str, records) -> str | None:
+    """The vocabulary the tokens stage uses for this dataset (predict re-tokenizes with it)."""
+    try:
+        from features.text.tokens import dataset_vocabularies
+    except ImportError:  # tokens stage not installed: predict cannot re-tokenize
+        return None
+    return dataset_vocabularies(manifest, dataset, records=records).fingerprint
+
+
+def train_seeds(manifest, cfg: TrainConfig, *, seeds: int = 1, first_seed: int = 0, name: str | None = None,
+                resume: bool = False, progress: Callable[[str], None] | None = None) -> list[TrainResult]:
+    """Train `cfg.model` on `cfg.dataset` of the manifest once per seed index k in
+    first_seed .. first_seed + seeds - 1 (seed cfg.seed + k), into `<roots.runs>/<name>/seed<k>/`; each run folder also gets `data.json` (dataset, vocabulary
+    fingerprint, threshold) for `mrhp predict`. The CLI and the training flow call this."""
+    from models.data import build_datasets
+    from models.runs import write_json_atomic
+
+    if seeds < 1:
+        raise TrainingError(f"seeds: expected a positive integer, got {seeds}")
+    manifest.dataset(cfg.dataset)  # ManifestError naming the declared datasets
+    say = progress or log.info
+    name = name or f"{cfg.model}-{cfg.dataset}"
+    root = Path(manifest.roots.runs) / name
+    data = build_datasets(manifest, cfg.dataset, cfg.data)
+    vfp = _vocab_fingerprint(manifest, cfg.dataset, data.records)
+    results = []
+    for k in range(first_seed, first_seed + seeds):
+        seed_cfg = dataclasses.replace(cfg, seed=cfg.seed + k)
+        run_dir = root / f"seed{k}"
+        say(f"train {name} seed{k} (seed {seed_cfg.seed}) -> {run_dir}")
+        res = train(seed_cfg, data, run_dir, resume=resume, progress=say)
+        write_json_atomic(run_dir / "data.json", {
+            "dataset": cfg.dataset, "manifest": str(manifest.path), "vocab_fingerprint": vfp,
+            "threshold": data.threshold,
+        })
+        results.append(res)
+    return results

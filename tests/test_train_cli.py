@@ -109,3 +109,17 @@ def test_cli_errors_are_one_line_messages(workspace, capsys):
     assert main([*m, "train", "--model", "length", "--dataset", "synth", "lr"]) == 2
     assert main([*m, "evaluate", "no-such-run"]) == 6
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_training_flow_trains_from_store_views(workspace):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.training import train_flow
+
+    root, _ = workspace
+    with prefect_test_harness():
+        out = train_flow("synth", "text-gru", manifest_path=str(root / "data_manifest.yaml"), seeds=1,
+                         name="flow-gru", overrides=["epochs=1", "device=cpu", "model_cfg.hidden=4",
+                                                     "model_cfg.mlp_hidden=4"])
+    assert len(out) == 1 and set(out[0]["test"]) == {"MAP", "NDCG@3", "NDCG@5", "MRR"}
+    assert (root / "runs/flow-gru/seed0/checkpoints/best.pt").is_file()

@@ -9,17 +9,11 @@ grouping come from the dataset reader, arrays from the feature store views.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import logging
 
 from models.config import load_train_config
-from models.data import build_datasets
-from models.runs import write_json_atomic
-from models.trainer import train
+from models.trainer import train_seeds
 from pipeline.errors import ConfigError
 from pipeline.manifest import load_manifest
-
-log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,15 +33,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _vocab_fingerprint(manifest, dataset: str, records) -> str | None:
-    """The vocabulary the tokens stage uses for this dataset (predict re-tokenizes with it)."""
-    try:
-        from features.text.tokens import dataset_vocabularies
-    except ImportError:  # tokens stage not installed: predict cannot re-tokenize
-        return None
-    return dataset_vocabularies(manifest, dataset, records=records).fingerprint
-
-
 def run(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ConfigError(f"--seeds: expected a positive integer, got {args.seeds}")
@@ -59,22 +44,10 @@ def run(args: argparse.Namespace) -> int:
             f"--model/--dataset ({args.model}, {args.dataset}) disagree with the config "
             f"({cfg.model}, {cfg.dataset}); set them in one place"
         )
-    name = args.name or f"{args.model}-{args.dataset}"
-    root = manifest.roots.runs / name
-    data = build_datasets(manifest, args.dataset, cfg.data)
-    vfp = _vocab_fingerprint(manifest, args.dataset, data.records)
-    results = []
-    for k in range(args.seeds):
-        seed_cfg = dataclasses.replace(cfg, seed=cfg.seed + k)
-        run_dir = root / f"seed{k}"
-        print(f"train {name} seed{k} (seed {seed_cfg.seed}) -> {run_dir}")
-        res = train(seed_cfg, data, run_dir, resume=args.resume, progress=print)
-        write_json_atomic(run_dir / "data.json", {
-            "dataset": args.dataset, "manifest": str(manifest.path), "vocab_fingerprint": vfp,
-            "threshold": data.threshold,
-        })
-        results.append(res)
+    results = train_seeds(manifest, cfg, seeds=args.seeds, name=args.name, resume=args.resume, progress=print)
+    for k, res in enumerate(results):
         if res.test:
-            print(f"  best epoch {res.best_epoch}: test " + ", ".join(f"{k2} {v:.4f}" for k2, v in res.test.items()))
-    print(f"runs written under {root}")
+            print(f"seed{k}: best epoch {res.best_epoch}; test "
+                  + ", ".join(f"{m} {v:.4f}" for m, v in res.test.items()))
+    print(f"runs written under {results[0].run_dir.parent}")
     return 0
