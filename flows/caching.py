@@ -56,13 +56,12 @@ def results_dir(store_root: str | Path) -> Path:
     return Path(store_root) / RESULTS_DIR
 
 
-def result_storage(store_root: str | Path):
-    """Prefect result storage under the store: `<store>/flows/results`."""
-    from prefect.filesystems import LocalFileSystem
-
+def result_storage(store_root: str | Path) -> Path:
+    """Prefect result storage under the store, `<store>/flows/results` (a Path: Prefect makes a
+    local file system of it without a server-side block, so it works on any API server)."""
     path = results_dir(store_root)
     path.mkdir(parents=True, exist_ok=True)
-    return LocalFileSystem(basepath=str(path))
+    return path
 
 
 def forget_stage_results(store_root: str | Path, stage: str, fingerprint: str | None = None) -> int:

@@ -159,7 +159,7 @@ def _run_stage(
         refresh_cache=force,
         tags=[f"mrhp-stage:{name}", *([GPU_LIMIT_TAG] if entry.gpu else [])],
     )
-    outcomes: list[ChunkOutcome] = []
+    outcomes: list[tuple[frozenset[str], ChunkOutcome]] = []  # (chunk keys, its outcome)
     errors: dict[str, str] = {}
     n_chunks = 0
 
@@ -170,12 +170,11 @@ def _run_stage(
         with _progress(sum(map(len, chunks)), f"{dataset}/{name}", progress) as bar:
             for fut in as_completed(list(futures)):
                 chunk = futures[fut]
-                state = fut.state
-                if state.is_completed():
-                    outcomes.append(ChunkOutcome.from_json(fut.result()))
-                else:
-                    exc = state.result(raise_on_failure=False)
-                    msg = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(state.message)
+                try:
+                    outcome = ChunkOutcome.from_json(fut.result())
+                    outcomes.append((frozenset(it.key for it in chunk), outcome))
+                except Exception as exc:  # noqa: BLE001 - the chunk failed after its retries
+                    msg = f"{type(exc).__name__}: {exc}"
                     logger.error("%s/%s: chunk of %d item(s) failed: %s", dataset, name, len(chunk), msg)
                     errors.update({it.key: msg for it in chunk})
                 bar.update(len(chunk))
@@ -187,10 +186,14 @@ def _run_stage(
     ) if work.todo else []
     if lost:
         logger.warning("%s/%s: %d key(s) reported done are not in the store; recomputing", dataset, name, len(lost))
+        # A cache hit needs the very same keys scheduled, i.e. the whole chunk lost: its cached
+        # outcome no longer counts; the recomputation's does.
+        lost_set = set(lost)
+        outcomes[:] = [(keys, o) for keys, o in outcomes if not keys & lost_set]
         retry = [[work.plan.items[k] for k in lost[i:i + chunk_size]] for i in range(0, len(lost), chunk_size)]
         run_chunks(retry, chunk_task.with_options(refresh_cache=True))
     summary = finish_stage(
-        work, store, dataset, outcomes, errors,
+        work, store, dataset, [o for _, o in outcomes], errors,
         random_init=is_random_init(stage, manifest), chunks=n_chunks,
     )
     logger.info(

@@ -1,0 +1,164 @@
+"""The Prefect extraction flows, caching, the extract/status commands and deployments.
+
+One Prefect test server for the whole module (starting one costs ~15 s); few flow runs per test.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from features import registry as stage_registry
+from flows.caching import chunk_cache_key, results_dir
+from flows.synthetic import REGISTRY, text_file, write_project
+from pipeline.cli import main
+from pipeline.manifest import load_manifest
+from pipeline.store import FeatureStore
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def calls(log: Path) -> Counter:
+    if not log.exists():
+        return Counter()
+    return Counter(line.split()[0] for line in log.read_text().splitlines())
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("MRHP_SYNTH_LOG", str(log))
+    monkeypatch.delenv("MRHP_SYNTH_SALT", raising=False)
+    monkeypatch.delenv("MRHP_SYNTH_DELAY", raising=False)
+    # The synthetic stages join the registry, so the CLI and the flows run them like real ones.
+    for name, entry in REGISTRY.items():
+        monkeypatch.setitem(stage_registry.STAGES, name, entry)
+    return tmp_path, write_project(tmp_path, 30, chunk_size=7), log
+
+
+def extract(manifest: Path, *args: str) -> int:
+    return main(["--manifest", str(manifest), "extract", "--dataset", "syn", "--stage", "synthetic_sum",
+                 "--no-progress", *args])
+
+
+def test_chunk_cache_key_follows_content_not_paths():
+    a = chunk_cache_key("rois", "fp1", ["k2", "k1"])
+    assert a == chunk_cache_key("rois", "fp1", ["k1", "k2"])  # order-free
+    assert a != chunk_cache_key("rois", "fp1", ["k1", "k3"])  # one item's content changed
+    assert a != chunk_cache_key("rois", "fp2", ["k1", "k2"])  # stage parameters/code changed
+    assert a.startswith("rois-fp1-")
+
+
+def test_extract_reruns_only_changed_items_and_prints_a_summary(project, capsys):
+    root, manifest, log = project
+    assert extract(manifest) == 0
+    out = capsys.readouterr().out
+    assert "synthetic_sum" in out and "reused" in out
+    assert calls(log) == {"synthetic": 30, "synthetic_sum": 30}
+    stored = sorted(p.name for p in results_dir(root / "store").iterdir())
+    assert len([n for n in stored if n.startswith("synthetic-")]) == 5  # one JSON result per chunk
+
+    # No change: nothing computed.
+    assert extract(manifest) == 0
+    assert calls(log) == {"synthetic": 30, "synthetic_sum": 30}
+    capsys.readouterr()
+
+    # Two files change: exactly those two items, in the stage and in the stage depending on it.
+    for i in (3, 17):
+        text_file(root, i).write_text(f"new text {i}", encoding="utf-8")
+    assert extract(manifest) == 0
+    assert calls(log) == {"synthetic": 32, "synthetic_sum": 32}
+    table = capsys.readouterr().out.splitlines()
+    row = next(line.split() for line in table if line.split()[:2] == ["syn", "synthetic"])
+    assert row[-4:] == ["30", "2", "28", "0"]  # total, done, reused, failed
+
+    status = main(["--manifest", str(manifest), "status", "--stage", "synthetic", "synthetic_sum"])
+    assert status == 0
+    lines = capsys.readouterr().out.splitlines()
+    syn = next(line.split() for line in lines if line.split()[:2] == ["syn", "synthetic"])
+    assert syn[2:7] == ["30", "30", "0", "0", "0"]  # total, done, stale, failed, missing
+
+    # Status sees a data change before the rerun: the changed item is missing and its view entry stale.
+    text_file(root, 5).write_text("changed again", encoding="utf-8")
+    main(["--manifest", str(manifest), "status", "--stage", "synthetic"])
+    syn = next(line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("syn"))
+    assert syn[2:7] == ["30", "29", "1", "0", "1"]
+
+
+def test_a_failing_chunk_is_retried_then_reported_with_its_item_ids(project, capsys):
+    root, manifest, log = project
+    text_file(root, 8).write_text("RAISE please", encoding="utf-8")
+    text_file(root, 9).write_text("BAD row", encoding="utf-8")
+    code = main(["--manifest", str(manifest), "extract", "--stage", "synthetic", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 5 and "could not be computed" in captured.err
+    assert "error: 000/t000008.txt: RuntimeError: synthetic error" in captured.out
+    assert "failed: 000/t000009.txt:" in captured.out and "bad input" in captured.out
+    m = load_manifest(manifest)
+    store = FeatureStore(m.roots.store)
+    fp = next(iter(store.fingerprints("synthetic")))
+    done = store.done_keys("synthetic", fp)
+    assert 30 - 7 <= len(done) <= 28  # every other chunk's results kept
+    assert not any(v.stage == "synthetic" for v in store.views())  # incomplete: no view yet
+
+
+def test_forgotten_results_are_recomputed_despite_a_cached_chunk(project):
+    from flows.extract import run_extraction
+
+    root, manifest, log = project
+    (first,) = run_extraction(manifest, dataset="syn", stages=["synthetic"], progress=False)
+    m = load_manifest(manifest)
+    store = FeatureStore(m.roots.store)
+    lost = sorted(store.done_keys("synthetic", first.fingerprint))[:7]  # exactly the first chunk
+    store.forget("synthetic", first.fingerprint, lost)
+    (again,) = run_extraction(manifest, dataset="syn", stages=["synthetic"], progress=False)
+    # The chunk's cached outcome claimed success; the store check recomputed it regardless.
+    assert again.view_written and again.done == 7 and again.chunks == 2
+    assert not store.missing("synthetic", first.fingerprint, lost)
+    (forced,) = run_extraction(manifest, dataset="syn", stages=["synthetic"], force=True, progress=False)
+    assert forced.done == 30 and forced.reused == 0 and forced.chunks == 5
+    assert calls(log)["synthetic"] == 30 + 7 + 30
+
+
+def test_extract_rejects_an_unknown_stage_without_a_traceback(project, capsys):
+    _, manifest, _ = project
+    assert main(["--manifest", str(manifest), "extract", "--stage", "roi"]) == 2
+    assert "unknown stage(s) roi; valid:" in capsys.readouterr().err
+
+
+def test_deploy_registers_flows_on_the_work_pool_with_a_gpu_limit(tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from flows.deploy import apply_deployments, build_deployments, deploy_spec
+
+    manifest = load_manifest(write_project(tmp_path, 1))
+    spec = deploy_spec(manifest, work_pool="gpu-box", cron="0 3 * * *")
+    deps = build_deployments(spec)
+    assert [d.name for d in deps] == ["all", "rois", "tokens", "embeddings", "probes"]
+    assert deps[0].parameters["gpu_limit"] == "gpu-box-gpu"
+    assert deps[0].entrypoint.endswith("flows/extract.py:extract_flow")
+    names = apply_deployments(spec)
+    assert names[0] == "mrhp-extract/all" and "mrhp-extract-rois/rois" in names
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("mrhp-extract/all")
+        assert dep.work_pool_name == "gpu-box"
+        assert dep.schedules[0].schedule.cron == "0 3 * * *"
+        limit = client.read_global_concurrency_limit_by_name("gpu-box-gpu")
+        assert limit.limit == manifest.flows.gpu_concurrency == 1
+        assert client.read_work_pool("gpu-box").type == "process"
+
+
+def test_deploy_rejects_a_bad_cron_expression(tmp_path, capsys, monkeypatch):
+    manifest = write_project(tmp_path, 1)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    code = main(["--manifest", str(manifest), "deploy", "--cron", "every night"])
+    assert code == 2 and "not a valid cron expression" in capsys.readouterr().err
