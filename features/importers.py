@@ -117,6 +117,7 @@ class ImportReport:
     matched_images: int = 0  # dataset images that got features
     failed_images: int = 0  # dataset images whose source row failed (in the view as failures)
     failures: list[str] = field(default_factory=list)  # first failure reasons
+    view_written: bool = False  # False when no dataset image matched: the old view is kept
 
     @property
     def unmatched_images(self) -> int:
@@ -131,6 +132,8 @@ class ImportReport:
             f"  dataset images {self.dataset_images}: with features {self.matched_images}, "
             f"failed {self.failed_images}, not in the source {self.unmatched_images}",
         ]
+        if not self.view_written:
+            lines.append("  no dataset image matched: the rois view was left as it was")
         lines += [f"  failure: {f}" for f in self.failures]
         if self.failed > len(self.failures):
             lines.append(f"  ... and {self.failed - len(self.failures)} more failures")
@@ -620,7 +623,8 @@ def import_features(
 
     Resumable: keys the store already holds for this fingerprint are not written again. Bad rows
     become store failures and report lines; the run goes on. Rows matching no dataset image are
-    stored too (under `import:<format>:<img_id>`) but not put in the view.
+    stored too (under `import:<format>:<img_id>`) but not put in the view. The view (every matched
+    dataset image, failed ones included) replaces the dataset's rois view unless nothing matched.
     """
     files = source_files(config.format, source)
     fp = source_fingerprint(config, source, files)
@@ -629,11 +633,11 @@ def import_features(
     report.dataset_images = len(index.paths)
     root = Path(image_root).resolve()
     schema = rois_schema(config.feature_dtype, config.feature_dim)
-    attrs = {"params": {
+    attrs = {
         "source": "import", "format": config.format, "feature_dtype": config.feature_dtype,
         "feature_dim": config.feature_dim, "npz_info": config.npz_info,
         "sources": [Path(f).name for f in files][:100],
-    }}
+    }
 
     view: dict[str, str] = {}
     seen: dict[str, bool] = {}  # key -> its first row was good
@@ -684,7 +688,9 @@ def import_features(
         writer.close()
     report.matched_images = sum(seen[k] for k in view.values())
     report.failed_images = len(view) - report.matched_images
-    store.write_view(dataset, STAGE, fp, view)
+    if view:  # an import that matched nothing must not wipe the dataset's current view
+        store.write_view(dataset, STAGE, fp, view)
+        report.view_written = True
     return report
 
 

@@ -405,3 +405,15 @@ def test_cli_reports_a_missing_source_as_an_error(tmp_path, capsys):
                str(tmp_path / "nope.tsv"), "--dataset", "t"])
     assert rc == DataError.exit_code
     assert "nope.tsv: import source not found" in capsys.readouterr().err
+
+
+def test_an_import_matching_nothing_keeps_the_existing_view(butd, tmp_path):
+    tsv, root, records = butd
+    store = FeatureStore(tmp_path / "store")
+    first = import_features(store, "d", root, records, tsv, ImportConfig(format="lxmert-tsv"))
+    other = tmp_path / "other.tsv"
+    other.write_bytes(tsv.read_bytes().replace(b"COCO_train2014_", b"XYZ_"))
+    report = import_features(store, "d", root, records, other, ImportConfig(format="lxmert-tsv"))
+    assert report.imported == 10 and report.unmatched_rows == 10 and not report.view_written
+    assert store.view("d", "rois").fingerprint == first.fingerprint
+    assert "rois view was left as it was" in report.format_text()

@@ -50,6 +50,13 @@ def run(args: argparse.Namespace) -> int:
     store = FeatureStore(manifest.store_root)
     report = import_features(store, spec.name, spec.image_root, records, args.path, config)
     print(report.format_text())
+    if not report.view_written:
+        raise DataError(
+            f"{args.path}: none of the {report.rows} source images matched an image of dataset "
+            f"{args.dataset!r} by {args.match} (the features are stored, the rois view is unchanged); "
+            + ("MRHP images need --match path with img_ids relative to the image root"
+               if args.match == "stem" else "img_ids must equal image paths relative to the image root")
+        )
     if report.rows and report.failed == report.rows:
         raise DataError(f"{args.path}: every one of the {report.rows} source images failed to import "
                         f"(first: {report.failures[0]})")
