@@ -13,7 +13,7 @@ cost microseconds per item:
   recomputes exactly the items whose upstream changed.
 
 Environment knobs (read when a stage is built, so Dask workers and subprocesses see them):
-`MRHP_SYNTH_LOG` appends one line `<stage> <key>` per computed item (counting recomputes across
+`MRHP_SYNTH_LOG` appends one line `<stage> <key> <pid>` per computed item (counting recomputes across
 processes); `MRHP_SYNTH_DELAY` sleeps that many seconds per item (crash tests);
 `MRHP_SYNTH_SALT` enters the fingerprint (a "code change").
 """
@@ -41,7 +41,8 @@ REGISTRY = {"synthetic": ENTRY, "synthetic_sum": SUM_ENTRY}
 def _log(path: str | None, stage: str, keys: Sequence[str]) -> None:
     if not path or not keys:
         return
-    data = "".join(f"{stage} {k}\n" for k in keys).encode("utf-8")
+    pid = os.getpid()
+    data = "".join(f"{stage} {k} {pid}\n" for k in keys).encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, data)  # one O_APPEND write: lines from concurrent processes never interleave
