@@ -256,18 +256,40 @@ def _fetch_one(job: FetchJob, root: Path, config: FetchConfig, sleep: Callable[[
         except _Permanent as e:
             part.unlink(missing_ok=True)
             return FetchResult(job.url, job.path, "failed", attempts=attempts, reason=e.reason, http_status=e.http_status)
-        except OSError as e:  # local disk trouble: not worth retrying
+        except OSError as e:  # network errors are _Transient by now: this is local disk trouble
             part.unlink(missing_ok=True)
             return FetchResult(job.url, job.path, "failed", attempts=attempts, reason=f"cannot write {dest}: {e}")
+        except Exception as e:  # one odd URL must not end a crawl of millions: record it
+            part.unlink(missing_ok=True)
+            return FetchResult(job.url, job.path, "failed", attempts=attempts,
+                               reason=f"unexpected error: {type(e).__name__}: {e}")
     part.unlink(missing_ok=True)
     assert last is not None
     return FetchResult(job.url, job.path, "failed", attempts=attempts,
                        reason=f"{last.reason} (gave up after {attempts} attempts)", http_status=last.http_status)
 
 
+def _ascii_url(url: str) -> str:
+    """Percent-encode non-ASCII characters and spaces (http.client sends ASCII request lines only)."""
+    if url.isascii() and " " not in url:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname.encode("idna").decode("ascii") if parts.hostname else ""
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    if parts.username:
+        netloc = parts.username + (f":{parts.password}" if parts.password else "") + "@" + netloc
+    safe = "/%:@!$&'()*+,;=-._~?"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, urllib.parse.quote(parts.path, safe=safe),
+                                    urllib.parse.quote(parts.query, safe=safe), ""))
+
+
 def _download(url: str, part: Path, config: FetchConfig) -> tuple[int, int]:
     """GET `url` into `part`; returns (bytes written, HTTP status). Raises _Transient/_Permanent."""
-    req = urllib.request.Request(url, headers={"User-Agent": config.user_agent, "Accept": "image/*,*/*;q=0.8"})
+    try:
+        req = urllib.request.Request(
+            _ascii_url(url), headers={"User-Agent": config.user_agent, "Accept": "image/*,*/*;q=0.8"})
+    except (ValueError, UnicodeError) as e:
+        raise _Permanent(f"invalid URL: {e}") from None
     try:
         resp = urllib.request.urlopen(req, timeout=config.timeout)
     except urllib.error.HTTPError as e:
@@ -280,8 +302,8 @@ def _download(url: str, part: Path, config: FetchConfig) -> tuple[int, int]:
     except (http.client.InvalidURL, ValueError) as e:
         raise _Permanent(f"invalid URL: {e}") from None
     except (TimeoutError, socket.timeout) as e:
-        raise _Transient(f"timed out connecting ({e})") from None
-    except (ConnectionError, http.client.HTTPException) as e:
+        raise _Transient(f"timed out waiting for the response ({e})") from None
+    except (OSError, http.client.HTTPException) as e:
         raise _Transient(f"connection error: {type(e).__name__}: {e}") from None
     with resp:
         status = resp.status
@@ -291,21 +313,24 @@ def _download(url: str, part: Path, config: FetchConfig) -> tuple[int, int]:
             raise _Permanent(f"Content-Length {expected} exceeds max_bytes {config.max_bytes}", status)
         part.parent.mkdir(parents=True, exist_ok=True)
         written = 0
-        try:
-            with open(part, "wb") as f:
-                while chunk := resp.read(_CHUNK):
-                    written += len(chunk)
-                    if written > config.max_bytes:
-                        raise _Permanent(f"body exceeds max_bytes {config.max_bytes}", status)
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-        except http.client.IncompleteRead as e:
-            raise _Transient(f"truncated body: got {written + len(e.partial)} of {expected} bytes", status) from None
-        except (TimeoutError, socket.timeout):
-            raise _Transient(f"timed out reading the body after {written} bytes", status) from None
-        except (ConnectionError, http.client.HTTPException) as e:
-            raise _Transient(f"connection error while reading: {type(e).__name__}: {e}", status) from None
+        with open(part, "wb") as f:
+            while True:
+                try:
+                    chunk = resp.read(_CHUNK)
+                except http.client.IncompleteRead as e:
+                    raise _Transient(f"truncated body: got {written + len(e.partial)} of {expected} bytes", status) from None
+                except (TimeoutError, socket.timeout):
+                    raise _Transient(f"timed out reading the body after {written} bytes", status) from None
+                except (OSError, http.client.HTTPException) as e:
+                    raise _Transient(f"connection error while reading: {type(e).__name__}: {e}", status) from None
+                if not chunk:
+                    break
+                written += len(chunk)
+                if written > config.max_bytes:
+                    raise _Permanent(f"body exceeds max_bytes {config.max_bytes}", status)
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
     if expected is not None and written != expected:
         raise _Transient(f"truncated body: got {written} of {expected} bytes", status)
     if written == 0:

@@ -5,6 +5,7 @@ import io
 import json
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -51,7 +52,7 @@ class _Server:
                     pass
 
             def do_GET(self):
-                path = self.path
+                path = urllib.parse.unquote(self.path)
                 server.requests[path] += 1
                 server.agents.append(self.headers.get("User-Agent", ""))
                 n = server.requests[path]
@@ -220,6 +221,13 @@ def test_cut_jpeg_data_and_empty_bodies_fail_without_retry(server, tmp_path):
     assert failures["b.jpg"]["reason"] == "empty body"
     assert (tmp_path / "c.jpg").read_bytes() == server.images["/ok/1.jpg"]  # first job for a path wins
     assert server.requests["/ok/2.jpg"] == 0
+
+
+def test_non_ascii_urls_are_percent_encoded(server, tmp_path):
+    server.images["/ok/grüne tasse.jpg"] = _jpeg((0, 200, 0))
+    s = fetch_images([FetchJob(server.url("/ok/grüne tasse.jpg"), "g.jpg")], tmp_path, _config())
+    assert s.downloaded == 1, s.results
+    assert (tmp_path / "g.jpg").read_bytes() == server.images["/ok/grüne tasse.jpg"]
 
 
 def test_dataset_jobs_cover_products_and_reviews_once_per_path():
