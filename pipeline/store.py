@@ -476,7 +476,9 @@ class FeatureStore:
         ):
             seg_index[seg_id] = len(seg_paths)
             seg_paths.append(path)
-        locs: dict[str, tuple[int, int]] = {}
+        keys: list[str] = []
+        segs: list[int] = []
+        rows: list[int] = []
         failures: dict[str, str] = {}
         for key, seg, row, failure in conn.execute(
             "SELECT key, segment, row, failure FROM items WHERE stage=? AND fingerprint=?", (stage, fingerprint)
@@ -484,15 +486,17 @@ class FeatureStore:
             if failure is not None:
                 failures[key] = failure
             elif seg in seg_index:
-                locs[key] = (seg_index[seg], row)
+                keys.append(key)
+                segs.append(seg_index[seg])
+                rows.append(row)
             else:
                 raise StoreError(
                     f"store index {self.root / 'index.sqlite'}: item {key} of {stage}/{fingerprint} names "
                     f"segment {seg}, which is not in the index; run `mrhp fsck --repair`"
                 )
         return StageReader(
-            root=self.root, stage=stage, fingerprint=fingerprint, segment_paths=seg_paths, locations=locs,
-            failures=failures,
+            root=self.root, stage=stage, fingerprint=fingerprint, segment_paths=seg_paths, keys=keys,
+            segments=np.asarray(segs, dtype=np.int32), rows=np.asarray(rows, dtype=np.int64), failures=failures,
         )
 
     # -- views ---------------------------------------------------------------------------------
@@ -552,11 +556,14 @@ class FeatureStore:
                     f"(run the stage for that dataset first); views present: {', '.join(have) or '(none)'}"
                 )
             fingerprint = row[0]
-            mapping = dict(
-                conn.execute("SELECT item_id, key FROM view_items WHERE dataset=? AND stage=?", (dataset, stage))
-            )
+            pairs = conn.execute(
+                "SELECT item_id, key FROM view_items WHERE dataset=? AND stage=?", (dataset, stage)
+            ).fetchall()
             reader = self._reader_in_tx(conn, stage, fingerprint)
-        return View(dataset=dataset, stage=stage, fingerprint=fingerprint, mapping=mapping, reader=reader)
+        return View(
+            dataset=dataset, stage=stage, fingerprint=fingerprint, item_ids=[p[0] for p in pairs],
+            keys=[p[1] for p in pairs], reader=reader,
+        )
 
     def views(self) -> list[ViewInfo]:
         """Every view: (dataset, stage, fingerprint, n_items)."""
@@ -829,10 +836,12 @@ class _Tx:
             try:
                 self.conn.execute("COMMIT")
             except sqlite3.Error as e:
-                self.conn.execute("ROLLBACK")
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
                 raise StoreError(f"store index: commit failed: {e}") from e
         else:
-            self.conn.execute("ROLLBACK")
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
             if isinstance(exc, sqlite3.Error):
                 raise StoreError(f"store index: {exc}") from exc
 
@@ -916,6 +925,7 @@ class _OpenSegment:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.fd = -1
         fields: list[_Field] = []
         try:
             with h5py.File(path, "r") as f:
@@ -932,10 +942,10 @@ class _OpenSegment:
                     fields.append(
                         _Field(name, spec.ragged, spec.shape, dtype, offset or 0, row_bytes, offsets, cached)
                     )
+            self.fd = os.open(path, os.O_RDONLY)
         except (OSError, KeyError) as e:
             raise StoreError(f"cannot read segment {path}: {e}") from e
         self.fields = fields
-        self.fd = os.open(path, os.O_RDONLY)
 
     def read(self, row: int) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
@@ -971,6 +981,10 @@ class _OpenSegment:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def __del__(self) -> None:
+        # Closed when the last reference goes: a thread still reading keeps its descriptor valid.
+        self.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -1207,12 +1221,45 @@ class SegmentWriter:
 # readers
 
 
+class _SortedKeys:
+    """String -> position lookups over one sorted numpy bytes array.
+
+    Compact (no Python object per key) and untouched by reference counting, so the pages stay
+    shared copy-on-write between DataLoader workers even for millions of keys."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        encoded = np.array([k.encode("utf-8") for k in keys], dtype=bytes) if keys else np.array([], dtype="S1")
+        self.order = np.argsort(encoded, kind="stable")  # sorted position -> input position
+        self.sorted = encoded[self.order]
+
+    def __len__(self) -> int:
+        return len(self.sorted)
+
+    def find(self, key: str) -> int:
+        """Input position of `key`, or -1."""
+        if not isinstance(key, str):
+            return -1
+        b = key.encode("utf-8")
+        i = int(np.searchsorted(self.sorted, b))
+        if i < len(self.sorted) and self.sorted[i] == b:
+            return int(self.order[i])
+        return -1
+
+    def decoded(self) -> list[str]:
+        """All keys in input order."""
+        out = [""] * len(self.sorted)
+        for pos, b in zip(self.order.tolist(), self.sorted.tolist()):
+            out[pos] = b.decode("utf-8")
+        return out
+
+
 class StageReader:
     """Reads the committed items of one (stage, fingerprint) as of its creation.
 
-    Holds the key -> (segment, row) map in memory; segment files open lazily, per process (a reader
-    made before a DataLoader forks works in the workers), at most `_MAX_OPEN_FILES` at a time.
-    Picklable (for spawn-started workers): open files are not carried over."""
+    Holds the key -> (segment, row) map in memory as numpy arrays; segment files open lazily,
+    per process (a reader made before a DataLoader forks works in the workers), at most
+    `_MAX_OPEN_FILES` at a time. Picklable (for spawn-started workers): open files are not
+    carried over. Safe to share between threads."""
 
     def __init__(
         self,
@@ -1221,14 +1268,18 @@ class StageReader:
         stage: str,
         fingerprint: str,
         segment_paths: Sequence[str],
-        locations: Mapping[str, tuple[int, int]],
+        keys: Sequence[str],
+        segments: np.ndarray,
+        rows: np.ndarray,
         failures: Mapping[str, str],
     ) -> None:
         self.root = Path(root)
         self.stage = stage
         self.fingerprint = fingerprint
         self._paths = list(segment_paths)
-        self._locs = dict(locations)
+        self._keys = _SortedKeys(keys)
+        self._segs = np.asarray(segments, dtype=np.int32)  # per key (input order): segment index
+        self._rows = np.asarray(rows, dtype=np.int64)  # per key: row in that segment
         self._failures = dict(failures)
         self._open: dict[int, _OpenSegment] = {}
         self._pid = os.getpid()
@@ -1243,15 +1294,15 @@ class StageReader:
         self._pid = os.getpid()
 
     def __len__(self) -> int:
-        return len(self._locs)
+        return len(self._keys)
 
     def __contains__(self, key: object) -> bool:
         """True when `get(key)` returns arrays (the key was committed without failure)."""
-        return key in self._locs
+        return isinstance(key, str) and self._keys.find(key) >= 0
 
     def keys(self) -> list[str]:
         """Keys with stored arrays (failures excluded)."""
-        return list(self._locs)
+        return self._keys.decoded()
 
     def failure(self, key: str) -> str | None:
         """The recorded failure reason of `key`, or None."""
@@ -1259,41 +1310,35 @@ class StageReader:
 
     def _segment(self, index: int) -> _OpenSegment:
         if self._pid != os.getpid():
-            # Forked: the descriptors are shared with the parent; drop ours and reopen lazily.
-            for seg in self._open.values():
-                seg.close()
+            # Forked: the descriptors are the parent's; start a fresh set in this process.
             self._open = {}
             self._pid = os.getpid()
-        seg = self._open.pop(index, None)
+        seg = self._open.get(index)
         if seg is None:
             seg = _OpenSegment(self.root / self._paths[index])
-            if len(self._open) >= _MAX_OPEN_FILES:
-                oldest = next(iter(self._open))
-                self._open.pop(oldest).close()
-        self._open[index] = seg  # most recently used last
+            while len(self._open) >= _MAX_OPEN_FILES:
+                # Oldest first; it closes when no thread is reading from it any more.
+                self._open.pop(next(iter(self._open)), None)
+            self._open[index] = seg
         return seg
 
-    def _missing(self, key: str) -> StoreError:
-        reason = self._failures.get(key)
-        if reason is not None:
-            return StoreError(f"{self.stage} item {key} failed: {reason}")
-        return StoreError(f"{self.stage} item {key} is not in the store for fingerprint {self.fingerprint}")
+    def _locate(self, key: str) -> tuple[int, int]:
+        i = self._keys.find(key)
+        if i < 0:
+            reason = self._failures.get(key)
+            if reason is not None:
+                raise StoreError(f"{self.stage} item {key} failed: {reason}")
+            raise StoreError(f"{self.stage} item {key} is not in the store for fingerprint {self.fingerprint}")
+        return int(self._segs[i]), int(self._rows[i])
 
     def get(self, key: str) -> dict[str, np.ndarray]:
         """The arrays of `key` (field -> array); StoreError if unknown or failed (with its reason)."""
-        loc = self._locs.get(key)
-        if loc is None:
-            raise self._missing(key)
-        return self._segment(loc[0]).read(loc[1])
+        seg, row = self._locate(key)
+        return self._segment(seg).read(row)
 
     def get_many(self, keys: Sequence[str]) -> list[dict[str, np.ndarray]]:
         """`get` for several keys, read in file order; results in the order of `keys`."""
-        locs = []
-        for k in keys:
-            loc = self._locs.get(k)
-            if loc is None:
-                raise self._missing(k)
-            locs.append(loc)
+        locs = [self._locate(k) for k in keys]
         out: list[dict[str, np.ndarray] | None] = [None] * len(locs)
         for i in sorted(range(len(locs)), key=locs.__getitem__):
             seg, row = locs[i]
@@ -1302,56 +1347,54 @@ class StageReader:
 
     def meta(self, key: str) -> dict[str, Any]:
         """The `Record.meta` stored with `key` (read from the file on demand; small)."""
-        loc = self._locs.get(key)
-        if loc is None:
-            raise self._missing(key)
-        path = self.root / self._paths[loc[0]]
+        seg, row = self._locate(key)
+        path = self.root / self._paths[seg]
         try:
             with h5py.File(path, "r") as f:
-                return json.loads(f["meta"].asstr()[loc[1]])
+                return json.loads(f["meta"].asstr()[row])
         except (OSError, KeyError) as e:
             raise StoreError(f"cannot read meta of {key} from {path}: {e}") from e
 
     def close(self) -> None:
-        """Close the open segment files (they reopen on the next read)."""
-        for seg in self._open.values():
-            seg.close()
+        """Release the open segment files (they reopen on the next read)."""
         self._open = {}
-
-    def __del__(self) -> None:
-        if getattr(self, "_pid", None) == os.getpid():
-            self.close()
 
 
 class View:
     """A dataset's items for one stage: item id -> key -> arrays, as of its creation."""
 
     def __init__(
-        self, *, dataset: str, stage: str, fingerprint: str, mapping: Mapping[str, str], reader: StageReader
+        self,
+        *,
+        dataset: str,
+        stage: str,
+        fingerprint: str,
+        item_ids: Sequence[str],
+        keys: Sequence[str],
+        reader: StageReader,
     ) -> None:
         self.dataset = dataset
         self.stage = stage
         self.fingerprint = fingerprint
         self.reader = reader
-        self._mapping = dict(mapping)
+        self._ids = _SortedKeys(item_ids)
+        self._item_keys = np.array([k.encode("utf-8") for k in keys], dtype=bytes) if keys else np.array([], "S1")
 
     def __len__(self) -> int:
-        return len(self._mapping)
+        return len(self._ids)
 
     def __contains__(self, item_id: object) -> bool:
-        return item_id in self._mapping
+        return isinstance(item_id, str) and self._ids.find(item_id) >= 0
 
     def item_ids(self) -> list[str]:
-        return list(self._mapping)
+        return self._ids.decoded()
 
     def key(self, item_id: str) -> str:
         """The content key holding `item_id`'s result."""
-        try:
-            return self._mapping[item_id]
-        except KeyError:
-            raise StoreError(
-                f"view {self.dataset}/{self.stage} has no item {item_id!r} ({len(self._mapping)} items)"
-            ) from None
+        i = self._ids.find(item_id)
+        if i < 0:
+            raise StoreError(f"view {self.dataset}/{self.stage} has no item {item_id!r} ({len(self)} items)")
+        return self._item_keys[i].decode("utf-8")
 
     def failure(self, item_id: str) -> str | None:
         """Why `item_id` failed in this stage, or None."""
@@ -1366,6 +1409,7 @@ class View:
             raise StoreError(f"view {self.dataset}/{self.stage} item {item_id!r}: {e}") from None
 
     def get_many(self, item_ids: Sequence[str]) -> list[dict[str, np.ndarray]]:
+        """`get` for several item ids, results in their order."""
         keys = [self.key(i) for i in item_ids]
         try:
             return self.reader.get_many(keys)
