@@ -69,6 +69,45 @@ def best_of(repeat: int, fn) -> float:
     return min(times)
 
 
+def bench_index(n_keys: int, root: Path) -> None:
+    """Index operations at dataset scale: missing() over n_keys, reader and view opening."""
+    store = FeatureStore(root)
+    schema = {"n_raw": FieldSpec("int32", ())}
+    keys = [f"{i:064x}" for i in range(n_keys)]
+    t0 = time.perf_counter()
+    with store.writer("tokens", "bench", schema, chunk_size=5000) as w:
+        for i, k in enumerate(keys[::2]):
+            w.add(Record(k, {"n_raw": i}))
+    t_write = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    missing = store.missing("tokens", "bench", keys)
+    t_missing = time.perf_counter() - t0
+    assert len(missing) == n_keys - len(keys[::2])
+    t0 = time.perf_counter()
+    reader = store.reader("tokens", "bench")
+    t_reader = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    store.write_view("bench", "tokens", "bench", {f"rvw:{i}": k for i, k in enumerate(keys[::2])})
+    t_write_view = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    view = store.view("bench", "tokens")
+    t_view = time.perf_counter() - t0
+    order = np.random.default_rng(2).permutation(len(view))
+    ids = [f"rvw:{i}" for i in order]
+    t0 = time.perf_counter()
+    for item_id in ids:
+        view.get(item_id)
+    t_get = time.perf_counter() - t0
+    n = len(reader)
+    print(f"index: {n_keys} keys queried, {n} stored (scalar int32 items, 5000 per segment)")
+    print(f"{'write tiny items':<36}{n / t_write:9.0f} items/s")
+    print(f"{f'missing() over {n_keys} keys':<36}{t_missing * 1e3:9.0f} ms")
+    print(f"{f'open reader ({n} items)':<36}{t_reader * 1e3:9.0f} ms")
+    print(f"{f'write_view ({n} items)':<36}{t_write_view * 1e3:9.0f} ms")
+    print(f"{f'open view ({n} items)':<36}{t_view * 1e3:9.0f} ms")
+    print(f"{'shuffled view.get, tiny items':<36}{n / t_get:9.0f} items/s")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--items", type=int, default=8000, help="items (images) to write and read")
@@ -77,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk-size", type=int, default=500, help="records per segment")
     ap.add_argument("--batch", type=int, default=64, help="keys per get_many call")
     ap.add_argument("--repeat", type=int, default=3, help="read passes; the best is reported (shared CPUs)")
+    ap.add_argument("--index-keys", type=int, default=0,
+                    help="also time missing()/reader/view over this many keys (e.g. 200000)")
     ap.add_argument("--dir", default=None, help="store folder (default: a fresh temp folder, removed after)")
     args = ap.parse_args(argv)
 
@@ -131,13 +172,15 @@ def main(argv: list[str] | None = None) -> int:
         n = args.items
         print(f"items: {n} x {args.boxes} boxes, schema {args.schema} ({mb_per_item * 1e3:.0f} kB/item), "
               f"chunk {args.chunk_size}")
-        print(f"write (segments + fsync + index):  {n / t_write:9.0f} items/s  {n * mb_per_item / t_write:7.0f} MB/s")
-        print(f"open reader (index -> memory):     {t_open * 1e3:9.1f} ms")
-        print(f"shuffled reader.get:               {n / t_get:9.0f} items/s  {n * mb_per_item / t_get:7.0f} MB/s")
-        print(f"shuffled get_many (batch {args.batch:3d}):     {n / t_many:9.0f} items/s  "
+        print(f"{'write (segments + fsync + index)':<36}{n / t_write:9.0f} items/s  {n * mb_per_item / t_write:7.0f} MB/s")
+        print(f"{'open reader (index -> memory)':<36}{t_open * 1e3:9.1f} ms")
+        print(f"{'shuffled reader.get':<36}{n / t_get:9.0f} items/s  {n * mb_per_item / t_get:7.0f} MB/s")
+        print(f"{f'shuffled get_many (batch {args.batch})':<36}{n / t_many:9.0f} items/s  "
               f"{n * mb_per_item / t_many:7.0f} MB/s")
-        print(f"shuffled view.get:                 {n / t_view:9.0f} items/s")
-        print(f"fsck (checksums of all segments):  {n * mb_per_item / t_fsck:9.0f} MB/s")
+        print(f"{'shuffled view.get':<36}{n / t_view:9.0f} items/s")
+        print(f"{'fsck (checksums of all segments)':<36}{n * mb_per_item / t_fsck:9.0f} MB/s")
+        if args.index_keys:
+            bench_index(args.index_keys, tmp / "index-store")
     finally:
         if not args.dir:
             shutil.rmtree(tmp, ignore_errors=True)
