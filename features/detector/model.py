@@ -46,7 +46,7 @@ class DetectorConfig:
     legacy_boxes: bool = True  # caffe "+1" box widths in decoding, clipping and size filtering
     rpn_nms_thresh: float = 0.7  # IoU of the proposal NMS
     min_proposal_size: float = 16.0  # proposals with a side below this (original pixels) are dropped
-    pooler: Literal["roipool", "roialign", "roialignv2"] = "roipool"  # see docs/detector.md
+    pooler: Literal["roipool", "roialign", "roialignv2"] = "roipool"  # see features/detector/README.md
     pooler_resolution: int = 14  # crop size fed to res5
     pooler_sampling_ratio: int = 0  # ROIAlign samples per bin (0 = adaptive)
     pixel_mean: tuple[float, float, float] = (102.9801, 115.9465, 122.7717)  # BGR means subtracted
@@ -381,9 +381,10 @@ class ROIHeads(nn.Module):
         cfg = self.cfg
         scale = 1.0 / cfg.feature_stride
         size = (cfg.pooler_resolution, cfg.pooler_resolution)
+        feats, rois = feats.float(), rois.float()  # pooling kernels lack bf16 on CPU; crops are small
         if cfg.pooler == "roipool":
-            return roi_pool(feats, rois.to(feats.dtype), size, scale)
-        return roi_align(feats, rois.to(feats.dtype), size, scale, cfg.pooler_sampling_ratio,
+            return roi_pool(feats, rois, size, scale)
+        return roi_align(feats, rois, size, scale, cfg.pooler_sampling_ratio,
                          aligned=cfg.pooler == "roialignv2")
 
     def forward(self, feats: torch.Tensor, rois: torch.Tensor):
