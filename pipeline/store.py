@@ -72,6 +72,12 @@ CREATE TABLE IF NOT EXISTS items (
     PRIMARY KEY (stage, fingerprint, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS items_by_segment ON items (segment);
+CREATE TABLE IF NOT EXISTS stage_schemas (
+    stage TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    schema TEXT NOT NULL,             -- JSON, as in the segments' `schema` attribute
+    PRIMARY KEY (stage, fingerprint)
+);
 CREATE TABLE IF NOT EXISTS views (
     dataset TEXT NOT NULL,
     stage TEXT NOT NULL,
@@ -652,6 +658,7 @@ class FeatureStore:
             ).fetchone()[0]
             if not dry_run:
                 conn.execute(f"DELETE FROM items WHERE (stage, fingerprint) NOT IN {referenced}")
+                conn.execute(f"DELETE FROM stage_schemas WHERE (stage, fingerprint) NOT IN {referenced}")
                 conn.executemany("DELETE FROM segments WHERE id=?", [(g[0],) for g in garbage])
         for _, rel in garbage:
             path = self.root / rel
@@ -782,12 +789,13 @@ class FeatureStore:
 
     def _adopt(self, path: Path) -> int:
         """Index a self-describing segment file; returns the item rows added (existing keys win)."""
-        seg_row, item_rows = _describe_segment(path, self.root)
+        seg_row, item_rows, schema = _describe_segment(path, self.root)
         conn = self._conn()
         with _Tx(conn):
             if conn.execute("SELECT 1 FROM segments WHERE id=?", (seg_row[0],)).fetchone():
                 return 0
             conn.execute("INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?)", seg_row)
+            conn.execute("INSERT OR IGNORE INTO stage_schemas VALUES (?, ?, ?)", (seg_row[1], seg_row[2], schema))
             before = conn.total_changes
             conn.executemany("INSERT OR IGNORE INTO items VALUES (?, ?, ?, ?, ?, ?)", item_rows)
             return conn.total_changes - before
@@ -808,8 +816,11 @@ class FeatureStore:
         with _Tx(conn):
             conn.execute("DELETE FROM items")
             conn.execute("DELETE FROM segments")
-            for seg_row, item_rows in described:
+            for seg_row, item_rows, schema in described:
                 conn.execute("INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?)", seg_row)
+                conn.execute(
+                    "INSERT OR IGNORE INTO stage_schemas VALUES (?, ?, ?)", (seg_row[1], seg_row[2], schema)
+                )
                 before = conn.total_changes
                 conn.executemany("INSERT OR IGNORE INTO items VALUES (?, ?, ?, ?, ?, ?)", item_rows)
                 report.items_checked += conn.total_changes - before
@@ -850,8 +861,8 @@ class _Tx:
 # segment files
 
 
-def _describe_segment(path: Path, root: Path) -> tuple[tuple, list[tuple]]:
-    """(segment row, item rows) for the index, from a segment file whose checksum verifies."""
+def _describe_segment(path: Path, root: Path) -> tuple[tuple, list[tuple], str]:
+    """(segment row, item rows, schema JSON) for the index, from a segment whose checksum verifies."""
     seg_id = path.stem
     try:
         with h5py.File(path, "r") as f:
@@ -859,7 +870,7 @@ def _describe_segment(path: Path, root: Path) -> tuple[tuple, list[tuple]]:
             datasets = _read_segment_datasets(f)
     except (OSError, KeyError, ValueError) as e:
         raise StoreError(f"unreadable HDF5 segment: {e}") from e
-    for a in ("schema_version", "stage", "fingerprint", "checksum", "created"):
+    for a in ("schema_version", "stage", "fingerprint", "schema", "checksum", "created"):
         if a not in attrs:
             raise StoreError(f"not a segment: attribute {a!r} missing")
     if int(attrs["schema_version"]) != SCHEMA_VERSION:
@@ -874,7 +885,7 @@ def _describe_segment(path: Path, root: Path) -> tuple[tuple, list[tuple]]:
     )
     items = [(stage, fingerprint, k, seg_id, i, None) for i, k in enumerate(keys)]
     items += [(stage, fingerprint, k, seg_id, None, r) for k, r in zip(failed, reasons)]
-    return seg_row, items
+    return seg_row, items, str(attrs["schema"])
 
 
 def _verify_segment(
@@ -1021,6 +1032,17 @@ class SegmentWriter:
         self.schema = dict(schema)
         self.chunk_size = chunk_size
         self._schema_json = _schema_to_json(self.schema)
+        conn = store._conn()
+        with _Tx(conn):
+            conn.execute("INSERT OR IGNORE INTO stage_schemas VALUES (?, ?, ?)", (stage, fingerprint, self._schema_json))
+            (known,) = conn.execute(
+                "SELECT schema FROM stage_schemas WHERE stage=? AND fingerprint=?", (stage, fingerprint)
+            ).fetchone()
+        if known != self._schema_json:
+            raise StoreError(
+                f"stage {stage!r} fingerprint {fingerprint}: schema {self._schema_json} differs from the one "
+                f"already stored under this fingerprint, {known} (a schema change must change the fingerprint)"
+            )
         self._dtypes = {name: np.dtype(s.dtype) for name, s in self.schema.items()}
         self._buffer: dict[str, tuple[dict[str, np.ndarray] | None, str | None, str]] = {}
         self._closed = False

@@ -195,6 +195,14 @@ def test_invalid_schema_and_names_are_rejected(store):
         store.writer("rois", "", ROIS)
 
 
+def test_a_different_schema_under_the_same_fingerprint_is_rejected(store):
+    write(store, [roi_record("k0", 1)])
+    changed = dict(ROIS, boxes=FieldSpec("float32", (5,), ragged=True))
+    with pytest.raises(StoreError, match="differs from the one already stored under this fingerprint"):
+        store.writer("rois", "fp1", changed)
+    store.writer("rois", "fp2", changed).close()
+
+
 def test_views_write_replace_and_reuse_unchanged_items(store):
     write(store, [roi_record(f"k{i}", 2, seed=i) for i in range(4)] + [Record("kf", failure="truncated")])
     store.write_view("demo", "rois", "fp1", {"img/a.jpg": "k0", "img/b.jpg": "k1", "img/c.jpg": "k0", "img/d.jpg": "kf"})
