@@ -155,3 +155,31 @@ def test_all_roi_poolers_produce_features(tiny):
         model = build_detector(cfg, seed=0)
         det = _run(model, [_img(64, 64, 5)])[0]
         assert torch.isfinite(det.features).all() and det.features.shape[0] > 0
+
+
+def test_matches_detectron2_r101_c4_backbone_and_box_head_when_detectron2_is_installed():
+    """Parity with detectron2 itself (absent here: not installable, see ENVIRONMENT.md)."""
+    d2 = pytest.importorskip("detectron2", reason="detectron2 is not installed (no installable release)")
+    from detectron2 import model_zoo
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+    from detectron2.structures import Boxes
+
+    cfg = get_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file("COCO-Detection/faster_rcnn_R_101_C4_3x.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    ref = build_model(cfg).eval()
+    ours = build_detector(d2_r101_c4(num_classes=81), seed=0)
+    ours.load_state_dict({k: v for k, v in ref.state_dict().items() if k in ours.state_dict()}, strict=True)
+    x = torch.randn(1, 3, 96, 128) * 50
+    with torch.no_grad():
+        f_ref = ref.backbone(x)["res4"]
+        f_ours = ours.backbone(x)
+        assert torch.allclose(f_ref, f_ours, atol=1e-4)
+        boxes = torch.tensor([[4.0, 8.0, 60.0, 90.0], [30.0, 10.0, 120.0, 70.0]])
+        pooled_ref = ref.roi_heads._shared_roi_transform([f_ref], [Boxes(boxes)]).mean(dim=(2, 3))
+        rois = torch.cat([torch.zeros(2, 1), boxes], dim=1)
+        pooled, logits, _, _ = ours.roi_heads(f_ours, rois)
+        assert torch.allclose(pooled_ref, pooled, atol=1e-4)
+        assert torch.allclose(ref.roi_heads.box_predictor(pooled_ref)[0], logits, atol=1e-4)
+    assert d2.__version__
