@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from pipeline.errors import StageError
@@ -34,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from flows.extract import run_extraction
     from pipeline.runner import failure_lines, summary_table
+
+    if not getattr(args, "verbose", False):
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call
 
     summaries = run_extraction(
         args.manifest, dataset=args.dataset, stages=args.stages, force=args.force,
