@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pipeline.datasets import amazon2018, amazon2023
 from pipeline.datasets.build import BuildConfig
+from pipeline.errors import ConfigError, DataError
 
 BUILDERS = {"amazon2018": amazon2018.build, "amazon2023": amazon2023.build}
 
@@ -55,8 +56,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.errors import ConfigError
-
     for name in ("test_fraction", "dev_fraction"):
         v = getattr(args, name)
         if not 0.0 < v < 1.0:
@@ -75,9 +74,12 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         dedupe=args.dedupe,
     )
-    summary = BUILDERS[args.source](
-        reviews=args.reviews, meta=args.meta, out=args.out, config=config, overwrite=args.overwrite
-    )
+    try:
+        summary = BUILDERS[args.source](
+            reviews=args.reviews, meta=args.meta, out=args.out, config=config, overwrite=args.overwrite
+        )
+    except OSError as e:  # output folder not writable, disk full: a message, not a traceback
+        raise DataError(f"{e.filename or args.out}: {e.strerror or e}") from None
     print(summary.format())
     print(f"output: {args.out.resolve()} (category {config.category!r})")
     return 0

@@ -35,9 +35,9 @@ from pipeline.manifest import DatasetSpec
 from pipeline.records import DatasetRecords, ImageRef, Product, Review
 
 PRD_COLUMNS = ("product_id", "name", "description", "img_url")
-PRD_OPTIONAL = ("keyword", "brand_name")
+PRD_OPTIONAL = ("keyword", "brand_name")  # written by the builders; not read (records do not use them)
 RVW_COLUMNS = ("product_id", "review_id", "content", "img_url")
-RVW_OPTIONAL = ("title", "time")
+RVW_OPTIONAL = ("title", "time")  # Amazon only; not read
 REL_COLUMNS = ("product_id", "review_id", "upvotes")
 MAX_LABEL = 4
 _PIC = re.compile(r"^pic_(\d+)_(\d+)\.(?:jpe?g|png|webp|gif|bmp)$", re.IGNORECASE)
@@ -66,7 +66,10 @@ def product_text(spec: DatasetSpec, category: str, name: str, description: str) 
 def resolve_image(spec: DatasetSpec, ref: ImageRef) -> Path:
     """Absolute path of an image ref; DataError if it leaves the image root ('..' or symlink)."""
     root = Path(spec.image_root).resolve()
-    full = (root / ref.path).resolve()
+    try:
+        full = (root / ref.path).resolve()
+    except (OSError, RuntimeError) as e:  # symlink loop
+        raise DataError(f"image {ref.path!r} of dataset {spec.name!r} cannot be resolved: {e}") from None
     if full != root and root not in full.parents:
         raise DataError(
             f"image {ref.path!r} resolves to {full}, outside the image root {root} of dataset {spec.name!r}"
@@ -143,6 +146,8 @@ class _Issues:
 
 
 def _as_str(value: Any, path: Path, key: str, col: str) -> str:
+    if type(value) is str:  # the common case first: this runs for every cell
+        return value
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     if isinstance(value, str):
@@ -153,6 +158,8 @@ def _as_str(value: Any, path: Path, key: str, col: str) -> str:
 
 
 def _as_id(value: Any, path: Path, key: str, col: str) -> str:
+    if type(value) is str and value:
+        return value
     s = _as_str(value, path, key, col)
     if not s:
         raise DataError(f"{path}: row {key!r} column {col!r}: empty id")
@@ -162,6 +169,8 @@ def _as_id(value: Any, path: Path, key: str, col: str) -> str:
 def parse_img_urls(value: Any, path: Path, key: str) -> list[str]:
     """URLs from an img_url cell: a list (Amazon) or a JSON string of a list of URLs or of
     {"url": ...} objects (Lazada); null/NaN/"" mean none."""
+    if type(value) is list and all(type(u) is str and u for u in value):
+        return value  # Amazon: already a list of URLs
     if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
         return []
     if isinstance(value, str):
@@ -310,7 +319,7 @@ def _load(
         path = table_path(spec, c, "prd", s)
         local_products: set[str] = set()
         try:
-            keys, t = read_column_table(path, PRD_COLUMNS, PRD_OPTIONAL)
+            keys, t = read_column_table(path, PRD_COLUMNS)
         except DataError as e:
             issues.error(str(path), str(e))
             keys, t = [], {}
@@ -347,7 +356,7 @@ def _load(
         seen_in_rvw: set[str] = set()
         dropped_zero = 0
         try:
-            keys, t = read_column_table(path, RVW_COLUMNS, RVW_OPTIONAL)
+            keys, t = read_column_table(path, RVW_COLUMNS)
         except DataError as e:
             issues.error(str(path), str(e))
             keys, t = [], {}

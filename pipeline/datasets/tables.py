@@ -25,7 +25,7 @@ _READ_CHUNK = 1 << 20
 _MAX_OBJECT_CHARS = 64 << 20  # an "object" larger than this means the input is not JSON objects
 
 
-def _locate_bad_utf8(path: Path, text: str) -> str:
+def _locate_bad_utf8(text: str) -> str:
     """Name the row and column holding the first undecodable byte (text decoded with surrogateescape)."""
     try:
         table = json.loads(text)
@@ -68,11 +68,14 @@ def read_column_table(
     """
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        where = _locate_bad_utf8(path, raw.decode("utf-8", "surrogateescape"))
+        where = _locate_bad_utf8(raw.decode("utf-8", "surrogateescape"))
         raise DataError(
             f"{path}: not UTF-8: byte {raw[e.start]:#04x} at offset {e.start}{where}"
         ) from None
@@ -170,11 +173,14 @@ def open_text(path: Path) -> IO[str]:
     """Open a plain or gzipped UTF-8 text file (gzip detected by its magic bytes, not the name)."""
     if not Path(path).is_file():
         raise DataError(f"{path}: file not found")
-    with open(path, "rb") as f:
-        magic = f.read(2)
-    if magic == b"\x1f\x8b":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(2)
+        if magic == b"\x1f\x8b":
+            return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+        return open(path, encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def iter_json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
