@@ -333,17 +333,18 @@ class FeatureStore:
             raise StoreError(f"cannot create the feature store at {self.root}: {e}") from e
         self._local = threading.local()
         conn = self._conn()
-        with _Tx(conn):
-            for stmt in _SCHEMA_SQL.split(";"):
-                if stmt.strip():
-                    conn.execute(stmt)
-            row = conn.execute("SELECT value FROM meta WHERE name='index_version'").fetchone()
-            if row is None:
-                conn.execute("INSERT INTO meta VALUES ('index_version', ?)", (str(INDEX_VERSION),))
-            elif int(row[0]) != INDEX_VERSION:
-                raise StoreError(
-                    f"{self.root / 'index.sqlite'}: index version {row[0]}, this code reads version {INDEX_VERSION}"
-                )
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not {"meta", "segments", "items", "stage_schemas", "views", "view_items"} <= tables:
+            with _Tx(conn):  # first use (or a store from before a table was added): create tables
+                for stmt in _SCHEMA_SQL.split(";"):
+                    if stmt.strip():
+                        conn.execute(stmt)
+                conn.execute("INSERT OR IGNORE INTO meta VALUES ('index_version', ?)", (str(INDEX_VERSION),))
+        (version,) = conn.execute("SELECT value FROM meta WHERE name='index_version'").fetchone()
+        if int(version) != INDEX_VERSION:
+            raise StoreError(
+                f"{self.root / 'index.sqlite'}: index version {version}, this code reads version {INDEX_VERSION}"
+            )
         self.clean_tmp()
 
     def __repr__(self) -> str:
