@@ -39,7 +39,7 @@ from features.detector import build_detector, bua_caffe_r101, load_into, prepare
 from features.detector.selection import box_iou  # noqa: E402
 from features.images import decode_image  # noqa: E402
 from features.params import RoisParams  # noqa: E402
-from features.rois import detect_batch, pack_detections  # noqa: E402
+from features.rois import detect_batch, pack_batch  # noqa: E402
 
 
 def load_images(n: int, source: str) -> list[np.ndarray]:
@@ -97,8 +97,8 @@ def run_config(args) -> dict:
     for _ in range(args.repeat):
         for b in batches:
             dets = detect_batch(model, [prepared[i] for i in b], params, device)
-            for i, det in zip(b, dets):
-                results[i] = pack_detections(det, params, model.cfg)
+            for i, arrays in zip(b, pack_batch(dets, params, model.cfg)):
+                results[i] = arrays
     sync(args.device)
     elapsed = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"

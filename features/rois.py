@@ -29,7 +29,7 @@ from features.detector.model import (
     d2_r101_c4,
 )
 from features.detector.preprocess import PreparedImage, pad_batch, prepare_image
-from features.detector.selection import max_class_confidence, select_boxes
+from features.detector.selection import max_class_confidence_batch, select_boxes
 from features.images import decode_image
 from features.params import RoisParams
 from pipeline.errors import DataError, StageError
@@ -85,18 +85,35 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def pack_batch(dets: Sequence[Detections], params: RoisParams, cfg: DetectorConfig) -> list[dict[str, np.ndarray]]:
+    """Apply box selection to several images' detections; the stored arrays per image."""
+    probs = [d.cls_probs[:, 1:] if cfg.background == "first" else d.cls_probs[:, :-1] for d in dets]
+    confs = max_class_confidence_batch([d.boxes for d in dets], probs, params.nms_thresh,
+                                       legacy=cfg.legacy_boxes)
+    out = []
+    for det, prob, max_conf in zip(dets, probs, confs):
+        keep = select_boxes(max_conf, conf_thresh=params.conf_thresh, min_boxes=params.min_boxes,
+                            max_boxes=params.max_boxes, fixed_k=params.fixed_k)
+        out.append(_arrays(det, prob, keep, params))
+    return out
+
+
 def pack_detections(det: Detections, params: RoisParams, cfg: DetectorConfig) -> dict[str, np.ndarray]:
     """Apply box selection to one image's detections and return the stored arrays."""
-    probs = det.cls_probs[:, 1:] if cfg.background == "first" else det.cls_probs[:, :-1]
-    max_conf = max_class_confidence(det.boxes, probs, params.nms_thresh, legacy=cfg.legacy_boxes)
-    keep = select_boxes(max_conf, conf_thresh=params.conf_thresh, min_boxes=params.min_boxes,
-                        max_boxes=params.max_boxes, fixed_k=params.fixed_k)
-    obj_conf, obj_ids = probs[keep].max(dim=1) if keep.numel() else (probs.new_zeros(0), keep)
-    if det.attr_probs is not None and keep.numel():
+    return pack_batch([det], params, cfg)[0]
+
+
+def _arrays(det: Detections, probs: torch.Tensor, keep: torch.Tensor, params: RoisParams) -> dict[str, np.ndarray]:
+    n = int(keep.numel())
+    if n:
+        obj_conf, obj_ids = probs[keep].max(dim=1)
+    else:
+        obj_conf, obj_ids = probs.new_zeros(0), keep
+    if det.attr_probs is not None and n:
         attr_conf, attr_ids = det.attr_probs[keep][:, 1:].max(dim=1)  # index 0 = "no attribute"
     else:  # no attribute head (detectron2 COCO weights): -1 ids, 0 confidence
-        attr_ids = torch.full((keep.numel(),), -1, dtype=torch.int64)
-        attr_conf = torch.zeros(keep.numel())
+        attr_ids = torch.full((n,), -1, dtype=torch.int64)
+        attr_conf = torch.zeros(n)
     h, w = det.image_hw
     return {
         "features": det.features[keep].float().cpu().numpy().astype(params.feature_dtype),
@@ -112,7 +129,7 @@ def pack_detections(det: Detections, params: RoisParams, cfg: DetectorConfig) ->
 def detect_batch(model: BUADetector, images: Sequence[PreparedImage], params: RoisParams,
                  device: torch.device) -> list[Detections]:
     """One padded forward pass over several prepared images (NMS and selection inputs on device)."""
-    batch = pad_batch([p.tensor for p in images], model.cfg.size_divisibility).to(device, non_blocking=True)
+    batch = pad_batch([p.tensor.to(device, non_blocking=True) for p in images], model.cfg.size_divisibility)
     with _autocast(device, params.autocast):
         return model(batch, [p.size for p in images], [p.scale for p in images],
                      [p.orig_hw for p in images], pre_nms_top_n=params.rpn_pre_nms_top_n,
@@ -133,8 +150,7 @@ def extract_features(model: BUADetector, images: Sequence[np.ndarray | PreparedI
     out: list[dict[str, np.ndarray]] = []
     for start in range(0, len(prepared), max(1, params.batch_size)):
         chunk = prepared[start:start + params.batch_size]
-        for det in detect_batch(model, chunk, params, dev):
-            out.append(pack_detections(det, params, model.cfg))
+        out.extend(pack_batch(detect_batch(model, chunk, params, dev), params, model.cfg))
     return out
 
 
@@ -292,7 +308,6 @@ class RoisStage:
             batch_size=max(1, p.batch_size),
             num_workers=p.num_workers,
             collate_fn=_as_list,
-            pin_memory=self._device.type == "cuda",
             persistent_workers=False,
             prefetch_factor=4 if p.num_workers > 0 else None,
         )
@@ -316,8 +331,7 @@ class RoisStage:
         for start in range(0, len(pool), bs):
             chunk = pool[start:start + bs]
             dets = detect_batch(self._model, [prep for _, prep in chunk], self.params, self._device)
-            for (key, _), det in zip(chunk, dets):
-                arrays = pack_detections(det, self.params, self._model.cfg)
+            for (key, _), arrays in zip(chunk, pack_batch(dets, self.params, self._model.cfg)):
                 yield Record(key=key, arrays=arrays,
                              meta={"n_boxes": int(arrays["boxes"].shape[0]),
                                    "image_hw": [int(x) for x in arrays["image_hw"]]})

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torchvision.ops import nms
 
-from features.detector.selection import box_iou, max_class_confidence, select_boxes
+from features.detector.selection import box_iou, max_class_confidence, max_class_confidence_batch, select_boxes
 
 
 def _reference_max_conf(boxes, probs, thresh):
@@ -26,6 +26,19 @@ def test_vectorised_nms_matches_one_nms_per_class_on_random_boxes():
     for thresh in (0.3, 0.5, 0.7):
         ours = max_class_confidence(boxes, probs, thresh)
         assert torch.equal(ours, _reference_max_conf(boxes, probs, thresh))
+
+
+def test_batched_confidences_equal_per_image_ones_for_different_box_counts():
+    g = torch.Generator().manual_seed(1)
+    boxes, probs = [], []
+    for r in (12, 0, 30, 5):
+        xy = torch.rand(r, 2, generator=g) * 50
+        boxes.append(torch.cat([xy, xy + torch.rand(r, 2, generator=g) * 30 + 1], dim=1))
+        probs.append(torch.softmax(torch.randn(r, 6, generator=g) * 2, dim=1))
+    together = max_class_confidence_batch(boxes, probs, 0.3, legacy=True)
+    for b, p, conf in zip(boxes, probs, together):
+        assert torch.equal(conf, max_class_confidence(b, p, 0.3, legacy=True))
+        assert conf.shape == (b.shape[0],)
 
 
 def test_a_box_suppressed_in_its_best_class_takes_its_best_surviving_class():

@@ -162,3 +162,12 @@ def test_real_weights_are_verified_and_loaded_into_the_stage_model(tmp_path, dem
         _stage(_manifest(demo, random=False, path="nope.pth")).fingerprint()
     with pytest.raises(ResourceError, match="no weights path"):
         _stage(_manifest(demo, random=False)).model()
+
+
+def test_an_image_without_any_proposal_is_a_record_with_zero_boxes():
+    cfg = dataclasses.replace(tiny_config(), min_proposal_size=10_000.0)  # every proposal filtered
+    rgb = np.full((48, 64, 3), 128, dtype=np.uint8)
+    out = extract_features(build_detector(cfg, seed=0), [rgb, rgb], RoisParams(min_size=48, max_size=64))
+    for arrays in out:
+        assert arrays["features"].shape == (0, 256) and arrays["boxes"].shape == (0, 4)
+        assert arrays["obj_ids"].shape == (0,) and arrays["image_hw"].tolist() == [48, 64]

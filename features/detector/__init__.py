@@ -10,11 +10,11 @@ from features.detector.model import (
     tiny_config,
 )
 from features.detector.preprocess import PreparedImage, pad_batch, prepare_image, resize_scale
-from features.detector.selection import box_iou, max_class_confidence, select_boxes
+from features.detector.selection import box_iou, max_class_confidence, max_class_confidence_batch, select_boxes
 
 __all__ = [
     "BUADetector", "DetectorConfig", "Detections", "LoadReport", "PreparedImage", "box_iou",
-    "build_detector", "bua_caffe_r101", "d2_r101_c4", "load_into", "load_state", "max_class_confidence",
+    "build_detector", "bua_caffe_r101", "d2_r101_c4", "load_into", "load_state", "max_class_confidence", "max_class_confidence_batch",
     "pad_batch", "prepare_image", "read_checkpoint", "resize_scale", "safe_unpickle",
     "select_boxes", "tiny_config", "verify_weights",
 ]

@@ -29,27 +29,45 @@ def max_class_confidence(boxes: torch.Tensor, class_probs: torch.Tensor, nms_thr
     """(R,) each box's highest class probability over the classes whose NMS keeps it.
 
     boxes (R, 4); class_probs (R, C) over object classes only (background column removed).
-    Greedy NMS runs for all C classes at once: step k visits each class's k-th ranked box,
-    keeps it unless already suppressed, and suppresses what it overlaps by more than the
-    threshold. R steps of (C, R) tensor work, all on the tensors' device.
     """
-    r, c = class_probs.shape
-    max_conf = torch.zeros(r, dtype=class_probs.dtype, device=class_probs.device)
-    if r == 0 or c == 0:
-        return max_conf
-    overlap = box_iou(boxes.float(), legacy=legacy) > nms_thresh  # (R, R)
-    probs_t = class_probs.t()  # (C, R)
-    order = torch.sort(probs_t, dim=1, descending=True, stable=True).indices  # (C, R)
-    suppressed = torch.zeros((c, r), dtype=torch.bool, device=boxes.device)
-    kept = torch.zeros((c, r), dtype=torch.bool, device=boxes.device)
-    cls = torch.arange(c, device=boxes.device)
+    return max_class_confidence_batch([boxes], [class_probs], nms_thresh, legacy=legacy)[0]
+
+
+def max_class_confidence_batch(boxes: list[torch.Tensor], class_probs: list[torch.Tensor],
+                               nms_thresh: float, *, legacy: bool = False) -> list[torch.Tensor]:
+    """`max_class_confidence` for several images at once (fewer kernel launches on a GPU).
+
+    Greedy NMS runs for every image and class together: step k visits each (image, class)'s
+    k-th ranked box, keeps it unless already suppressed, and suppresses the boxes it overlaps by
+    more than the threshold. R_max steps of (B, C, R_max) tensor work, on the tensors' device.
+    Padding boxes get probability -1 so they rank last and can suppress nothing real.
+    """
+    n = len(boxes)
+    counts = [int(b.shape[0]) for b in boxes]
+    r = max(counts, default=0)
+    if n == 0 or r == 0:
+        return [p.new_zeros(c) for p, c in zip(class_probs, counts)]
+    c = int(class_probs[0].shape[1])
+    dev = class_probs[0].device
+    probs = torch.full((n, c, r), -1.0, dtype=torch.float32, device=dev)
+    overlap = torch.zeros((n, r, r), dtype=torch.bool, device=dev)
+    for i, (b, p) in enumerate(zip(boxes, class_probs)):
+        k = counts[i]
+        if k:
+            probs[i, :, :k] = p.t().float()
+            overlap[i, :k, :k] = box_iou(b.float(), legacy=legacy) > nms_thresh
+    order = torch.sort(probs, dim=2, descending=True, stable=True).indices  # (B, C, R)
+    suppressed = torch.zeros((n, c, r), dtype=torch.bool, device=dev)
+    kept = torch.zeros((n, c, r), dtype=torch.bool, device=dev)
+    img = torch.arange(n, device=dev)[:, None].expand(n, c)
+    cls = torch.arange(c, device=dev)[None, :].expand(n, c)
     for k in range(r):
-        idx = order[:, k]  # (C,) the k-th best box of each class
-        keep_k = ~suppressed[cls, idx]
-        kept[cls, idx] = keep_k
-        suppressed |= keep_k[:, None] & overlap[idx]
-    conf = torch.where(kept, probs_t, torch.zeros_like(probs_t))
-    return torch.maximum(max_conf, conf.max(dim=0).values)
+        idx = order[:, :, k]  # (B, C) the k-th best box of each image and class
+        keep_k = ~suppressed[img, cls, idx]
+        kept[img, cls, idx] = keep_k
+        suppressed |= keep_k[..., None] & overlap[img, idx]  # (B, C, R)
+    conf = torch.where(kept, probs, torch.zeros_like(probs)).amax(dim=1).clamp(min=0)  # (B, R)
+    return [conf[i, : counts[i]].to(class_probs[i].dtype) for i in range(n)]
 
 
 def select_boxes(max_conf: torch.Tensor, *, conf_thresh: float, min_boxes: int, max_boxes: int,
