@@ -7,7 +7,7 @@
    sizes and measures, in a fresh process per size, the build time, the peak Python heap
    (tracemalloc) and the peak RSS. Bounded memory = flat as the number of reviews grows.
 
-    .venv/bin/python bench/readers.py [--reviews 100000] [--dump-sizes 75000,150000,300000]
+    .venv/bin/python bench/readers.py [--reviews 100000] [--dump-sizes 75000,150000,300000] [--only reader|builder]
 """
 from __future__ import annotations
 
@@ -157,9 +157,12 @@ def main() -> None:
     ap.add_argument("--reviews", type=int, default=100_000)
     ap.add_argument("--dump-sizes", default="75000,150000,300000")
     ap.add_argument("--dump-products", type=int, default=20_000)
+    ap.add_argument("--only", choices=("reader", "builder"), default=None)
     args = ap.parse_args()
-    bench_reader(args.reviews)
-    bench_builder([int(x) for x in args.dump_sizes.split(",")], args.dump_products)
+    if args.only != "builder":
+        bench_reader(args.reviews)
+    if args.only != "reader":
+        bench_builder([int(x) for x in args.dump_sizes.split(",")], args.dump_products)
     print(f"(this process maxrss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB)")
 
 
