@@ -40,12 +40,17 @@ def check_language(language: str) -> None:
 
 @functools.lru_cache(maxsize=None)
 def tokenizer_pipeline(language: str):
-    """A spaCy Language whose only work is tokenizing: every trained component excluded."""
+    """A spaCy Language for tokenizing: English with every trained component excluded;
+    Indonesian `spacy.blank("id")` plus a rule sentencizer (the probes stage's whole pipeline;
+    building it takes seconds, so both stages share this one object and only the tokens stage
+    calls `.tokenizer` alone)."""
     check_language(language)
     import spacy
 
     if language == "id":
-        return spacy.blank("id")
+        nlp = spacy.blank("id")
+        nlp.add_pipe("sentencizer")
+        return nlp
     return load_english(exclude=ENGLISH_COMPONENTS)
 
 

@@ -13,6 +13,11 @@ import json
 import os
 import sys
 
+# This script's folder holds the main side's `neuralcoref.py`; keep it off the import path so
+# that `import neuralcoref` finds the installed package.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
 
 def load_pipeline():
     """spaCy 2.1 pipeline with neuralcoref from $NEURALCOREF_CACHE (set before the import)."""

@@ -1,0 +1,82 @@
+"""The built-in rule-based coreference backend on hand-written reviews."""
+from __future__ import annotations
+
+import pytest
+
+from features.text.coref import get_backend
+from features.text.coref.rules import RulesCoref
+from features.text.probes import ProbeMasker
+
+
+@pytest.fixture(scope="module")
+def masker():
+    return ProbeMasker(language="en", mode="script", coref="rules")
+
+
+@pytest.fixture(scope="module")
+def pan(masker):
+    return masker.keywords(["Stainless Steel Frying Pan"])[0]
+
+
+def clusters(masker, text, keywords=None):
+    doc = masker.nlp(text)
+    return [[doc[s:e].text for s, e in c] for c in RulesCoref().doc_clusters(doc, keywords)]
+
+
+def test_pronoun_takes_the_antecedent_agreeing_in_number(masker):
+    assert clusters(masker, "I bought these plates and a bowl. They were poor quality.") == [
+        ["these plates", "They"]
+    ]
+
+
+def test_gendered_pronouns_take_people_and_it_takes_things(masker):
+    assert clusters(masker, "My husband bought a pan. He loves it.") == [["My husband", "He"], ["a pan", "it"]]
+
+
+def test_subject_and_object_outrank_a_place_in_an_adverbial_phrase(masker, pan):
+    assert clusters(masker, "I bought this pan in Japan. It heats evenly. The handle broke.", pan) == [
+        ["this pan", "It"]
+    ]
+
+
+def test_pleonastic_it_is_not_a_mention(masker):
+    assert clusters(masker, "It is easy to clean the pan.") == []
+
+
+def test_first_person_pronouns_form_one_chain(masker):
+    assert ["I", "My", "I", "my"] in clusters(masker, "I love it. My kids too. I recommend it to my friends.")
+
+
+def test_definite_noun_phrase_joins_the_earlier_one_with_the_same_head(masker):
+    assert clusters(masker, "I bought a lid. The lid is thin.") == [["a lid", "The lid"]]
+
+
+def test_keyword_noun_phrases_chain_even_when_indefinite(masker, pan):
+    assert clusters(masker, "A pan arrived. Another pan was dented.", pan) == [["A pan", "Another pan"]]
+
+
+def test_generic_product_noun_with_a_definite_determiner_is_the_product(masker):
+    assert clusters(masker, "This product is great. I use it daily.") == [["This product", "it"]]
+
+
+def test_reflexive_binds_inside_its_clause(masker):
+    assert clusters(masker, "The pan heats itself quickly.") == [["The pan", "itself"]]
+
+
+def test_clusters_are_ordered_by_first_mention(masker, pan):
+    out = clusters(masker, "I love my wife. She bought this pan. It is great.", pan)
+    assert out == [["I", "my"], ["my wife", "She"], ["this pan", "It"]]
+
+
+def test_docs_without_a_parse_have_no_clusters():
+    import spacy
+
+    assert RulesCoref().doc_clusters(spacy.blank("en")("It is here. It works.")) == []
+
+
+def test_backend_registry_names_the_valid_backends():
+    from pipeline.errors import StageError
+
+    assert get_backend("none") is None and get_backend("rules").name == "rules"
+    with pytest.raises(StageError, match="rules, neuralcoref, none"):
+        get_backend("allennlp")
