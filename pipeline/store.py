@@ -928,7 +928,7 @@ class _Field:
     dtype: np.dtype
     file_offset: int  # byte offset of the contiguous data in the file (0 when empty)
     row_bytes: int  # bytes per row of the flat data
-    offsets: np.ndarray | None  # (n+1,) int64 for ragged fields
+    offsets: list[int] | None  # n+1 row starts for ragged fields (a list: fast scalar indexing)
     cached: np.ndarray | None  # the whole flat data when small (sliced instead of pread per item)
 
 
@@ -947,7 +947,7 @@ class _OpenSegment:
                     offset = ds.id.get_offset()
                     if offset is None and ds.size:
                         raise StoreError(f"segment {path}: field {name!r} is not stored contiguously")
-                    offsets = f[f"fields/{name}/offsets"][()].astype(np.int64) if spec.ragged else None
+                    offsets = f[f"fields/{name}/offsets"][()].tolist() if spec.ragged else None
                     dtype = ds.dtype
                     row_bytes = dtype.itemsize * int(np.prod(spec.shape, dtype=np.int64))
                     cached = ds[()] if ds.size * dtype.itemsize <= _PRELOAD_BYTES else None
@@ -969,7 +969,7 @@ class _OpenSegment:
                     out[f.name] = f.cached[row].copy()
                 continue
             if f.ragged:
-                a, b = int(f.offsets[row]), int(f.offsets[row + 1])
+                a, b = f.offsets[row], f.offsets[row + 1]
                 arr = np.empty((b - a, *f.shape), dtype=f.dtype)
                 start = f.file_offset + a * f.row_bytes
             else:
@@ -1263,7 +1263,7 @@ class _SortedKeys:
         if not isinstance(key, str):
             return -1
         b = key.encode("utf-8")
-        i = int(np.searchsorted(self.sorted, b))
+        i = int(self.sorted.searchsorted(b))
         if i < len(self.sorted) and self.sorted[i] == b:
             return int(self.order[i])
         return -1
