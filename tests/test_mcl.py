@@ -8,7 +8,7 @@ import torch
 
 from models.mcl import (MCL, adaptive_contrastive_loss, adaptive_contrastive_loss_hyperspherical,
                         circle_contrastive_loss)
-from test_models_common import TINY, make_batch
+from test_models_common import TINY, learning_check, make_batch
 
 
 def _hand_adaptive():
@@ -94,3 +94,7 @@ def test_contrastive_aux_loss_is_weighted_and_absent_in_eval():
     assert float(la) > 0 and math.isclose(float(lb), 0.5 * float(la), rel_tol=1e-5)
     a.eval()
     assert a(batch).aux_losses == {}
+
+
+def test_learning_check_beats_length_and_random_on_held_out_products():
+    learning_check("mcl", interaction_layers=1)

@@ -12,7 +12,7 @@ import torch
 from models.mmss import (MMSS, PseudoLabelBank, ewma_beta, label_weighted_anchors, mahalanobis,
                          offset_labels, relative_distance)
 from pipeline.errors import TrainingError
-from test_models_common import TINY, make_batch
+from test_models_common import TINY, learning_check, make_batch
 
 
 def test_label_weighted_anchors_match_hand_computation():
@@ -134,3 +134,7 @@ def test_subtasks_can_be_switched_off():
     model = MMSS.from_config({**TINY["mmss"], "subtasks": False}).train()
     assert model(make_batch()).aux_losses == {}
     assert not hasattr(model, "log_var")
+
+
+def test_learning_check_beats_length_and_random_on_held_out_products():
+    learning_check("mmss")

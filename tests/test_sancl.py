@@ -9,7 +9,7 @@ import torch
 
 from models.layers import count_parameters
 from models.sancl import SANCL, SelectiveSelfAttention, info_nce, weighted_pool
-from test_models_common import TINY, make_batch
+from test_models_common import TINY, learning_check, make_batch
 
 
 def test_cpc_matches_hand_computation():
@@ -120,3 +120,7 @@ def test_parameter_count_is_near_the_papers_1_41M():
     n = count_parameters(SANCL.from_config({"vocab_size": 10}))
     print(f"SANCL parameters without embeddings: {n / 1e6:.3f}M (paper: 1.41M)")
     assert abs(n - 1.41e6) / 1.41e6 < 0.10, n
+
+
+def test_learning_check_beats_length_and_random_on_held_out_products():
+    learning_check("sancl", proj_dim=16)
