@@ -1,7 +1,7 @@
 """Reader throughput and builder memory (figures for docs/benchmarks.md, section Readers).
 
 1. MRHP reader: writes a synthetic 100k-review dataset (column-oriented JSON, 3 splits) to a
-   temp dir and times `load_dataset` and `validate_dataset(check_images=False)`: records/s.
+   temp dir and times `load_dataset` and `validate_dataset(images="skip")`: records/s.
 2. Amazon 2018 builder: writes synthetic gzipped JSON-lines dumps shaped like the real ones
    (most reviews without votes, a few long voted ones, a fixed number of products) at several
    sizes and measures, in a fresh process per size, the build time, the peak Python heap
@@ -74,7 +74,7 @@ def bench_reader(n_reviews: int) -> None:
               f"(written in {time.perf_counter() - t0:.1f} s)")
         spec = DatasetSpec(raw_root=root, image_root=root / "pictures", categories=("home",), name="bench")
         for label, fn in (("load_dataset", lambda: load_dataset(spec)),
-                          ("validate_dataset(check_images=False)", lambda: validate_dataset(spec, check_images=False))):
+                          ("validate_dataset(images='skip')", lambda: validate_dataset(spec, images="skip"))):
             best = None
             for _ in range(3):
                 t0 = time.perf_counter()

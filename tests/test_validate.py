@@ -59,7 +59,7 @@ BREAKERS = {
 def test_broken_copy_exits_nonzero_naming_the_file(demo_copy, capsys, case):
     name, breaker = BREAKERS[case]
     breaker(demo_copy.parent / "demo_data" / "mrhp" / name)
-    rc = main(["--manifest", str(demo_copy), "validate", "--no-images"])
+    rc = main(["--manifest", str(demo_copy), "validate", "--images", "skip"])
     out = capsys.readouterr().out
     assert rc == DataError.exit_code
     assert "dataset demo: ERRORS" in out
@@ -105,3 +105,11 @@ def test_undeclared_dataset_is_a_manifest_error(capsys):
     rc = main(["--manifest", str(ROOT / "data_manifest.yaml"), "validate", "--dataset", "nope"])
     assert rc == ManifestError.exit_code
     assert "no dataset 'nope'" in capsys.readouterr().err
+
+
+def test_exists_mode_counts_missing_images_without_opening_files(demo_copy, capsys):
+    pictures = demo_copy.parent / "demo_data" / "pictures"
+    (pictures / "test" / "prd" / "B0DEMOHM07" / "pic_0_0.jpg").write_bytes(b"not an image")
+    assert main(["--manifest", str(demo_copy), "validate", "--images", "exists"]) == 0
+    out = capsys.readouterr().out
+    assert "images ok 17, images missing 1, images unreadable 0" in out
