@@ -166,3 +166,19 @@ def test_learning_check_text_gru_beats_length_and_random_on_held_out_products():
     assert gru["MAP"] > length["MAP"] + 0.1
     assert gru["MAP"] > rand["MAP"] + 0.1
     assert gru["NDCG@3"] > max(length["NDCG@3"], rand["NDCG@3"]) + 0.1
+
+
+def test_yaml_config_then_overrides_take_precedence(tmp_path):
+    from models.config import load_train_config
+    from pipeline.errors import ConfigError
+
+    f = tmp_path / "cfg.yaml"
+    f.write_text("model: text-gru\nlr: 0.001\nmodel_cfg: {hidden: 32, dropout: 0.0}\ndata: {max_rois: 64}\n")
+    cfg = load_train_config(f, ["model_cfg.hidden=8", "epochs=3"], base={"dataset": "demo", "lr": 0.5})
+    assert cfg.lr == 0.001 and cfg.epochs == 3 and cfg.dataset == "demo"
+    assert dict(cfg.model_cfg) == {"hidden": 8, "dropout": 0.0} and cfg.data.max_rois == 64
+    with pytest.raises(ConfigError, match="not found"):
+        load_train_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_train_config(tmp_path / "bad.yaml")
