@@ -240,3 +240,17 @@ def test_product_in_two_splits_is_a_duplicate(tmp_path):
         p.write_text((tmp_path / "raw" / f"home.{kind}.train").read_text())
     with pytest.raises(DataError, match=r"home\.prd\.dev: row '0': duplicate product_id 'Ptrain'"):
         load_dataset(spec)
+
+
+def test_product_without_reviews_is_a_warning_not_an_error(tmp_path):
+    spec = make_dataset(tmp_path)
+
+    def add_lonely_product(t):
+        for col in t:
+            t[col]["1"] = t[col]["0"]
+        t["product_id"]["1"] = "Plonely"
+
+    _edit(tmp_path / "raw" / "home.prd.train", add_lonely_product)
+    assert "Plonely" in load_dataset(spec).products
+    report = validate_dataset(spec)
+    assert report.ok and any("product 'Plonely' has no reviews" in w for w in report.warnings)

@@ -41,7 +41,7 @@ _PROGRESS_EVERY = 1_000_000
 _MAX_LISTED = 10  # skipped records listed by line before only counting
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BuildConfig:
     """Thresholds and split of the MRHP construction; defaults are the published Amazon-MRHP rules."""
 

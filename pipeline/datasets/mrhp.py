@@ -401,13 +401,20 @@ def _load(
             except DataError as e:
                 issues.error(str(path), str(e))
         del t
+        prd_name = table_path(spec, c, "prd", s).name
         for rid, r in rel_rows.items():
+            if prd_name not in counts:
+                break  # the prd table itself is unusable (already reported)
             if r.product_id not in local_products:
                 issues.error(str(r.file), f"{r.file}: row {r.key!r}: unknown product {r.product_id!r} "
-                             f"(not in {table_path(spec, c, 'prd', s).name})")
+                             f"(not in {prd_name})")
             elif rid not in seen_in_rvw and path.name in counts:
                 issues.error(str(r.file), f"{r.file}: row {r.key!r}: unknown review {rid!r} "
                              f"(not in {path.name})")
+        if path.name in counts:
+            with_reviews = {r.product_id for r in rel_rows.values()}
+            for pid in sorted(local_products - with_reviews):
+                issues.warning(str(path), f"{prd_name}: product {pid!r} has no reviews in {rel_path.name}")
         if dropped_zero:
             stats["reviews with 0 votes (dropped)"] = stats.get("reviews with 0 votes (dropped)", 0) + dropped_zero
     return records
