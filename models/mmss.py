@@ -117,25 +117,35 @@ class PseudoLabelBank:
     def __init__(self, num_subtasks: int):
         self.num_subtasks = num_subtasks
         self.rows: dict[str, int] = {}
-        self.values = torch.zeros(0, num_subtasks)
+        self._store = torch.zeros(0, num_subtasks)  # capacity grows by doubling
+
+    @property
+    def values(self) -> torch.Tensor:
+        """(N, S) labels of the N reviews seen so far, in row order."""
+        return self._store[:len(self.rows)]
 
     def get(self, ids: Sequence[str], y_g: torch.Tensor) -> torch.Tensor:
         """Current labels (R, S) of `ids`; an unseen review starts at its label y_g (Eq. 12)."""
         new = [i for i, r in enumerate(ids) if r not in self.rows]
         if new:
             start = len(self.rows)
+            need = start + len(new)
+            if need > self._store.shape[0]:
+                grown = torch.zeros(max(need, 2 * self._store.shape[0]), self.num_subtasks)
+                grown[:start] = self._store[:start]
+                self._store = grown
             for k, i in enumerate(new):
                 self.rows[ids[i]] = start + k
-            init = y_g.detach().float().cpu()[new].unsqueeze(1).expand(-1, self.num_subtasks)
-            self.values = torch.cat([self.values, init])
+            init = y_g.detach().float().cpu()[new].unsqueeze(1)  # (n, 1)
+            self._store[start:need] = init.expand(-1, self.num_subtasks)
         idx = torch.tensor([self.rows[r] for r in ids], dtype=torch.long)
-        return self.values[idx].to(y_g.device)
+        return self._store[idx].to(y_g.device)
 
     def update(self, ids: Sequence[str], estimate: torch.Tensor, epoch: int) -> None:
         """EWMA: y_s <- (1 - beta_i) y_s + beta_i * estimate with beta_i = 2/(i+1)."""
         beta = ewma_beta(epoch)
         idx = torch.tensor([self.rows[r] for r in ids], dtype=torch.long)
-        self.values[idx] = (1 - beta) * self.values[idx] + beta * estimate.detach().float().cpu()
+        self._store[idx] = (1 - beta) * self._store[idx] + beta * estimate.detach().float().cpu()
 
     def state(self) -> dict[str, Any]:
         ids = sorted(self.rows, key=self.rows.get)
@@ -148,7 +158,7 @@ class PseudoLabelBank:
             raise TrainingError(f"MM-SS checkpoint: pseudo labels of shape {tuple(values.shape)} "
                                 f"do not match {len(ids)} reviews x {self.num_subtasks} subtasks")
         self.rows = {r: i for i, r in enumerate(ids)}
-        self.values = values.float().clone()
+        self._store = values.float().clone()
 
 
 # ---------------------------------------------------------------------------------------------

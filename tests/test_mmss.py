@@ -59,6 +59,15 @@ def test_ewma_of_pseudo_labels_follows_beta_two_over_i_plus_one():
     assert torch.equal(bank.get(["c"], torch.tensor([3.0])), torch.tensor([[3.0, 3.0]]))
 
 
+def test_bank_keeps_every_review_while_it_grows():
+    bank = PseudoLabelBank(1)
+    for start in range(0, 50, 7):
+        ids = [f"r{i}" for i in range(start, min(start + 7, 50))]
+        bank.get(ids, torch.tensor([float(i) for i in range(start, start + len(ids))]))
+    assert bank.values.shape == (50, 1)
+    assert torch.equal(bank.get(["r0", "r49", "r23"], torch.zeros(3)), torch.tensor([[0.0], [49.0], [23.0]]))
+
+
 def _model():
     torch.manual_seed(0)
     return MMSS.from_config(TINY["mmss"]).train()
