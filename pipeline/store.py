@@ -340,8 +340,9 @@ class FeatureStore:
                     if stmt.strip():
                         conn.execute(stmt)
                 conn.execute("INSERT OR IGNORE INTO meta VALUES ('index_version', ?)", (str(INDEX_VERSION),))
-        (version,) = conn.execute("SELECT value FROM meta WHERE name='index_version'").fetchone()
-        if int(version) != INDEX_VERSION:
+        row = conn.execute("SELECT value FROM meta WHERE name='index_version'").fetchone()
+        version = row[0] if row else "(missing)"
+        if version != str(INDEX_VERSION):
             raise StoreError(
                 f"{self.root / 'index.sqlite'}: index version {version}, this code reads version {INDEX_VERSION}"
             )
@@ -349,6 +350,10 @@ class FeatureStore:
 
     def __repr__(self) -> str:
         return f"FeatureStore({str(self.root)!r})"
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        # Picklable for task runners (Dask): the receiving process opens its own connection.
+        return (FeatureStore, (str(self.root),))
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -1101,7 +1106,13 @@ class SegmentWriter:
         for name, spec in self.schema.items():
             if name not in arrays:
                 raise StoreError(f"{where}: field {name!r} missing (schema fields: {sorted(self.schema)})")
-            arr = np.asarray(arrays[name])
+            try:
+                arr = np.asarray(arrays[name])
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise StoreError(
+                    f"{where} field {name!r}: cannot be turned into a numpy array ({e}); "
+                    "pass numpy arrays or CPU tensors"
+                ) from e
             dtype = self._dtypes[name]
             if not np.can_cast(arr.dtype, dtype, casting="same_kind"):
                 raise StoreError(f"{where} field {name!r}: dtype {arr.dtype} cannot be stored as {dtype}")
@@ -1139,9 +1150,10 @@ class SegmentWriter:
         target = store.root / rel
         part = _part_path(store.root, seg_id)
         lock = _lock_path(store.root, seg_id)
-        lock_fd = _acquire_lock(lock, rel)
+        lock_fd = -1
         renamed = indexed = False
         try:
+            lock_fd = _acquire_lock(lock, rel)
             ok_keys, n_failed, checksum, created = self._write_part(part, buffer)
             fd = os.open(part, os.O_RDONLY)
             try:
@@ -1180,8 +1192,9 @@ class SegmentWriter:
                 part.unlink(missing_ok=True)
                 if renamed:
                     target.unlink(missing_ok=True)
-            lock.unlink(missing_ok=True)
-            os.close(lock_fd)
+            if lock_fd >= 0:
+                lock.unlink(missing_ok=True)
+                os.close(lock_fd)
         if not indexed:
             return []
         self.n_committed += len(rows)

@@ -346,9 +346,10 @@ def test_reader_used_before_fork_works_in_a_forked_child(store):
     assert [reader.get(k)["features"].astype(np.float64).sum() for k in keys] == want[:-1]
 
 
-def test_reader_and_view_survive_pickling(store):
+def test_store_reader_and_view_survive_pickling(store):
     write(store, [roi_record("k0", 2)])
     store.write_view("demo", "rois", "fp1", {"a": "k0"})
+    assert pickle.loads(pickle.dumps(store)).counts("rois", "fp1") == {"done": 1, "failed": 0}
     view = store.view("demo", "rois")
     view.get("a")
     clone = pickle.loads(pickle.dumps(view))
