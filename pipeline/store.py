@@ -45,6 +45,7 @@ _BUSY_TIMEOUT_MS = 60_000
 _PRELOAD_BYTES = 1 << 20  # per segment, fields this small are read whole on open (boxes, ids, sizes)
 _MAX_OPEN_FILES = 128  # per reader: segment file descriptors kept open (LRU)
 _STR = h5py.string_dtype("utf-8")
+_INHERITED_CONNECTIONS: list[sqlite3.Connection] = []  # SQLite handles a forked child must not close
 
 _SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -361,6 +362,10 @@ class FeatureStore:
         """One SQLite connection per thread and process (connections do not survive fork)."""
         conn = getattr(self._local, "conn", None)
         if conn is None or self._local.pid != os.getpid():
+            if conn is not None:
+                # Inherited through fork: never use or close it here (closing could checkpoint or
+                # unlink the parent's WAL); keep it referenced so it is not finalized either.
+                _INHERITED_CONNECTIONS.append(conn)
             path = self.root / "index.sqlite"
             try:
                 conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None)

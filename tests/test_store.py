@@ -439,6 +439,24 @@ def test_writers_in_several_processes_share_one_store(tmp_path):
     assert store.fsck().ok
 
 
+def _write_with_inherited_store(store: FeatureStore, prefix: str) -> None:
+    write(store, [roi_record(f"{prefix}{i}", 1, seed=i) for i in range(5)], chunk_size=2)
+
+
+def test_a_store_object_inherited_through_fork_works_in_parent_and_children(store):
+    write(store, [roi_record("parent0", 1)])
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_write_with_inherited_store, args=(store, f"c{j}-")) for j in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    write(store, [roi_record("parent1", 1)])
+    assert store.counts("rois", "fp1") == {"done": 12, "failed": 0}
+    assert store.fsck().ok
+
+
 def _manifest(tmp_path: Path) -> Path:
     m = tmp_path / "data_manifest.yaml"
     m.write_text("version: 1\nroots:\n  store: store\ndatasets: {}\n")
