@@ -707,14 +707,15 @@ class FeatureStore:
             except OSError:
                 pass
 
-    def fsck(self, repair: bool = False) -> FsckReport:
+    def fsck(self, repair: bool = False, *, checksums: bool = True) -> FsckReport:
         """Verify every segment's checksum, that every index row names an existing segment row,
         that every view entry resolves, and that no file lies outside the index.
 
         With `repair`: corrupt or missing segments lose their index rows (their items count as
         missing and are recomputed by the next run; corrupt files move to quarantine/), valid
         orphan segments are indexed again, stale tmp files are removed. Dangling view entries
-        cannot be repaired here: rerun the stage for that dataset."""
+        cannot be repaired here: rerun the stage for that dataset. `checksums=False` skips reading
+        the arrays (quick structural check)."""
         report = FsckReport()
         conn = self._conn()
         with _Tx(conn, immediate=False):
@@ -733,7 +734,7 @@ class FeatureStore:
                 bad_segments.append((seg_id, rel, False))
                 continue
             report.segments_checked += 1
-            problem = _verify_segment(path, stage, fingerprint, checksum, items)
+            problem = _verify_segment(path, stage, fingerprint, checksum, items, checksums)
             if problem:
                 report.problems.append(f"{rel}: {problem}")
                 bad_segments.append((seg_id, rel, True))
@@ -900,20 +901,34 @@ def _describe_segment(path: Path, root: Path) -> tuple[tuple, list[tuple], str]:
 
 
 def _verify_segment(
-    path: Path, stage: str, fingerprint: str, checksum: str, items: list[tuple[str, int | None, str | None]]
+    path: Path,
+    stage: str,
+    fingerprint: str,
+    checksum: str,
+    items: list[tuple[str, int | None, str | None]],
+    checksums: bool = True,
 ) -> str | None:
-    """Why a segment is unusable (checksum, identity, index rows not matching its content), or None."""
+    """Why a segment is unusable (checksum, identity, index rows not matching its content), or None.
+
+    Without `checksums` only the attributes and key lists are read (fast, misses flipped bytes)."""
     try:
         with h5py.File(path, "r") as f:
             attrs = dict(f.attrs)
-            datasets = _read_segment_datasets(f)
+            if checksums:
+                datasets = _read_segment_datasets(f)
+            else:
+                datasets = {
+                    name: [s for s in f[name].asstr()[()]] if f[name].shape[0] else []
+                    for name in ("keys", "failed_keys")
+                }
     except (OSError, KeyError, ValueError) as e:
         return f"unreadable HDF5 file ({e})"
-    actual = _checksum(datasets)
-    if actual != attrs.get("checksum"):
-        return f"checksum mismatch: stored {attrs.get('checksum')}, recomputed {actual} (the file is corrupt)"
-    if actual != checksum:
-        return f"checksum {actual} differs from the index's {checksum}"
+    if checksums:
+        actual = _checksum(datasets)
+        if actual != attrs.get("checksum"):
+            return f"checksum mismatch: stored {attrs.get('checksum')}, recomputed {actual} (the file is corrupt)"
+    if attrs.get("checksum") != checksum:
+        return f"checksum attribute {attrs.get('checksum')} differs from the index's {checksum}"
     if (attrs.get("stage"), attrs.get("fingerprint")) != (stage, fingerprint):
         return (
             f"segment says stage {attrs.get('stage')!r} fingerprint {attrs.get('fingerprint')!r}, "
