@@ -45,6 +45,13 @@ def project(tmp_path, monkeypatch):
     return tmp_path, write_project(tmp_path, 30, chunk_size=7), log
 
 
+def flow_run_count() -> int:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return len(client.read_flow_runs(limit=200))
+
+
 def extract(manifest: Path, *args: str) -> int:
     return main(["--manifest", str(manifest), "extract", "--dataset", "syn", "--stage", "synthetic_sum",
                  "--no-progress", *args])
@@ -67,9 +74,11 @@ def test_extract_reruns_only_changed_items_and_prints_a_summary(project, capsys)
     stored = sorted(p.name for p in results_dir(root / "store").iterdir())
     assert len([n for n in stored if n.startswith("synthetic-")]) == 5  # one JSON result per chunk
 
-    # No change: nothing computed.
+    # No change: nothing computed, and planning alone answers (no flow run is created).
+    runs_before = flow_run_count()
     assert extract(manifest) == 0
     assert calls(log) == {"synthetic": 30, "synthetic_sum": 30}
+    assert flow_run_count() == runs_before
     capsys.readouterr()
 
     # Two files change: exactly those two items, in the stage and in the stage depending on it.
