@@ -245,3 +245,12 @@ def test_column_table_writer_writes_what_the_reader_reads(tmp_path):
     expected = {c: {str(i): r[c] for i, r in enumerate(rows)} for c in "abc"}
     assert json.loads((tmp_path / "t.json").read_text(encoding="utf-8")) == expected
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]  # spool removed
+
+
+def test_byte_order_mark_and_crlf_line_ends_are_tolerated(tmp_path):
+    p = tmp_path / "bom.json"
+    p.write_bytes(b"\xef\xbb\xbf" + b'{"a": 1}\r\n{"a": 2}\r\n')
+    assert [o for _, o in tables.iter_json_objects(p)] == [{"a": 1}, {"a": 2}]
+    t = tmp_path / "t.json"
+    t.write_bytes(b"\xef\xbb\xbf" + json.dumps({"x": {"0": 1}}).encode())
+    assert tables.read_column_table(t, ["x"]) == (["0"], {"x": {"0": 1}})

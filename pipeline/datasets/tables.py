@@ -73,6 +73,8 @@ def read_column_table(
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
+        if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark is tolerated
+            raw = raw[3:]
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         where = _locate_bad_utf8(raw.decode("utf-8", "surrogateescape"))
@@ -177,8 +179,8 @@ def open_text(path: Path) -> IO[str]:
         with open(path, "rb") as f:
             magic = f.read(2)
         if magic == b"\x1f\x8b":
-            return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-        return open(path, encoding="utf-8")
+            return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig")
+        return open(path, encoding="utf-8-sig")
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
 
