@@ -117,3 +117,58 @@ def test_writer_killed_at_random_points_loses_nothing_committed(tmp_path):
     n_failed = len(range(0, N_ITEMS, 13))
     assert store.counts("crash", "fp") == {"done": N_ITEMS - n_failed, "failed": n_failed}
     assert store.missing("crash", "fp", [f"k{i:05d}" for i in range(N_ITEMS)]) == []
+
+
+# The child dies by SIGKILL at one precise point of its third segment commit.
+CHILD_AT = r"""
+import os, signal, sys
+import numpy as np
+import pipeline.store as st
+from pipeline.stage import FieldSpec, Record
+
+root, point = sys.argv[1], sys.argv[2]
+calls = {"rename": 0}
+real_rename, real_exit = os.rename, st._Tx.__exit__
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def rename(src, dst):
+    calls["rename"] += 1
+    if calls["rename"] == 3 and point == "before_rename":
+        die()
+    real_rename(src, dst)
+    if calls["rename"] == 3 and point == "after_rename":
+        die()
+
+def tx_exit(self, *exc):
+    real_exit(self, *exc)
+    if calls["rename"] == 3 and point == "after_index":  # the index transaction of that commit
+        die()
+
+st.os.rename = rename
+st._Tx.__exit__ = tx_exit
+store = st.FeatureStore(root)
+schema = {"features": FieldSpec("float16", (64,), ragged=True), "hw": FieldSpec("int32", (2,))}
+with store.writer("crash", "fp", schema, chunk_size=10) as w:
+    for i in range(1, 50):
+        n = i % 40
+        feats = (np.arange(n * 64, dtype=np.float32).reshape(n, 64) + i) % 1000
+        w.add(Record(f"k{i:05d}", {"features": feats, "hw": [i, n]}))
+"""
+
+
+@pytest.mark.parametrize("point, chunks_kept", [("before_rename", 2), ("after_rename", 2), ("after_index", 3)])
+def test_writer_killed_inside_a_commit_leaves_a_consistent_store(tmp_path, point, chunks_kept):
+    root = tmp_path / "store"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", CHILD_AT, str(root), point], env=env, cwd=ROOT,
+                          capture_output=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    leftovers = sorted(p.suffix for p in (root / "tmp").iterdir())
+    assert leftovers == ([".lock", ".part"] if point == "before_rename" else [".lock"])
+    n_files = len(list((root / "segments").glob("*/*/*.h5")))
+    assert n_files == (2 if point == "before_rename" else 3)
+    stored = check_consistent(root, tmp_path / "none.txt")  # reopening cleans the dead writer's files
+    assert stored == 10 * chunks_kept
+    assert len(list((root / "segments").glob("*/*/*.h5"))) == chunks_kept
