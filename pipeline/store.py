@@ -677,9 +677,10 @@ class FeatureStore:
             report.bytes_freed += path.stat().st_size if path.exists() else 0
             if not dry_run:
                 path.unlink(missing_ok=True)
+        removed = set(report.segments_removed)
         for seg_id, path in sorted(self._segment_files().items()):
             rel = str(path.relative_to(self.root))
-            if rel in report.segments_removed or not self._is_orphan(seg_id):
+            if rel in removed or not self._is_orphan(seg_id):
                 continue
             report.orphans_removed.append(rel)
             report.bytes_freed += path.stat().st_size
