@@ -251,6 +251,7 @@ def test_gc_removes_only_unreferenced_segments(store):
     write(store, [roi_record(f"a{i}", 1) for i in range(6)], fp="fp1", chunk_size=3)
     write(store, [roi_record(f"b{i}", 1) for i in range(3)], fp="old", chunk_size=3)
     store.write_view("demo", "rois", "fp1", {"x": "a0"})
+    stale_reader = store.reader("rois", "old")
     orphan = store.root / "segments" / "rois" / "fp1" / ("0" * 32 + ".h5")
     orphan.write_bytes(b"junk")
     dry = store.gc(dry_run=True)
@@ -260,6 +261,8 @@ def test_gc_removes_only_unreferenced_segments(store):
     assert report.segments_removed == dry.segments_removed and report.items_dropped == 3
     assert not orphan.exists() and not (store.root / "segments" / "rois" / "old").exists()
     assert store.counts("rois", "old") == {"done": 0, "failed": 0}
+    with pytest.raises(StoreError, match="cannot read segment"):
+        stale_reader.get("b0")  # a reader made before gc fails clearly, never reads garbage
     reader = store.reader("rois", "fp1")
     assert all(f"a{i}" in reader for i in range(6)) and len(segment_files(store.root)) == 2
     # after --force forgets a whole chunk, its segment becomes garbage too
@@ -473,7 +476,7 @@ def test_cli_fsck_and_gc_report_and_exit_codes(tmp_path, capsys):
     write(store, [roi_record("k0", 1)], fp="fp2")
     store.write_view("demo", "rois", "fp2", {"a": "k0"})
     assert main(["--manifest", str(manifest), "fsck"]) == 0
-    assert "0 problem" not in capsys.readouterr().out
+    assert "checked 2 segments, 2 index rows, 1 view entries: ok" in capsys.readouterr().out
     assert main(["--manifest", str(manifest), "gc", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "would remove segments/rois/fp1/" in out and len(segment_files(store.root)) == 2
