@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,7 @@ CODE_VERSION = "rois-1"  # bump when extraction code changes its outputs
 RANDOM_INIT_PREFIX = "random-init-"
 _OPERATIONAL = ("num_workers", "device")  # do not change the numbers, so not fingerprinted
 _BUCKET = 4  # aspect-ratio bucketing window, in batches
+_HASH_THREADS = 8  # concurrent file hashes in plan()
 
 
 def rois_schema(feature_dtype: str = "float16", feature_dim: int = 2048) -> dict[str, FieldSpec]:
@@ -187,6 +191,61 @@ def _as_list(batch: list) -> list:
     return batch
 
 
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # one decoding thread per worker: workers x threads <= cores
+
+
+class _Raised:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+_DONE = object()
+
+
+def _in_background(gen: Iterator[Record], *, maxsize: int) -> Iterator[Record]:
+    """Run `gen` in a thread, handing its items over a bounded queue; re-raise its errors here.
+    Closing the returned generator stops the thread after its current item."""
+    q: queue.Queue = queue.Queue(maxsize=maxsize)
+    stop = threading.Event()
+
+    def put(x: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in gen:
+                if not put(item):
+                    return
+        except BaseException as e:  # handed to the consumer, raised there
+            put(_Raised(e))
+            return
+        finally:
+            if stop.is_set():
+                gen.close()
+        put(_DONE)
+
+    thread = threading.Thread(target=produce, name="rois-compute", daemon=True)
+    thread.start()
+    try:
+        while True:
+            x = q.get()
+            if x is _DONE:
+                return
+            if isinstance(x, _Raised):
+                raise x.exc
+            yield x
+    finally:
+        stop.set()
+        thread.join()
+
+
 def config_for_checkpoint(raw: Mapping[str, torch.Tensor], fmt: str) -> DetectorConfig:
     """Detector layout implied by a checkpoint: bua caffe for .pth, detectron2 C4 for .pkl."""
     if fmt == "d2-pkl":
@@ -280,34 +339,47 @@ class RoisStage:
         records = load_dataset(self.dataset)
         refs = [ref for p in records.products.values() for ref in p.images]
         refs += [ref for r in records.reviews for ref in r.images]
+        paths: dict[str, Path | None] = {}
+        for ref in refs:
+            if ref.path not in paths:
+                try:
+                    paths[ref.path] = resolve_image(self.dataset, ref)
+                except DataError:
+                    paths[ref.path] = None
+
+        def key_of(item: tuple[str, Path | None]) -> str:
+            rel, full = item
+            if full is None:
+                return f"invalid:{rel}"
+            return sha256_file(full) if full.is_file() else f"missing:{rel}"
+
+        with ThreadPoolExecutor(max_workers=_HASH_THREADS) as pool:  # hashing is I/O bound
+            keys = list(pool.map(key_of, paths.items()))
         items: dict[str, WorkItem] = {}
         view: dict[str, str] = {}
-        for ref in refs:
-            if ref.path in view:
-                continue
-            try:
-                full = resolve_image(self.dataset, ref)
-            except DataError:
-                key = f"invalid:{ref.path}"
-                items[key] = WorkItem(key=key, source="")
-                view[ref.path] = key
-                continue
-            key = sha256_file(full) if full.is_file() else f"missing:{ref.path}"
-            items.setdefault(key, WorkItem(key=key, source=str(full)))
-            view[ref.path] = key
+        for (rel, full), key in zip(paths.items(), keys):
+            items.setdefault(key, WorkItem(key=key, source=str(full) if full is not None else ""))
+            view[rel] = key
         return Plan(items=items, view=view)
 
     # ---- run
     def run(self, items: Sequence[WorkItem]) -> Iterator[Record]:
+        """Records for `items`. Decoding runs in DataLoader workers and the forward passes in a
+        background thread, so the consumer's writes overlap with the next batches' compute."""
         if not items:
             return
-        model = self.model()
+        self.model()  # weights errors surface here, in the caller's thread
+        yield from _in_background(self._records(items), maxsize=max(2, 2 * self.params.batch_size))
+
+    def _records(self, items: Sequence[WorkItem]) -> Iterator[Record]:
+        model = self._model
         p = self.params
         loader = DataLoader(
             _DecodeDataset(items, p, model.cfg.pixel_mean),
             batch_size=max(1, p.batch_size),
             num_workers=p.num_workers,
             collate_fn=_as_list,
+            worker_init_fn=_worker_init,
             persistent_workers=False,
             prefetch_factor=4 if p.num_workers > 0 else None,
         )

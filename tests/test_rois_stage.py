@@ -171,3 +171,31 @@ def test_an_image_without_any_proposal_is_a_record_with_zero_boxes():
     for arrays in out:
         assert arrays["features"].shape == (0, 256) and arrays["boxes"].shape == (0, 4)
         assert arrays["obj_ids"].shape == (0,) and arrays["image_hw"].tolist() == [48, 64]
+
+
+def test_compute_errors_in_the_background_thread_reach_the_caller(demo, planned, monkeypatch):
+    import features.rois as rois
+
+    stage = _stage(_manifest(demo))
+    good = [planned[1].items[planned[1].view[p]] for p in
+            ("train/prd/B0DEMOHM02/pic_0_0.jpg", "train/prd/B0DEMOHM03/pic_0_0.jpg")]
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(rois, "detect_batch", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        list(stage.run(good))
+
+
+def test_closing_the_record_stream_early_stops_the_compute_thread(planned):
+    import threading
+
+    stage, plan = planned
+    before = threading.active_count()
+    gen = stage.run(list(plan.items.values()))
+    first = next(gen)
+    gen.close()
+    assert first.key in plan.items
+    assert not any(t.name == "rois-compute" for t in threading.enumerate())
+    assert threading.active_count() <= before
