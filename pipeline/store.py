@@ -22,6 +22,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -45,6 +46,7 @@ _BUSY_TIMEOUT_MS = 60_000
 _PRELOAD_BYTES = 1 << 20  # per segment, fields this small are read whole on open (boxes, ids, sizes)
 _MAX_OPEN_FILES = 128  # per reader: segment file descriptors kept open (LRU)
 _STR = h5py.string_dtype("utf-8")
+log = logging.getLogger(__name__)
 _INHERITED_CONNECTIONS: list[sqlite3.Connection] = []  # SQLite handles a forked child must not close
 
 _SCHEMA_SQL = """
@@ -1263,6 +1265,13 @@ class SegmentWriter:
             f.attrs["checksum"] = checksum
             f.attrs["created"] = created
         return ok_keys, len(failed), checksum, created
+
+    def __del__(self) -> None:
+        if getattr(self, "_buffer", None) and not self._closed:
+            log.warning(
+                "writer for %s/%s dropped with %d uncommitted records: call close() or use `with`",
+                self.stage, self.fingerprint, len(self._buffer),
+            )
 
     def close(self) -> list[str]:
         """Commit what is buffered; the writer accepts no more records. Returns the keys recorded."""

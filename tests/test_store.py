@@ -147,6 +147,14 @@ def test_re_adding_committed_keys_is_skipped_and_keeps_the_first_result(store):
     assert len(segment_files(store.root)) == n_files
 
 
+def test_a_writer_dropped_without_close_warns_about_uncommitted_records(store, caplog):
+    w = store.writer("rois", "fp1", ROIS)
+    w.add(roi_record("k0", 1))
+    del w
+    assert "dropped with 1 uncommitted records" in caplog.text
+    assert store.missing("rois", "fp1", ["k0"]) == ["k0"]
+
+
 def test_missing_handles_many_keys_in_input_order(store):
     keys = [f"k{i:05d}" for i in range(3000)]
     schema = {"x": FieldSpec("int32", ())}
