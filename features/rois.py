@@ -13,8 +13,8 @@ import contextlib
 import dataclasses
 import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,10 @@ def resolve_device(device: str) -> torch.device:
     """"auto" -> cuda when available, else cpu; otherwise the named device (StageError if absent)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise StageError(f"stages.rois.device: {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise StageError(f"stages.rois.device: {device!r} asked for CUDA, which is not available here")
     return dev

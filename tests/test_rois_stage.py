@@ -199,3 +199,15 @@ def test_closing_the_record_stream_early_stops_the_compute_thread(planned):
     assert first.key in plan.items
     assert not any(t.name == "rois-compute" for t in threading.enumerate())
     assert threading.active_count() <= before
+
+
+def test_unknown_or_unavailable_devices_are_stage_errors():
+    from features.rois import resolve_device
+    from pipeline.errors import StageError
+
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(StageError, match="'gpu' is not a device"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(StageError, match="not available"):
+            resolve_device("cuda:0")
