@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(DEMO_MODELS))
     args = parser.parse_args(argv)
     m = ["--manifest", args.manifest]
-    _step("validate the demo dataset", m + ["validate", "--dataset", "demo", "--stats"])
+    _step("validate the demo dataset", m + ["validate", "--dataset", "demo"])
     _step("extract features (Prefect flows)", m + ["extract", "--dataset", "demo"])
     _step("store status", m + ["status", "--dataset", "demo"])
     runs = []
@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _step(
             f"train {model}",
             m + ["train", "--model", model, "--dataset", "demo", "--name", name,
-                 "--seeds", str(args.seeds), f"epochs={args.epochs}"],
+                 "--seeds", str(args.seeds), "--overwrite", f"epochs={args.epochs}"],
         )
         _step(f"evaluate {model}", m + ["evaluate", name, "--split", "test"])
         runs.append(name)
