@@ -48,7 +48,9 @@ def store_content(manifest_path) -> dict:
     for info in store.views():
         view = store.view(info.dataset, info.stage)
         for item_id in view.item_ids():
-            out[(info.stage, item_id)] = (view.key(item_id), view.get(item_id))
+            failure = view.failure(item_id)
+            arrays = {"failure": np.array(failure)} if failure else view.get(item_id)
+            out[(info.stage, item_id)] = (view.key(item_id), arrays)
     return out
 
 
@@ -96,4 +98,63 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path, api_ur
     assert syn.reused >= 3 * 5 and syn.done > 0 and syn.done + syn.reused == 60
     assert total.done == 60 and not syn.errors and not total.errors
     assert_same_content(store_content(reference), store_content(crashed))
+    assert FeatureStore(store_root).fsck().ok
+
+
+def rois_manifest(folder: Path) -> Path:
+    """The embedded demo dataset with a tiny random-init ROI configuration and its own store."""
+    import yaml
+
+    data = yaml.safe_load((ROOT / "data_manifest.yaml").read_text())
+    data["roots"] = {"data": str(ROOT), "resources": str(ROOT), "store": str(folder / "store"),
+                     "runs": str(folder / "runs")}
+    data["stages"]["rois"] = {"random_init": True, "min_size": 64, "max_size": 96, "rpn_pre_nms_top_n": 100,
+                              "rpn_post_nms_top_n": 10, "fixed_k": 4, "batch_size": 2, "num_workers": 0}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "data_manifest.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_sigkill_during_rois_then_rerun_equals_an_uninterrupted_run(tmp_path, api_url):
+    from flows.extract import run_extraction
+
+    if not (ROOT / "demo_data" / "pictures").is_dir():
+        pytest.skip("embedded demo dataset not found")
+    reference = rois_manifest(tmp_path / "ref")
+    m = load_manifest(reference)
+    ref = run_stage(build_stage(m, "demo", "rois"), FeatureStore(m.roots.store), "demo", chunk_size=3)
+    assert ref.view_written and ref.done >= 6
+
+    crashed = rois_manifest(tmp_path / "crash")
+    store_root = load_manifest(crashed).roots.store
+    env = {**os.environ, "PREFECT_API_URL": api_url, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "--manifest", str(crashed), "extract", "--dataset", "demo",
+         "--stage", "rois", "--chunk-size", "3", "--no-progress"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while committed_segments(store_root) < 2:
+            assert proc.poll() is None, "the rois flow finished before it could be killed"
+            assert time.monotonic() < deadline, "no rois chunk was committed in time"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+    (again,) = run_extraction(crashed, dataset="demo", stages=["rois"], chunk_size=3, progress=False)
+    assert again.reused >= 2 * 3 and again.done + again.reused + again.failed == ref.total
+    assert again.random_init and again.fingerprint == ref.fingerprint
+    a, b = store_content(reference), store_content(crashed)
+    assert sorted(a) == sorted(b)
+    for k, (key, arrays) in a.items():
+        assert key == b[k][0]
+        for name, arr in arrays.items():
+            if np.issubdtype(arr.dtype, np.floating):  # same machine, same threads: ~bitwise
+                np.testing.assert_allclose(arr, b[k][1][name], rtol=1e-3, atol=1e-3)
+            else:
+                np.testing.assert_array_equal(arr, b[k][1][name])
     assert FeatureStore(store_root).fsck().ok
