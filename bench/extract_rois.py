@@ -35,11 +35,11 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from features.detector import build_detector, bua_caffe_r101, load_into, prepare_image, tiny_config  # noqa: E402
+from features.detector import build_detector, bua_caffe_r101, load_into, pad_batch, prepare_image, tiny_config  # noqa: E402
 from features.detector.selection import box_iou  # noqa: E402
 from features.images import decode_image  # noqa: E402
 from features.params import RoisParams  # noqa: E402
-from features.rois import detect_batch, pack_batch  # noqa: E402
+from features.rois import _autocast, detect_batch, pack_batch  # noqa: E402
 
 
 def load_images(n: int, source: str) -> list[np.ndarray]:
@@ -103,11 +103,27 @@ def run_config(args) -> dict:
     elapsed = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    # features on fixed boxes (the reference run's), this run's batching and precision
+    if args.ref_boxes and Path(args.ref_boxes).exists():
+        ref_boxes = [torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for b in json.loads(Path(args.ref_boxes).read_text())]
+    else:
+        ref_boxes = [torch.from_numpy(results[i]["boxes"]) for i in range(len(images))]
+        if args.ref_boxes:
+            Path(args.ref_boxes).write_text(json.dumps([b.tolist() for b in ref_boxes]))
+    fixed: dict[int, list] = {}
+    for b in batches:
+        batch = pad_batch([prepared[i].tensor.to(device) for i in b], model.cfg.size_divisibility)
+        with _autocast(device, args.amp):
+            dets = model.forward_boxes(batch, [prepared[i].scale for i in b], [prepared[i].orig_hw for i in b],
+                                       [ref_boxes[i] for i in b])
+        for i, det in zip(b, dets):
+            fixed[i] = det.features.float().cpu().tolist()
     return {
         "batch_size": bs, "amp": args.amp, "images": len(images) * args.repeat,
         "images_per_s": len(images) * args.repeat / elapsed, "prepare_ms_per_image": 1000 * prep_s / len(images),
         "peak_mb": peak / 2**20,
         "outputs": [{k: results[i][k].tolist() for k in ("boxes", "features")} for i in range(len(images))],
+        "fixed_features": [fixed[i] for i in range(len(images))],
     }
 
 
@@ -144,6 +160,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)))
     ap.add_argument("--batch-size", type=int, default=None, help=argparse.SUPPRESS)  # child mode
     ap.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--ref-boxes", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.batch_size is not None:  # child: one configuration
@@ -152,13 +169,15 @@ def main(argv=None) -> int:
         return 0
 
     runs = []
+    ref_boxes = Path(f"/tmp/extract_rois_bench_{os.getpid()}_ref_boxes.json")
     configs = [(bs, False) for bs in args.batch_sizes] + ([(bs, True) for bs in args.batch_sizes] if args.amp else [])
     for bs, amp in configs:
         out = Path(f"/tmp/extract_rois_bench_{os.getpid()}_{bs}_{int(amp)}.json")
         cmd = [sys.executable, __file__, "--device", args.device, "--images", str(args.images),
                "--repeat", str(args.repeat), "--min-size", str(args.min_size), "--max-size", str(args.max_size),
                "--post-nms", str(args.post_nms), "--arch", args.arch, "--source", args.source,
-               "--threads", str(args.threads), "--batch-size", str(bs), "--json-out", str(out)]
+               "--threads", str(args.threads), "--batch-size", str(bs), "--json-out", str(out),
+               "--ref-boxes", str(ref_boxes)]
         if amp:
             cmd.append("--amp")
         if args.weights:
@@ -166,19 +185,25 @@ def main(argv=None) -> int:
         subprocess.run(cmd, check=True)
         runs.append(json.loads(out.read_text()))
         out.unlink()
+    ref_boxes.unlink(missing_ok=True)
 
     dev = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{platform.machine()} CPU, {args.threads} thread(s)"
     print(f"# ROI extraction: {args.arch}, {'weights ' + args.weights if args.weights else 'random-init weights'}, "
           f"resize {args.min_size}/{args.max_size}, {args.post_nms} proposals/image, {args.images} {args.source} images x{args.repeat}, {dev}")
     base = {r["amp"]: r for r in runs if r["batch_size"] == min(args.batch_sizes)}
     ref = base[False]
-    print("| batch | precision | images/s | speedup vs batch 1 | peak memory (MiB) | max feature diff vs batch 1 fp32 | boxes matched |")
+    ref_fixed = np.concatenate([np.asarray(f, dtype=np.float32).reshape(len(f), -1) for f in ref["fixed_features"] if f])
+    scale = float(np.abs(ref_fixed).max())
+    print("| batch | precision | images/s | speedup vs batch 1 | peak memory (MiB) | max abs feature diff on fixed boxes (relative) | selected boxes shared with batch-1 fp32 |")
     print("|---|---|---|---|---|---|---|")
     for r in runs:
-        err, frac = matched_feature_error(ref["outputs"], r["outputs"])
+        _, frac = matched_feature_error(ref["outputs"], r["outputs"])
+        fixed = np.concatenate([np.asarray(f, dtype=np.float32).reshape(len(f), -1) for f in r["fixed_features"] if f])
+        err = float(np.abs(fixed - ref_fixed).max())
         prec = ("fp16 autocast" if args.device.startswith("cuda") else "bf16 autocast") if r["amp"] else "fp32"
         speed = r["images_per_s"] / base[r["amp"]]["images_per_s"]
-        print(f"| {r['batch_size']} | {prec} | {r['images_per_s']:.2f} | {speed:.2f}x | {r['peak_mb']:.0f} | {err:.3g} | {100 * frac:.0f}% |")
+        print(f"| {r['batch_size']} | {prec} | {r['images_per_s']:.2f} | {speed:.2f}x | {r['peak_mb']:.0f} | "
+              f"{err:.3g} ({err / scale:.2g}) | {100 * frac:.0f}% |")
     feats = np.concatenate([np.asarray(o["features"], dtype=np.float32).reshape(-1, len(o["features"][0]) if o["features"] else 1)
                             for o in ref["outputs"] if o["features"]])
     f16_err = float(np.abs(feats.astype(np.float16).astype(np.float32) - feats).max())

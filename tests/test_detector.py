@@ -141,6 +141,18 @@ def test_batched_inference_equals_one_image_at_a_time_for_same_size_images(tiny)
         assert torch.allclose(alone.attr_probs, det.attr_probs, atol=1e-5)
 
 
+def test_given_boxes_reproduce_the_features_of_the_same_proposals(tiny):
+    imgs = [_img(64, 96, 7), _img(64, 96, 8)]
+    dets = _run(tiny, imgs)
+    preps = [prepare_image(im, min_size=64, max_size=128, pixel_mean=tiny.cfg.pixel_mean) for im in imgs]
+    batch = pad_batch([p.tensor for p in preps], 32)
+    again = tiny.forward_boxes(batch, [p.scale for p in preps], [p.orig_hw for p in preps],
+                               [d.boxes for d in dets])
+    for a, b in zip(dets, again):
+        assert torch.allclose(a.features, b.features, atol=1e-4)
+        assert torch.allclose(a.cls_probs, b.cls_probs, atol=1e-5)
+
+
 def test_random_init_weights_depend_only_on_the_seed():
     a = build_detector(tiny_config(), seed=5).state_dict()
     b = build_detector(tiny_config(), seed=5).state_dict()

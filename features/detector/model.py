@@ -430,10 +430,23 @@ class BUADetector(nn.Module):
         (h, w) of each image, scales resized/original, orig_sizes the original (h, w)."""
         feats = self.backbone(images)
         proposals = self.proposal_generator(feats, image_sizes, scales, pre_nms_top_n, post_nms_top_n)
+        return self._heads(feats, proposals, scales, orig_sizes)
+
+    @torch.no_grad()
+    def forward_boxes(self, images: torch.Tensor, scales: list[float], orig_sizes: list[tuple[int, int]],
+                      boxes: list[torch.Tensor]) -> list[Detections]:
+        """Features and predictions for given boxes (x1,y1,x2,y2 in original pixels) instead of
+        RPN proposals: extraction for known regions, and precision checks on fixed boxes."""
+        feats = self.backbone(images)
+        props = [b.to(device=images.device, dtype=torch.float32) * s for b, s in zip(boxes, scales)]
+        return self._heads(feats, props, scales, orig_sizes)
+
+    def _heads(self, feats: torch.Tensor, proposals: list[torch.Tensor], scales: list[float],
+               orig_sizes: list[tuple[int, int]]) -> list[Detections]:
         counts = [p.shape[0] for p in proposals]
-        batch_idx = torch.cat([torch.full((c, 1), i, dtype=torch.float32, device=images.device)
+        batch_idx = torch.cat([torch.full((c, 1), i, dtype=torch.float32, device=feats.device)
                                for i, c in enumerate(counts)])
-        rois = torch.cat([batch_idx, torch.cat(proposals)], dim=1)
+        rois = torch.cat([batch_idx, torch.cat(proposals).float()], dim=1)
         x, logits, _deltas, attr = self.roi_heads(feats, rois)
         probs = F.softmax(logits.float(), dim=1)
         attr_probs = F.softmax(attr.float(), dim=1) if attr is not None else None
