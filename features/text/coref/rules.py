@@ -9,7 +9,9 @@ reflexive and demonstrative pronouns (pleonastic "it" excluded). Links:
   grammatical role (subject > object > other), not inside a verb's prepositional adjunct, not
   embedded in another noun phrase, plus a bonus for the product keyword's chain; ties go to
   the nearest;
-- first- and second-person pronouns of the same person and number form one chain each;
+- first- and second-person pronouns are not mentions: they refer to the reviewer and the
+  reader, never the product (neuralcoref's default blacklist skips "i, me, my, you, your" for
+  the same reason; here "we, us, our" and the rest of both persons are skipped too);
 - noun phrases headed by a product keyword (word-level match), and definite ones headed by a
   generic product noun ("this product", "the item"), form the product chain;
 - a definite noun phrase ("the/this/that/these/those/possessive + noun") joins the nearest
@@ -23,17 +25,15 @@ from typing import Any
 
 from features.text.coref import Cluster
 
-# lower form -> (person, number, gender); number None: either; gender: "m", "f", "n" or None
+# Third-person pronouns only (see the module docstring):
+# lower form -> (person, number, gender); gender "m", "f", "n" or None (either)
 PRONOUNS: dict[str, tuple[int, str | None, str | None]] = {
-    **{w: (1, "sg", None) for w in ("i", "me", "my", "mine", "myself")},
-    **{w: (1, "pl", None) for w in ("we", "us", "our", "ours", "ourselves")},
-    **{w: (2, None, None) for w in ("you", "your", "yours", "yourself", "yourselves")},
     **{w: (3, "sg", "n") for w in ("it", "its", "itself", "this")},
     **{w: (3, "sg", "m") for w in ("he", "him", "his", "himself")},
     **{w: (3, "sg", "f") for w in ("she", "her", "hers", "herself")},
     **{w: (3, "pl", None) for w in ("they", "them", "their", "theirs", "themselves", "these", "those")},
 }
-REFLEXIVE = {"myself", "ourselves", "yourself", "yourselves", "itself", "himself", "herself", "themselves"}
+REFLEXIVE = {"itself", "himself", "herself", "themselves"}
 DEMONSTRATIVE = {"this", "these", "those"}
 DEFINITE_DET = {"the", "this", "that", "these", "those"}
 # Nouns a neuter pronoun ("it") cannot refer to and a gendered one ("he", "she") can.
@@ -97,16 +97,9 @@ class RulesCoref:
             if ra != rb:
                 parent[max(ra, rb)] = min(ra, rb)
 
-        chains: dict[tuple[int, str | None], int] = {}  # 1st/2nd person chains
         product_first: int | None = None
         for i, m in enumerate(mentions):
-            if m.pronoun and m.person in (1, 2):
-                key = (m.person, m.number)
-                if key in chains:
-                    union(chains[key], i)
-                else:
-                    chains[key] = i
-            elif m.product:
+            if m.product:
                 if product_first is None:
                     product_first = i
                 else:
