@@ -58,6 +58,7 @@ _lock = threading.Lock()
 _stage_cache: dict[StageRef, Any] = {}
 _store_cache: dict[str, Any] = {}
 _gpu_lock = threading.Lock()  # GPU chunks of one process never overlap
+_stage_locks: dict[StageRef, threading.Lock] = {}  # chunks of a non-thread-safe stage, one at a time
 # (manifest path, dataset, stage) -> (stage, StageWork) planned by `up_to_date` and handed to the
 # flow run that follows in this process, so a stage with work is not planned (hashed) twice.
 _planned: dict[tuple[str, str, str], tuple[Any, Any]] = {}
@@ -104,6 +105,18 @@ def _gpu_slot(ref: StageRef, gpu_limit: str | None) -> Iterator[None]:
         yield
 
 
+def _stage_lock(ref: StageRef, stage: Any):
+    """Threads of one process share a stage object; unless the stage says `thread_safe = True`
+    (the synthetic stages do), its chunks run one at a time in that process (spaCy pipelines
+    and lazily loaded models are not safe to share between threads)."""
+    if getattr(stage, "thread_safe", False):
+        return nullcontext()
+    with _lock:
+        for old in [r for r in _stage_locks if r.run_token != ref.run_token]:
+            del _stage_locks[old]
+        return _stage_locks.setdefault(ref, threading.Lock())
+
+
 @task(
     name="extract-chunk",
     cache_policy=ContentChunkCache(),
@@ -121,7 +134,7 @@ def extract_chunk(
             f"stage {ref.stage}: this worker computes fingerprint {actual}, the flow planned "
             f"{fingerprint} (different code, parameters or resources on this host?)"
         )
-    with _gpu_slot(ref, gpu_limit):
+    with _gpu_slot(ref, gpu_limit), _stage_lock(ref, stage):
         return run_chunk(stage, open_store(ref.store_root), items, fingerprint=fingerprint).to_json()
 
 

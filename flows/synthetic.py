@@ -62,6 +62,7 @@ class SyntheticStage:
     name = "synthetic"
     schema = {"vec": FieldSpec("float32", (8,)), "codes": FieldSpec("int32", (), ragged=True)}
     depends_on: tuple[str, ...] = ()
+    thread_safe = True  # chunks may run concurrently in the threads of one process
 
     def __init__(self, *, root: Path, salt: str = "", delay: float = 0.0, log: str | None = None) -> None:
         self.root = root  # folder holding the *.txt files
@@ -110,6 +111,7 @@ class SyntheticSumStage:
     name = "synthetic_sum"
     schema = {"total": FieldSpec("int64", ())}
     depends_on = ("synthetic",)
+    thread_safe = True
 
     def __init__(self, *, upstream: SyntheticStage, store_root: Path, log: str | None = None) -> None:
         self.upstream = upstream

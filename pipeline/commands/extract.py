@@ -15,7 +15,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Run the stages in dependency order through Prefect flows (a temporary local Prefect "
             "server unless PREFECT_API_URL is set). Only items whose content or stage fingerprint "
-            "changed are computed; a summary table ends the run."
+            "changed are computed; a summary table ends the run: per dataset and stage, total "
+            "items, done (computed now), reused (already stored, results or failures) and failed "
+            "(failures recorded now plus items whose chunk raised; `mrhp status` counts every "
+            "stored failure)."
         ),
     )
     p.add_argument("--dataset", help="one dataset of the manifest (default: all)")
