@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base = ProbeMasker(language="en", mode="script", coref="none")
     t0 = time.perf_counter()
-    docs = base.parse(texts)
+    docs = list(base.parse(texts))
     t_parse = time.perf_counter() - t0
     rules, neural = RulesCoref(), NeuralCoref()
     for mode in (args.mode,):

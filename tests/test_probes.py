@@ -112,6 +112,45 @@ def test_mask_aligns_with_token_positions(script):
     assert len(res.mask) == encode_texts([review], Vocabulary(words=(PAD, OOV), drop_unknown=False), language="en")[0].n_raw
 
 
+class FlakyNlp:
+    """The real pipeline, except that it raises on any text containing BOOM."""
+
+    def __init__(self, nlp):
+        self.nlp = nlp
+        self.pipe_names = nlp.pipe_names
+
+    def get_pipe(self, name):
+        return self.nlp.get_pipe(name)
+
+    def make_doc(self, text):
+        return self.nlp.make_doc(text)
+
+    def __call__(self, text):
+        if "BOOM" in text:
+            raise ValueError("cannot parse this text")
+        return self.nlp(text)
+
+    def pipe(self, texts, **kw):
+        for t in texts:
+            yield self(t)
+
+
+def test_a_text_the_parser_fails_on_fails_alone_and_the_stage_records_it(tmp_path, script):
+    m = ProbeMasker()
+    m._nlp = FlakyNlp(script.nlp)
+    out = m.masks(["Good pan.", "BOOM it went.", PAN_REVIEW], [PAN] * 3)
+    assert isinstance(out[1], ValueError)
+    assert out[0].mask.tolist() == [1, 1, 1] and out[2].mask.tolist() == PAN_MASK
+    recs = records()
+    recs.reviews.append(Review(id="boom", product_id="p1", text="BOOM it went.", label=0, split="test"))
+    stage = build_stage(manifest(tmp_path), "toy", records=recs)
+    stage.masker._nlp = FlakyNlp(script.nlp)
+    plan = stage.plan()
+    got = {r.key: r for r in stage.run(list(plan.items.values()))}
+    assert got[plan.view["rvw:boom"]].failure == "probe mask failed: ValueError: cannot parse this text"
+    assert sum(r.ok for r in got.values()) == len(got) - 1
+
+
 def test_indonesian_masks_keyword_sentences_and_records_why_no_coreference():
     m = ProbeMasker(language="id", mode="script", coref="rules")
     res = m.masks(["Wajan ini bagus sekali. Pengiriman cepat. Wajannya tidak lengket."], ["Wajan Anti Lengket 24cm"])[0]

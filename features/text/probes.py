@@ -148,55 +148,68 @@ class ProbeMasker:
                 self._names[n] = kw
         return [self._names[n] for n in cleaned]
 
-    def parse(self, texts: Sequence[str]) -> list[Any]:
-        """Docs of cleaned texts; a text the pipeline fails on gets its exception instead."""
+    def parse(self, texts: Sequence[str]) -> Iterator[Any]:
+        """Docs of cleaned texts, in order, as `nlp.pipe` yields them (so masks are computed
+        while worker processes parse on). A text the pipeline fails on yields its exception."""
+        done = 0
         try:
-            return list(self.nlp.pipe(texts, batch_size=self.batch_size, n_process=self.n_process))
-        except Exception:  # isolate the text at fault, parse the others
-            out: list[Any] = []
-            for t in texts:
+            for doc in self.nlp.pipe(texts, batch_size=self.batch_size, n_process=self.n_process):
+                yield doc
+                done += 1
+        except Exception:  # isolate the text at fault: the rest are parsed one by one
+            for t in texts[done:]:
                 try:
-                    out.append(self.nlp(t))
+                    yield self.nlp(t)
                 except Exception as e:  # recorded as that item's failure
-                    out.append(e)
-            return out
+                    yield e
 
     def masks(self, reviews: Sequence[str], names: Sequence[str]) -> list[ProbeResult | Exception]:
-        """Probe masks of reviews (each with its product's name), in order."""
+        """Probe masks of reviews (each with its product's name), in order; a review that
+        could not be processed gets its exception (the stage records it as a failure)."""
         if len(reviews) != len(names):
             raise StageError(f"probes: {len(reviews)} reviews but {len(names)} product names")
         kws = self.keywords(names)
-        cleaned = [clean_text(r) for r in reviews]
-        unique = list(dict.fromkeys(cleaned))
-        docs = dict(zip(unique, self.parse(unique)))
-        pairs = [(docs[c], kw) for c, kw in zip(cleaned, kws)]
-        parsed = [(d, kw) for d, kw in pairs if not isinstance(d, Exception)]
-        clusters = self._clusters([d for d, _ in parsed], [kw for _, kw in parsed])
-        out: list[ProbeResult | Exception] = []
-        it = iter(clusters)
-        for doc, kw in pairs:
-            if isinstance(doc, Exception):
-                out.append(doc)
-                continue
-            cl, note = next(it)
-            try:
-                out.append(sentence_mask(doc, kw, cl, coref=note or self.coref_name))
-            except Exception as e:  # a bug on odd input must not sink the chunk
-                out.append(e)
-        return out
-
-    def _clusters(self, docs: list[Any], kws: list[Keywords]) -> list[tuple[list[Cluster], str | None]]:
+        by_text: dict[str, list[int]] = {}
+        for i, r in enumerate(reviews):
+            by_text.setdefault(clean_text(r), []).append(i)
+        unique = list(by_text)
+        out: list[ProbeResult | Exception | None] = [None] * len(reviews)
         note = self.coref_note()
-        if note is not None or not docs:
-            return [([], note) for _ in docs]
-        backend = self.backend()
-        found = backend.clusters(docs, kws)
+        backend = None if note else self.backend()
+        if backend is None or getattr(backend, "streaming", False):
+            # Coreference per doc as it arrives (the rules backend, or none).
+            for text, doc in zip(unique, self.parse(unique)):
+                for i in by_text[text]:
+                    if isinstance(doc, Exception):
+                        out[i] = doc
+                        continue
+                    clusters = [] if backend is None else backend.clusters([doc], [kws[i]])[0]
+                    out[i] = _mask_or_error(doc, kws[i], clusters, note or self.coref_name)
+            return out  # type: ignore[return-value]
+        # Batch backends (neuralcoref's side process): every doc of the chunk at once.
+        pairs = []
+        for text, doc in zip(unique, self.parse(unique)):
+            for i in by_text[text]:
+                if isinstance(doc, Exception):
+                    out[i] = doc
+                else:
+                    pairs.append((i, doc))
+        found = backend.clusters([d for _, d in pairs], [kws[i] for i, _ in pairs]) if pairs else []
         errors = getattr(backend, "errors", {})
-        return [
-            ([], f"{backend.name} failed on this review ({errors.get(i, 'no result')}): keyword sentences only")
-            if cl is None else (cl, None)
-            for i, cl in enumerate(found)
-        ]
+        for j, ((i, doc), clusters) in enumerate(zip(pairs, found)):
+            if clusters is None:
+                why = f"{backend.name} failed on this review ({errors.get(j, 'no result')}): keyword sentences only"
+                out[i] = _mask_or_error(doc, kws[i], [], why)
+            else:
+                out[i] = _mask_or_error(doc, kws[i], clusters, backend.name)
+        return out  # type: ignore[return-value]
+
+
+def _mask_or_error(doc: Any, keywords: Keywords, clusters: Sequence[Cluster], coref: str) -> ProbeResult | Exception:
+    try:
+        return sentence_mask(doc, keywords, clusters, coref=coref)
+    except Exception as e:  # a bug on odd input must not sink the chunk
+        return e
 
 
 def sentence_mask(doc: Any, keywords: Keywords, clusters: Sequence[Cluster], *, coref: str = "rules") -> ProbeResult:

@@ -68,6 +68,7 @@ class RulesCoref:
     """Pronoun and noun-phrase resolution over the spaCy parse (see the module docstring)."""
 
     name = "rules"
+    streaming = True  # works doc by doc: the probes stage runs it as docs come out of nlp.pipe
 
     def __init__(self, *, window: int = 2, product_bonus: float = 30.0) -> None:
         self.window = window  # previous sentences searched for an antecedent
