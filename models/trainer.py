@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -453,10 +454,12 @@ def _vocab_fingerprint(manifest, dataset: str, records) -> str | None:
 
 
 def train_seeds(manifest, cfg: TrainConfig, *, seeds: int = 1, first_seed: int = 0, name: str | None = None,
-                resume: bool = False, progress: Callable[[str], None] | None = None) -> list[TrainResult]:
+                resume: bool = False, overwrite: bool = False, progress: Callable[[str], None] | None = None) -> list[TrainResult]:
     """Train `cfg.model` on `cfg.dataset` of the manifest once per seed index k in
     first_seed .. first_seed + seeds - 1 (seed cfg.seed + k), into `<roots.runs>/<name>/seed<k>/`; each run folder also gets `data.json` (dataset, vocabulary
-    fingerprint, threshold) for `mrhp predict`. The CLI and the training flow call this."""
+    fingerprint, threshold) for `mrhp predict`. `overwrite` deletes an existing seed folder first
+    (only a folder that looks like a run: config.yaml or checkpoints/ inside). The CLI and the
+    training flow call this."""
     from models.data import build_datasets
     from models.runs import write_json_atomic
 
@@ -472,6 +475,10 @@ def train_seeds(manifest, cfg: TrainConfig, *, seeds: int = 1, first_seed: int =
     for k in range(first_seed, first_seed + seeds):
         seed_cfg = dataclasses.replace(cfg, seed=cfg.seed + k)
         run_dir = root / f"seed{k}"
+        if overwrite and run_dir.is_dir():
+            if not ((run_dir / "config.yaml").exists() or (run_dir / "checkpoints").is_dir()):
+                raise TrainingError(f"{run_dir}: not a run folder; refusing to delete it")
+            shutil.rmtree(run_dir)
         say(f"train {name} seed{k} (seed {seed_cfg.seed}) -> {run_dir}")
         res = train(seed_cfg, data, run_dir, resume=resume, progress=say)
         write_json_atomic(run_dir / "data.json", {

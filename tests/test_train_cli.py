@@ -123,3 +123,12 @@ def test_training_flow_trains_from_store_views(workspace):
                                                      "model_cfg.mlp_hidden=4"])
     assert len(out) == 1 and set(out[0]["test"]) == {"MAP", "NDCG@3", "NDCG@5", "MRR"}
     assert (root / "runs/flow-gru/seed0/checkpoints/best.pt").is_file()
+
+
+def test_train_refuses_to_clobber_a_run_unless_overwrite(workspace, capsys):
+    root, _ = workspace
+    m = ["--manifest", str(root / "data_manifest.yaml")]
+    assert main([*m, "train", "--model", "length", "--dataset", "synth", "--name", "again"]) == 0
+    assert main([*m, "train", "--model", "length", "--dataset", "synth", "--name", "again"]) == 6
+    assert "already holds a run" in capsys.readouterr().err
+    assert main([*m, "train", "--model", "length", "--dataset", "synth", "--name", "again", "--overwrite"]) == 0

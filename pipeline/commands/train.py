@@ -29,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=None, help="run name under the runs root (default <model>-<dataset>)")
     p.add_argument("--config", default=None, help="YAML file of training settings")
     p.add_argument("--resume", action="store_true", help="continue the runs from their last checkpoints")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing runs of this name (default: refuse, so no run is lost)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="setting overrides")
     p.set_defaults(func=run)
 
@@ -44,7 +46,10 @@ def run(args: argparse.Namespace) -> int:
             f"--model/--dataset ({args.model}, {args.dataset}) disagree with the config "
             f"({cfg.model}, {cfg.dataset}); set them in one place"
         )
-    results = train_seeds(manifest, cfg, seeds=args.seeds, name=args.name, resume=args.resume, progress=print)
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite and --resume exclude each other")
+    results = train_seeds(manifest, cfg, seeds=args.seeds, name=args.name, resume=args.resume,
+                          overwrite=args.overwrite, progress=print)
     for k, res in enumerate(results):
         if res.test:
             print(f"seed{k}: best epoch {res.best_epoch}; test "
