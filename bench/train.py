@@ -124,7 +124,7 @@ def step_job(store_root: str, products: int, model_name: str, steps: int, batch_
 
 
 def run_child(target, *args):
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")
     q = ctx.Queue()
     p = ctx.Process(target=target, args=(*args, q))
     p.start()
