@@ -36,6 +36,7 @@ class DeploySpec:
     gpu_limit: str  # global concurrency limit name
     gpu_concurrency: int  # its size: concurrent GPU chunks per box
     manifest_path: str  # absolute path passed to every flow run
+    on_dask: bool = False  # flows.task_runner is dask: runs fan out on flows.dask_address
 
 
 def deploy_spec(manifest: Manifest, *, work_pool: str | None = None, cron: str | None = None) -> DeploySpec:
@@ -50,6 +51,7 @@ def deploy_spec(manifest: Manifest, *, work_pool: str | None = None, cron: str |
     return DeploySpec(
         work_pool=pool, cron=schedule or None, gpu_limit=gpu_limit_name(pool),
         gpu_concurrency=manifest.flows.gpu_concurrency, manifest_path=str(manifest.path),
+        on_dask=manifest.flows.task_runner == "dask",
     )
 
 
@@ -79,7 +81,8 @@ def build_deployments(spec: DeploySpec, *, for_work_pool: bool = True) -> list[A
     """RunnerDeployment objects of the five extraction flows (nothing is sent to the API)."""
     from flows.extract import STAGE_FLOWS, extract_flow
 
-    params = {"manifest_path": spec.manifest_path, "gpu_limit": spec.gpu_limit, "progress": False}
+    params = {"manifest_path": spec.manifest_path, "gpu_limit": spec.gpu_limit, "progress": False,
+              "on_dask": spec.on_dask}
     kw: dict[str, Any] = {"work_pool_name": spec.work_pool} if for_work_pool else {}
     out = [extract_flow.to_deployment(
         name="all", cron=spec.cron, parameters=params, tags=["mrhp"],

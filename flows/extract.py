@@ -260,12 +260,37 @@ def extract_flow(
     registry: dict[str, Any] | None = None,
     gpu_limit: str | None = None,
     progress: bool = True,
+    on_dask: bool = False,
 ) -> list[dict[str, Any]]:
     """Run `stages` (default: all) for `dataset` (default: every dataset in the manifest).
 
     `registry` overrides the stage registry (name -> [module, depends_on, gpu]); `gpu_limit` names
-    a Prefect global concurrency limit GPU chunks hold a slot of (set by `mrhp deploy`).
+    a Prefect global concurrency limit GPU chunks hold a slot of (set by `mrhp deploy`);
+    `on_dask` runs the chunks on the manifest's Dask cluster (`flows.dask_address`, or a local
+    one) in a subflow: deployments use it, since a deployed flow keeps its default task runner.
     """
+    kw = dict(manifest_path=manifest_path, dataset=dataset, stages=stages, force=force,
+              chunk_size=chunk_size, registry=registry, gpu_limit=gpu_limit, progress=progress)
+    if on_dask:
+        manifest = load_manifest(manifest_path)
+        runner = make_task_runner("dask", dask_address=manifest.flows.dask_address,
+                                  dask_workers=manifest.flows.dask_workers)
+        return extract_on_dask.with_options(task_runner=runner)(**kw)
+    return _extract(**kw)
+
+
+@flow(name="mrhp-extract-dask")
+def extract_on_dask(
+    dataset: str | None = None,
+    stages: list[str] | None = None,
+    force: bool = False,
+    chunk_size: int | None = None,
+    manifest_path: str | None = None,
+    registry: dict[str, Any] | None = None,
+    gpu_limit: str | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """The extraction as a subflow, given a Dask task runner by its parent."""
     return _extract(
         manifest_path=manifest_path, dataset=dataset, stages=stages, force=force,
         chunk_size=chunk_size, registry=registry, gpu_limit=gpu_limit, progress=progress,
@@ -273,10 +298,11 @@ def extract_flow(
 
 
 def _stage_flow_body(stage: str, dataset: str | None, force: bool, chunk_size: int | None,
-                     manifest_path: str | None, gpu_limit: str | None, progress: bool) -> list[dict[str, Any]]:
-    return _extract(
+                     manifest_path: str | None, gpu_limit: str | None, progress: bool,
+                     on_dask: bool) -> list[dict[str, Any]]:
+    return extract_flow.fn(
         manifest_path=manifest_path, dataset=dataset, stages=[stage], force=force,
-        chunk_size=chunk_size, registry=None, gpu_limit=gpu_limit, progress=progress,
+        chunk_size=chunk_size, registry=None, gpu_limit=gpu_limit, progress=progress, on_dask=on_dask,
     )
 
 
@@ -284,33 +310,33 @@ def _stage_flow_body(stage: str, dataset: str | None, force: bool, chunk_size: i
 @flow(name="mrhp-extract-rois")
 def extract_rois(dataset: str | None = None, force: bool = False, chunk_size: int | None = None,
                  manifest_path: str | None = None, gpu_limit: str | None = None,
-                 progress: bool = True) -> list[dict[str, Any]]:
+                 progress: bool = True, on_dask: bool = False) -> list[dict[str, Any]]:
     """ROI features and boxes of every image (GPU chunks hold the GPU slot)."""
-    return _stage_flow_body("rois", dataset, force, chunk_size, manifest_path, gpu_limit, progress)
+    return _stage_flow_body("rois", dataset, force, chunk_size, manifest_path, gpu_limit, progress, on_dask)
 
 
 @flow(name="mrhp-extract-tokens")
 def extract_tokens(dataset: str | None = None, force: bool = False, chunk_size: int | None = None,
                    manifest_path: str | None = None, gpu_limit: str | None = None,
-                   progress: bool = True) -> list[dict[str, Any]]:
+                   progress: bool = True, on_dask: bool = False) -> list[dict[str, Any]]:
     """Token ids and vocabularies of product and review texts."""
-    return _stage_flow_body("tokens", dataset, force, chunk_size, manifest_path, gpu_limit, progress)
+    return _stage_flow_body("tokens", dataset, force, chunk_size, manifest_path, gpu_limit, progress, on_dask)
 
 
 @flow(name="mrhp-extract-embeddings")
 def extract_embeddings(dataset: str | None = None, force: bool = False, chunk_size: int | None = None,
                        manifest_path: str | None = None, gpu_limit: str | None = None,
-                       progress: bool = True) -> list[dict[str, Any]]:
+                       progress: bool = True, on_dask: bool = False) -> list[dict[str, Any]]:
     """Embedding matrices of the vocabularies (tokens first when out of date)."""
-    return _stage_flow_body("embeddings", dataset, force, chunk_size, manifest_path, gpu_limit, progress)
+    return _stage_flow_body("embeddings", dataset, force, chunk_size, manifest_path, gpu_limit, progress, on_dask)
 
 
 @flow(name="mrhp-extract-probes")
 def extract_probes(dataset: str | None = None, force: bool = False, chunk_size: int | None = None,
                    manifest_path: str | None = None, gpu_limit: str | None = None,
-                   progress: bool = True) -> list[dict[str, Any]]:
+                   progress: bool = True, on_dask: bool = False) -> list[dict[str, Any]]:
     """SANCL probe masks of review texts."""
-    return _stage_flow_body("probes", dataset, force, chunk_size, manifest_path, gpu_limit, progress)
+    return _stage_flow_body("probes", dataset, force, chunk_size, manifest_path, gpu_limit, progress, on_dask)
 
 
 STAGE_FLOWS = {

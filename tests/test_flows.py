@@ -153,7 +153,7 @@ def test_deploy_registers_flows_on_the_work_pool_with_a_gpu_limit(tmp_path):
     spec = deploy_spec(manifest, work_pool="gpu-box", cron="0 3 * * *")
     deps = build_deployments(spec)
     assert [d.name for d in deps] == ["all", "rois", "tokens", "embeddings", "probes"]
-    assert deps[0].parameters["gpu_limit"] == "gpu-box-gpu"
+    assert deps[0].parameters["gpu_limit"] == "gpu-box-gpu" and deps[0].parameters["on_dask"] is False
     assert deps[0].entrypoint.endswith("flows/extract.py:extract_flow")
     names = apply_deployments(spec)
     assert names[0] == "mrhp-extract/all" and "mrhp-extract-rois/rois" in names
