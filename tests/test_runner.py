@@ -136,3 +136,21 @@ def test_build_stage_reports_a_missing_module(project):
     _, manifest, _, _ = project
     with pytest.raises(StageError, match="cannot import no_such_module"):
         build_stage(manifest, "syn", "x", {"x": StageEntry("no_such_module")})
+
+
+def broken_stage(manifest, dataset_name):
+    """A stage builder failing like a stage without its resources (used by the status test)."""
+    raise StageError("detector weights not found: /nowhere/bua.pth")
+
+
+def test_status_counts_done_failed_missing_stale_and_reports_planning_errors(project):
+    from pipeline.commands.status import stage_status, status_table
+
+    root, manifest, store, _ = project
+    text_file(root, 1).write_text("BAD input", encoding="utf-8")
+    run_stage(build_stage(manifest, "syn", "synthetic", REGISTRY), store, "syn", chunk_size=5)
+    text_file(root, 2).write_text("edited", encoding="utf-8")
+    row = stage_status(manifest, store, "syn", "synthetic", REGISTRY)
+    assert (row.total, row.done, row.failed, row.missing, row.stale) == (23, 21, 1, 1, 1)
+    bad = stage_status(manifest, store, "syn", "broken", {"broken": StageEntry("test_runner:broken_stage")})
+    assert bad.error and "detector weights not found" in status_table([row, bad])
