@@ -6,8 +6,8 @@ Two modes:
   vocabulary is *deleted* from the sequence (so OOV is reserved and never emitted); at most
   max_len tokens are kept after the deletion.
 - `standard`: one vocabulary over product and review train texts (terms with frequency >=
-  min_freq, the max_vocab most frequent, by decreasing frequency then alphabetically); unknown
-  tokens map to OOV; truncated at max_len.
+  min_freq, by decreasing frequency then alphabetically, cut so that there are at most
+  max_vocab ids, PAD and OOV included); unknown tokens map to OOV; truncated at max_len.
 
 Saved as `<store root>/vocab/<fingerprint>/{prd,rvw}.txt` (line i = the word of id i) plus
 `meta.json`; `<store root>/vocab/fits/<fit key>.json` remembers which fingerprint a given
