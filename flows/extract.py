@@ -410,9 +410,9 @@ def up_to_date(
         for name in order:
             stage = build_stage(manifest, ds, name, {name: registry[name]})
             work = plan_stage(stage, store)
+            with _lock:  # the flow reuses these plans (later stages may depend on this one: stop)
+                _planned[(str(manifest.path), ds, name)] = (stage, work)
             if work.todo or not view_is_current(store, ds, name, work.fingerprint, work.plan.view):
-                with _lock:
-                    _planned[(str(manifest.path), ds, name)] = (stage, work)
                 return None
             out.append(StageSummary(
                 dataset=ds, stage=name, fingerprint=work.fingerprint,
@@ -453,6 +453,8 @@ def run_extraction(
                 _planned.clear()
             raise
         if done is not None:
+            with _lock:
+                _planned.clear()
             return done
     kind = task_runner or manifest.flows.task_runner
     address = dask_address or manifest.flows.dask_address
