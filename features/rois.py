@@ -31,7 +31,7 @@ from features.detector.model import (
     bua_caffe_r101,
     d2_r101_c4,
 )
-from features.detector.preprocess import PreparedImage, pad_batch, prepare_image
+from features.detector.preprocess import MIN_SIDE, PreparedImage, pad_batch, prepare_image
 from features.detector.selection import max_class_confidence_batch, select_boxes
 from features.images import decode_image
 from features.params import RoisParams
@@ -154,6 +154,10 @@ def extract_features(model: BUADetector, images: Sequence[np.ndarray | PreparedI
     prepared = [img if isinstance(img, PreparedImage) else
                 prepare_image(img, min_size=params.min_size, max_size=params.max_size,
                               pixel_mean=model.cfg.pixel_mean) for img in images]
+    for i, p in enumerate(prepared):
+        if min(p.size) < MIN_SIDE:
+            raise DataError(f"image {i} ({p.orig_hw[1]}x{p.orig_hw[0]}) resizes to {p.size[1]}x{p.size[0]}, "
+                            f"below {MIN_SIDE} px on a side")
     out: list[dict[str, np.ndarray]] = []
     for start in range(0, len(prepared), max(1, params.batch_size)):
         chunk = prepared[start:start + params.batch_size]
@@ -187,6 +191,10 @@ class _DecodeDataset(Dataset):
                                  pixel_mean=self.pixel_mean)
         except Exception as e:  # resizing a degenerate image must not end the run
             return item.key, None, f"cannot resize image ({type(e).__name__}: {e}): {item.source}"
+        if min(prep.size) < MIN_SIDE:
+            h, w = prep.orig_hw
+            return item.key, None, (f"image {w}x{h} is too thin: resized to {prep.size[1]}x{prep.size[0]}, "
+                                    f"below {MIN_SIDE} px on a side: {item.source}")
         return item.key, prep, None
 
 

@@ -131,14 +131,24 @@ def test_detections_have_one_row_per_proposal_in_original_pixels(tiny):
         assert float(det.boxes.min()) >= 0
 
 
-def test_batched_inference_equals_one_image_at_a_time_for_same_size_images(tiny):
-    imgs = [_img(64, 96, 2), _img(64, 96, 3), _img(64, 96, 4)]
+@pytest.mark.parametrize("sizes", [[(64, 96)] * 3, [(64, 96), (90, 60), (37, 130)]])
+def test_batched_inference_equals_one_image_at_a_time(tiny, sizes):
+    """Padding is masked layer by layer, so a batch computes what each image alone would."""
+    imgs = [_img(h, w, i) for i, (h, w) in enumerate(sizes)]
     together = _run(tiny, imgs)
     for im, det in zip(imgs, together):
         alone = _run(tiny, [im])[0]
         assert torch.allclose(alone.boxes, det.boxes, atol=1e-4)
         assert torch.allclose(alone.features, det.features, atol=1e-4)
         assert torch.allclose(alone.attr_probs, det.attr_probs, atol=1e-5)
+
+
+def test_padding_to_a_multiple_of_32_does_not_change_a_single_image_result(tiny):
+    unpadded = build_detector(DetectorConfig(**{**tiny_config().__dict__, "size_divisibility": 0}), seed=0)
+    im = _img(50, 75, 9)
+    a = _run(tiny, [im], min_size=70, max_size=200)[0]  # 70x105 padded to 96x128
+    b = _run(unpadded, [im], min_size=70, max_size=200)[0]
+    assert torch.allclose(a.boxes, b.boxes, atol=1e-4) and torch.allclose(a.features, b.features, atol=1e-4)
 
 
 def test_given_boxes_reproduce_the_features_of_the_same_proposals(tiny):
@@ -186,7 +196,7 @@ def test_matches_detectron2_r101_c4_backbone_and_box_head_when_detectron2_is_ins
     x = torch.randn(1, 3, 96, 128) * 50
     with torch.no_grad():
         f_ref = ref.backbone(x)["res4"]
-        f_ours = ours.backbone(x)
+        f_ours, _ = ours.backbone(x)
         assert torch.allclose(f_ref, f_ours, atol=1e-4)
         boxes = torch.tensor([[4.0, 8.0, 60.0, 90.0], [30.0, 10.0, 120.0, 70.0]])
         pooled_ref = ref.roi_heads._shared_roi_transform([f_ref], [Boxes(boxes)]).mean(dim=(2, 3))

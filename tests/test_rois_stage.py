@@ -211,3 +211,13 @@ def test_unknown_or_unavailable_devices_are_stage_errors():
     if not torch.cuda.is_available():
         with pytest.raises(StageError, match="not available"):
             resolve_device("cuda:0")
+
+
+def test_extremely_thin_images_are_failure_records(tmp_path, demo):
+    from PIL import Image
+
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (2000, 2), (9, 9, 9)).save(thin)  # resizes to 96x0.1 px
+    stage = _stage(_manifest(demo))
+    (rec,) = stage.run([WorkItem(key="k-thin", source=str(thin))])
+    assert "too thin" in rec.failure and "2000x2" in rec.failure

@@ -121,6 +121,31 @@ class FrozenBatchNorm2d(nn.Module):
         return x * scale.to(x.dtype)[None, :, None, None] + shift.to(x.dtype)[None, :, None, None]
 
 
+Sizes = list[tuple[int, int]] | None  # valid (h, w) of each image in a padded batch; None: no padding
+
+
+def _conv_out(n: int, conv: nn.Conv2d) -> int:
+    k, s, p, d = conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0]
+    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _conv_sizes(sizes: Sizes, conv: nn.Conv2d) -> Sizes:
+    return None if sizes is None else [(_conv_out(h, conv), _conv_out(w, conv)) for h, w in sizes]
+
+
+def _mask(x: torch.Tensor, sizes: Sizes) -> torch.Tensor:
+    """Zero activations outside each image's valid area, so that a padded batch computes exactly
+    what each image alone would (convolutions then see zeros past the border, as zero padding)."""
+    if sizes is None:
+        return x
+    hh, ww = x.shape[-2:]
+    hs = torch.tensor([h for h, _ in sizes], device=x.device)
+    ws = torch.tensor([w for _, w in sizes], device=x.device)
+    keep = (torch.arange(hh, device=x.device)[None, :, None] < hs[:, None, None]) & \
+           (torch.arange(ww, device=x.device)[None, None, :] < ws[:, None, None])
+    return x * keep[:, None].to(x.dtype)
+
+
 class ConvNorm(nn.Conv2d):
     """Conv without bias followed by frozen BN, stored as `<name>.weight` and `<name>.norm.*`."""
 
@@ -145,22 +170,33 @@ class Bottleneck(nn.Module):
         self.conv2 = ConvNorm(width, width, 3, stride=s3, padding=dilation, dilation=dilation, eps=eps)
         self.conv3 = ConvNorm(width, cout, 1, eps=eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.conv1(x))
-        out = F.relu(self.conv2(out))
+    def forward(self, x: torch.Tensor, sizes: Sizes = None) -> tuple[torch.Tensor, Sizes]:
+        s1 = _conv_sizes(sizes, self.conv1)
+        out = _mask(F.relu(self.conv1(x)), s1)
+        s2 = _conv_sizes(s1, self.conv2)
+        out = _mask(F.relu(self.conv2(out)), s2)
         out = self.conv3(out)
         short = self.shortcut(x) if self.shortcut is not None else x
-        return F.relu(out + short)
+        return _mask(F.relu(out + short), s2), s2
+
+
+class Stage(nn.Sequential):
+    """Bottlenecks in sequence, threading each image's valid size through them."""
+
+    def forward(self, x: torch.Tensor, sizes: Sizes = None) -> tuple[torch.Tensor, Sizes]:
+        for block in self:
+            x, sizes = block(x, sizes)
+        return x, sizes
 
 
 def make_stage(n: int, cin: int, cout: int, width: int, *, first_stride: int, dilation: int,
-               stride_in_1x1: bool, eps: float) -> nn.Sequential:
+               stride_in_1x1: bool, eps: float) -> Stage:
     blocks = []
     for i in range(n):
         blocks.append(Bottleneck(cin if i == 0 else cout, cout, width,
                                  stride=first_stride if i == 0 else 1, dilation=dilation,
                                  stride_in_1x1=stride_in_1x1, eps=eps))
-    return nn.Sequential(*blocks)
+    return Stage(*blocks)
 
 
 class Stem(nn.Module):
@@ -170,8 +206,12 @@ class Stem(nn.Module):
         super().__init__()
         self.conv1 = ConvNorm(3, cout, 7, stride=2, padding=3, eps=eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.max_pool2d(F.relu(self.conv1(x)), kernel_size=3, stride=2, padding=0, ceil_mode=True)
+    def forward(self, x: torch.Tensor, sizes: Sizes = None) -> tuple[torch.Tensor, Sizes]:
+        s1 = _conv_sizes(sizes, self.conv1)
+        x = _mask(F.relu(self.conv1(x)), s1)  # post-ReLU >= 0, so masked zeros never win a max
+        x = F.max_pool2d(x, kernel_size=3, stride=2, padding=0, ceil_mode=True)
+        s2 = None if s1 is None else [(-(-(h - 3) // 2) + 1, -(-(w - 3) // 2) + 1) for h, w in s1]
+        return _mask(x, s2), s2
 
 
 class Backbone(nn.Module):
@@ -191,11 +231,12 @@ class Backbone(nn.Module):
             cin, cout, width = cout, cout * 2, width * 2
         self.out_channels = cin
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
+    def forward(self, x: torch.Tensor, sizes: Sizes = None) -> tuple[torch.Tensor, Sizes]:
+        """res4 features and each image's valid res4 size (None when `sizes` is None)."""
+        x, sizes = self.stem(x, sizes)
         for name in self.stage_names:
-            x = getattr(self, name)(x)
-        return x
+            x, sizes = getattr(self, name)(x, sizes)
+        return x, sizes
 
 
 # --------------------------------------------------------------------------- boxes
@@ -285,7 +326,9 @@ class ProposalGenerator(nn.Module):
         self.register_buffer("cell_anchors", cell_anchors(cfg), persistent=False)
 
     def forward(self, feats: torch.Tensor, image_sizes: list[tuple[int, int]], scales: list[float],
-                pre_nms_top_n: int, post_nms_top_n: int) -> list[torch.Tensor]:
+                pre_nms_top_n: int, post_nms_top_n: int, feat_sizes: Sizes = None) -> list[torch.Tensor]:
+        """Proposals per image in resized-image pixels. `feat_sizes`: each image's valid feature
+        map size in a padded batch; anchors outside it are not candidates."""
         cfg = self.cfg
         n, _, fh, fw = feats.shape
         a = cfg.num_anchors
@@ -305,6 +348,10 @@ class ProposalGenerator(nn.Module):
         cand_boxes, cand_scores, cand_img = [], [], []
         for i, ((h, w), s) in enumerate(zip(image_sizes, scales)):
             b, sc = boxes[i], scores[i]
+            if feat_sizes is not None and feat_sizes[i] != (fh, fw):
+                vh, vw = feat_sizes[i]
+                cell = b.view(fh, fw, a, 4)[:vh, :vw]
+                b, sc = cell.reshape(-1, 4), sc.view(fh, fw, a)[:vh, :vw].reshape(-1)
             if not cfg.legacy_boxes:  # detectron2: top-k first, then clip and drop empty boxes
                 k = min(pre_nms_top_n, sc.numel())
                 sc, idx = sc.topk(k)
@@ -391,7 +438,7 @@ class ROIHeads(nn.Module):
         pooled = []
         for start in range(0, rois.shape[0], max(1, self.cfg.box_head_chunk)):
             crop = self.pool(feats, rois[start:start + self.cfg.box_head_chunk])
-            pooled.append(self.res5(crop).mean(dim=(2, 3)))
+            pooled.append(self.res5(crop)[0].mean(dim=(2, 3)))
         x = torch.cat(pooled) if pooled else feats.new_zeros((0, self.cfg.res5_channels))
         logits, deltas, attr = self.box_predictor(x)
         return x, logits, deltas, attr
@@ -428,8 +475,9 @@ class BUADetector(nn.Module):
                 post_nms_top_n: int = 300) -> list[Detections]:
         """images (N, 3, H, W) BGR minus pixel means, zero-padded; image_sizes are the resized
         (h, w) of each image, scales resized/original, orig_sizes the original (h, w)."""
-        feats = self.backbone(images)
-        proposals = self.proposal_generator(feats, image_sizes, scales, pre_nms_top_n, post_nms_top_n)
+        feats, feat_sizes = self.backbone(images, _padded_sizes(images, image_sizes))
+        proposals = self.proposal_generator(feats, image_sizes, scales, pre_nms_top_n, post_nms_top_n,
+                                            feat_sizes)
         return self._heads(feats, proposals, scales, orig_sizes)
 
     @torch.no_grad()
@@ -437,7 +485,8 @@ class BUADetector(nn.Module):
                       boxes: list[torch.Tensor]) -> list[Detections]:
         """Features and predictions for given boxes (x1,y1,x2,y2 in original pixels) instead of
         RPN proposals: extraction for known regions, and precision checks on fixed boxes."""
-        feats = self.backbone(images)
+        sizes = [(int(round(h * s)), int(round(w * s))) for (h, w), s in zip(orig_sizes, scales)]
+        feats, _ = self.backbone(images, _padded_sizes(images, sizes))
         props = [b.to(device=images.device, dtype=torch.float32) * s for b, s in zip(boxes, scales)]
         return self._heads(feats, props, scales, orig_sizes)
 
@@ -463,6 +512,12 @@ class BUADetector(nn.Module):
             ))
             start += c
         return out
+
+
+def _padded_sizes(images: torch.Tensor, sizes: list[tuple[int, int]]) -> Sizes:
+    """The valid sizes when some image is padded, else None (no masking work)."""
+    full = (int(images.shape[2]), int(images.shape[3]))
+    return None if all(tuple(sz) == full for sz in sizes) else [tuple(sz) for sz in sizes]
 
 
 def build_detector(cfg: DetectorConfig | None = None, *, seed: int | None = None) -> BUADetector:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+MIN_SIDE = 16  # resized images need at least one stride-16 feature cell per side
+
 import numpy as np
 import torch
 import torch.nn.functional as F
