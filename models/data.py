@@ -13,7 +13,6 @@ A unit of work is `(product index, review indices)`.
 """
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,8 +26,6 @@ from torch.utils.data import DataLoader, Dataset
 from models.batch import Batch
 from models.config import DataConfig
 from pipeline.errors import DataError, StoreError
-
-log = logging.getLogger(__name__)
 
 Unit = tuple[int, tuple[int, ...]]  # (product index, review indices within the product)
 

@@ -182,3 +182,9 @@ def test_yaml_config_then_overrides_take_precedence(tmp_path):
     (tmp_path / "bad.yaml").write_text("- a list\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_train_config(tmp_path / "bad.yaml")
+
+
+@pytest.mark.gpu
+def test_training_on_cuda_with_autocast_gives_finite_metrics(tiny, tmp_path):
+    res = train(_cfg(tiny, epochs=1, device="cuda", autocast=True), tiny.bundle, tmp_path / "gpu")
+    assert all(np.isfinite(v) for v in res.test.values())
