@@ -60,6 +60,8 @@ def test_script_keyword_is_the_root_lemma_only(script):
     assert script.keywords([PAN])[0].words == ("pan",)
     assert script.keywords(["Levi's Men's 505 Regular Fit Jeans"])[0].words == ("jeans",)
     assert script.keywords(["Folding Camping Chair"])[0].words == ("chair",)  # gerund read as the verb
+    # attributes after a comma are not parsed (the parser would take "Quart" as the root)
+    assert script.keywords(["Stainless Steel Saucepan with Lid, 2 Quart"])[0].words == ("saucepan",)
 
 
 def test_paper_keywords_are_the_nouns_near_the_root(script):

@@ -2,7 +2,10 @@
 
 English: the product *name* is parsed as a sentence (a final "." is appended, which keeps the
 small English parser from reading title-cased names such as "Stainless Steel Frying Pan" as a
-verb phrase); the keyword is the dependency root of the name. A name is a noun phrase, so when
+verb phrase); the keyword is the dependency root of the name. Only the name's first
+comma-separated segment holding a letter is parsed: what follows a comma in a product name
+lists attributes ("..., 2 Quart", "..., Blue, Large"), and the parser otherwise takes a
+trailing measure as the root. A name is a noun phrase, so when
 the parser still makes a leading gerund its root ("Running Shoes for Women": "Running" with
 "Shoes" as its object), the root's first noun dependent to its right is taken instead.
 - `script` mode: the root's lemma only (SANCL's script).
@@ -48,9 +51,18 @@ class Keywords:
         return out
 
 
+def name_head(name: str) -> str:
+    """The part of a product name that is parsed: its first comma segment with a letter."""
+    for part in name.split(","):
+        if has_alpha(part):
+            return part.strip()
+    return name.strip()
+
+
 def name_text(name: str) -> str:
-    """The text parsed for a product name: the name terminated as a sentence."""
-    return f"{name}." if name else ""
+    """The text parsed for a product name: its head segment terminated as a sentence."""
+    head = name_head(name)
+    return f"{head}." if head else ""
 
 
 def has_alpha(text: str) -> bool:
@@ -58,8 +70,8 @@ def has_alpha(text: str) -> bool:
 
 
 def english_keywords(doc: Any, name_len: int, *, mode: str, near_root: int, noun_lemma: Any = None) -> Keywords:
-    """Keywords from the parse of `name_text(name)`; `name_len` = len(name) in characters (the
-    tokens starting before it are the name's)."""
+    """Keywords from the parse of `name_text(name)`; `name_len` = len(name_head(name)) in
+    characters (the tokens starting before it are the name's)."""
     tokens = [t for t in doc if t.idx < name_len and not t.is_space]
     if not tokens:
         return Keywords((), frozenset(), f"{mode}-root", reason="empty product name")

@@ -26,7 +26,7 @@ import numpy as np
 
 from features.params import ProbesParams
 from features.text.coref import BACKENDS, Cluster, get_backend
-from features.text.keywords import Keywords, english_keywords, indonesian_keywords, name_text
+from features.text.keywords import Keywords, english_keywords, indonesian_keywords, name_head, name_text
 from features.text.tokenize import check_language, clean_text, load_english, tokenizer_pipeline
 from pipeline.errors import StageError
 from pipeline.hashing import fingerprint as stage_fingerprint
@@ -141,7 +141,7 @@ class ProbeMasker:
             for n, doc in zip(todo, docs):
                 if self.language == "en":
                     kw = english_keywords(
-                        doc, len(n), mode=self.mode, near_root=self.near_root, noun_lemma=self._noun_lemma
+                        doc, len(name_head(n)), mode=self.mode, near_root=self.near_root, noun_lemma=self._noun_lemma
                     )
                 else:
                     kw = indonesian_keywords(doc, mode=self.mode, near_root=self.near_root)
