@@ -188,3 +188,16 @@ def test_yaml_config_then_overrides_take_precedence(tmp_path):
 def test_training_on_cuda_with_autocast_gives_finite_metrics(tiny, tmp_path):
     res = train(_cfg(tiny, epochs=1, device="cuda", autocast=True), tiny.bundle, tmp_path / "gpu")
     assert all(np.isfinite(v) for v in res.test.values())
+
+
+class _Payload:
+    pass
+
+
+def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "extra": _Payload()}, path)
+    with pytest.raises(TrainingError, match="cannot load checkpoint safely"):
+        load_checkpoint(path)
+    with pytest.raises(TrainingError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
