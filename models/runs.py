@@ -140,6 +140,7 @@ def write_plots(paths: RunPaths) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r for r in read_jsonl(paths.metrics) if r.get("event") == "epoch"]
     if not epochs:
@@ -150,6 +151,7 @@ def write_plots(paths: RunPaths) -> None:
     if any("rank_loss" in r for r in epochs):
         ax.plot(x, [r.get("rank_loss") for r in epochs], marker=".", label="ranking")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("train loss")
     ax.legend()
     fig.tight_layout()
@@ -161,6 +163,7 @@ def write_plots(paths: RunPaths) -> None:
         for name in dev[0]["dev"]:
             ax.plot([r["epoch"] for r in dev], [r["dev"][name] for r in dev], marker="o", label=name)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("dev metric")
         ax.legend()
         fig.tight_layout()
