@@ -2,6 +2,7 @@
 
 Modules: `tokenize` (raw tokens shared by every text stage), `vocab` (MCR/standard vocabularies
 and their cache beside the store), `tokens`, `embeddings`, `probes` (the stages), `vectors`
-(GloVe/word2vec/fastText loading), `coref/` (coreference backends). Nothing here imports spaCy or
+(GloVe/word2vec/fastText loading), `keywords` (product keywords, word-level matching),
+`coref/` (coreference backends: `rules`, `neuralcoref`). Nothing here imports spaCy or
 gensim at package import: the stages load them when they first run.
 """
