@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 CODE_VERSION = "probes-1"
 SCHEMA = {"mask": FieldSpec("uint8", (), ragged=True)}
+MAX_META_SENTENCES = 64  # masked sentence indices listed in a record's meta at most
 NAME_CACHE_MAX = 200_000  # distinct product names remembered per stage object
 NO_ID_COREF = "no coreference model for Indonesian: keyword sentences only"
 
@@ -240,7 +241,9 @@ def sentence_mask(doc: Any, keywords: Keywords, clusters: Sequence[Cluster], *, 
         meta["cluster_rule"] = rule
         meta["cluster"] = [doc[s:e].text[:40] for s, e in chosen[:8]]
     meta["sentences"] = int(len(starts))
-    meta["masked_sentences"] = sorted(masked)
+    meta["masked_sentence_count"] = len(masked)
+    if len(masked) <= MAX_META_SENTENCES:  # the meta stays small for very long reviews
+        meta["masked_sentences"] = sorted(masked)
     mask = np.fromiter((sent_of[t.i] in masked for t in raw), dtype=np.uint8, count=len(raw))
     if not mask.any():
         meta["reason"] = "no sentence mentions the keyword and no coreference cluster was found"
