@@ -86,11 +86,6 @@ def doc_tokens(doc) -> list[str]:
     return [t.lower_ for t in doc if not t.is_space]
 
 
-def raw_token_indices(doc) -> list[int]:
-    """Doc token index of each raw token (raw token j is doc[indices[j]])."""
-    return [t.i for t in doc if not t.is_space]
-
-
 def tokenize(texts: Iterable[str], language: str, *, batch_size: int = 512) -> Iterator[list[str]]:
     """Raw tokens of each text, in order (texts are cleaned here)."""
     nlp = tokenizer_pipeline(language)

@@ -184,13 +184,13 @@ def build_stage(manifest: Any, dataset_name: str, *, records: Any = None) -> Tok
         params=manifest.stage_params("tokens"),
         language=spec.language,
         dataset=dataset_name,
-        records_loader=_Given(records) if records is not None else functools.partial(load_records, manifest, dataset_name),
+        records_loader=GivenRecords(records) if records is not None else functools.partial(load_records, manifest, dataset_name),
         store_root=Path(manifest.store_root),
     )
 
 
 @dataclasses.dataclass(frozen=True)
-class _Given:
+class GivenRecords:
     """A records loader returning records already in memory (picklable, unlike a lambda)."""
 
     records: Any
@@ -198,8 +198,3 @@ class _Given:
     def __call__(self) -> Any:
         return self.records
 
-
-__all__ = [
-    "FIELDS", "Encoded", "TokensStage", "build_stage", "dataset_vocabularies", "encode_texts",
-    "load_vocabularies",
-]
