@@ -89,3 +89,37 @@ def test_packaged_default_glove_builds_real_rows(tmp_path):
     plan, recs = run_all(build_stage(m, "toy", records=records()))
     prd = recs[plan.view["prd_vocab"]]
     assert prd.arrays["matrix"].shape == (4, 50) and prd.meta["coverage"] == 1.0  # pan, steel
+
+
+def test_text_stages_write_to_the_store_and_a_rerun_recomputes_only_changed_texts(tmp_path, glove):
+    """tokens, embeddings and probes through the orchestrator-free runner and the real store."""
+    import dataclasses
+
+    from features.text import probes, tokens
+    from pipeline.runner import run_stage
+    from pipeline.store import FeatureStore
+
+    m = manifest(tmp_path, vectors={"format": "glove", "path": "glove.txt"})
+    store = FeatureStore(m.store_root)
+    recs = records()
+    recs.reviews.append(Review(id="r2", product_id="p1", text="It is a steel pan. It heats fast.", label=0, split="test"))
+    builders = {"tokens": tokens.build_stage, "embeddings": build_stage, "probes": probes.build_stage}
+    first = {name: run_stage(b(m, "toy", records=recs), store, "toy", chunk_size=2) for name, b in builders.items()}
+    assert {n: (s.done, s.reused, s.failed, s.view_written) for n, s in first.items()} == {
+        "tokens": (3, 0, 0, True), "embeddings": (2, 0, 0, True), "probes": (2, 0, 0, True),
+    }
+    tv, pv, ev = store.view("toy", "tokens"), store.view("toy", "probes"), store.view("toy", "embeddings")
+    t, p = tv.get("rvw:r2"), pv.get("rvw:r2")
+    assert p["mask"].dtype == np.uint8 and p["mask"].shape == (int(t["n_raw"]),) and p["mask"].all()
+    assert ev.get("rvw_vocab")["matrix"].shape == (5, 2)
+
+    again = {name: run_stage(b(m, "toy", records=recs), store, "toy") for name, b in builders.items()}
+    assert all(s.done == 0 and s.reused == s.total for s in again.values())
+
+    # One test review edited: only its token and probe items are computed again.
+    recs.reviews[-1] = dataclasses.replace(recs.reviews[-1], text="The pan broke.")
+    third = {name: run_stage(b(m, "toy", records=recs), store, "toy") for name, b in builders.items()}
+    assert {n: (s.done, s.reused) for n, s in third.items()} == {
+        "tokens": (1, 2), "embeddings": (0, 2), "probes": (1, 1),
+    }
+    assert store.view("toy", "probes").get("rvw:r2")["mask"].tolist() == [1, 1, 1, 1]
