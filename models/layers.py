@@ -60,6 +60,15 @@ def build_embedding(matrix: np.ndarray | None, *, vocab_size: int, dim: int, fin
     return emb
 
 
+def with_embed_dim(cfg: Mapping, embeddings: Mapping[str, np.ndarray] | None) -> dict:
+    """`cfg` with `embed_dim` taken from the given matrices when the config leaves it out, so a
+    model runs on whatever vectors the manifest names (50-d demo GloVe, 300-d for the papers)."""
+    out = dict(cfg)
+    if embeddings is not None and "embed_dim" not in out and "rvw" in embeddings:
+        out["embed_dim"] = int(np.asarray(embeddings["rvw"]).shape[1])
+    return out
+
+
 def embedding_pair(embeddings: Mapping[str, np.ndarray] | None, *, vocab_size: int, dim: int,
                    finetune: bool) -> tuple[nn.Embedding, nn.Embedding]:
     """The product and review tables from `{"prd": matrix, "rvw": matrix}` (or random ones)."""

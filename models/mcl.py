@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from models.batch import Batch, ModelOutput
 from models.layers import (CrossModalBlock, MaskedMultiheadAttention, ROIEncoder, RNNEncoder,
-                           SoftPooling, embedding_pair, l2_normalize, masked_mean)
+                           SoftPooling, embedding_pair, l2_normalize, masked_mean, with_embed_dim)
 from models.registry import register_model
 from pipeline.config import from_mapping
 
@@ -180,6 +180,7 @@ class MCL(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: Mapping, embeddings: Mapping[str, np.ndarray] | None = None) -> "MCL":
+        cfg = with_embed_dim(cfg, embeddings)  # embed_dim defaults to the matrices' width
         return cls(config=from_mapping(MCLConfig, cfg, "model.mcl"), embeddings=embeddings)
 
     def forward(self, batch: Batch) -> ModelOutput:

@@ -47,7 +47,7 @@ import torch.nn as nn
 
 from models.batch import Batch, ModelOutput
 from models.layers import (CrossModalBlock, MaskedMultiheadAttention, RNNEncoder, SoftPooling,
-                           embedding_pair)
+                           embedding_pair, with_embed_dim)
 from models.registry import register_model
 from pipeline.config import from_mapping
 from pipeline.errors import TrainingError
@@ -221,6 +221,7 @@ class MMSS(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: Mapping, embeddings: Mapping[str, np.ndarray] | None = None) -> "MMSS":
+        cfg = with_embed_dim(cfg, embeddings)  # embed_dim defaults to the matrices' width
         return cls(config=from_mapping(MMSSConfig, cfg, "model.mmss"), embeddings=embeddings)
 
     # --- trainer hooks and checkpoint state ---------------------------------------------------

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from models.batch import Batch, ModelOutput
 from models.layers import (MaskedMultiheadAttention, RNNEncoder, embedding_pair, l2_normalize,
-                           masked_mean)
+                           masked_mean, with_embed_dim)
 from models.registry import register_model
 from pipeline.config import from_mapping
 
@@ -164,6 +164,7 @@ class SANCL(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: Mapping, embeddings: Mapping[str, np.ndarray] | None = None) -> "SANCL":
+        cfg = with_embed_dim(cfg, embeddings)  # embed_dim defaults to the matrices' width
         return cls(config=from_mapping(SANCLConfig, cfg, "model.sancl"), embeddings=embeddings)
 
     def forward(self, batch: Batch) -> ModelOutput:

@@ -224,6 +224,17 @@ def test_embedding_matrices_are_used_as_given(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_embed_dim_defaults_to_the_width_of_the_given_matrices(name):
+    rng = np.random.default_rng(0)
+    emb = {"prd": rng.normal(size=(VOCAB, 6)).astype(np.float32),
+           "rvw": rng.normal(size=(VOCAB, 6)).astype(np.float32)}
+    cfg = {k: v for k, v in TINY[name].items() if k not in ("vocab_size", "embed_dim")}
+    model = build_model(name, cfg, emb)
+    assert model.config.embed_dim == 6
+    assert model(make_batch()).scores.shape == (8,)
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_state_dict_round_trip_gives_identical_scores(name):
     batch = make_batch()
     a, b = tiny(name), tiny(name)
