@@ -218,6 +218,9 @@ class Trainer:
     def _train_epoch(self) -> dict[str, Any]:
         cfg = self.cfg
         self.model.train()
+        hook = getattr(self.model, "on_epoch_start", None)
+        if callable(hook):  # models with per-epoch state (MM-SS pseudo-label EWMA)
+            hook(self.epoch)  # 0-based index of the epoch about to run
         source = self.data.split("train")
         plan = train_plan(source, batch_products=cfg.batch_products,
                           max_reviews=cfg.max_reviews_per_product, rng=self.rng)

@@ -141,6 +141,31 @@ def test_nan_loss_stops_with_a_clear_message(tiny, tmp_path):
     assert json.loads((tmp_path / "nan/run.json").read_text())["status"] == "failed"
 
 
+@register_model("test-epoch-hook")
+class _EpochHookModel(nn.Module):
+    seen: list[int] = []
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+
+    @classmethod
+    def from_config(cls, cfg, embeddings=None):
+        return cls()
+
+    def on_epoch_start(self, epoch: int) -> None:
+        type(self).seen.append(epoch)
+
+    def forward(self, batch):
+        return ModelOutput(scores=self.w * batch.rev_length)
+
+
+def test_trainer_calls_on_epoch_start_with_the_zero_based_epoch(tiny, tmp_path):
+    _EpochHookModel.seen.clear()
+    train(synthetic_train_config("test-epoch-hook", tiny, {"epochs": 3}), tiny.bundle, tmp_path / "h")
+    assert _EpochHookModel.seen == [0, 1, 2]
+
+
 def test_parameter_free_model_skips_optimisation(tiny, tmp_path):
     res = train(synthetic_train_config("length", tiny), tiny.bundle, tmp_path / "len")
     assert res.epochs_run == 0 and res.test is not None
