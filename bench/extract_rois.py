@@ -19,7 +19,6 @@ weights, but proposals and confidences are not meaningful.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform

@@ -16,7 +16,6 @@ the stored scale/bias apply unchanged. Unmatched, missing and mis-shaped keys ar
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import pickle
 import re
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ResourceError, StageError
+from pipeline.hashing import sha256_file
 
 _IGNORED = re.compile(r"(^|\.)num_batches_tracked$|^pixel_(mean|std)$")
 _NORM_STATS = ("running_mean", "running_var")
@@ -66,14 +66,6 @@ def safe_unpickle(data: bytes, *, source: str = "<bytes>") -> Any:
         raise ResourceError(f"{source}: unsafe or invalid pickle: {e}") from None
     except Exception as e:  # truncated file, bad opcode ...
         raise ResourceError(f"{source}: cannot read pickle ({type(e).__name__}: {e})") from None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_weights(path: Path | None, sha256: str | None, *, name: str = "detector") -> str:
