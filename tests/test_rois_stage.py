@@ -221,3 +221,14 @@ def test_extremely_thin_images_are_failure_records(tmp_path, demo):
     stage = _stage(_manifest(demo))
     (rec,) = stage.run([WorkItem(key="k-thin", source=str(thin))])
     assert "too thin" in rec.failure and "2000x2" in rec.failure
+
+
+def test_no_box_above_threshold_follows_min_boxes_and_gives_zero_boxes_without_it():
+    model = build_detector(tiny_config(), seed=0)
+    rgb = np.kron(np.random.RandomState(1).randint(0, 255, (8, 12, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+    strict = RoisParams(min_size=64, max_size=96, conf_thresh=1.01, min_boxes=3, max_boxes=10,
+                        rpn_post_nms_top_n=12)
+    assert extract_features(model, [rgb], strict)[0]["boxes"].shape == (3, 4)  # top min_boxes instead
+    none = dataclasses.replace(strict, min_boxes=0)
+    out = extract_features(model, [rgb], none)[0]
+    assert out["boxes"].shape == (0, 4) and out["features"].shape == (0, 256)
