@@ -292,6 +292,7 @@ class RoisStage:
         self._fingerprint: str | None = None
         self._model: BUADetector | None = None
         self._device: torch.device | None = None
+        self._fits: int | None = None  # largest batch known to fit after an out-of-memory retry
 
     # ---- identity
     def is_random_init(self) -> bool:
@@ -410,14 +411,36 @@ class RoisStage:
     def _flush(self, pool: list[tuple[str, PreparedImage]]) -> Iterator[Record]:
         """Batch pooled images by aspect ratio (less padding) and yield their records."""
         pool = sorted(pool, key=lambda kp: kp[1].size[0] / kp[1].size[1])
-        bs = max(1, self.params.batch_size)
-        for start in range(0, len(pool), bs):
-            chunk = pool[start:start + bs]
-            dets = detect_batch(self._model, [prep for _, prep in chunk], self.params, self._device)
+        start = 0
+        while start < len(pool):
+            chunk = pool[start:start + self._batch_limit()]
+            dets = self._detect_fitting([prep for _, prep in chunk])
+            start += len(chunk)
             for (key, _), arrays in zip(chunk, pack_batch(dets, self.params, self._model.cfg)):
                 yield Record(key=key, arrays=arrays,
                              meta={"n_boxes": int(arrays["boxes"].shape[0]),
                                    "image_hw": [int(x) for x in arrays["image_hw"]]})
+
+
+    def _batch_limit(self) -> int:
+        return max(1, min(self.params.batch_size, self._fits or self.params.batch_size))
+
+    def _detect_fitting(self, preps: list[PreparedImage]) -> list[Detections]:
+        """Detect a batch; on device out-of-memory, halve it (and remember the size that fits)."""
+        try:
+            return detect_batch(self._model, preps, self.params, self._device)
+        except torch.OutOfMemoryError:
+            if len(preps) == 1:
+                h, w = preps[0].size
+                raise StageError(
+                    f"stages.rois: one {w}x{h} image with {self.params.rpn_post_nms_top_n} proposals does "
+                    f"not fit in {self._device} memory; lower max_size or rpn_post_nms_top_n"
+                ) from None
+            if self._device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = len(preps) // 2
+            self._fits = half
+            return self._detect_fitting(preps[:half]) + self._detect_fitting(preps[half:])
 
 
 def build_stage(manifest: Any, dataset_name: str) -> RoisStage:

@@ -232,3 +232,38 @@ def test_no_box_above_threshold_follows_min_boxes_and_gives_zero_boxes_without_i
     none = dataclasses.replace(strict, min_boxes=0)
     out = extract_features(model, [rgb], none)[0]
     assert out["boxes"].shape == (0, 4) and out["features"].shape == (0, 256)
+
+
+def test_out_of_memory_batches_are_split_and_the_fitting_size_remembered(demo, planned, monkeypatch):
+    import features.rois as rois
+
+    stage = _stage(_manifest(demo), batch_size=4)
+    _, plan = planned
+    items = [it for k, it in plan.items.items() if not k.startswith("missing:")][:5]
+    real = rois.detect_batch
+    sizes = []
+
+    def small_memory(model, images, params, device):
+        sizes.append(len(images))
+        if len(images) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, images, params, device)
+
+    monkeypatch.setattr(rois, "detect_batch", small_memory)
+    out = list(stage.run(items))
+    assert len(out) == 5 and stage._fits == 1
+    assert sizes[:3] == [4, 2, 1] and max(sizes[3:]) <= 2
+
+
+def test_a_single_image_that_does_not_fit_is_a_stage_error_naming_the_knobs(demo, planned, monkeypatch):
+    import features.rois as rois
+    from pipeline.errors import StageError
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(rois, "detect_batch", no_memory)
+    stage = _stage(_manifest(demo))
+    good = planned[1].items[planned[1].view["train/prd/B0DEMOHM02/pic_0_0.jpg"]]
+    with pytest.raises(StageError, match="lower max_size or rpn_post_nms_top_n"):
+        list(stage.run([good]))
