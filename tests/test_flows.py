@@ -171,3 +171,30 @@ def test_deploy_rejects_a_bad_cron_expression(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     code = main(["--manifest", str(manifest), "deploy", "--cron", "every night"])
     assert code == 2 and "not a valid cron expression" in capsys.readouterr().err
+
+
+def _child_exits(q) -> None:
+    q.put("ok")
+
+
+def test_a_process_forked_after_a_flow_run_exits_cleanly():
+    """Prefect 3.8 leaves its services' exit hooks in forked children, which then exit with
+    code 1 (DataLoader workers report 'exited unexpectedly'); flows/__init__ drops them."""
+    import multiprocessing as mp
+
+    from prefect import flow
+
+    import flows  # noqa: F401  (installs the fork fix)
+
+    @flow
+    def trivial() -> int:
+        return 1
+
+    assert trivial() == 1
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_exits, args=(q,))
+    p.start()
+    assert q.get(timeout=30) == "ok"
+    p.join(timeout=30)
+    assert p.exitcode == 0
