@@ -16,6 +16,8 @@ flow's own Prefect API instead of each starting a temporary server.
 """
 from __future__ import annotations
 
+import json
+
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -50,6 +52,7 @@ class StageRef:
     entry: StageEntry
     store_root: str
     run_token: str  # the flow run id: stages are rebuilt for each run, once per process
+    overrides: str = ""  # JSON of manifest overrides (e.g. --random-init), "" for none
 
 
 # Per-process caches: the flow process puts the stages it built here, so thread tasks reuse
@@ -75,12 +78,19 @@ def open_store(root: str | Path):
         return _store_cache[key]
 
 
+def _overrides(overrides: str | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Manifest overrides travel to workers as JSON (hashable in StageRef, safe to serialise)."""
+    if not overrides:
+        return None
+    return json.loads(overrides) if isinstance(overrides, str) else dict(overrides)
+
+
 def resolve_stage(ref: StageRef) -> Any:
     with _lock:
         cached = _stage_cache.get(ref)
     if cached is not None:
         return cached
-    manifest = load_manifest(ref.manifest_path)
+    manifest = load_manifest(ref.manifest_path, overrides=_overrides(ref.overrides))
     stage = build_stage(manifest, ref.dataset, ref.stage, {ref.stage: ref.entry})
     with _lock:
         # Drop stages of earlier runs (a served flow lives across many runs).
@@ -152,14 +162,14 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def _run_stage(
     manifest: Manifest, dataset: str, name: str, entry: StageEntry, *, force: bool, chunk_size: int,
-    gpu_limit: str | None, run_token: str, progress: bool,
+    gpu_limit: str | None, run_token: str, progress: bool, overrides: str = "",
 ) -> StageSummary:
     logger = get_run_logger()
     store_root = str(manifest.roots.store)
     store = open_store(store_root)
     ref = StageRef(
         manifest_path=str(manifest.path), dataset=dataset, stage=name, entry=entry,
-        store_root=store_root, run_token=run_token,
+        store_root=store_root, run_token=run_token, overrides=overrides,
     )
     with _lock:
         planned = None if force else _planned.pop((str(manifest.path), dataset, name), None)
@@ -228,9 +238,10 @@ def _run_stage(
 def _extract(
     *, manifest_path: str | None, dataset: str | None, stages: list[str] | None, force: bool,
     chunk_size: int | None, registry: Mapping[str, Any] | None, gpu_limit: str | None,
-    progress: bool,
+    progress: bool, overrides: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    manifest = load_manifest(manifest_path)
+    manifest = load_manifest(manifest_path, overrides=overrides)
+    overrides_json = json.dumps(overrides, sort_keys=True) if overrides else ""
     reg = _registry_from_json(registry)
     order = stage_order(stages, reg)
     forced = set(stages or reg) if force else set()
@@ -246,6 +257,7 @@ def _extract(
             summaries.append(_run_stage(
                 manifest, ds, name, reg[name], force=name in forced, chunk_size=size,
                 gpu_limit=gpu_limit, run_token=run_token, progress=progress,
+                overrides=overrides_json,
             ).to_json())
     return summaries
 
@@ -261,6 +273,7 @@ def extract_flow(
     gpu_limit: str | None = None,
     progress: bool = True,
     on_dask: bool = False,
+    overrides: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Run `stages` (default: all) for `dataset` (default: every dataset in the manifest).
 
@@ -270,9 +283,10 @@ def extract_flow(
     one) in a subflow: deployments use it, since a deployed flow keeps its default task runner.
     """
     kw = dict(manifest_path=manifest_path, dataset=dataset, stages=stages, force=force,
-              chunk_size=chunk_size, registry=registry, gpu_limit=gpu_limit, progress=progress)
+              chunk_size=chunk_size, registry=registry, gpu_limit=gpu_limit, progress=progress,
+              overrides=overrides)
     if on_dask:
-        manifest = load_manifest(manifest_path)
+        manifest = load_manifest(manifest_path, overrides=overrides)
         runner = make_task_runner("dask", dask_address=manifest.flows.dask_address,
                                   dask_workers=manifest.flows.dask_workers)
         return extract_on_dask.with_options(task_runner=runner)(**kw)
@@ -289,11 +303,13 @@ def extract_on_dask(
     registry: dict[str, Any] | None = None,
     gpu_limit: str | None = None,
     progress: bool = True,
+    overrides: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """The extraction as a subflow, given a Dask task runner by its parent."""
     return _extract(
         manifest_path=manifest_path, dataset=dataset, stages=stages, force=force,
         chunk_size=chunk_size, registry=registry, gpu_limit=gpu_limit, progress=progress,
+        overrides=overrides,
     )
 
 
@@ -433,13 +449,16 @@ def run_extraction(
     chunk_size: int | None = None,
     registry: Mapping[str, StageEntry] | None = None,
     progress: bool = True,
+    overrides: Mapping[str, Any] | None = None,
 ) -> list[StageSummary]:
     """Run the extraction flow (Prefect's temporary server unless PREFECT_API_URL is set) and
     return one summary per dataset and stage. Defaults come from the manifest's `flows:`.
 
     When every requested stage is already complete (nothing missing, views current) the answer
-    comes from planning alone and no flow runs (`--force` always runs the flow)."""
-    manifest = load_manifest(manifest_path)
+    comes from planning alone and no flow runs (`--force` always runs the flow). `overrides`
+    is merged over the manifest file (e.g. `{"stages": {"rois": {"random_init": True}}}`)."""
+    overrides = json.loads(json.dumps(overrides)) if overrides else None  # plain, JSON-able
+    manifest = load_manifest(manifest_path, overrides=overrides)
     if dataset is not None:
         manifest.dataset(dataset)  # a clear error before any Prefect start-up
     stage_order(stages, registry or STAGES)
@@ -464,7 +483,7 @@ def run_extraction(
         result = extract_flow.with_options(task_runner=runner)(
             dataset=dataset, stages=list(stages) if stages else None, force=force,
             chunk_size=chunk_size, manifest_path=str(manifest.path), registry=reg_json,
-            progress=progress,
+            progress=progress, overrides=overrides,
         )
     finally:
         with _lock:

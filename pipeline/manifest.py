@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from features.params import STAGE_PARAMS, FlowParams
-from pipeline.config import from_mapping
+from pipeline.config import deep_merge, from_mapping
 from pipeline.errors import ManifestError
 
 DEFAULT_MANIFEST = "data_manifest.yaml"
@@ -144,8 +144,12 @@ def default_manifest_path() -> Path:
     return Path(os.environ.get("MRHP_MANIFEST", DEFAULT_MANIFEST))
 
 
-def load_manifest(path: str | Path | None = None) -> Manifest:
-    """Load and validate a manifest (default: $MRHP_MANIFEST or ./data_manifest.yaml)."""
+def load_manifest(path: str | Path | None = None, *,
+                  overrides: Mapping[str, Any] | None = None) -> Manifest:
+    """Load and validate a manifest (default: $MRHP_MANIFEST or ./data_manifest.yaml).
+
+    `overrides` is a nested mapping merged over the file's content before validation (e.g.
+    `{"stages": {"rois": {"random_init": True}}}` for `--random-init`)."""
     mpath = Path(path) if path is not None else default_manifest_path()
     if not mpath.is_file():
         raise ManifestError(f"{mpath}: manifest file not found")
@@ -156,6 +160,10 @@ def load_manifest(path: str | Path | None = None) -> Manifest:
         raise ManifestError(f"{mpath}: not valid YAML: {e}") from None
     except UnicodeDecodeError as e:
         raise ManifestError(f"{mpath}: not UTF-8 text ({e})") from None
+    if overrides:
+        if data is not None and not isinstance(data, Mapping):
+            raise ManifestError(f"{mpath}: expected a mapping at the top level")
+        data = deep_merge(data or {}, overrides)
     return manifest_from_mapping(data, mpath)
 
 

@@ -158,3 +158,30 @@ def test_sigkill_during_rois_then_rerun_equals_an_uninterrupted_run(tmp_path, ap
             else:
                 np.testing.assert_array_equal(arr, b[k][1][name])
     assert FeatureStore(store_root).fsck().ok
+
+
+def test_extract_random_init_flag_runs_rois_end_to_end_and_status_flags_it(tmp_path, api_url, capsys):
+    """`mrhp extract --stage rois --dataset demo --random-init` on a manifest that asks for real
+    weights it does not have: the flag gives seeded random weights, and status says so."""
+    import yaml
+
+    from pipeline.cli import main
+
+    if not (ROOT / "demo_data" / "pictures").is_dir():
+        pytest.skip("embedded demo dataset not found")
+    path = rois_manifest(tmp_path / "p")
+    data = yaml.safe_load(path.read_text())
+    data["stages"]["rois"]["random_init"] = False
+    path.write_text(yaml.safe_dump(data))
+    m = ["--manifest", str(path)]
+
+    assert main(m + ["extract", "--dataset", "demo", "--stage", "rois", "--no-progress"]) == 5
+    assert "bua-r101-c4" in capsys.readouterr().err  # no weights declared: a clear error
+
+    assert main(m + ["extract", "--dataset", "demo", "--stage", "rois", "--no-progress",
+                     "--random-init"]) == 0
+    out = capsys.readouterr().out
+    assert "(random-init)" in out
+    assert main(m + ["status", "--dataset", "demo", "--stage", "rois", "--random-init"]) == 0
+    row = [ln for ln in capsys.readouterr().out.splitlines() if " rois " in ln][0]
+    assert "(random-init)" in row and row.split()[3] == "17"  # 17 images done, 1 missing file

@@ -197,3 +197,12 @@ def test_empty_manifest_is_valid_and_declares_nothing(tmp_path):
     m = load_manifest(p)
     assert dict(m.datasets) == {} and m.roots.data == tmp_path.resolve()
     assert m.stage_params("tokens").min_freq == 5
+
+
+def test_overrides_merge_over_the_file_and_are_validated_like_it(tmp_path):
+    path = write_manifest(tmp_path, variant())
+    m = load_manifest(path, overrides={"stages": {"rois": {"random_init": True}}})
+    assert m.stages["rois"].random_init is True
+    assert load_manifest(path).stages["rois"].random_init is False
+    with pytest.raises(ManifestError, match=r"stages\.rois: unknown key\(s\) random_int"):
+        load_manifest(path, overrides={"stages": {"rois": {"random_int": True}}})

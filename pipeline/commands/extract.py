@@ -32,7 +32,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dask-address", help="scheduler of an existing Dask cluster (default: start a local one)")
     p.add_argument("--chunk-size", type=int, help="items per task (default: the manifest's flows.chunk_size)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--random-init", action="store_true",
+        help="ROI features from seeded random detector weights (demos and tests only: the "
+             "fingerprint says random-init and `mrhp status --random-init` flags it)",
+    )
     p.set_defaults(func=run)
+
+
+def random_init_overrides(random_init: bool) -> dict | None:
+    """Manifest overrides for `--random-init` (None when not asked)."""
+    return {"stages": {"rois": {"random_init": True}}} if random_init else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         args.manifest, dataset=args.dataset, stages=args.stages, force=args.force,
         task_runner=args.task_runner, dask_address=args.dask_address,
         chunk_size=args.chunk_size, progress=not args.no_progress,
+        overrides=random_init_overrides(args.random_init),
     )
     print(summary_table(summaries))
     for line in failure_lines(summaries):

@@ -46,6 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dataset", help="one dataset of the manifest (default: all)")
     p.add_argument("--stage", dest="stages", action="extend", nargs="+", metavar="S", help="default: all stages")
+    p.add_argument("--random-init", action="store_true",
+                   help="status of the features `mrhp extract --random-init` made")
     p.set_defaults(func=run)
 
 
@@ -99,8 +101,15 @@ def status_table(rows: list[StageStatus]) -> str:
             body.append((r.dataset, r.stage, "-", "-", "-", "-", "-", "-", f"not planned: {r.error}"))
             continue
         fp = r.fingerprint + (" (random-init)" if r.random_init else "")
+        note = ""
+        if r.view_fingerprint and r.view_fingerprint != r.fingerprint:
+            note = f"view built with {r.view_fingerprint}"
+            from features.rois import is_random_init
+
+            if is_random_init(r.view_fingerprint):
+                note += " (random-init)"
         body.append((r.dataset, r.stage, r.total, r.done, "-" if r.stale is None else r.stale,
-                     r.failed, r.missing, fp, ""))
+                     r.failed, r.missing, fp, note))
     return format_table(
         ("dataset", "stage", "total", "done", "stale", "failed", "missing", "fingerprint", "note"), body,
     )
@@ -111,7 +120,9 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.manifest import load_manifest
     from pipeline.store import FeatureStore
 
-    manifest = load_manifest(args.manifest)
+    from pipeline.commands.extract import random_init_overrides
+
+    manifest = load_manifest(args.manifest, overrides=random_init_overrides(args.random_init))
     datasets = [manifest.dataset(args.dataset).name] if args.dataset else list(manifest.datasets)
     store = FeatureStore(manifest.roots.store)
     rows = [
