@@ -22,19 +22,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.stage import FieldSpec, Record  # noqa: E402
+from features.schema import rois_schema  # noqa: E402
 from pipeline.store import FeatureStore  # noqa: E402
 
 SCHEMAS = {
     "features": {"features": FieldSpec("float16", (2048,), ragged=True)},
-    "rois": {
-        "features": FieldSpec("float16", (2048,), ragged=True),
-        "boxes": FieldSpec("float32", (4,), ragged=True),
-        "obj_ids": FieldSpec("int32", (), ragged=True),
-        "obj_conf": FieldSpec("float32", (), ragged=True),
-        "attr_ids": FieldSpec("int32", (), ragged=True),
-        "attr_conf": FieldSpec("float32", (), ragged=True),
-        "image_hw": FieldSpec("int32", (2,)),
-    },
+    "rois": rois_schema("float16", 2048),
 }
 
 

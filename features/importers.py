@@ -49,10 +49,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from features.schema import rois_schema
 from pipeline.errors import DataError
 from pipeline.hashing import sha256_file
 from pipeline.records import DatasetRecords
-from pipeline.stage import FieldSpec, Record
+from pipeline.stage import Record
 
 if TYPE_CHECKING:
     from pipeline.store import FeatureStore
@@ -140,17 +141,6 @@ class ImportReport:
         return "\n".join(lines)
 
 
-def rois_schema(feature_dtype: str = "float16", feature_dim: int = 2048) -> dict[str, FieldSpec]:
-    """The rois stage schema (docs/design.md "Stage outputs")."""
-    return {
-        "features": FieldSpec(feature_dtype, (feature_dim,), ragged=True),
-        "boxes": FieldSpec("float32", (4,), ragged=True),
-        "obj_ids": FieldSpec("int32", (), ragged=True),
-        "obj_conf": FieldSpec("float32", (), ragged=True),
-        "attr_ids": FieldSpec("int32", (), ragged=True),
-        "attr_conf": FieldSpec("float32", (), ragged=True),
-        "image_hw": FieldSpec("int32", (2,), ragged=False),
-    }
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from features.device import resolve_device
 from features.detector.checkpoint import load_state, read_checkpoint, verify_weights
 from features.detector.model import (
     BUADetector,
@@ -35,10 +36,11 @@ from features.detector.preprocess import MIN_SIDE, PreparedImage, pad_batch, pre
 from features.detector.selection import max_class_confidence_batch, select_boxes
 from features.images import decode_image
 from features.params import RoisParams
+from features.schema import rois_schema
 from pipeline.errors import DataError, StageError
 from pipeline.hashing import fingerprint as hash_fingerprint
 from pipeline.hashing import sha256_file
-from pipeline.stage import FieldSpec, Plan, Record, WorkItem
+from pipeline.stage import Plan, Record, WorkItem
 
 CODE_VERSION = "rois-1"  # bump when extraction code changes its outputs
 RANDOM_INIT_PREFIX = "random-init-"
@@ -47,17 +49,6 @@ _BUCKET = 4  # aspect-ratio bucketing window, in batches
 _HASH_THREADS = 8  # concurrent file hashes in plan()
 
 
-def rois_schema(feature_dtype: str = "float16", feature_dim: int = 2048) -> dict[str, FieldSpec]:
-    """Stored fields per image (docs/design.md "Stage outputs")."""
-    return {
-        "features": FieldSpec(feature_dtype, (feature_dim,), ragged=True),
-        "boxes": FieldSpec("float32", (4,), ragged=True),
-        "obj_ids": FieldSpec("int32", (), ragged=True),
-        "obj_conf": FieldSpec("float32", (), ragged=True),
-        "attr_ids": FieldSpec("int32", (), ragged=True),
-        "attr_conf": FieldSpec("float32", (), ragged=True),
-        "image_hw": FieldSpec("int32", (2,)),
-    }
 
 
 def is_random_init(fingerprint_or_params: Any) -> bool:
@@ -69,17 +60,6 @@ def is_random_init(fingerprint_or_params: Any) -> bool:
     return bool(getattr(fingerprint_or_params, "random_init", False))
 
 
-def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; otherwise the named device (StageError if absent)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise StageError(f"stages.rois.device: {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise StageError(f"stages.rois.device: {device!r} asked for CUDA, which is not available here")
-    return dev
 
 
 # --------------------------------------------------------------------------- extraction

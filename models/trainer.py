@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from features.device import resolve_device
 from models.config import TrainConfig, config_to_yaml, train_config
 from models.data import DataBundle, ProductSource, eval_plan, make_loader, train_plan
 from models.losses import ranking_loss
@@ -63,16 +64,6 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise TrainingError(f"device: {name!r} is not a torch device (auto, cpu, cuda, cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"device: {name!r} requested but CUDA is not available")
-    return dev
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -90,7 +81,7 @@ def score_source(model: nn.Module, source: ProductSource, *, cfg: TrainConfig,
                  device: torch.device | None = None) -> list[dict[str, Any]]:
     """Score every review of every product of `source`: a list of {"product_id", "review_id",
     "label", "score"}, products in source order, reviews in product order."""
-    device = device or resolve_device(cfg.device)
+    device = device or resolve_device(cfg.device, error=TrainingError, key="device")
     model.eval()
     plan = eval_plan(source, batch_products=cfg.eval_batch_products, max_reviews=cfg.eval_max_reviews)
     loader = make_loader(source, plan, cfg.data, num_workers=cfg.num_workers)
@@ -151,7 +142,7 @@ class Trainer:
         self.data = data
         self.paths = RunPaths(Path(run_dir))
         self.progress = progress or log.info
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, error=TrainingError, key="device")
         self.threshold = cfg.threshold if cfg.threshold is not None else data.threshold
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, cfg.model_cfg, data.embeddings).to(self.device)
