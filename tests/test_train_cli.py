@@ -131,3 +131,21 @@ def test_train_refuses_to_clobber_a_run_unless_overwrite(workspace, capsys):
     assert main([*m, "train", "--model", "length", "--dataset", "synth", "--name", "again"]) == 6
     assert "already holds a run" in capsys.readouterr().err
     assert main([*m, "train", "--model", "length", "--dataset", "synth", "--name", "again", "--overwrite"]) == 0
+
+
+def test_predict_computes_probe_masks_for_new_reviews_like_the_probes_stage(workspace):
+    from types import SimpleNamespace
+
+    from pipeline.commands.predict import _aligned_probe, probe_masks
+
+    root, _ = workspace
+    manifest = load_manifest(root / "data_manifest.yaml")
+    spec = manifest.dataset("synth")
+    reviews = ["I bought this pan in Japan. It heats evenly. The handle broke."]
+    (mask,) = probe_masks(manifest, spec, "synth", reviews, ["Stainless Steel Frying Pan"])
+    # raw tokens: i bought this pan in japan . | it heats evenly . | the handle broke .
+    assert mask.tolist() == [1] * 7 + [1] * 4 + [0] * 4
+    enc = SimpleNamespace(ids=np.array([5, 6, 7]), pos=np.array([3, 8, 12]), n_raw=15)
+    assert _aligned_probe(mask, enc).tolist() == [1.0, 1.0, 0.0]  # pan, heats, handle
+    assert _aligned_probe(None, enc).tolist() == [1.0, 1.0, 1.0]
+    assert probe_masks(manifest, spec, "no-such-dataset", reviews, ["x"]) == [None]

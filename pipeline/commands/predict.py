@@ -7,8 +7,10 @@ Texts are tokenized exactly as the tokens stage does (`features.text.tokens.enco
 the vocabulary the run was trained with (its `data.json`). Images are looked up in the feature
 store by the sha256 of their bytes under the run dataset's rois fingerprint: an image already
 extracted contributes its ROI features, any other image is counted and left out (run the rois
-stage on a dataset holding it to include it). New reviews get probe masks of ones (plain
-attention) since the probes stage runs over whole datasets.
+stage on a dataset holding it to include it). When the run's dataset has a probes view (the
+model was trained with probe masks), new reviews get probe masks computed the way the probes
+stage does (`features.text.probes.ProbeMasker` with the manifest's probes parameters); a
+review whose mask cannot be computed, or a dataset without probes, gets a mask of ones.
 
 Output: JSON lines `{"product_id", "rank", "review_id", "score"[, "label"]}`, ranked by score
 within each product, to --output or stdout; `--format table` prints a readable table instead.
@@ -144,19 +146,46 @@ def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, m
             products.append(item)
         rtexts = [str(rt["content"][k] or "") for k in rkeys]
         renc = encode_texts(rtexts, rvw_vocab, language=spec.language, max_len=max_len)
-        for k, enc in zip(rkeys, renc):
+        names = {pid: str(pt["name"][k] or "") for k, pid in zip(pkeys, pids)}
+        masks = probe_masks(manifest, spec, dataset, rtexts,
+                            [names.get(str(rt["product_id"][k]), "") for k in rkeys])
+        for k, enc, mask in zip(rkeys, renc, masks):
             rid, pid = str(rt["review_id"][k]), str(rt["product_id"][k])
             if pid not in by_pid:
                 raise DataError(f"{rvw_path}: row {k!r}: review {rid!r} names product {pid!r}, not in {prd_path.name}")
             by_pid[pid].reviews.append(ReviewItem(
                 id=rid, tokens=enc.ids.astype(np.int64), rois=rois(_image_files(images, split, "rvw", rid)),
-                probe=np.ones(len(enc.ids), dtype=np.float32), label=labels.get(rid, float("nan")),
+                probe=_aligned_probe(mask, enc), label=labels.get(rid, float("nan")),
                 length=float(enc.n_raw),
             ))
     products = [p for p in products if p.reviews]
     if not products:
         raise DataError(f"--input {path}: no product with reviews")
     return InMemorySource(products, roi_dim=cfg.roi_dim), rois
+
+
+def probe_masks(manifest, spec, dataset: str, reviews: list[str], names: list[str]) -> list:
+    """Probe masks over the raw tokens of new reviews, as the probes stage computes them, or
+    Nones when the run's dataset has no probes view (its models saw masks of ones)."""
+    from pipeline.store import FeatureStore
+
+    try:
+        FeatureStore(manifest.store_root).view(dataset, "probes")
+    except StoreError:
+        return [None] * len(reviews)
+    from features.text.probes import ProbeMasker, ProbeResult
+
+    p = manifest.stage_params("probes")
+    masker = ProbeMasker(language=spec.language, mode=p.mode, coref=p.coref,
+                         near_root=p.near_root, batch_size=p.batch_size)
+    return [r.mask if isinstance(r, ProbeResult) else None for r in masker.masks(reviews, names)]
+
+
+def _aligned_probe(mask: np.ndarray | None, enc) -> np.ndarray:
+    """The probe mask at the kept token positions (`mask[pos]`, as models.data aligns it)."""
+    if mask is None or len(mask) != int(enc.n_raw):
+        return np.ones(len(enc.ids), dtype=np.float32)
+    return np.asarray(mask, dtype=np.float32)[np.asarray(enc.pos, dtype=np.int64)]
 
 
 def ranked(preds: list[dict]) -> list[dict]:
