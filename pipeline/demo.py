@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__)
     parser.add_argument("--manifest", default="data_manifest.yaml")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=5)  # the papers average 5 runs
     parser.add_argument("--models", nargs="+", default=list(DEMO_MODELS))
     args = parser.parse_args(argv)
     m = ["--manifest", args.manifest]
