@@ -81,9 +81,16 @@ def build_deployments(spec: DeploySpec, *, for_work_pool: bool = True) -> list[A
     """RunnerDeployment objects of the five extraction flows (nothing is sent to the API)."""
     from flows.extract import STAGE_FLOWS, extract_flow
 
+    from prefect.deployments.runner import EntrypointType
+
     params = {"manifest_path": spec.manifest_path, "gpu_limit": spec.gpu_limit, "progress": False,
               "on_dask": spec.on_dask}
-    kw: dict[str, Any] = {"work_pool_name": spec.work_pool} if for_work_pool else {}
+    # Entrypoints by module (`flows.extract.extract_rois`, importable wherever the project is
+    # installed), not by a file path relative to the folder `mrhp deploy` ran in; a process
+    # worker would otherwise run each flow in an empty temporary folder and fail to find it.
+    kw: dict[str, Any] = {"entrypoint_type": EntrypointType.MODULE_PATH}
+    if for_work_pool:
+        kw.update(work_pool_name=spec.work_pool, job_variables={"working_dir": str(PROJECT_ROOT)})
     out = [extract_flow.to_deployment(
         name="all", cron=spec.cron, parameters=params, tags=["mrhp"],
         description="Every stage of every dataset, recomputing only what changed.", **kw,
@@ -126,8 +133,30 @@ def apply_deployments(spec: DeploySpec) -> list[str]:
     names = []
     for dep in build_deployments(spec):
         dep.apply(work_pool_name=spec.work_pool)
-        names.append(f"{dep.flow_name}/{dep.name}")
+        names.append(dep.full_name)
     return names
+
+
+def release_from_work_pool(deployments: list[Any]) -> list[str]:
+    """Delete the deployments of the same names that `mrhp deploy` put on a work pool.
+
+    Serving updates a deployment in place but keeps its work pool, so a worker of that pool
+    would keep taking the served deployment's runs (and its schedule would run twice). Served
+    deployments are recreated at once without a pool; `mrhp deploy` moves them back."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    released = []
+    with get_client(sync_client=True) as client:
+        for dep in deployments:
+            try:
+                existing = client.read_deployment_by_name(dep.full_name)
+            except ObjectNotFound:
+                continue
+            if existing.work_pool_name:
+                client.delete_deployment(existing.id)
+                released.append(dep.full_name)
+    return released
 
 
 def serve_deployments(spec: DeploySpec) -> None:
@@ -135,4 +164,6 @@ def serve_deployments(spec: DeploySpec) -> None:
     from prefect import serve
 
     ensure_gpu_limit(spec)
-    serve(*build_deployments(spec, for_work_pool=False))
+    deployments = build_deployments(spec, for_work_pool=False)
+    release_from_work_pool(deployments)
+    serve(*deployments)

@@ -147,14 +147,17 @@ def test_extract_rejects_an_unknown_stage_without_a_traceback(project, capsys):
 def test_deploy_registers_flows_on_the_work_pool_with_a_gpu_limit(tmp_path):
     from prefect.client.orchestration import get_client
 
-    from flows.deploy import apply_deployments, build_deployments, deploy_spec
+    from flows.deploy import apply_deployments, build_deployments, deploy_spec, release_from_work_pool
 
     manifest = load_manifest(write_project(tmp_path, 1))
     spec = deploy_spec(manifest, work_pool="gpu-box", cron="0 3 * * *")
     deps = build_deployments(spec)
     assert [d.name for d in deps] == ["all", "rois", "tokens", "embeddings", "probes"]
     assert deps[0].parameters["gpu_limit"] == "gpu-box-gpu" and deps[0].parameters["on_dask"] is False
-    assert deps[0].entrypoint.endswith("flows/extract.py:extract_flow")
+    # By module, and run in the project folder: a process worker would otherwise look for a
+    # file path relative to wherever `mrhp deploy` ran, inside an empty temporary folder.
+    assert deps[0].entrypoint == "flows.extract.extract_flow"
+    assert deps[1].job_variables == {"working_dir": str(Path(__file__).resolve().parent.parent)}
     names = apply_deployments(spec)
     assert names[0] == "mrhp-extract/all" and "mrhp-extract-rois/rois" in names
     with get_client(sync_client=True) as client:
@@ -164,6 +167,10 @@ def test_deploy_registers_flows_on_the_work_pool_with_a_gpu_limit(tmp_path):
         limit = client.read_global_concurrency_limit_by_name("gpu-box-gpu")
         assert limit.limit == manifest.flows.gpu_concurrency == 1
         assert client.read_work_pool("gpu-box").type == "process"
+    # `mrhp serve` takes the deployments off the work pool (else the pool's worker takes their runs).
+    served = build_deployments(spec, for_work_pool=False)
+    assert release_from_work_pool(served) == names
+    assert release_from_work_pool(served) == []
 
 
 def test_deploy_rejects_a_bad_cron_expression(tmp_path, capsys, monkeypatch):

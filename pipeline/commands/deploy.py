@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.manifest import load_manifest
 
     require_api_url("deploy")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API request otherwise
     spec = deploy_spec(load_manifest(args.manifest), work_pool=args.work_pool, cron=args.cron)
     for name in apply_deployments(spec):
         print(f"deployed {name} on work pool {spec.work_pool}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -11,7 +12,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Serve deployments mrhp-extract/all (on the cron schedule, if any) and "
             "mrhp-extract-<stage>/<stage> from this process; runs are triggered from the Prefect UI "
-            "or `prefect deployment run`. Needs a Prefect server: set PREFECT_API_URL."
+            "or `prefect deployment run`. Same-named deployments on a work pool (from `mrhp deploy`) are "
+            "replaced; `mrhp deploy` puts them back. Needs a Prefect server: set PREFECT_API_URL."
         ),
     )
     p.add_argument("--cron", help="cron schedule of the whole extraction (default: flows.cron)")
@@ -23,5 +25,6 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.manifest import load_manifest
 
     require_api_url("serve")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API request otherwise
     serve_deployments(deploy_spec(load_manifest(args.manifest), cron=args.cron))
     return 0
