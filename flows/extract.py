@@ -35,7 +35,8 @@ from flows.caching import ContentChunkCache, forget_stage_results, result_storag
 from pipeline.errors import ConfigError, StageError
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.runner import (
-    ChunkOutcome, StageSummary, finish_stage, is_random_init, plan_stage, run_chunk,
+    ChunkOutcome, StageSummary, finish_stage, is_random_init, item_ids_by_key, plan_stage,
+    prior_failures, run_chunk,
 )
 from pipeline.stage import WorkItem
 
@@ -430,10 +431,12 @@ def up_to_date(
                 _planned[(str(manifest.path), ds, name)] = (stage, work)
             if work.todo or not view_is_current(store, ds, name, work.fingerprint, work.plan.view):
                 return None
+            earlier = prior_failures(work, store)
             out.append(StageSummary(
                 dataset=ds, stage=name, fingerprint=work.fingerprint,
-                random_init=is_random_init(stage, manifest), total=work.total, reused=work.total,
-                view_written=True,
+                random_init=is_random_init(stage, manifest), total=work.total,
+                reused=work.total - len(earlier), failures=earlier,
+                failed_items=item_ids_by_key(work.plan.view, earlier), view_written=True,
             ))
     return out
 

@@ -6,10 +6,11 @@ splits them into chunks, runs each chunk through `stage.run` into a segment writ
 the dataset view once every planned key is either computed or recorded as a failure.
 
 Counting (the summary every flow returns):
-- `reused`: planned keys the store already held (a result or a recorded failure) before the run;
+- `reused`: planned keys whose result the store already held before the run;
 - `done`: keys computed by this run with a result;
-- `failed`: keys this run recorded as failures (bad input) plus keys whose chunk raised after
-  its retries (`errors`; not stored, so a later run tries them again).
+- `failed`: planned keys with a failure record (bad input: recorded by this run or an earlier
+  one, so a rerun still reports them) plus keys whose chunk raised after its retries (`errors`;
+  not stored, so a later run tries them again).
 """
 from __future__ import annotations
 
@@ -204,6 +205,15 @@ def item_ids_by_key(view: Mapping[str, str], keys: Iterable[str]) -> dict[str, l
     return {k: sorted(v) for k, v in out.items()}
 
 
+def prior_failures(work: StageWork, store: Any) -> dict[str, str]:
+    """Failure records the store held for planned keys this run did not have to compute."""
+    if work.reused == 0:
+        return {}
+    todo = set(work.todo)
+    return {k: r for k, r in store.failures(work.stage.name, work.fingerprint).items()
+            if k in work.plan.items and k not in todo}
+
+
 def finish_stage(
     work: StageWork, store: Any, dataset: str, outcomes: Iterable[ChunkOutcome],
     errors: Mapping[str, str], *, random_init: bool = False, chunks: int = 0,
@@ -213,9 +223,11 @@ def finish_stage(
     `errors` maps keys of chunks that raised to the error; keys among them that the store holds
     anyway (committed before the exception) are not reported.
     """
+    earlier = prior_failures(work, store)
     summary = StageSummary(
         dataset=dataset, stage=work.stage.name, fingerprint=work.fingerprint,
-        random_init=random_init, total=work.total, reused=work.reused, chunks=chunks,
+        random_init=random_init, total=work.total, reused=work.reused - len(earlier),
+        failures=earlier, chunks=chunks,
     )
     for o in outcomes:
         # Skipped keys were missing when planned: an earlier attempt of the same chunk made them.
