@@ -1,9 +1,11 @@
 """Training instances per product: the MCR pairwise sampler and a listwise option.
 
 Pairwise (REFERENCE.md section 4): within a product, every review whose label is above the
-product's lowest label is a positive; each positive gets `num_negatives` (7) negatives of the
-same product drawn with replacement from the reviews whose label is at least `min_gap` (2)
-lower. A positive with no review at least `min_gap` lower (e.g. label 1 when the lowest is 0)
+product's lowest labels is a positive: as MCR's sampler (distinct labels of the product, the
+lowest `ceil(min_gap)` of them excluded: with the shipped gap 2 neither the lowest nor the
+second-lowest distinct label is a positive, e.g. labels {0, 3} give no instance); each positive
+gets `num_negatives` (7) negatives of the same product drawn with replacement from the reviews
+whose label is at least `min_gap` (2) lower. A positive with no review at least `min_gap` lower
 yields no instance: it is skipped, since no negative satisfies the rule. Negatives carry the
 weight 1 - (global frequency of their label), computed once over the training reviews; with
 `weight_mode="loss"` (default) the weight multiplies the negative's hinge term, with
@@ -16,6 +18,7 @@ lower, no sampling; rows are padded to the widest instance with weight 0.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -74,9 +77,12 @@ class PairwiseSampler:
         y = np.asarray(labels, dtype=np.float64)
         if len(y) < 2:
             return []
-        lowest = y.min()
+        distinct = np.unique(y)  # ascending
+        excluded = max(1, math.ceil(self.min_gap))  # the product's lowest distinct labels
+        if len(distinct) <= excluded:
+            return []
         out = []
-        for pos in np.flatnonzero(y > lowest):
+        for pos in np.flatnonzero(y > distinct[excluded - 1]):
             cand = np.flatnonzero(y <= y[pos] - self.min_gap)
             if len(cand) == 0:
                 continue  # no negative at least min_gap lower: the positive is skipped

@@ -28,8 +28,8 @@ def test_positives_are_above_lowest_and_negatives_at_least_two_lower():
 
 
 def test_negatives_drawn_with_replacement_from_same_product_only():
-    labels = np.array([3, 0, 3, 0, 1])
-    prod = np.array([0, 0, 1, 1, 1])
+    labels = np.array([3, 0, 2, 3, 0, 1])
+    prod = np.array([0, 0, 0, 1, 1, 1])
     inst = PairwiseSampler(num_negatives=7).sample(labels, prod, np.random.default_rng(1))
     assert inst.index.shape == (2, 8) and inst.weights.shape == (2, 7)
     for row in inst.index:
@@ -37,6 +37,16 @@ def test_negatives_drawn_with_replacement_from_same_product_only():
         assert np.all(labels[row[1:]] <= labels[row[0]] - 2)
     # product 0 has a single candidate negative: drawn 7 times (with replacement)
     assert np.all(inst.index[0, 1:] == 1)
+
+
+def test_positives_skip_the_two_lowest_distinct_labels_as_mcr_does():
+    # MCR's sampler (relation_building_interval 1): the lowest two distinct labels of a product
+    # are never positives, even when the second-lowest is 2 above the lowest
+    s = PairwiseSampler(num_negatives=3)
+    assert s.sample_product(np.array([0, 3, 0, 3]), np.random.default_rng(0)) == []
+    rows = s.sample_product(np.array([0, 2, 4, 2, 0]), np.random.default_rng(0))
+    assert [p for p, _, _ in rows] == [2]
+    assert set(rows[0][1].tolist()) <= {0, 1, 3, 4}
 
 
 def test_product_with_all_equal_labels_or_single_review_gives_nothing():
