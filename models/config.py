@@ -49,7 +49,7 @@ class TrainConfig:
     sampler: Literal["pairwise", "listwise"] = "pairwise"
     num_negatives: int = 7  # K negatives per positive (pairwise)
     min_gap: float = 2.0  # a negative's label is at least this much below the positive's
-    negative_weights: Literal["loss", "sampling", "none"] = "loss"  # use of 1 - label frequency
+    negative_weights: Literal["loss", "sampling", "none"] = "sampling"  # 1 - label frequency: sampling probability (MCR) or hinge weight
     margin: Literal["label", "fixed"] = "label"  # hinge margin: label difference or fixed_margin
     fixed_margin: float = 1.0
     grad_clip: float | None = 5.0  # max global grad norm; None disables clipping

@@ -8,9 +8,10 @@ gets `num_negatives` (7) negatives of the same product drawn with replacement fr
 whose label is at least `min_gap` (2) lower. A positive with no review at least `min_gap` lower
 yields no instance: it is skipped, since no negative satisfies the rule. Negatives carry the
 weight 1 - (global frequency of their label), computed once over the training reviews; with
-`weight_mode="loss"` (default) the weight multiplies the negative's hinge term, with
-`"sampling"` negatives are drawn with probability proportional to it and weigh 1, with
-`"none"` all weigh 1. Instances are re-drawn every epoch from a seeded numpy Generator that the
+`weight_mode="sampling"` (the trainer's default, `TrainConfig.negative_weights`, as MCR's code
+ships: `weighted_sampling: true`) negatives are drawn with probability proportional to it and
+weigh 1 in the loss; with `"loss"` (this class's default) the weight multiplies the negative's
+hinge term instead; with `"none"` all weigh 1. Instances are re-drawn every epoch from a seeded numpy Generator that the
 trainer owns, so a run is reproducible and resumable.
 
 Listwise: each positive is paired with *every* review of its product at least `min_gap`
