@@ -11,7 +11,6 @@ and the log.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import logging
 from collections.abc import Iterator, Sequence
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from features.params import EmbeddingsParams
-from features.text.tokens import GivenRecords, load_records
+from features.text.tokens import records_loader
 from features.text.vectors import LoadedVectors, build_matrix, load_vectors, source_sha256
 from features.text.vocab import FIELDS, Vocabularies, fit_vocabularies, read_vocabularies, train_texts
 from pipeline.errors import StageError
@@ -133,6 +132,6 @@ def build_stage(manifest: Any, dataset_name: str, *, records: Any = None) -> Emb
         vectors_spec=manifest.word_vectors(spec.word_vectors),
         language=spec.language,
         dataset=dataset_name,
-        records_loader=GivenRecords(records) if records is not None else functools.partial(load_records, manifest, dataset_name),
+        records_loader=records_loader(manifest, dataset_name, records),
         store_root=Path(manifest.store_root),
     )

@@ -308,12 +308,12 @@ class ProbesStage:
 
 def build_stage(manifest: Any, dataset_name: str, *, records: Any = None) -> ProbesStage:
     """The probes stage of `dataset_name` (records: already-loaded DatasetRecords, e.g. tests)."""
-    from features.text.tokens import GivenRecords, load_records
+    from features.text.tokens import records_loader
 
     spec = manifest.dataset(dataset_name)
     return ProbesStage(
         params=manifest.stage_params("probes"),
         language=spec.language,
         dataset=dataset_name,
-        records_loader=GivenRecords(records) if records is not None else functools.partial(load_records, manifest, dataset_name),
+        records_loader=records_loader(manifest, dataset_name, records),
     )

@@ -62,6 +62,13 @@ def load_records(manifest: Any, dataset_name: str) -> Any:
     return load_dataset(manifest.dataset(dataset_name))
 
 
+def records_loader(manifest: Any, dataset_name: str, records: Any = None) -> Any:
+    """A picklable loader of the dataset's records (the given ones, else the MRHP reader's)."""
+    if records is not None:
+        return GivenRecords(records)
+    return functools.partial(load_records, manifest, dataset_name)
+
+
 def dataset_vocabularies(manifest: Any, dataset_name: str, *, records: Any = None) -> Vocabularies:
     """The vocabularies of a dataset under the manifest's tokens parameters: fit on its train
     split on first use, read from `<store root>/vocab/` afterwards."""
@@ -184,7 +191,7 @@ def build_stage(manifest: Any, dataset_name: str, *, records: Any = None) -> Tok
         params=manifest.stage_params("tokens"),
         language=spec.language,
         dataset=dataset_name,
-        records_loader=GivenRecords(records) if records is not None else functools.partial(load_records, manifest, dataset_name),
+        records_loader=records_loader(manifest, dataset_name, records),
         store_root=Path(manifest.store_root),
     )
 

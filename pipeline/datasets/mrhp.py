@@ -318,13 +318,7 @@ def _load(
         # 2. products
         path = table_path(spec, c, "prd", s)
         local_products: set[str] = set()
-        try:
-            keys, t = read_column_table(path, PRD_COLUMNS)
-        except DataError as e:
-            issues.error(str(path), str(e))
-            keys, t = [], {}
-        if t:
-            counts[path.name] = len(keys)
+        keys, t = _read_or_report(path, PRD_COLUMNS, issues, counts)
         for key in keys:
             try:
                 pid = _as_id(t["product_id"][key], path, key, "product_id")
@@ -355,13 +349,7 @@ def _load(
         path = table_path(spec, c, "rvw", s)
         seen_in_rvw: set[str] = set()
         dropped_zero = 0
-        try:
-            keys, t = read_column_table(path, RVW_COLUMNS)
-        except DataError as e:
-            issues.error(str(path), str(e))
-            keys, t = [], {}
-        if t:
-            counts[path.name] = len(keys)
+        keys, t = _read_or_report(path, RVW_COLUMNS, issues, counts)
         for key in keys:
             try:
                 rid = _as_id(t["review_id"][key], path, key, "review_id")
@@ -436,6 +424,18 @@ def _label(mode: str, r: _RelRow) -> tuple[int | None, int | None]:
         )
     v = int(r.value)
     return (votes_to_label(v), v) if v > 0 else (None, v)
+
+
+def _read_or_report(path: Path, columns: Sequence[str], issues: Any,
+                    counts: dict[str, int]) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """A table's rows, or none with the error recorded (validation goes on past a bad file)."""
+    try:
+        keys, t = read_column_table(path, columns)
+    except DataError as e:
+        issues.error(str(path), str(e))
+        return [], {}
+    counts[path.name] = len(keys)
+    return keys, t
 
 
 def load_dataset(
