@@ -33,6 +33,39 @@ class RoisParams:
     autocast: bool = False  # bf16/fp16 autocast on GPU (see docs/benchmarks.md for its error)
     max_pixels: int = 89_478_485  # decompression-bomb guard: larger images become failures
 
+    def problems(self) -> list[str]:
+        """Settings that contradict each other (checked when the manifest loads, before any compute:
+        the detector could only store fewer boxes than asked, or fail on every image)."""
+        out = []
+        proposals = self.rpn_post_nms_top_n
+        if self.fixed_k is not None:
+            if self.fixed_k < 1:
+                out.append(f"fixed_k: expected a positive number of boxes, got {self.fixed_k}")
+            elif self.fixed_k > proposals:
+                out.append(f"fixed_k: {self.fixed_k} boxes cannot come from rpn_post_nms_top_n {proposals} "
+                           f"proposals; lower fixed_k or raise rpn_post_nms_top_n")
+        else:
+            if self.min_boxes < 0:
+                out.append(f"min_boxes: expected 0 or more, got {self.min_boxes}")
+            if self.min_boxes > self.max_boxes:
+                out.append(f"min_boxes: {self.min_boxes} is larger than max_boxes {self.max_boxes}")
+            if self.min_boxes > proposals:
+                out.append(f"min_boxes: {self.min_boxes} boxes cannot come from rpn_post_nms_top_n {proposals} "
+                           f"proposals; lower min_boxes or raise rpn_post_nms_top_n")
+        if self.rpn_pre_nms_top_n < proposals:
+            out.append(f"rpn_pre_nms_top_n: {self.rpn_pre_nms_top_n} is below rpn_post_nms_top_n {proposals}")
+        if self.min_size < 1 or self.max_size < self.min_size:
+            out.append(f"min_size/max_size: expected 1 <= min_size <= max_size, got {self.min_size}/{self.max_size}")
+        if not 0.0 <= self.conf_thresh <= 1.0:
+            out.append(f"conf_thresh: expected a value in [0, 1], got {self.conf_thresh}")
+        if not 0.0 < self.nms_thresh <= 1.0:
+            out.append(f"nms_thresh: expected a value in (0, 1], got {self.nms_thresh}")
+        if self.batch_size < 1:
+            out.append(f"batch_size: expected a positive integer, got {self.batch_size}")
+        if self.num_workers < 0:
+            out.append(f"num_workers: expected 0 or more, got {self.num_workers}")
+        return out
+
 
 @dataclass(frozen=True)
 class TokensParams:

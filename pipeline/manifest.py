@@ -252,6 +252,10 @@ def manifest_from_mapping(data: Any, mpath: Path) -> Manifest:
         )
     for name, cls in STAGE_PARAMS.items():
         stages[name] = sub(cls, raw.stages.get(name), f"stages.{name}")
+        check = getattr(stages[name], "problems", None)
+        problems = check() if check is not None else []
+        if problems:  # impossible settings are refused before any compute
+            raise ManifestError(f"{mpath}: stages.{name}.{problems[0]}")
 
     return Manifest(
         path=mpath.resolve(),

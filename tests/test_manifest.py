@@ -206,3 +206,25 @@ def test_overrides_merge_over_the_file_and_are_validated_like_it(tmp_path):
     assert load_manifest(path).stages["rois"].random_init is False
     with pytest.raises(ManifestError, match=r"stages\.rois: unknown key\(s\) random_int"):
         load_manifest(path, overrides={"stages": {"rois": {"random_int": True}}})
+
+
+@pytest.mark.parametrize("rois, expected", [
+    ({"fixed_k": 36, "rpn_post_nms_top_n": 20}, "stages.rois.fixed_k: 36 boxes cannot come from rpn_post_nms_top_n 20"),
+    ({"min_boxes": 25, "rpn_post_nms_top_n": 20}, "stages.rois.min_boxes: 25 boxes cannot come from"),
+    ({"min_boxes": 50, "max_boxes": 36}, "stages.rois.min_boxes: 50 is larger than max_boxes 36"),
+    ({"rpn_pre_nms_top_n": 100, "rpn_post_nms_top_n": 300}, "stages.rois.rpn_pre_nms_top_n: 100 is below"),
+    ({"min_size": 800, "max_size": 600}, "stages.rois.min_size/max_size"),
+])
+def test_impossible_box_settings_refused_at_load(tmp_path, rois, expected):
+    data = variant(stages={"rois": rois})
+    with pytest.raises(ManifestError) as err:
+        load_manifest(write_manifest(tmp_path, data))
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_box_settings_checked_after_overrides(tmp_path):
+    path = write_manifest(tmp_path, variant(stages={"rois": {"rpn_post_nms_top_n": 20, "fixed_k": 10}}))
+    assert load_manifest(path).stages["rois"].fixed_k == 10
+    with pytest.raises(ManifestError, match="fixed_k: 36"):
+        load_manifest(path, overrides={"stages": {"rois": {"fixed_k": 36}}})
