@@ -32,7 +32,7 @@ from prefect.futures import as_completed
 
 from features.registry import STAGES, StageEntry, build_stage, stage_order
 from flows.caching import ContentChunkCache, forget_stage_results, result_storage
-from pipeline.errors import ConfigError, StageError
+from pipeline.errors import ConfigError, DataError, ResourceError, StageError
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.runner import (
     ChunkOutcome, StageSummary, finish_stage, is_random_init, item_ids_by_key, plan_stage,
@@ -149,6 +149,24 @@ def extract_chunk(
         return run_chunk(stage, open_store(ref.store_root), items, fingerprint=fingerprint).to_json()
 
 
+def is_deterministic(exc: BaseException | None) -> bool:
+    """Errors that a retry cannot fix: bad configuration, bad data, missing resources (weights,
+    side environments) and a fingerprint mismatch between hosts. Store errors and anything
+    foreign (out of memory, a lost worker, I/O) may be transient and keep their retries."""
+    if isinstance(exc, (ConfigError, DataError, ResourceError)):
+        return True
+    return isinstance(exc, StageError) and "fingerprint" in str(exc)
+
+
+def retry_transient_only(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn`: retry a failed chunk unless its error is deterministic."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:  # noqa: BLE001 - the result could not be read: keep the retry policy
+        return True
+    return not (isinstance(exc, BaseException) and is_deterministic(exc))
+
+
 def _registry_from_json(registry: Mapping[str, Any] | None) -> dict[str, StageEntry]:
     if not registry:
         return dict(STAGES)
@@ -187,6 +205,7 @@ def _run_stage(
         name=f"extract-{name}",
         retries=manifest.flows.retries,
         retry_delay_seconds=manifest.flows.retry_delay_seconds,
+        retry_condition_fn=retry_transient_only,
         result_storage=result_storage(store_root),
         refresh_cache=force,
         tags=[f"mrhp-stage:{name}", *([GPU_LIMIT_TAG] if entry.gpu else [])],

@@ -7,7 +7,8 @@ cost microseconds per item:
   `raw_root`, keyed by the sha256 of its bytes (view item id: the path relative to raw_root).
   Outputs `vec` float32 (8,) derived from the bytes and `codes` int32 ragged (the bytes).
   A file starting with `BAD` yields a failure record; one starting with `RAISE` makes `run`
-  raise (a chunk that fails after its retries).
+  raise (a chunk that fails after its retries); one starting with `CONFIG` raises a ConfigError
+  (deterministic: the flow must not retry it).
 - `synthetic_sum` (`flows.synthetic:build_sum_stage`): depends on `synthetic`
   and reads its outputs from the store; its key is derived from the upstream key, so it
   recomputes exactly the items whose upstream changed.
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from features.registry import StageEntry
+from pipeline.errors import ConfigError
 from pipeline.hashing import fingerprint, sha256_file, text_key
 from pipeline.stage import FieldSpec, Plan, Record, WorkItem
 
@@ -95,6 +97,9 @@ class SyntheticStage:
                     continue
                 if data.startswith(b"RAISE"):
                     raise RuntimeError(f"synthetic error on {it.source}")
+                if data.startswith(b"CONFIG"):  # a deterministic error: never worth a retry
+                    _log(self.log, f"{self.name}-config-attempt", [it.key])
+                    raise ConfigError(f"synthetic configuration error on {it.source}")
                 done.append(it.key)
                 if data.startswith(b"BAD"):
                     yield Record(key=it.key, failure=f"{it.source}: bad input (starts with BAD)")

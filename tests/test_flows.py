@@ -205,3 +205,33 @@ def test_a_process_forked_after_a_flow_run_exits_cleanly():
     assert q.get(timeout=30) == "ok"
     p.join(timeout=30)
     assert p.exitcode == 0
+
+
+def test_a_deterministic_error_is_not_retried(tmp_path, monkeypatch, capsys):
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("MRHP_SYNTH_LOG", str(log))
+    for name, entry in REGISTRY.items():
+        monkeypatch.setitem(stage_registry.STAGES, name, entry)
+    manifest = write_project(tmp_path, 6, chunk_size=3, retries=2)
+    text_file(tmp_path, 1).write_text("CONFIG error", encoding="utf-8")
+    text_file(tmp_path, 4).write_text("RAISE please", encoding="utf-8")
+    code = main(["--manifest", str(manifest), "extract", "--stage", "synthetic", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 5 and "ConfigError: synthetic configuration error" in out
+    attempts = calls(log)
+    assert attempts["synthetic-config-attempt"] == 1  # a ConfigError is final: no retry
+    # the transient one keeps its retries: 1 + 2 attempts, each computing the item before it (t3)
+    assert "RuntimeError: synthetic error" in out
+    assert attempts["synthetic"] == 1 + 3  # t0 once (config chunk), t3 three times (retried chunk)
+
+
+def test_deterministic_errors_are_classified():
+    from flows.extract import is_deterministic
+    from pipeline.errors import ConfigError, DataError, ResourceError, StageError, StoreError
+
+    assert is_deterministic(ConfigError("x")) and is_deterministic(DataError("x"))
+    assert is_deterministic(ResourceError("weights missing"))
+    assert is_deterministic(StageError("stage rois: this worker computes fingerprint a, the flow planned b"))
+    assert not is_deterministic(StoreError("database is locked"))
+    assert not is_deterministic(RuntimeError("CUDA out of memory"))
+    assert not is_deterministic(None)
