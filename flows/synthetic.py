@@ -96,6 +96,7 @@ class SyntheticStage:
                     yield Record(key=it.key, failure=f"cannot read {it.source}: {e}")
                     continue
                 if data.startswith(b"RAISE"):
+                    _log(self.log, f"{self.name}-raise-attempt", [it.key])
                     raise RuntimeError(f"synthetic error on {it.source}")
                 if data.startswith(b"CONFIG"):  # a deterministic error: never worth a retry
                     _log(self.log, f"{self.name}-config-attempt", [it.key])

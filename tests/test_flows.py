@@ -222,7 +222,7 @@ def test_a_deterministic_error_is_not_retried(tmp_path, monkeypatch, capsys):
     assert attempts["synthetic-config-attempt"] == 1  # a ConfigError is final: no retry
     # the transient one keeps its retries: 1 + 2 attempts, each computing the item before it (t3)
     assert "RuntimeError: synthetic error" in out
-    assert attempts["synthetic"] == 1 + 3  # t0 once (config chunk), t3 three times (retried chunk)
+    assert attempts["synthetic-raise-attempt"] == 3  # a transient error keeps its 2 retries
 
 
 def test_deterministic_errors_are_classified():
