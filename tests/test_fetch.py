@@ -280,14 +280,16 @@ def test_cli_fetches_an_mrhp_dataset_into_the_canonical_layout(server, tmp_path,
                       "detectors": {"det": {"architecture": "bua-r101-c4"}}},
     }))
     argv = ["--manifest", str(manifest), "fetch-images", "--dataset", "t", "--timeout", "2", "--backoff", "0.01"]
-    assert main(argv) == 0
-    out = capsys.readouterr().out
+    assert main(argv) == 3  # one download failed: not a success
+    captured = capsys.readouterr()
+    out = captured.out
     assert "downloaded 3, skipped 0 (already present), failed 1" in out
+    assert "1 of 4 image(s) could not be downloaded" in captured.err
     pics = tmp_path / "pictures"
     assert (pics / "train/prd/P1/pic_0_0.jpg").read_bytes() == server.images["/ok/0.jpg"]
     assert (pics / "train/prd/P1/pic_1_0.jpg").read_bytes() == server.images["/ok/1.jpg"]
     assert (pics / "train/rvw/P1-0/pic_0_0.jpg").read_bytes() == server.images["/ok/2.jpg"]
     assert set(_failures(pics / "fetch_failures.jsonl")) == {"train/rvw/P1-1/pic_0_0.jpg"}
 
-    assert main(argv) == 0
+    assert main(argv) == 3
     assert "downloaded 0, skipped 3 (already present), failed 1" in capsys.readouterr().out

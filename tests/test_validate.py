@@ -92,6 +92,21 @@ def test_missing_and_unreadable_images_are_counted_not_fatal(demo_copy, capsys):
     assert "test/prd/B0DEMOHM07/pic_0_0.jpg is unreadable" in out
 
 
+def test_a_decompression_bomb_is_a_named_counted_warning(demo_copy, capsys):
+    from PIL import Image
+
+    pictures = demo_copy.parent / "demo_data" / "pictures"
+    bomb = pictures / "test" / "prd" / "B0DEMOHM07" / "pic_0_0.jpg"
+    # a small PNG whose header claims 20000 x 20000 pixels: over PIL's 2x bomb limit (~179M)
+    Image.new("1", (20000, 20000)).save(bomb, format="PNG")
+    rc = main(["--manifest", str(demo_copy), "validate"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "images unreadable 1" in out
+    assert "B0DEMOHM07/pic_0_0.jpg is unreadable (DecompressionBombError" in out
+    assert "Traceback" not in out
+
+
 def test_invalid_manifest_exits_with_manifest_error_code(demo_copy, capsys):
     text = demo_copy.read_text()
     demo_copy.write_text(text.replace("    threshold: 1\n", "    threshold: 1\n    colour: blue\n", 1))

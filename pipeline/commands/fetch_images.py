@@ -47,4 +47,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"fetch-images: {len(jobs)} images for dataset {args.dataset!r} into {spec.image_root}")
     summary = fetch_images(jobs, spec.image_root, config)
     print(f"fetch-images: {summarize(summary, no_url)}")
+    if summary.failed:  # a crawl with failures is not a success, even when most images came
+        where = f"; see {summary.failures_path}" if summary.failures_path is not None else ""
+        raise DataError(f"fetch-images: {summary.failed} of {len(jobs)} image(s) could not be "
+                        f"downloaded{where}; rerun to retry them")
     return 0

@@ -519,9 +519,12 @@ def _check_images(
                 with Image.open(full) as im:
                     im.verify()
                 found += 1
-            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+            except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
                 unreadable += 1
-                issues.warning(label, f"{what}: image {ref.path} is unreadable ({e})")
+                issues.warning(label, f"{what}: image {ref.path} is unreadable ({type(e).__name__}: {e})")
+            except Exception as e:  # noqa: BLE001 - any decoder failure is one named, counted warning
+                unreadable += 1
+                issues.warning(label, f"{what}: image {ref.path} is unreadable ({type(e).__name__}: {e})")
     for split, n in absent_splits.items():
         issues.warning(f"images/{split}", f"{Path(spec.image_root) / split}: folder not found, so all {n:,} "
                        f"image(s) of split {split!r} are missing (crawl them with `mrhp fetch-images`)")
