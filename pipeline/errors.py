@@ -48,3 +48,9 @@ class TrainingError(MRHPError):
     """Training cannot go on (NaN loss, incompatible checkpoint, empty split)."""
 
     exit_code = 6
+
+
+class OrchestrationError(MRHPError):
+    """Prefect's API server could not be started or reached (names the setting to change)."""
+
+    exit_code = 7

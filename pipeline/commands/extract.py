@@ -46,18 +46,30 @@ def random_init_overrides(random_init: bool) -> dict | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.manifest import load_manifest
+    from pipeline.prefect_env import apply_prefect_defaults, orchestration_error
+
+    # Prefect reads its settings on import: apply the CLI's defaults first (store-local home,
+    # analytics off, a start-up timeout fit for a busy machine) unless the user set them.
+    apply_prefect_defaults(load_manifest(args.manifest).roots.store)
     from flows.extract import run_extraction
     from pipeline.runner import failure_lines, summary_table
 
     if not getattr(args, "verbose", False):
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call
 
-    summaries = run_extraction(
-        args.manifest, dataset=args.dataset, stages=args.stages, force=args.force,
-        task_runner=args.task_runner, dask_address=args.dask_address,
-        chunk_size=args.chunk_size, progress=not args.no_progress,
-        overrides=random_init_overrides(args.random_init),
-    )
+    try:
+        summaries = run_extraction(
+            args.manifest, dataset=args.dataset, stages=args.stages, force=args.force,
+            task_runner=args.task_runner, dask_address=args.dask_address,
+            chunk_size=args.chunk_size, progress=not args.no_progress,
+            overrides=random_init_overrides(args.random_init),
+        )
+    except Exception as exc:
+        mapped = orchestration_error(exc)
+        if mapped is None:
+            raise
+        raise mapped from None
     print(summary_table(summaries))
     for line in failure_lines(summaries):
         print(line)
