@@ -279,10 +279,44 @@ def _extract(
                 gpu_limit=gpu_limit, run_token=run_token, progress=progress,
                 overrides=overrides_json,
             ).to_json())
+    publish_summary([StageSummary.from_json(x) for x in summaries])
     return summaries
 
 
-@flow(name="mrhp-extract", log_prints=False)
+def flow_run_name() -> str:
+    """`{dataset}-{stages}` for a flow run (e.g. `amazon-home-rois`, `all-all`)."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters or {}
+    stages = params.get("stages")
+    if not stages:  # a per-stage flow (mrhp-extract-rois) names its stage; the others run all
+        suffix = (flow_run.flow_name or "").removeprefix("mrhp-extract").strip("-")
+        stages = [suffix] if suffix and suffix != "dask" else ["all"]
+    return f"{params.get('dataset') or 'all'}-{'+'.join(stages)}"
+
+
+def publish_summary(summaries: Sequence[StageSummary]) -> None:
+    """The summary table and the failure list as Prefect table artifacts of the flow run (shown in
+    the UI). Never fails the run: an artifact that cannot be written is a warning."""
+    from prefect.artifacts import create_table_artifact
+
+    from pipeline.runner import failure_lines
+
+    rows = [{"dataset": s.dataset, "stage": s.stage, "fingerprint": s.fingerprint,
+             "random_init": s.random_init, "total": s.total, "done": s.done, "reused": s.reused,
+             "failed": s.failed} for s in summaries]
+    try:
+        create_table_artifact(table=rows, key="mrhp-extract-summary",
+                              description="per dataset and stage: total, done, reused, failed")
+        failures = failure_lines(summaries, limit=200)
+        if failures:
+            create_table_artifact(table=[{"failure": line} for line in failures], key="mrhp-extract-failures",
+                                  description="failed items (ids and reason), at most 200 per stage")
+    except Exception as exc:  # noqa: BLE001 - the UI's copy is a convenience, the store is the truth
+        get_run_logger().warning("could not publish the summary artifact: %s", exc)
+
+
+@flow(name="mrhp-extract", log_prints=False, flow_run_name=flow_run_name)
 def extract_flow(
     dataset: str | None = None,
     stages: list[str] | None = None,
@@ -313,7 +347,7 @@ def extract_flow(
     return _extract(**kw)
 
 
-@flow(name="mrhp-extract-dask")
+@flow(name="mrhp-extract-dask", flow_run_name=flow_run_name)
 def extract_on_dask(
     dataset: str | None = None,
     stages: list[str] | None = None,
@@ -343,7 +377,7 @@ def _stage_flow_body(stage: str, dataset: str | None, force: bool, chunk_size: i
 
 
 # One flow per stage (module-level functions so deployments can name them as entrypoints).
-@flow(name="mrhp-extract-rois")
+@flow(name="mrhp-extract-rois", flow_run_name=flow_run_name)
 def extract_rois(dataset: str | None = None, force: bool = False, chunk_size: int | None = None,
                  manifest_path: str | None = None, gpu_limit: str | None = None,
                  progress: bool = True, on_dask: bool = False) -> list[dict[str, Any]]:
@@ -351,7 +385,7 @@ def extract_rois(dataset: str | None = None, force: bool = False, chunk_size: in
     return _stage_flow_body("rois", dataset, force, chunk_size, manifest_path, gpu_limit, progress, on_dask)
 
 
-@flow(name="mrhp-extract-tokens")
+@flow(name="mrhp-extract-tokens", flow_run_name=flow_run_name)
 def extract_tokens(dataset: str | None = None, force: bool = False, chunk_size: int | None = None,
                    manifest_path: str | None = None, gpu_limit: str | None = None,
                    progress: bool = True, on_dask: bool = False) -> list[dict[str, Any]]:
@@ -359,7 +393,7 @@ def extract_tokens(dataset: str | None = None, force: bool = False, chunk_size: 
     return _stage_flow_body("tokens", dataset, force, chunk_size, manifest_path, gpu_limit, progress, on_dask)
 
 
-@flow(name="mrhp-extract-embeddings")
+@flow(name="mrhp-extract-embeddings", flow_run_name=flow_run_name)
 def extract_embeddings(dataset: str | None = None, force: bool = False, chunk_size: int | None = None,
                        manifest_path: str | None = None, gpu_limit: str | None = None,
                        progress: bool = True, on_dask: bool = False) -> list[dict[str, Any]]:
@@ -367,7 +401,7 @@ def extract_embeddings(dataset: str | None = None, force: bool = False, chunk_si
     return _stage_flow_body("embeddings", dataset, force, chunk_size, manifest_path, gpu_limit, progress, on_dask)
 
 
-@flow(name="mrhp-extract-probes")
+@flow(name="mrhp-extract-probes", flow_run_name=flow_run_name)
 def extract_probes(dataset: str | None = None, force: bool = False, chunk_size: int | None = None,
                    manifest_path: str | None = None, gpu_limit: str | None = None,
                    progress: bool = True, on_dask: bool = False) -> list[dict[str, Any]]:

@@ -25,7 +25,33 @@ def prefect_defaults(store_root: str | Path) -> dict[str, str]:
         "PREFECT_HOME": str(Path(store_root).resolve() / ".prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": str(STARTUP_TIMEOUT_S),
+        # the project's own loggers reach the Prefect UI beside the flow's
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "pipeline,features,models,flows",
     }
+
+
+class QuietTaskStates:
+    """A logging filter: Prefect's per-task "Finished in state Completed()" lines are noise on a
+    terminal (one per chunk); they are kept at DEBUG (`mrhp -v`), failures and retries stay."""
+
+    def filter(self, record) -> bool:  # noqa: A003 - logging's name
+        msg = record.getMessage()
+        if msg.startswith("Finished in state Completed") or msg.startswith("Finished in state Cached"):
+            record.levelno, record.levelname = 10, "DEBUG"
+            import logging
+
+            return logging.getLogger(record.name).isEnabledFor(10) and logging.root.isEnabledFor(10)
+        return True
+
+
+def quiet_task_states() -> None:
+    """Install `QuietTaskStates` on Prefect's task-run and flow-run loggers (idempotent)."""
+    import logging
+
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, QuietTaskStates) for f in lg.filters):
+            lg.addFilter(QuietTaskStates())
 
 
 def apply_prefect_defaults(store_root: str | Path) -> dict[str, str]:

@@ -235,3 +235,16 @@ def test_deterministic_errors_are_classified():
     assert not is_deterministic(StoreError("database is locked"))
     assert not is_deterministic(RuntimeError("CUDA out of memory"))
     assert not is_deterministic(None)
+
+
+def test_flow_runs_are_named_and_publish_their_summary(project):
+    from prefect.client.orchestration import get_client
+
+    root, manifest, log = project
+    assert extract(manifest) == 0
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(limit=200)
+        assert any(r.name == "syn-synthetic_sum" for r in runs), [r.name for r in runs]
+        latest = client.read_latest_artifacts(limit=50) if hasattr(client, "read_latest_artifacts") else []
+        keys = {a.key for a in latest} or {a.key for a in client.read_artifacts(limit=200)}
+    assert "mrhp-extract-summary" in keys

@@ -54,3 +54,21 @@ def test_cli_extract_maps_a_server_that_never_starts(tmp_path):
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("mrhp extract: error:")]
     assert len(errors) == 1 and "Prefect's temporary API server did not start within 0 s" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_task_completion_lines_are_demoted_to_debug():
+    import logging
+
+    from pipeline.prefect_env import QuietTaskStates
+
+    f = QuietTaskStates()
+    done = logging.LogRecord("prefect.task_runs", logging.INFO, __file__, 1, "Finished in state Completed()", None, None)
+    failed = logging.LogRecord("prefect.task_runs", logging.ERROR, __file__, 1, "Finished in state Failed('x')", None, None)
+    mine = logging.LogRecord("prefect.task_runs", logging.INFO, __file__, 1, "demo/rois: 3 images", None, None)
+    root_level = logging.root.level
+    try:
+        logging.root.setLevel(logging.INFO)
+        assert f.filter(done) is False and done.levelno == logging.DEBUG
+        assert f.filter(failed) is True and f.filter(mine) is True
+    finally:
+        logging.root.setLevel(root_level)

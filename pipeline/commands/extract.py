@@ -57,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not getattr(args, "verbose", False):
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call
+        from pipeline.prefect_env import quiet_task_states
+
+        quiet_task_states()
 
     try:
         summaries = run_extraction(
