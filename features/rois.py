@@ -5,7 +5,8 @@ three reviews is extracted once); the view maps each image ref path to its key. 
 decoded and resized in DataLoader workers, grouped by aspect ratio into padded batches and run
 through the detector on the configured device; the original box-selection rule picks the stored
 boxes (`features.detector.selection`). Undecodable images become failure records; an image
-whose proposals all vanish (possible with min_boxes 0 or a tiny image) is a record with 0 boxes.
+whose proposals all vanish is a record with 0 boxes only when min_boxes is 0; with fewer boxes
+than min_boxes (or fixed_k) it is a failure record (a tiny image), never a short record.
 """
 from __future__ import annotations
 
@@ -396,7 +397,15 @@ class RoisStage:
             chunk = pool[start:start + self._batch_limit()]
             dets = self._detect_fitting([prep for _, prep in chunk])
             start += len(chunk)
-            for (key, _), arrays in zip(chunk, pack_batch(dets, self.params, self._model.cfg)):
+            need = self.params.fixed_k if self.params.fixed_k is not None else self.params.min_boxes
+            for (key, prep), arrays in zip(chunk, pack_batch(dets, self.params, self._model.cfg)):
+                n_boxes = int(arrays["boxes"].shape[0])
+                if n_boxes < need:  # e.g. a 1-pixel image: every proposal collapsed; never store short
+                    h, w = prep.orig_hw
+                    yield Record(key=key, failure=(
+                        f"only {n_boxes} box(es) survived proposal filtering on this {w}x{h} "
+                        f"image; {'fixed_k' if self.params.fixed_k is not None else 'min_boxes'} asks for {need}"))
+                    continue
                 yield Record(key=key, arrays=arrays,
                              meta={"n_boxes": int(arrays["boxes"].shape[0]),
                                    "image_hw": [int(x) for x in arrays["image_hw"]]})

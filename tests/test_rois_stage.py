@@ -267,3 +267,35 @@ def test_a_single_image_that_does_not_fit_is_a_stage_error_naming_the_knobs(demo
     good = planned[1].items[planned[1].view["train/prd/B0DEMOHM02/pic_0_0.jpg"]]
     with pytest.raises(StageError, match="lower max_size or rpn_post_nms_top_n"):
         list(stage.run([good]))
+
+
+def test_fewer_boxes_than_min_boxes_is_a_failure_never_a_short_record(demo, tmp_path, monkeypatch):
+    import features.rois as rois
+    from PIL import Image
+
+    tiny = tmp_path / "one_pixel.png"
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(tiny)
+    stage = _stage(_manifest(demo))  # fixed_k 5
+    (rec,) = stage.run([WorkItem(key="k-tiny", source=str(tiny))])
+    if rec.failure is None:  # the detector did find 5 boxes on it: they are stored, none fewer
+        assert rec.arrays["boxes"].shape[0] == 5
+    else:
+        assert "fixed_k asks for 5" in rec.failure and "1x1" in rec.failure
+    # Force the short case: selection returns 2 boxes where 5 are required.
+    real = rois.pack_batch
+
+    def short(dets, params, cfg):
+        return [{k: v[:2] if k in {"features", "boxes", "obj_ids", "obj_conf", "attr_ids", "attr_conf"} else v
+                 for k, v in arrays.items()} for arrays in real(dets, params, cfg)]
+
+    monkeypatch.setattr(rois, "pack_batch", short)
+    photo = demo / "demo_data" / "pictures" / "train" / "prd" / "B0DEMOHM01" / "pic_0_0.jpg"
+    (rec,) = _stage(_manifest(demo)).run([WorkItem(key="k-short", source=str(photo))])
+    assert rec.arrays is None or not rec.arrays
+    assert "only 2 box(es)" in rec.failure and "fixed_k asks for 5" in rec.failure
+    # min_boxes 0: an image whose proposals all vanish keeps its (empty) record
+    relaxed = _stage(_manifest(demo), fixed_k=None, min_boxes=0, max_boxes=10)
+    monkeypatch.setattr(rois, "pack_batch", lambda d, p, c: [{k: v[:0] if k in {"features", "boxes"} else v
+                                                              for k, v in a.items()} for a in real(d, p, c)])
+    (rec,) = relaxed.run([WorkItem(key="k-empty", source=str(photo))])
+    assert rec.failure is None and rec.arrays["boxes"].shape[0] == 0
