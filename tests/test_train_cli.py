@@ -82,7 +82,7 @@ def test_train_evaluate_compare_predict_end_to_end(workspace, capsys):
     assert (root / "runs/gru/seed1/eval_dev.json").is_file()
     assert main([*m, "compare", "len", "gru"]) == 0
     out = capsys.readouterr().out
-    assert "±" in out and "p-values against len (over products)" in out
+    assert "±" in out and "p-values against len (over products" in out and "(n=" in out
     assert main([*m, "compare", "gru", "gru", "--paired", "seeds"]) == 0
     pred = root / "pred.jsonl"
     assert main([*m, "predict", "gru", "--input", str(root / "mrhp" / "home.prd.test"), "--output", str(pred)]) == 0
