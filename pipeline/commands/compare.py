@@ -338,7 +338,8 @@ def render(cmp: Comparison, fmt: str = "table", *, paired: str = "products", alp
             against = "the first run of each dataset (" + "; ".join(
                 f"{ds}: {ref}" for ds, ref in cmp.references.items()) + ")"
         out.append("")
-        out.append(f"paired t-test p-values against {against} (over {paired}; n = {paired} paired "
+        out.append(("% " if fmt == "latex" else "")
+                   + f"paired t-test p-values against {against} (over {paired}; n = {paired} paired "
                    f"behind each p-value):")
         out.append(_render_grid(header, prow, fmt, group_header=group_header))
     notes = [f"{SIG_MARK}: p < {alpha:g} against the reference of its dataset; "
@@ -433,8 +434,9 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "table":
         print(f"split {args.split}; metrics x100, mean ± std over seeds")
     print(render(cmp, args.format, paired=args.paired, alpha=args.alpha))
-    for w in cmp.warnings:
-        print(f"mrhp compare: warning: {w}", file=sys.stderr)
+    if args.format == "csv":  # the other formats carry the warnings in their notes
+        for w in cmp.warnings:
+            print(f"mrhp compare: warning: {w}", file=sys.stderr)
     if args.reported:
         from models.reported import load_reported
 
