@@ -149,3 +149,22 @@ def test_predict_computes_probe_masks_for_new_reviews_like_the_probes_stage(work
     assert _aligned_probe(mask, enc).tolist() == [1.0, 1.0, 0.0]  # pan, heats, handle
     assert _aligned_probe(None, enc).tolist() == [1.0, 1.0, 1.0]
     assert probe_masks(manifest, spec, "no-such-dataset", reviews, ["x"]) == [None]
+
+
+def test_predict_averages_the_seeds_by_default_and_labels_are_0_to_4(workspace):
+    root, _ = workspace
+    m = ["--manifest", str(root / "data_manifest.yaml")]
+    over = ["epochs=1", "batch_products=4", "device=cpu", "model_cfg.hidden=4", "model_cfg.mlp_hidden=4"]
+    assert main([*m, "train", "--model", "text-gru", "--dataset", "synth", "--seeds", "2", "--name", "avg", *over]) == 0
+    inp = str(root / "mrhp" / "home.prd.test")
+    scores = {}
+    for tag, extra in (("all", []), ("s0", ["--seed", "0"]), ("s1", ["--seed", "1"])):
+        out = root / f"pred-{tag}.jsonl"
+        assert main([*m, "predict", "avg", "--input", inp, "--output", str(out), *extra]) == 0
+        rows = [json.loads(x) for x in out.read_text().splitlines()]
+        scores[tag] = {r["review_id"]: r["score"] for r in rows}
+        assert all(r["label"] in (0, 1, 2, 3, 4) and isinstance(r["label"], int) for r in rows)
+        assert all("votes" in r for r in rows)
+    for rid, s in scores["all"].items():
+        assert s == pytest.approx((scores["s0"][rid] + scores["s1"][rid]) / 2, abs=1e-6)
+    assert scores["s0"] != scores["s1"]
