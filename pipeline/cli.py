@@ -3,9 +3,6 @@
 Each subcommand lives in its own module under `pipeline/commands/` exposing
 `register(subparsers)`, which adds a parser and sets `func=run(args) -> int`.
 Errors of the MRHPError hierarchy become a one-line message and their class's exit code.
-Command modules import only light modules at top level (heavy ones, torch above all, inside
-their `run`), so `mrhp --help` answers in about a second; a test pins that it imports no torch.
-Prefect's per-task "Finished in state Completed()" lines are demoted to DEBUG (shown with -v).
 """
 from __future__ import annotations
 
@@ -54,34 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class DemoteCompleted(logging.Filter):
-    """Prefect logs one INFO line per task run ("Finished in state Completed()"): noise in a
-    terminal. Such records become DEBUG: dropped unless `verbose`, then shown as DEBUG."""
-
-    def __init__(self, verbose: bool = False) -> None:
-        super().__init__()
-        self.verbose = verbose
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.INFO and "Finished in state Completed" in str(record.msg):
-            if not self.verbose:
-                return False
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return True
-
-
-PREFECT_RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs")
-
-
-def quiet_prefect_completions(verbose: bool) -> None:
-    """Install DemoteCompleted on Prefect's run loggers (once; replaces an earlier one)."""
-    for name in PREFECT_RUN_LOGGERS:
-        lg = logging.getLogger(name)
-        for f in [f for f in lg.filters if isinstance(f, DemoteCompleted)]:
-            lg.removeFilter(f)
-        lg.addFilter(DemoteCompleted(verbose))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
@@ -89,7 +58,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    quiet_prefect_completions(args.verbose)
     try:
         return int(args.func(args) or 0)
     except MRHPError as e:

@@ -5,7 +5,6 @@ parameter-free baselines), a progress bar per epoch, and the min_gap message."""
 from __future__ import annotations
 
 import json
-import logging
 import re
 from datetime import datetime
 
@@ -168,17 +167,3 @@ def test_training_without_ranking_instances_stops_with_the_min_gap_message(tmp_p
                         "model_cfg": {"vocab_size": 8, "embed_dim": 4, "hidden": 2, "mlp_hidden": 2}})
     with pytest.raises(TrainingError, match=r"min_gap=2.*set min_gap=1"):
         train(cfg, _bundle([[0, 1, 1], [1, 3]]), tmp_path / "g", progress_bar=False)
-
-
-def test_prefect_completed_lines_become_debug():
-    from pipeline.cli import DemoteCompleted
-
-    def rec(msg, level=logging.INFO):
-        return logging.LogRecord("prefect.task_runs", level, __file__, 1, msg, None, None)
-
-    quiet, verbose = DemoteCompleted(False), DemoteCompleted(True)
-    assert quiet.filter(rec("Finished in state Completed()")) is False
-    r = rec("Finished in state Completed()")
-    assert verbose.filter(r) is True and r.levelno == logging.DEBUG and r.levelname == "DEBUG"
-    assert quiet.filter(rec("Finished in state Failed('boom')", logging.ERROR)) is True
-    assert quiet.filter(rec("Created task run 'x'")) is True
