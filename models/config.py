@@ -103,8 +103,11 @@ def _check(cfg: TrainConfig) -> TrainConfig:
 def _resolve_model_cfg(cfg: TrainConfig) -> TrainConfig:
     """model_cfg validated into the model's own config record and stored as every field of it
     (so a run folder records the resolved model config); unchanged for a model without one."""
-    from models.registry import model_config
+    from models.registry import model_config, preset_names
 
+    valid = preset_names(cfg.model)
+    if cfg.preset not in valid:
+        raise ConfigError(f"preset: model {cfg.model!r} has no preset {cfg.preset!r}; valid: {', '.join(valid)}")
     record = model_config(cfg.model, cfg.model_cfg)
     if record is None:
         return cfg
