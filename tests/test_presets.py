@@ -167,3 +167,8 @@ def test_a_model_cfg_typo_fails_before_any_data_is_read(tmp_path, capsys):
     assert "no-such-folder" in capsys.readouterr().err
     assert main([*m, "train", "--model", "text-gru", "--dataset", "ghost", "--preset", "x",
                  "preset=y"]) == ConfigError.exit_code
+
+
+def test_a_saved_config_naming_a_preset_the_model_lacks_is_refused():
+    with pytest.raises(ConfigError, match="model 'length' has no preset 'code'; valid: paper"):
+        train_config({"model": "length", "preset": "code"})
