@@ -553,6 +553,8 @@ def train_seeds(manifest, cfg: TrainConfig, *, seeds: int = 1, first_seed: int =
         write_json_atomic(run_dir / "data.json", {
             "dataset": cfg.dataset, "manifest": str(manifest.path), "vocab_fingerprint": vfp,
             "threshold": data.threshold,
+            # how rel.upvotes was read ("labels" or "votes"): predict reads new rel tables the same way
+            "labels": getattr(data.records, "label_interpretation", None) or None,
         })
         results.append(res)
     if len(results) > 1 and any(r.history and r.history[-1].get("steps") for r in results):

@@ -165,6 +165,7 @@ def test_predict_averages_the_seeds_by_default_and_labels_are_0_to_4(workspace):
         scores[tag] = {r["review_id"]: r["score"] for r in rows}
         assert all(r["label"] in (0, 1, 2, 3, 4) and isinstance(r["label"], int) for r in rows)
         assert all("votes" in r for r in rows)
+    assert json.loads((root / "runs/avg/seed0/data.json").read_text())["labels"] in ("labels", "votes")
     for rid, s in scores["all"].items():
         assert s == pytest.approx((scores["s0"][rid] + scores["s1"][rid]) / 2, abs=1e-6)
     assert scores["s0"] != scores["s1"]

@@ -17,10 +17,11 @@ seed's model scores every review); `--seed K` uses seed K alone.
 
 Output: JSON lines `{"product_id", "rank", "review_id", "score"[, "label", "votes"]}`, ranked by
 score within each product, to --output or stdout; `--format table` prints a readable table
-instead. With a `.rel.` table, `label` is the 0-4 helpfulness label the dataset reader derives
-(the run dataset's `labels` setting: "labels" reads the column as labels, "votes" maps raw vote
-counts v to min(floor(log2 v), 4), "auto" picks as the reader does) and `votes` the raw value of
-the column; a 0-vote review gets no label (the reader drops it from training data).
+instead. With a `.rel.` table, `label` is the 0-4 helpfulness label, read the way the run's
+training data was read (`labels` in the run's data.json: "labels" takes the column as labels,
+"votes" maps raw vote counts v to min(floor(log2 v), 4); runs without that record use the
+dataset's manifest setting, "auto" picking as the reader does), and `votes` the raw value of the
+column; a 0-vote review gets no label (the reader drops it from training data).
 """
 from __future__ import annotations
 
@@ -147,7 +148,7 @@ def rel_labels(values: dict[str, float], mode: str, where: str) -> tuple[dict[st
 
 
 def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, manifest, cfg: "DataConfig",
-               dataset: str) -> tuple["InMemorySource", _Rois]:
+               dataset: str, labels_mode: str | None = None) -> tuple["InMemorySource", _Rois]:
     """Read the MRHP tables named by `path` into an in-memory source in the run's vocabulary;
     each review's `label` is its 0-4 label (NaN without one), raw votes in `source.votes`."""
     import numpy as np
@@ -176,7 +177,7 @@ def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, m
         if rel_path is not None:
             lkeys, lt = read_column_table(rel_path, REL_COLUMNS)
             raw = {str(lt["review_id"][k]): float(lt["upvotes"][k]) for k in lkeys}
-            labels, got = rel_labels(raw, spec.labels, str(rel_path))
+            labels, got = rel_labels(raw, labels_mode or spec.labels, str(rel_path))
             votes.update(got)
         pids = [str(pt["product_id"][k]) for k in pkeys]
         ptexts = [product_text(spec, category, str(pt["name"][k] or ""), str(pt["description"][k] or ""))
@@ -303,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
     images = Path(args.images) if args.images else (inp if inp.is_dir() else inp.parent) / "pictures"
     source, rois = load_input(inp, images if images.is_dir() else None, spec=spec,
                               vocab_fp=meta.get("vocab_fingerprint"), manifest=manifest, cfg=cfg.data,
-                              dataset=dataset)
+                              dataset=dataset, labels_mode=meta.get("labels"))
     per_seed = [score_source(model, source, cfg=c) for model, c in models]
     rows = ranked(average_seeds(per_seed), getattr(source, "votes", None))
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
