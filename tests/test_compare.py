@@ -166,3 +166,11 @@ def test_reported_schema_errors_name_the_file_and_key(change, message):
 
 def test_the_shipped_reported_files_validate():
     load_reported()  # every models/reported/*.yaml of the checkout follows the schema
+
+
+def test_evaluate_marks_a_run_on_random_init_features(runs):
+    from models.runs import seed_dirs
+    from pipeline.commands.evaluate import random_init_note
+
+    assert random_init_note(seed_dirs(runs / "runs" / "D")) == " [random-init]"
+    assert random_init_note(seed_dirs(runs / "runs" / "B")) == ""

@@ -80,6 +80,10 @@ def test_train_evaluate_compare_predict_end_to_end(workspace, capsys):
     out = capsys.readouterr().out
     assert "MAP" in out and "NDCG@3" in out and "NDCG@5" in out and "MRR" in out and "mean" in out
     assert (root / "runs/gru/seed1/eval_dev.json").is_file()
+    # evaluate prints x100, the scale of compare: seed0's MAP row equals 100 x its eval_dev.json
+    seed0 = json.loads((root / "runs/gru/seed0/eval_dev.json").read_text())["metrics"]
+    row = next(ln.split() for ln in out.splitlines() if ln.startswith("seed0"))
+    assert float(row[1]) == pytest.approx(seed0["MAP"] * 100, abs=0.006)
     assert main([*m, "compare", "len", "gru"]) == 0
     out = capsys.readouterr().out
     assert "±" in out and "p-values against len (over products" in out and "(n=" in out
