@@ -159,6 +159,7 @@ def fetch_images(
     sleep: Callable[[float], None] = time.sleep,
     progress_every: int = 1000,
     keep_results: bool = False,
+    progress_bar: bool | None = None,
 ) -> FetchSummary:
     """Download every job's URL to `image_root/job.path`, skipping files already there.
 
@@ -167,7 +168,20 @@ def fetch_images(
     missing. One download per distinct path (the first job naming it). `sleep` is the backoff
     wait (tests pass a fake). `keep_results`: keep every FetchResult in the summary (failures are
     always kept); off by default so a crawl of millions of images holds only counts.
+    `progress_bar`: a tqdm bar on stderr (count, rate, ETA; failures in its postfix); default:
+    when stderr is a terminal.
     """
+    import sys
+
+    if progress_bar is None:
+        progress_bar = sys.stderr.isatty()
+    bar = None
+    if progress_bar:
+        from tqdm.auto import tqdm
+
+        total = len({j.path for j in jobs}) if isinstance(jobs, (list, tuple)) else None
+        bar = tqdm(total=total, desc="fetch", unit="img",
+                   file=sys.stderr, dynamic_ncols=True)
     root = Path(image_root)
     root.mkdir(parents=True, exist_ok=True)
     fpath = Path(failures_path) if failures_path is not None else root / FAILURES_FILE
@@ -184,6 +198,10 @@ def fetch_images(
                 }) + "\n")
                 ffile.flush()
             done = summary.downloaded + summary.skipped + summary.failed
+            if bar is not None:
+                bar.update(1)
+                if r.status == "failed":
+                    bar.set_postfix(failed=summary.failed, refresh=False)
             if progress_every and done % progress_every == 0:
                 log.info("fetch: %d done (downloaded %d, skipped %d, failed %d)",
                          done, summary.downloaded, summary.skipped, summary.failed)
@@ -212,6 +230,8 @@ def fetch_images(
                 for fut in pending:
                     fut.cancel()
                 raise
+    if bar is not None:
+        bar.close()
     if summary.failed == 0:
         fpath.unlink(missing_ok=True)
         summary.failures_path = None

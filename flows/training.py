@@ -57,6 +57,8 @@ def train_flow(dataset: str, model: str, *, manifest_path: str | None = None, se
 
     views = check_views(manifest_path, dataset)
     get_run_logger().info("views present for %s: %s", dataset, ", ".join(views))
-    cfg = load_train_config(config, overrides, base={"model": model, "dataset": dataset})
+    spec = load_manifest(manifest_path).dataset(dataset)
+    cfg = load_train_config(config, overrides, base={"model": model, "dataset": dataset},
+                            category=spec.categories[0] if spec.categories else None)
     run_name = name or f"{model}-{dataset}"
     return [train_seed(manifest_path, to_mapping(cfg), k, run_name, resume) for k in range(seeds)]

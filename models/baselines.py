@@ -79,7 +79,8 @@ class TextGRUConfig:
     hidden: int = 128  # GRU hidden size per direction
     mlp_hidden: int = 128  # width of the scoring MLP
     dropout: float = 0.1
-    freeze_embeddings: bool = True  # keep the word vectors fixed
+    finetune_embeddings: bool = False  # train the word vectors (frozen by default); the same
+    # name as MCL/MM-SS/SANCL. Old run configs say `freeze_embeddings` (its negation): accepted.
     vocab_size: int | None = None  # only without embeddings: random tables of this size ...
     embed_dim: int = 300  # ... and this width
 
@@ -117,8 +118,22 @@ class TextGRU(nn.Module):
         )
 
     @classmethod
+    def config_record(cls, cfg: Mapping[str, Any]) -> TextGRUConfig:
+        """The validated settings; the old key `freeze_embeddings: X` reads as
+        `finetune_embeddings: not X` (both at once is an error)."""
+        data = dict(cfg)
+        if "freeze_embeddings" in data:
+            if "finetune_embeddings" in data:
+                raise ConfigError("model_cfg: give finetune_embeddings or the old freeze_embeddings, not both")
+            old = data.pop("freeze_embeddings")
+            if not isinstance(old, bool):
+                raise ConfigError(f"model_cfg.freeze_embeddings: expected true or false, got {old!r}")
+            data["finetune_embeddings"] = not old
+        return from_mapping(TextGRUConfig, data, "model_cfg")
+
+    @classmethod
     def from_config(cls, cfg: Mapping[str, Any], embeddings: Mapping[str, np.ndarray] | None = None) -> "TextGRU":
-        c = from_mapping(TextGRUConfig, cfg, "model_cfg")
+        c = cls.config_record(cfg)
         if embeddings is not None:
             prd = torch.as_tensor(np.asarray(embeddings["prd"], dtype=np.float32))
             rvw = torch.as_tensor(np.asarray(embeddings["rvw"], dtype=np.float32))
@@ -129,7 +144,7 @@ class TextGRU(nn.Module):
         else:
             raise ConfigError("model_cfg: text-gru needs embedding matrices or model_cfg.vocab_size")
         return cls(prd_table=prd, rvw_table=rvw, hidden=c.hidden, mlp_hidden=c.mlp_hidden,
-                   dropout=c.dropout, freeze_embeddings=c.freeze_embeddings)
+                   dropout=c.dropout, freeze_embeddings=not c.finetune_embeddings)
 
     def forward(self, batch: Batch) -> ModelOutput:
         p = self.prd_enc(batch.prod_tokens, batch.prod_token_mask)[batch.rev_product]  # (R, 2H)

@@ -1,14 +1,21 @@
 """Training configuration: one frozen record, from YAML plus `key=value` overrides.
 
+Resolution order (each later layer wins key by key): TrainConfig defaults < the model's preset
+(`TrainConfig.preset`, default "paper"; `Model.preset(name, category=...)`) < the YAML file <
+`key=value` overrides. `model_cfg` is validated into the model's own config record as the config
+loads (before any data is read) and stored with every field resolved.
+
 Defaults follow the shared training protocol (REFERENCE.md section 4): Adam at 1e-4, about 30
 epochs, learning rate halved when the dev MAP plateaus, best checkpoint by dev MAP, MCR
 pairwise sampling with 7 negatives and the label-difference hinge margin.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 import yaml
@@ -37,7 +44,9 @@ class TrainConfig:
     """Everything a training run depends on (saved as runs/<name>/config.yaml)."""
 
     model: str = "text-gru"  # registered model name (models.registry)
-    model_cfg: Mapping[str, Any] = field(default_factory=dict)  # passed to Model.from_config
+    model_cfg: Mapping[str, Any] = field(default_factory=dict)  # passed to Model.from_config;
+    # resolved on load to every field of the model's own config record (models.registry.model_config)
+    preset: str = "paper"  # the model's preset (Model.preset): defaults < preset < YAML < CLI
     dataset: str = ""  # dataset name in the manifest ("" when data is given in memory)
     epochs: int = 30
     lr: float = 1e-4
@@ -91,14 +100,48 @@ def _check(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def _resolve_model_cfg(cfg: TrainConfig) -> TrainConfig:
+    """model_cfg validated into the model's own config record and stored as every field of it
+    (so a run folder records the resolved model config); unchanged for a model without one."""
+    from models.registry import model_config, preset_names
+
+    valid = preset_names(cfg.model)
+    if cfg.preset not in valid:
+        raise ConfigError(f"preset: model {cfg.model!r} has no preset {cfg.preset!r}; valid: {', '.join(valid)}")
+    record = model_config(cfg.model, cfg.model_cfg)
+    if record is None:
+        return cfg
+    return dataclasses.replace(cfg, model_cfg=MappingProxyType(to_mapping(record)))
+
+
 def train_config(mapping: Mapping[str, Any] | None = None) -> TrainConfig:
-    """Validated TrainConfig from a plain mapping (unknown keys name the valid ones)."""
-    return _check(from_mapping(TrainConfig, dict(mapping or {}), ""))
+    """Validated TrainConfig from a plain mapping (unknown keys name the valid ones), model_cfg
+    checked against the model's config record. No preset is applied here: a saved run config
+    already holds every resolved field."""
+    return _resolve_model_cfg(_check(from_mapping(TrainConfig, dict(mapping or {}), "")))
+
+
+def apply_preset(explicit: Mapping[str, Any], *, category: str | None = None) -> dict[str, Any]:
+    """The mapping `explicit` (YAML and CLI settings) over the model's preset: TrainConfig
+    defaults < preset ("train" fields and "model_cfg") < explicit, so a key the user sets always
+    wins. The model and preset names come from `explicit` (defaults: TrainConfig's)."""
+    from models.registry import model_preset
+
+    defaults = TrainConfig()
+    model = explicit.get("model", defaults.model)
+    preset = explicit.get("preset", defaults.preset)
+    if not isinstance(model, str) or not isinstance(preset, str):
+        return dict(explicit)  # train_config reports the wrong type
+    p = model_preset(model, preset, category=category)
+    layer = deep_merge(p["train"], {"model_cfg": p["model_cfg"]})
+    return deep_merge(layer, explicit)
 
 
 def load_train_config(path: str | Path | None = None, overrides: Sequence[str] = (),
-                      base: Mapping[str, Any] | None = None) -> TrainConfig:
-    """base mapping <- YAML file <- `key=value` overrides, validated."""
+                      base: Mapping[str, Any] | None = None, *,
+                      category: str | None = None) -> TrainConfig:
+    """base mapping <- YAML file <- `key=value` overrides over the model's preset (for the
+    dataset category `category`, the first of the dataset's manifest entry), validated."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
         p = Path(path)
@@ -112,7 +155,7 @@ def load_train_config(path: str | Path | None = None, overrides: Sequence[str] =
             raise ConfigError(f"{p}: expected a mapping of training settings, got {type(loaded).__name__}")
         data = deep_merge(data, loaded)
     data = deep_merge(data, parse_overrides(list(overrides)))
-    return train_config(data)
+    return train_config(apply_preset(data, category=category))
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:

@@ -2,13 +2,18 @@
 
 ```
 runs/<name>/[seed<k>/]
-  config.yaml        the TrainConfig of the run
-  run.json           dataset, model, threshold, status, best epoch
+  config.yaml        the TrainConfig of the run, every field resolved (preset, model_cfg)
+  run.json           dataset, category, model, preset, resolved model config, threshold, status,
+                     best epoch, git commit + dirty flag, package versions, start/end times,
+                     the fingerprint of every store view read (random-init flagged)
   metrics.jsonl      one JSON object per epoch ({"event": "epoch", ...}) and per evaluation
-  checkpoints/       best.pt and last.pt (state dicts, optimizer, scheduler, RNG states)
+  checkpoints/       last.pt (model, optimizer, scheduler, RNG states: for --resume) and
+                     best.pt (the same without optimizer and scheduler state)
   tensorboard/       SummaryWriter logs
-  plots/             loss.png and dev.png
+  plots/             loss.png and dev.png, drawn once when the run ends (none for a model
+                     without trainable parameters)
   eval_<split>.json  metrics and per-product metrics written by `mrhp evaluate`
+runs/<name>/plots/   loss.png and dev.png: mean with a +-1 std band across the seeds
 ```
 Checkpoints hold only tensors, numbers, strings, lists and dicts, so they load with
 `torch.load(weights_only=True)`; the numpy Generator state is stored as a JSON string.
@@ -17,14 +22,24 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pipeline.errors import TrainingError
+
+# Packages whose versions every run records (those installed).
+RECORDED_PACKAGES: tuple[str, ...] = (
+    "torch", "numpy", "scipy", "h5py", "prefect", "transformers", "torchvision", "detectron2",
+    "spacy", "pyyaml", "matplotlib",
+)
+# Stages whose views of the dataset a training run reads (when present in the store).
+READ_STAGES: tuple[str, ...] = ("tokens", "embeddings", "rois", "probes", "bert")
+RANDOM_INIT_PREFIX = "random-init"  # fingerprints of features from random-init weights start so
 
 
 @dataclass(frozen=True)
@@ -89,6 +104,8 @@ def read_json(path: Path) -> Any:
 
 def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
     """torch.save to a temporary name, fsync, then rename: a crash never leaves half a file."""
+    import torch
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -100,6 +117,8 @@ def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint without unpickling code (weights_only=True)."""
+    import torch
+
     if not path.is_file():
         raise TrainingError(f"{path}: checkpoint not found")
     try:
@@ -134,41 +153,198 @@ def truncate_metrics(path: Path, last_epoch: int) -> None:
     os.replace(tmp, path)
 
 
-def write_plots(paths: RunPaths) -> None:
-    """loss.png (train loss per epoch) and dev.png (dev metrics per epoch) from metrics.jsonl."""
+def _epoch_records(path: Path) -> list[dict[str, Any]]:
+    return [r for r in read_jsonl(path) if r.get("event") == "epoch"]
+
+
+def _loss_series(epochs: list[dict[str, Any]]) -> dict[str, list[float | None]]:
+    """Loss curves of a run: total, ranking and every auxiliary loss, one value per epoch."""
+    series: dict[str, list[float | None]] = {"total": [r.get("train_loss") for r in epochs]}
+    if any("rank_loss" in r for r in epochs):
+        series["ranking"] = [r.get("rank_loss") for r in epochs]
+    aux_names: list[str] = []
+    for r in epochs:
+        for k in r.get("aux", {}) or {}:
+            if k not in aux_names:
+                aux_names.append(k)
+    for k in aux_names:
+        series[k] = [(r.get("aux") or {}).get(k) for r in epochs]
+    return series
+
+
+def _dev_series(epochs: list[dict[str, Any]]) -> tuple[list[int], dict[str, list[float]]]:
+    dev = [r for r in epochs if r.get("dev")]
+    if not dev:
+        return [], {}
+    return [r["epoch"] for r in dev], {n: [r["dev"][n] for r in dev] for n in dev[0]["dev"]}
+
+
+def _figure(title: str):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("epoch")
     from matplotlib.ticker import MaxNLocator
 
-    epochs = [r for r in read_jsonl(paths.metrics) if r.get("event") == "epoch"]
-    if not epochs:
-        return
-    x = [r["epoch"] for r in epochs]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(x, [r.get("train_loss") for r in epochs], marker="o", label="total")
-    if any("rank_loss" in r for r in epochs):
-        ax.plot(x, [r.get("rank_loss") for r in epochs], marker=".", label="ranking")
-    ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("train loss")
-    ax.legend()
+    return plt, fig, ax
+
+
+def _finish(plt, fig, ax, best_epoch: int | None, out: Path) -> None:
+    if best_epoch:
+        ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"best epoch {best_epoch}")
+    # legend outside the axes, to the right, so it never hides a curve
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, borderaxespad=0.0)
     fig.tight_layout()
-    fig.savefig(paths.plots / "loss.png", dpi=100)
+    fig.savefig(out, dpi=100, bbox_inches="tight")
     plt.close(fig)
-    dev = [r for r in epochs if r.get("dev")]
+
+
+def write_plots(paths: RunPaths, *, title: str | None = None, best_epoch: int | None = None) -> list[Path]:
+    """loss.png (total, ranking and auxiliary train losses per epoch) and dev.png (dev metrics per
+    epoch) from metrics.jsonl, titled `title` (run and seed), a dashed marker at `best_epoch`,
+    legend outside the axes. Returns the files written (none without epoch records)."""
+    epochs = _epoch_records(paths.metrics)
+    if not epochs:
+        return []
+    title = title or paths.root.name
+    paths.plots.mkdir(parents=True, exist_ok=True)
+    x = [r["epoch"] for r in epochs]
+    written = []
+    plt, fig, ax = _figure(f"{title}: train loss")
+    for name, ys in _loss_series(epochs).items():
+        ax.plot(x, [float("nan") if y is None else y for y in ys], marker="o" if name == "total" else ".", label=name)
+    ax.set_ylabel("train loss")
+    _finish(plt, fig, ax, best_epoch, paths.plots / "loss.png")
+    written.append(paths.plots / "loss.png")
+    dx, dev = _dev_series(epochs)
     if dev:
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        for name in dev[0]["dev"]:
-            ax.plot([r["epoch"] for r in dev], [r["dev"][name] for r in dev], marker="o", label=name)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        plt, fig, ax = _figure(f"{title}: dev metrics")
+        for name, ys in dev.items():
+            ax.plot(dx, ys, marker="o", label=name)
         ax.set_ylabel("dev metric")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(paths.plots / "dev.png", dpi=100)
-        plt.close(fig)
+        _finish(plt, fig, ax, best_epoch, paths.plots / "dev.png")
+        written.append(paths.plots / "dev.png")
+    return written
+
+
+def _mean_band(runs: Sequence[tuple[list[int], list[float | None]]]):
+    """Per epoch present in every run: (epochs, mean, std) over the runs."""
+    import numpy as np
+
+    common = sorted(set.intersection(*(set(x) for x, _ in runs))) if runs else []
+    rows = []
+    for x, ys in runs:
+        at = dict(zip(x, ys))
+        rows.append([np.nan if at[e] is None else at[e] for e in common])
+    arr = np.asarray(rows, dtype=np.float64)
+    return common, np.nanmean(arr, axis=0), np.nanstd(arr, axis=0)
+
+
+def write_seed_plots(root: Path, seed_paths: Sequence[RunPaths], *, title: str,
+                     best_epochs: Sequence[int] = ()) -> list[Path]:
+    """`root`/plots/loss.png and dev.png: for every curve, the mean across the seeds with a
+    +-1 std band (epochs every seed reached); best epochs of the seeds marked."""
+    per = [_epoch_records(p.metrics) for p in seed_paths]
+    per = [e for e in per if e]
+    if len(per) < 2:
+        return []
+    out_dir = root / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    n = len(per)
+    plt, fig, ax = _figure(f"{title}: train loss, mean ± std over {n} seeds")
+    names = list(_loss_series(per[0]))
+    for name in names:
+        runs = [([r["epoch"] for r in e], _loss_series(e).get(name, [None] * len(e))) for e in per]
+        x, m, sd = _mean_band(runs)
+        line, = ax.plot(x, m, label=name)
+        ax.fill_between(x, m - sd, m + sd, alpha=0.25, color=line.get_color())
+    ax.set_ylabel("train loss")
+    _mark_best(ax, best_epochs)
+    _finish(plt, fig, ax, None, out_dir / "loss.png")
+    written.append(out_dir / "loss.png")
+    devs = [_dev_series(e) for e in per]
+    if all(d[1] for d in devs):
+        plt, fig, ax = _figure(f"{title}: dev metrics, mean ± std over {n} seeds")
+        for name in devs[0][1]:
+            x, m, sd = _mean_band([(dx, d[name]) for dx, d in devs])
+            line, = ax.plot(x, m, marker="o", label=name)
+            ax.fill_between(x, m - sd, m + sd, alpha=0.25, color=line.get_color())
+        ax.set_ylabel("dev metric")
+        _mark_best(ax, best_epochs)
+        _finish(plt, fig, ax, None, out_dir / "dev.png")
+        written.append(out_dir / "dev.png")
+    return written
+
+
+def _mark_best(ax, best_epochs: Sequence[int]) -> None:
+    for i, b in enumerate(sorted(set(int(e) for e in best_epochs if e))):
+        ax.axvline(b, color="grey", linestyle="--", linewidth=1, label="best epochs" if i == 0 else None)
+
+
+# ---- provenance recorded in run.json ------------------------------------------------------------
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def git_state(where: Path | None = None) -> dict[str, Any]:
+    """{"commit": sha or None, "dirty": bool or None} of the code's git checkout."""
+    where = where or Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
+                                text=True, timeout=10)
+        if commit.returncode != 0:
+            return {"commit": None, "dirty": None}
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                                capture_output=True, text=True, timeout=20)
+        dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+        return {"commit": commit.stdout.strip(), "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def package_versions(names: Sequence[str] = RECORDED_PACKAGES) -> dict[str, str]:
+    """Python and the installed versions of `names` (packages not installed are left out)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for n in names:
+        try:
+            out[n] = version(n)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def is_random_init_fingerprint(fingerprint: str | None) -> bool:
+    return bool(fingerprint) and str(fingerprint).startswith(RANDOM_INIT_PREFIX)
+
+
+def view_fingerprints(store_root: str | Path, dataset: str,
+                      stages: Sequence[str] = READ_STAGES) -> dict[str, dict[str, Any]]:
+    """stage -> {"fingerprint", "items", "random_init"} for every view of `dataset` among
+    `stages` present in the store (what a training run reads)."""
+    from pipeline.store import FeatureStore
+
+    out: dict[str, dict[str, Any]] = {}
+    for v in FeatureStore(Path(store_root)).views():
+        if v.dataset == dataset and v.stage in stages:
+            out[v.stage] = {"fingerprint": v.fingerprint, "items": int(v.n_items),
+                            "random_init": is_random_init_fingerprint(v.fingerprint)}
+    return out
+
+
+def run_is_random_init(meta: Mapping[str, Any]) -> bool:
+    """Whether a run.json says the run read features built with random-init weights."""
+    if meta.get("random_init"):
+        return True
+    return any(bool(v.get("random_init")) for v in (meta.get("views") or {}).values() if isinstance(v, Mapping))
 
 
 def seed_dirs(run: Path) -> list[Path]:

@@ -118,3 +118,28 @@ class PairwiseSampler:
             index[i, 1:1 + len(negs)] = negs
             weights[i, :len(w)] = w
         return Instances(index=index, weights=weights)
+
+
+def no_instance_message(product_labels: Iterable[np.ndarray], *, min_gap: float, mode: str = "pairwise") -> str:
+    """Why a training split gave no ranking instance, naming `min_gap` and suggesting
+    `min_gap=1` when a gap of 1 would give instances (products with two distinct labels but not
+    the `ceil(min_gap) + 1` distinct labels, `min_gap` apart, that the current gap needs)."""
+    labels = [np.asarray(y, dtype=np.float64) for y in product_labels]
+    rng = np.random.default_rng(0)
+    distinct = [len(np.unique(y)) for y in labels if len(y) >= 2]
+    if min_gap > 1:
+        relaxed = PairwiseSampler(mode=mode, num_negatives=1, min_gap=1.0)
+        usable = sum(1 for y in labels if relaxed.sample_product(y, rng))
+        if usable:
+            need = max(1, math.ceil(min_gap)) + 1
+            return (
+                f"training split gave no ranking instance with min_gap={min_gap:g}: a product needs "
+                f"at least {need} distinct labels (its lowest {need - 1} are never positives) and a "
+                f"negative at least {min_gap:g} below a positive, and none of the "
+                f"{len(labels)} training products has that (at most {max(distinct, default=0)} "
+                f"distinct labels each); set min_gap=1 ({usable} products would give instances)"
+            )
+    return (
+        f"training split gave no ranking instance (min_gap={min_gap:g}): every one of the "
+        f"{len(labels)} training products has reviews with equal labels (or a single review)"
+    )

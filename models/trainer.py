@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,13 +32,19 @@ from models.registry import build_model
 from models.runs import (
     RunPaths,
     append_jsonl,
+    git_state,
     load_checkpoint,
+    package_versions,
+    read_json,
     save_checkpoint,
     truncate_metrics,
+    utc_now,
+    view_fingerprints,
     write_json_atomic,
     write_plots,
+    write_seed_plots,
 )
-from models.samplers import PairwiseSampler, label_frequency_weights
+from models.samplers import PairwiseSampler, label_frequency_weights, no_instance_message
 from pipeline.errors import TrainingError
 
 log = logging.getLogger(__name__)
@@ -137,11 +144,16 @@ class Trainer:
     """One training run in one run folder."""
 
     def __init__(self, cfg: TrainConfig, data: DataBundle, run_dir: str | Path, *,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 progress: Callable[[str], None] | None = None, progress_bar: bool | None = None,
+                 record: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.data = data
         self.paths = RunPaths(Path(run_dir))
         self.progress = progress or log.info
+        # a tqdm bar per epoch (steps, ETA) on stderr; default: when stderr is a terminal
+        self.progress_bar = sys.stderr.isatty() if progress_bar is None else progress_bar
+        self.record = dict(record or {})  # extra run.json fields (run name, category, ...)
+        self._provenance: dict[str, Any] | None = None
         self.device = resolve_device(cfg.device, error=TrainingError, key="device")
         self.threshold = cfg.threshold if cfg.threshold is not None else data.threshold
         torch.manual_seed(cfg.seed)
@@ -165,14 +177,17 @@ class Trainer:
         self.bad_epochs = 0
 
     # ---- checkpoints -------------------------------------------------------------------------
-    def _state(self) -> dict[str, Any]:
+    def _state(self, *, with_optimizer: bool = True) -> dict[str, Any]:
+        """Checkpoint contents; best.pt leaves out optimizer and scheduler state (Adam's moments
+        are twice the model's size), last.pt keeps them for --resume."""
+        keep = with_optimizer
         return {
             "format": 1,
             "model_name": self.cfg.model,
             "epoch": self.epoch,
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict() if self.optimizer else {},
-            "scheduler": self.scheduler.state_dict() if self.scheduler else {},
+            "optimizer": self.optimizer.state_dict() if self.optimizer and keep else {},
+            "scheduler": self.scheduler.state_dict() if self.scheduler and keep else {},
             "numpy_rng": _rng_state(self.rng),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -220,7 +235,12 @@ class Trainer:
         aux_totals: dict[str, float] = {}
         steps = reviews = instances = 0
         t0 = time.perf_counter()
+        bar = self._bar(len(plan))
         for step, batch in enumerate(loader):
+            if bar is not None:
+                bar.update(1)
+                if steps:
+                    bar.set_postfix(loss=f"{totals['loss'] / steps:.4f}", refresh=False)
             inst = self.sampler.sample(batch.labels.numpy(), batch.rev_product.numpy(), self.rng)
             if inst.count == 0:
                 continue  # no ranking pair in these products
@@ -257,9 +277,14 @@ class Trainer:
             steps += 1
             reviews += batch.num_reviews
             instances += inst.count
+        if bar is not None:
+            bar.close()
         dt = time.perf_counter() - t0
         if steps == 0:
-            raise TrainingError("training split gave no ranking instance (every product has equal labels?)")
+            raise TrainingError(no_instance_message(
+                (source.labels(i) for i in range(len(source.product_ids))),
+                min_gap=cfg.min_gap, mode=cfg.sampler,
+            ))
         return {
             "train_loss": totals["loss"] / steps,
             "rank_loss": totals["rank"] / steps,
@@ -270,19 +295,57 @@ class Trainer:
             "epoch_time_s": dt,
         }
 
+    def _bar(self, total: int):
+        """tqdm bar for one epoch: "epoch 3/30", step count, ETA (None when bars are off)."""
+        if not self.progress_bar:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", unit="step",
+                    leave=False, file=sys.stderr, dynamic_ncols=True)
+
     # ---- the run -------------------------------------------------------------------------------
     def _writer(self):
         from torch.utils.tensorboard import SummaryWriter
 
         return SummaryWriter(log_dir=str(self.paths.tensorboard))
 
+    def _views(self) -> dict[str, Any]:
+        """Fingerprints of the store views the run reads ({} for in-memory data)."""
+        for src in self.data.splits.values():
+            root = getattr(src, "store_root", None)
+            if root is not None:
+                return view_fingerprints(root, getattr(src, "dataset", self.data.name))
+        return {}
+
     def _write_meta(self, status: str) -> None:
-        write_json_atomic(self.paths.meta, {
+        from pipeline.config import to_mapping
+
+        if self._provenance is None:  # once per session: git, packages, views, start time
+            prev: dict[str, Any] = {}
+            if self.paths.meta.is_file():
+                try:
+                    prev = read_json(self.paths.meta)
+                except TrainingError:
+                    prev = {}
+            views = self._views()
+            self._provenance = {
+                "started_at": utc_now() if not self.epoch else prev.get("started_at", utc_now()),
+                "git": git_state(), "packages": package_versions(), "views": views,
+                "random_init": any(v["random_init"] for v in views.values()),
+                "sessions": [*prev.get("sessions", []), utc_now()] if self.epoch else [utc_now()],
+            }
+        meta = {
+            **self.record,
             "model": self.cfg.model, "dataset": self.cfg.dataset or self.data.name,
+            "preset": self.cfg.preset, "model_cfg": to_mapping(self.cfg.model_cfg),
             "threshold": self.threshold, "seed": self.cfg.seed, "status": status,
             "best_epoch": self.best_epoch, "best_dev": self.best_dev, "epochs_done": self.epoch,
             "trainable_parameters": sum(p.numel() for p in self.params),
-        })
+            **self._provenance,
+            "finished_at": utc_now() if status in ("done", "failed") else None,
+        }
+        write_json_atomic(self.paths.meta, meta)
 
     def run(self, *, resume: bool = False) -> TrainResult:
         cfg = self.cfg
@@ -331,7 +394,8 @@ class Trainer:
                         if value > self.best_metric:
                             self.best_metric, self.best_epoch, self.best_dev = value, self.epoch, dev
                             self.bad_epochs = 0
-                            save_checkpoint(paths.best, self._state())
+                            rec["best"] = True
+                            save_checkpoint(paths.best, self._state(with_optimizer=False))
                         else:
                             self.bad_epochs += 1
                     save_checkpoint(paths.last, self._state())
@@ -363,7 +427,8 @@ class Trainer:
             raise
         finally:
             writer.close()
-        write_plots(paths)
+        if self.params:  # drawn once, at the end; none for a parameter-free baseline
+            write_plots(paths, title=self._title(), best_epoch=self.best_epoch)
         return TrainResult(run_dir=paths.root, best_epoch=self.best_epoch, best_dev=self.best_dev,
                            test=test, epochs_run=self.epoch, stopped_early=stopped_early, history=history)
 
@@ -373,7 +438,7 @@ class Trainer:
         dev = evaluate(self.model, self.data.split("dev"), threshold=self.threshold, cfg=self.cfg,
                        device=self.device).metrics
         self.best_metric, self.best_epoch, self.best_dev = dev[self.cfg.metric], 0, dev
-        save_checkpoint(self.paths.best, self._state())
+        save_checkpoint(self.paths.best, self._state(with_optimizer=False))
         save_checkpoint(self.paths.last, self._state())
         rec = {"event": "epoch", "epoch": 0, "train_loss": 0.0, "dev": dev, "steps": 0}
         append_jsonl(self.paths.metrics, rec)
@@ -395,11 +460,15 @@ class Trainer:
         writer.flush()
         dev = rec.get("dev")
         self.progress(
-            f"epoch {e}: loss {rec['train_loss']:.4f}"
+            f"epoch {e}/{self.cfg.epochs}: loss {rec['train_loss']:.4f}"
             + (f", dev {self.cfg.metric} {dev[self.cfg.metric]:.4f}" if dev else "")
             + (f", lr {rec['lr']:.2e}" if rec.get("lr") is not None else "")
+            + (" (best)" if rec.get("best") else "")
         )
-        write_plots(self.paths)
+
+    def _title(self) -> str:
+        run = self.record.get("run") or self.paths.root.parent.name
+        return f"{run} {self.paths.root.name} (seed {self.cfg.seed})"
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
@@ -414,9 +483,11 @@ def _load_yaml(path: Path) -> dict[str, Any]:
 
 
 def train(cfg: TrainConfig, data: DataBundle, run_dir: str | Path, *, resume: bool = False,
-          progress: Callable[[str], None] | None = None) -> TrainResult:
+          progress: Callable[[str], None] | None = None, progress_bar: bool | None = None,
+          record: dict[str, Any] | None = None) -> TrainResult:
     """Train `cfg.model` on `data`, writing everything into `run_dir` (see models.runs)."""
-    return Trainer(cfg, data, run_dir, progress=progress).run(resume=resume)
+    return Trainer(cfg, data, run_dir, progress=progress, progress_bar=progress_bar,
+                   record=record).run(resume=resume)
 
 
 def run_config(run_dir: str | Path) -> TrainConfig:
@@ -448,7 +519,8 @@ def _vocab_fingerprint(manifest, dataset: str, records) -> str | None:
 
 
 def train_seeds(manifest, cfg: TrainConfig, *, seeds: int = 1, first_seed: int = 0, name: str | None = None,
-                resume: bool = False, overwrite: bool = False, progress: Callable[[str], None] | None = None) -> list[TrainResult]:
+                resume: bool = False, overwrite: bool = False, progress: Callable[[str], None] | None = None,
+                progress_bar: bool | None = None) -> list[TrainResult]:
     """Train `cfg.model` on `cfg.dataset` of the manifest once per seed index k in
     first_seed .. first_seed + seeds - 1 (seed cfg.seed + k), into `<roots.runs>/<name>/seed<k>/`; each run folder also gets `data.json` (dataset, vocabulary
     fingerprint, threshold) for `mrhp predict`. `overwrite` deletes an existing seed folder first
@@ -474,10 +546,18 @@ def train_seeds(manifest, cfg: TrainConfig, *, seeds: int = 1, first_seed: int =
                 raise TrainingError(f"{run_dir}: not a run folder; refusing to delete it")
             shutil.rmtree(run_dir)
         say(f"train {name} seed{k} (seed {seed_cfg.seed}) -> {run_dir}")
-        res = train(seed_cfg, data, run_dir, resume=resume, progress=say)
+        spec = manifest.dataset(cfg.dataset)
+        res = train(seed_cfg, data, run_dir, resume=resume, progress=say, progress_bar=progress_bar,
+                    record={"run": name, "categories": list(spec.categories), "source": spec.source,
+                            "manifest": str(manifest.path)})
         write_json_atomic(run_dir / "data.json", {
             "dataset": cfg.dataset, "manifest": str(manifest.path), "vocab_fingerprint": vfp,
             "threshold": data.threshold,
+            # how rel.upvotes was read ("labels" or "votes"): predict reads new rel tables the same way
+            "labels": getattr(data.records, "label_interpretation", None) or None,
         })
         results.append(res)
+    if len(results) > 1 and any(r.history and r.history[-1].get("steps") for r in results):
+        write_seed_plots(root, [RunPaths(r.run_dir) for r in results], title=name,
+                         best_epochs=[r.best_epoch for r in results])
     return results

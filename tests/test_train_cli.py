@@ -80,9 +80,13 @@ def test_train_evaluate_compare_predict_end_to_end(workspace, capsys):
     out = capsys.readouterr().out
     assert "MAP" in out and "NDCG@3" in out and "NDCG@5" in out and "MRR" in out and "mean" in out
     assert (root / "runs/gru/seed1/eval_dev.json").is_file()
+    # evaluate prints x100, the scale of compare: seed0's MAP row equals 100 x its eval_dev.json
+    seed0 = json.loads((root / "runs/gru/seed0/eval_dev.json").read_text())["metrics"]
+    row = next(ln.split() for ln in out.splitlines() if ln.startswith("seed0"))
+    assert float(row[1]) == pytest.approx(seed0["MAP"] * 100, abs=0.006)
     assert main([*m, "compare", "len", "gru"]) == 0
     out = capsys.readouterr().out
-    assert "±" in out and "p-values against len (over products)" in out
+    assert "±" in out and "p-values against len (over products" in out and "(n=" in out
     assert main([*m, "compare", "gru", "gru", "--paired", "seeds"]) == 0
     pred = root / "pred.jsonl"
     assert main([*m, "predict", "gru", "--input", str(root / "mrhp" / "home.prd.test"), "--output", str(pred)]) == 0
@@ -149,3 +153,23 @@ def test_predict_computes_probe_masks_for_new_reviews_like_the_probes_stage(work
     assert _aligned_probe(mask, enc).tolist() == [1.0, 1.0, 0.0]  # pan, heats, handle
     assert _aligned_probe(None, enc).tolist() == [1.0, 1.0, 1.0]
     assert probe_masks(manifest, spec, "no-such-dataset", reviews, ["x"]) == [None]
+
+
+def test_predict_averages_the_seeds_by_default_and_labels_are_0_to_4(workspace):
+    root, _ = workspace
+    m = ["--manifest", str(root / "data_manifest.yaml")]
+    over = ["epochs=1", "batch_products=4", "device=cpu", "model_cfg.hidden=4", "model_cfg.mlp_hidden=4"]
+    assert main([*m, "train", "--model", "text-gru", "--dataset", "synth", "--seeds", "2", "--name", "avg", *over]) == 0
+    inp = str(root / "mrhp" / "home.prd.test")
+    scores = {}
+    for tag, extra in (("all", []), ("s0", ["--seed", "0"]), ("s1", ["--seed", "1"])):
+        out = root / f"pred-{tag}.jsonl"
+        assert main([*m, "predict", "avg", "--input", inp, "--output", str(out), *extra]) == 0
+        rows = [json.loads(x) for x in out.read_text().splitlines()]
+        scores[tag] = {r["review_id"]: r["score"] for r in rows}
+        assert all(r["label"] in (0, 1, 2, 3, 4) and isinstance(r["label"], int) for r in rows)
+        assert all("votes" in r for r in rows)
+    assert json.loads((root / "runs/avg/seed0/data.json").read_text())["labels"] in ("labels", "votes")
+    for rid, s in scores["all"].items():
+        assert s == pytest.approx((scores["s0"][rid] + scores["s1"][rid]) / 2, abs=1e-6)
+    assert scores["s0"] != scores["s1"]

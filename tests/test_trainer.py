@@ -201,7 +201,9 @@ def test_yaml_config_then_overrides_take_precedence(tmp_path):
     f.write_text("model: text-gru\nlr: 0.001\nmodel_cfg: {hidden: 32, dropout: 0.0}\ndata: {max_rois: 64}\n")
     cfg = load_train_config(f, ["model_cfg.hidden=8", "epochs=3"], base={"dataset": "demo", "lr": 0.5})
     assert cfg.lr == 0.001 and cfg.epochs == 3 and cfg.dataset == "demo"
-    assert dict(cfg.model_cfg) == {"hidden": 8, "dropout": 0.0} and cfg.data.max_rois == 64
+    # model_cfg resolves to every field of the model's config record (the rest are its defaults)
+    assert cfg.model_cfg["hidden"] == 8 and cfg.model_cfg["dropout"] == 0.0 and cfg.data.max_rois == 64
+    assert cfg.model_cfg["mlp_hidden"] == 128 and cfg.model_cfg["finetune_embeddings"] is False
     with pytest.raises(ConfigError, match="not found"):
         load_train_config(tmp_path / "missing.yaml")
     (tmp_path / "bad.yaml").write_text("- a list\n")

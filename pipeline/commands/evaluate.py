@@ -3,34 +3,50 @@
 RUN is a run name under the manifest's runs root (or a path): a single run folder or a folder of
 seed<k>/ runs. The threshold is the dataset's (manifest) unless the run's config overrides it.
 Writes `eval_<split>.json` (metrics and per-product metrics) into each run folder, which
-`mrhp compare` reads.
+`mrhp compare` reads. Numbers print x100 with two decimals, the scale of `mrhp compare` and of
+the papers; a run trained on random-init features is marked.
 """
 from __future__ import annotations
 
 import argparse
 
-import numpy as np
-
-from models.data import build_datasets
-from models.metrics import metric_names
-from models.runs import RunPaths, resolve_run, seed_dirs, write_json_atomic
-from models.trainer import evaluate, load_run, run_config
-from pipeline.manifest import load_manifest
+RANDOM_INIT_MARK = "[random-init]"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "evaluate", help="ranking metrics of a trained run on a split",
         description="Score every review of every product of a split with the run's best checkpoint "
-        "and print MAP, NDCG@3, NDCG@5 and MRR (per seed, then mean +- std).",
+        "and print MAP, NDCG@3, NDCG@5 and MRR x100 (per seed, then mean +- std), the scale of "
+        "`mrhp compare`.",
     )
     p.add_argument("run", metavar="RUN", help="run name under the runs root, or a run folder")
     p.add_argument("--split", default="test", help="split to evaluate (default test)")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                   help="which checkpoint to score (default best: the best dev epoch)")
     p.set_defaults(func=run)
 
 
+def random_init_note(dirs) -> str:
+    """" [random-init]" when any seed of the run read random-init features (its run.json)."""
+    from models.runs import RunPaths, read_json, run_is_random_init
+
+    for d in dirs:
+        meta = RunPaths(d).meta
+        if meta.is_file() and run_is_random_init(read_json(meta)):
+            return f" {RANDOM_INIT_MARK}"
+    return ""
+
+
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from models.data import build_datasets
+    from models.metrics import metric_names
+    from models.runs import RunPaths, resolve_run, seed_dirs, write_json_atomic
+    from models.trainer import evaluate, load_run, run_config
+    from pipeline.manifest import load_manifest
+
     manifest = load_manifest(args.manifest)
     dirs = seed_dirs(resolve_run(manifest.roots.runs, args.run))
     bundles: dict[str, object] = {}
@@ -50,11 +66,16 @@ def run(args: argparse.Namespace) -> int:
         })
         rows.append((d.name, res.metrics))
     names = metric_names(cfg.ks)
-    print(f"{args.run} on {args.split} (threshold {threshold:g}, {len(res.per_product)} products)")
+    mark = random_init_note(dirs)
+    print(f"{args.run}{mark} on {args.split} (threshold {threshold:g}, {len(res.per_product)} products); "
+          f"metrics x100")
     print(f"{'run':<10}" + "".join(f"{n:>10}" for n in names))
     for label, m in rows:
-        print(f"{label:<10}" + "".join(f"{m[n]:>10.4f}" for n in names))
+        print(f"{label:<10}" + "".join(f"{m[n] * 100:>10.2f}" for n in names))
     if len(rows) > 1:
-        print(f"{'mean':<10}" + "".join(f"{np.mean([m[n] for _, m in rows]):>10.4f}" for n in names))
-        print(f"{'std':<10}" + "".join(f"{np.std([m[n] for _, m in rows], ddof=1):>10.4f}" for n in names))
+        print(f"{'mean':<10}" + "".join(f"{np.mean([m[n] for _, m in rows]) * 100:>10.2f}" for n in names))
+        print(f"{'std':<10}" + "".join(f"{np.std([m[n] for _, m in rows], ddof=1) * 100:>10.2f}" for n in names))
+    if mark:
+        print(f"{RANDOM_INIT_MARK}: trained on features from random-init weights (demo/test only; "
+              f"never a result)")
     return 0

@@ -12,8 +12,16 @@ model was trained with probe masks), new reviews get probe masks computed the wa
 stage does (`features.text.probes.ProbeMasker` with the manifest's probes parameters); a
 review whose mask cannot be computed, or a dataset without probes, gets a mask of ones.
 
-Output: JSON lines `{"product_id", "rank", "review_id", "score"[, "label"]}`, ranked by score
-within each product, to --output or stdout; `--format table` prints a readable table instead.
+Scores: by default the mean of the scores of every seed of the run (seed<k>/ folders; each
+seed's model scores every review); `--seed K` uses seed K alone.
+
+Output: JSON lines `{"product_id", "rank", "review_id", "score"[, "label", "votes"]}`, ranked by
+score within each product, to --output or stdout; `--format table` prints a readable table
+instead. With a `.rel.` table, `label` is the 0-4 helpfulness label, read the way the run's
+training data was read (`labels` in the run's data.json: "labels" takes the column as labels,
+"votes" maps raw vote counts v to min(floor(log2 v), 4); runs without that record use the
+dataset's manifest setting, "auto" picking as the reader does), and `votes` the raw value of the
+column; a 0-vote review gets no label (the reader drops it from training data).
 """
 from __future__ import annotations
 
@@ -22,19 +30,15 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
+from typing import TYPE_CHECKING
 
-from models.config import DataConfig
-from models.data import InMemorySource, ProductItem, ReviewItem, concat_rois, store_embeddings
-from models.runs import read_json, resolve_run, seed_dirs
-from models.trainer import load_run, score_source
-from pipeline.datasets.mrhp import (
-    PRD_COLUMNS, PRD_OPTIONAL, REL_COLUMNS, RVW_COLUMNS, RVW_OPTIONAL, parse_img_urls, product_text,
-)
-from pipeline.datasets.tables import read_column_table
 from pipeline.errors import DataError, StoreError, TrainingError
-from pipeline.hashing import sha256_file
-from pipeline.manifest import load_manifest
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+    from models.config import DataConfig
+    from models.data import InMemorySource
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,9 +50,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--input", required=True, help="folder of MRHP tables, or one <category>.prd.<split> file")
     p.add_argument("--images", default=None,
                    help="image root holding <split>/{prd,rvw}/<id>/pic_*.jpg (default: <input folder>/pictures)")
-    p.add_argument("--seed", type=int, default=0, help="which seed<k> run to use (default 0)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="use only seed<K> of the run (default: average the scores of all its seeds)")
     p.add_argument("--output", default=None, help="write JSON lines here (default stdout)")
-    p.add_argument("--format", choices=("jsonl", "table"), default="jsonl")
+    p.add_argument("--format", choices=("jsonl", "table"), default="jsonl",
+                   help="JSON lines (default) or a readable table")
     p.set_defaults(func=run)
 
 
@@ -87,7 +93,7 @@ def _image_files(root: Path | None, split: str, kind: str, item_id: str) -> list
 class _Rois:
     """ROI features of image files already in the store (by content hash)."""
 
-    def __init__(self, store_root: Path, dataset: str, cfg: DataConfig) -> None:
+    def __init__(self, store_root: Path, dataset: str, cfg: "DataConfig") -> None:
         from pipeline.store import FeatureStore
 
         self.cfg = cfg
@@ -98,7 +104,12 @@ class _Rois:
         except StoreError:
             self.reader = None
 
-    def __call__(self, files: list[Path]) -> np.ndarray:
+    def __call__(self, files: list[Path]) -> "np.ndarray":
+        import numpy as np
+
+        from models.data import concat_rois
+        from pipeline.hashing import sha256_file
+
         per = []
         for f in files:
             try:
@@ -113,9 +124,41 @@ class _Rois:
         return concat_rois(per, self.cfg)
 
 
-def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, manifest, cfg: DataConfig,
-               dataset: str) -> tuple[InMemorySource, _Rois]:
-    """Read the MRHP tables named by `path` into an in-memory source in the run's vocabulary."""
+def rel_labels(values: dict[str, float], mode: str, where: str) -> tuple[dict[str, float], dict[str, float]]:
+    """(review id -> 0-4 label, review id -> raw column value) of a rel table's upvotes, read as
+    the dataset reader reads them (`mode`: the dataset's labels setting). A 0-vote review (vote
+    mode) has no label."""
+    from pipeline.datasets.mrhp import MAX_LABEL, votes_to_label
+
+    if mode == "auto":
+        mode = "labels" if all(float(v).is_integer() and 0 <= v <= MAX_LABEL for v in values.values()) else "votes"
+    labels: dict[str, float] = {}
+    for rid, v in values.items():
+        if mode == "labels":
+            if not (float(v).is_integer() and 0 <= v <= MAX_LABEL):
+                raise DataError(f"{where}: review {rid!r}: upvotes {v:g} is not a label 0..{MAX_LABEL} "
+                                f"(the run's dataset reads labels)")
+            labels[rid] = float(v)
+        else:
+            if not float(v).is_integer() or v < 0:
+                raise DataError(f"{where}: review {rid!r}: upvotes {v:g} is not a vote count")
+            if v > 0:
+                labels[rid] = float(votes_to_label(int(v)))
+    return labels, dict(values)
+
+
+def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, manifest, cfg: "DataConfig",
+               dataset: str, labels_mode: str | None = None) -> tuple["InMemorySource", _Rois]:
+    """Read the MRHP tables named by `path` into an in-memory source in the run's vocabulary;
+    each review's `label` is its 0-4 label (NaN without one), raw votes in `source.votes`."""
+    import numpy as np
+
+    from models.data import InMemorySource, ProductItem, ReviewItem
+    from pipeline.datasets.mrhp import (
+        PRD_COLUMNS, PRD_OPTIONAL, REL_COLUMNS, RVW_COLUMNS, RVW_OPTIONAL, parse_img_urls, product_text,
+    )
+    from pipeline.datasets.tables import read_column_table
+
     try:
         from features.text.tokens import encode_texts, load_vocabularies
     except ImportError as e:  # pragma: no cover - the tokens stage ships with the package
@@ -126,13 +169,16 @@ def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, m
     max_len = manifest.stage_params("tokens").max_len
     rois = _Rois(manifest.store_root, dataset, cfg)
     products: list[ProductItem] = []
+    votes: dict[str, float] = {}
     for prd_path, rvw_path, rel_path, category, split in _table_sets(path):
         pkeys, pt = read_column_table(prd_path, PRD_COLUMNS, PRD_OPTIONAL)
         rkeys, rt = read_column_table(rvw_path, RVW_COLUMNS, RVW_OPTIONAL)
         labels: dict[str, float] = {}
         if rel_path is not None:
             lkeys, lt = read_column_table(rel_path, REL_COLUMNS)
-            labels = {str(lt["review_id"][k]): float(lt["upvotes"][k]) for k in lkeys}
+            raw = {str(lt["review_id"][k]): float(lt["upvotes"][k]) for k in lkeys}
+            labels, got = rel_labels(raw, labels_mode or spec.labels, str(rel_path))
+            votes.update(got)
         pids = [str(pt["product_id"][k]) for k in pkeys]
         ptexts = [product_text(spec, category, str(pt["name"][k] or ""), str(pt["description"][k] or ""))
                   for k in pkeys]
@@ -161,7 +207,9 @@ def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, m
     products = [p for p in products if p.reviews]
     if not products:
         raise DataError(f"--input {path}: no product with reviews")
-    return InMemorySource(products, roi_dim=cfg.roi_dim), rois
+    source = InMemorySource(products, roi_dim=cfg.roi_dim)
+    source.votes = votes  # review id -> raw rel value, for the output's `votes` field
+    return source, rois
 
 
 def probe_masks(manifest, spec, dataset: str, reviews: list[str], names: list[str]) -> list:
@@ -181,15 +229,34 @@ def probe_masks(manifest, spec, dataset: str, reviews: list[str], names: list[st
     return [r.mask if isinstance(r, ProbeResult) else None for r in masker.masks(reviews, names)]
 
 
-def _aligned_probe(mask: np.ndarray | None, enc) -> np.ndarray:
+def _aligned_probe(mask: "np.ndarray | None", enc) -> "np.ndarray":
     """The probe mask at the kept token positions (`mask[pos]`, as models.data aligns it)."""
+    import numpy as np
+
     if mask is None or len(mask) != int(enc.n_raw):
         return np.ones(len(enc.ids), dtype=np.float32)
     return np.asarray(mask, dtype=np.float32)[np.asarray(enc.pos, dtype=np.int64)]
 
 
-def ranked(preds: list[dict]) -> list[dict]:
-    """Predictions grouped by product (input order) and ranked by score (stable)."""
+def average_seeds(per_seed: list[list[dict]]) -> list[dict]:
+    """One prediction per review: the mean score over the seeds (every seed scored the same
+    reviews in the same order)."""
+    import numpy as np
+
+    first = per_seed[0]
+    for k, preds in enumerate(per_seed[1:], 1):
+        if [p["review_id"] for p in preds] != [p["review_id"] for p in first]:
+            raise TrainingError(f"seed {k} scored different reviews than seed 0")
+    scores = np.mean([[p["score"] for p in preds] for preds in per_seed], axis=0)
+    return [{**p, "score": float(s)} for p, s in zip(first, scores)]
+
+
+def ranked(preds: list[dict], votes: dict[str, float] | None = None) -> list[dict]:
+    """Predictions grouped by product (input order) and ranked by score (stable); `label` is the
+    0-4 label when known, `votes` the raw rel value when given."""
+    import numpy as np
+
+    votes = votes or {}
     groups: dict[str, list[dict]] = {}
     for p in preds:
         groups.setdefault(p["product_id"], []).append(p)
@@ -200,29 +267,46 @@ def ranked(preds: list[dict]) -> list[dict]:
             r = rows[i]
             rec = {"product_id": pid, "rank": rank, "review_id": r["review_id"], "score": r["score"]}
             if not np.isnan(r["label"]):
-                rec["label"] = r["label"]
+                rec["label"] = int(r["label"])
+            if r["review_id"] in votes:
+                v = votes[r["review_id"]]
+                rec["votes"] = int(v) if float(v).is_integer() else v
             out.append(rec)
     return out
 
 
 def run(args: argparse.Namespace) -> int:
+    from models.data import store_embeddings
+    from models.runs import read_json, resolve_run, seed_dirs
+    from models.trainer import load_run, score_source
+    from pipeline.manifest import load_manifest
+
     manifest = load_manifest(args.manifest)
     dirs = seed_dirs(resolve_run(manifest.roots.runs, args.run))
-    chosen = [d for d in dirs if d.name == f"seed{args.seed}"] or (dirs if len(dirs) == 1 else [])
+    if args.seed is None:
+        chosen = dirs
+    else:
+        chosen = [d for d in dirs if d.name == f"seed{args.seed}"] or (dirs if len(dirs) == 1 else [])
     if not chosen:
         raise TrainingError(f"run {args.run!r} has no seed{args.seed}; found {', '.join(d.name for d in dirs)}")
-    run_dir = chosen[0]
-    meta = read_json(run_dir / "data.json")
+    metas = [read_json(d / "data.json") for d in chosen]
+    meta = metas[0]
+    for d, m in zip(chosen[1:], metas[1:]):
+        if (m.get("dataset"), m.get("vocab_fingerprint")) != (meta.get("dataset"), meta.get("vocab_fingerprint")):
+            raise TrainingError(f"{d}: trained on other data ({m.get('dataset')}) than {chosen[0].name}; "
+                                f"pick one with --seed")
     dataset = meta["dataset"]
     spec = manifest.dataset(dataset)
     embeddings = store_embeddings(manifest.store_root, dataset)
-    model, cfg = load_run(run_dir, embeddings=embeddings)
+    models = [load_run(d, embeddings=embeddings) for d in chosen]
+    cfg = models[0][1]
     inp = Path(args.input)
     images = Path(args.images) if args.images else (inp if inp.is_dir() else inp.parent) / "pictures"
     source, rois = load_input(inp, images if images.is_dir() else None, spec=spec,
                               vocab_fp=meta.get("vocab_fingerprint"), manifest=manifest, cfg=cfg.data,
-                              dataset=dataset)
-    rows = ranked(score_source(model, source, cfg=cfg))
+                              dataset=dataset, labels_mode=meta.get("labels"))
+    per_seed = [score_source(model, source, cfg=c) for model, c in models]
+    rows = ranked(average_seeds(per_seed), getattr(source, "votes", None))
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:
         if args.format == "jsonl":
@@ -235,6 +319,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if out is not sys.stdout:
             out.close()
-    print(f"predict: {len(source.product_ids)} products, {len(rows)} reviews ranked; images with "
+    print(f"predict: {len(source.product_ids)} products, {len(rows)} reviews ranked "
+          f"(mean score of {len(chosen)} seed{'s' if len(chosen) > 1 else ''}: "
+          f"{', '.join(d.name for d in chosen)}); images with "
           f"stored features {rois.found}, without {rois.missing}", file=sys.stderr)
     return 0
