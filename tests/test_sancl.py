@@ -351,3 +351,20 @@ def test_parameter_count_is_near_the_papers_1_41M():
 
 def test_learning_check_beats_length_and_random_on_held_out_products():
     learning_check("sancl")  # paper defaults at the tests' tiny sizes (shared space 64)
+
+
+def test_reported_numbers_are_data_and_consistent():
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(__file__).resolve().parent.parent / "models" / "reported" / "sancl.yaml"
+    d = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert d["model"] == "sancl" and d["extra"]["parameters_without_embeddings"] == 1410000
+    assert d["extra"]["gpu_memory_gb_train_amazon_home"] == 2.4
+    rows = {(r["table"], r["method"], r["setting"], r["category"]): r for r in d["results"]}
+    # Table 2's full-model row is Table 1's multimodal SANCL on electronics
+    t1, t2 = rows["Table 1", "SANCL", "", "electronics"], rows["Table 2", "SANCL", "", "electronics"]
+    assert [t1[k] for k in ("MAP", "NDCG@3", "NDCG@5")] == [t2[k] for k in ("MAP", "NDCG@3", "NDCG@5")] == [56.19, 46.98, 49.92]
+    assert rows["Table 1", "SANCL", "text-only", "home"]["MAP"] == 58.03
+    assert len([r for r in d["results"] if r["table"] == "Table 2"]) == 6
