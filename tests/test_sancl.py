@@ -107,7 +107,7 @@ def test_beta_comes_from_the_gru_sequence_state():
         sa.beta_gen.weight.copy_(torch.tensor([[1.0, -2.0, 0.5]]))
         sa.beta_gen.bias.fill_(0.3)
     hs = torch.tensor([[0.2, 0.1, -0.4]])  # W h + b = 0.2 - 0.2 - 0.2 + 0.3 = 0.1
-    assert math.isclose(float(sa.beta(hs)), 1 / (1 + E(-0.1)), rel_tol=1e-6)
+    assert math.isclose(float(sa.beta(hs).detach()), 1 / (1 + E(-0.1)), rel_tol=1e-6)
 
 
 def test_paper_encoder_sizes():
