@@ -368,3 +368,25 @@ def test_reported_numbers_are_data_and_consistent():
     assert [t1[k] for k in ("MAP", "NDCG@3", "NDCG@5")] == [t2[k] for k in ("MAP", "NDCG@3", "NDCG@5")] == [56.19, 46.98, 49.92]
     assert rows["Table 1", "SANCL", "text-only", "home"]["MAP"] == 58.03
     assert len([r for r in d["results"] if r["table"] == "Table 2"]) == 6
+
+
+def test_forward_weights_the_cpc_sums_by_kappa_over_the_ranking_instances():
+    batch = make_batch()
+    cfg = {**TINY["sancl"], "text_dropout": 0.0, "kappa": 0.3}
+    torch.manual_seed(0)
+    a = SANCL.from_config(cfg).train()  # cpc_reduction: instances (default)
+    b = SANCL.from_config({**cfg, "cpc_reduction": "sum"}).train()
+    b.load_state_dict(a.state_dict())
+    got = a(batch).aux_losses
+    with torch.no_grad():
+        sums = b.cpc_losses(batch, b.project(b.pooled(batch)))
+    n_inst = batch.instances.shape[0]
+    for k in ("cpc_ii", "cpc_pr"):
+        assert math.isclose(float(got[k].detach()), 0.3 * float(sums[k]) / n_inst, rel_tol=1e-5)
+
+
+def test_paper_preset_without_category_sets_only_the_shared_sizes():
+    p = SANCL.preset("paper")
+    assert "lr" not in p["train"] and "kappa" not in p["model_cfg"]
+    assert p["model_cfg"]["hidden"] == 128 and p["model_cfg"]["proj_dim"] == 64
+    assert p["train"]["batch_products"] == 32
