@@ -40,10 +40,21 @@ Readings where the paper is silent or ambiguous (also in docs/fidelity.md):
   * Cross-field and cross-image attention take MCR's product-aware form (the paper defers to
     Liu et al. 2021 and gives no equation): a_ij = softmax_j(relu(W p_j + b) . r_i) over the
     product positions j, r_i <- r_i + sum_j a_ij p_j.
-  * Eq. 11-12 are sums. The trainer's ranking loss is Eq. 16's sum divided by the number of
-    ranking instances I of the batch; `cpc_reduction: instances` divides the CPC sums by the
-    same I, so kappa weighs the two sums exactly as Eq. 18 does (up to the common 1/I).
-    `mean` (per positive term, the public code's reduction) and `sum` are options.
+  * Eq. 11, 12 and 16 are all plain sums and Eq. 18 adds them: L = L_task + kappa L_aux. The
+    trainer's ranking loss is Eq. 16's hinge terms summed over the batch's sampled pairs and
+    divided by the number I of ranking instances (shared by every model).
+    `cpc_reduction: instances` (the paper preset) divides the CPC sums by the same I, so the
+    step minimises Eq. 18 / I: kappa weighs the CPC sums against the ranking sum exactly as
+    Eq. 18 does. `sum` keeps Eq. 11-12's sums undivided, which beside the trainer's 1/I weighs
+    the CPC I times more than Eq. 18; `mean` (per positive term) is the public code's
+    reduction (the `code` preset).
+  * Eq. 12's denominator runs over S+_pr and S-_pr with each review k paired with its own
+    product's S^p_{m,k}; we normalise a review over the reviews of its own product (issue 12:
+    "normalised over all of that product's reviews"). The set notation alone would also allow
+    one batch-wide normaliser, as Eq. 11 has; that reading is `pr_normaliser: batch`.
+  * Eq. 16's pairs: the paper writes "an arbitrary positive/negative pair ... under product
+    P_i" and gives no gamma; the trainer's sampler (1 positive, K negatives per instance) draws
+    them and the paper preset uses a fixed margin gamma = 1.
   * Items without the modality a term needs (a review without images, an empty text) are left
     out of that term's numerator and denominator; a term without any positive is zero.
   * Text-only setting (Table 1, upper half; `text_only: true`): no images, so no inner-instance
@@ -54,7 +65,8 @@ plain average pooling; the probes view is then not required), `cpc_ii: false`,
 `cpc_pr: false`, both false. The model never falls back to all-ones masks: with
 `probe_mask: true` a batch without probe masks is a DataError.
 Presets: `paper` (default) and `code` (the public release's 8-representation MLP scorer,
-unscaled attention, one image encoder shared by both fields, CPC averaged per positive); both
+unscaled attention, one image encoder shared by both fields, CPC averaged per positive, beta
+fixed at 0.5 as its GloVe model does); both
 take per-category values from Tables 5 (GloVe) via `SANCL.preset(name, category=...)`.
 """
 from __future__ import annotations
@@ -120,6 +132,8 @@ class SANCLConfig:
     temperature: float = 1.0  # tau of Eq. 10, 1 in the paper
     high_label: float = 3.0  # a review is high-helpfulness (S+) when label >= this (public code: 3)
     cpc_reduction: Literal["instances", "mean", "sum"] = "instances"  # see the module docstring
+    pr_normaliser: Literal["product", "batch"] = "product"  # Eq. 12's denominator: the review's
+    # own product's reviews (issue 12's reading), or every review of the batch (module docstring)
     text_only: bool = False  # Table 1 upper half: no images, no inner-instance domain
     scorer: Literal["paper", "code"] = "paper"  # Eq. 14-15 Linear over 4 review vectors, or
     # the public code's MLP over 8 projected vectors (review and product, 2 modalities x 2 domains)
@@ -129,6 +143,10 @@ def _check_config(c: SANCLConfig) -> SANCLConfig:
     where = "model.sancl"
     if not 0 < c.alpha <= 1:
         raise ConfigError(f"{where}.alpha: expected 0 < alpha <= 1 (Eq. 2), got {c.alpha}")
+    if c.beta == "learned" and c.probe_mask and c.alpha < 1:
+        raise ConfigError(f"{where}.alpha: {c.alpha} < 1 with beta: learned cannot keep Eq. 2's "
+                          f"alpha > beta (Eq. 6's sigmoid beta ranges over (0, 1)); use alpha: 1 "
+                          f"(the paper's value) or beta: fixed with fixed_beta < alpha")
     if c.beta == "fixed" and not 0 < c.fixed_beta < c.alpha:
         raise ConfigError(f"{where}.fixed_beta: expected 0 < beta < alpha = {c.alpha} (Eq. 2), "
                           f"got {c.fixed_beta}")
@@ -188,9 +206,11 @@ def cpc_inner_instance(log_phi: torch.Tensor, positive: torch.Tensor,
 
 
 def cpc_product_review(log_phi: torch.Tensor, product: torch.Tensor, positive: torch.Tensor,
-                       valid: torch.Tensor, num_products: int) -> tuple[torch.Tensor, int]:
+                       valid: torch.Tensor, num_products: int,
+                       normaliser: str = "product") -> tuple[torch.Tensor, int]:
     """Eq. 12 for one modality as a sum: for each positive review j of product p,
-    -log(phi(S_r_j, S_p_p) / sum_{k reviews of p} phi(S_r_k, S_p_p)).
+    -log(phi(S_r_j, S_p_p) / sum_{k reviews of p} phi(S_r_k, S_p_p)); with normaliser "batch"
+    the denominator is sum_{k every review} phi(S_r_k, S_p_{product(k)}) instead.
 
     log_phi (R,) log phi(S_r_k, S_p_{product(k)}); product (R,) product index; positive (R,)
     high reviews; valid (R,) reviews (and products) that have the modality. Returns the sum and
@@ -199,6 +219,8 @@ def cpc_product_review(log_phi: torch.Tensor, product: torch.Tensor, positive: t
     n = int(pos.sum())
     if n == 0:
         return log_phi.sum() * 0.0, 0
+    if normaliser == "batch":
+        return -(log_phi[pos] - torch.logsumexp(log_phi[valid], dim=0)).sum(), n
     member = (product.unsqueeze(0) == torch.arange(num_products, device=product.device)
               .unsqueeze(1)) & valid.unsqueeze(0)  # (P, R)
     grid = torch.where(member, log_phi.unsqueeze(0), torch.full_like(log_phi, NEG_INF).unsqueeze(0))
@@ -382,12 +404,15 @@ class SANCL(nn.Module):
         if category is not None and category not in CATEGORIES:
             raise ConfigError(f"sancl: preset {name!r} has no values for category {category!r} "
                               f"(Table 5 covers {', '.join(CATEGORIES)})")
-        model_cfg: dict[str, Any] = {**COMMON, "high_label": 3.0, "temperature": 1.0, "alpha": 1.0}
+        # cpc_reduction "instances": Eq. 18's balance under the trainer's 1/I (module docstring)
+        model_cfg: dict[str, Any] = {**COMMON, "high_label": 3.0, "temperature": 1.0, "alpha": 1.0,
+                                     "cpc_reduction": "instances"}
         # Paper: Eq. 16 with a fixed margin gamma (its value is not given; 1 as the other papers)
         train: dict[str, Any] = {"batch_products": 32, "margin": "fixed", "fixed_margin": 1.0}
         if name == "code":
+            # the released GloVe model fixes beta at 0.5 (its mask: 1 probed, 0.5 elsewhere)
             model_cfg.update(scorer="code", attn_scale=False, share_image_encoder=True,
-                             cpc_reduction="mean")
+                             cpc_reduction="mean", beta="fixed", fixed_beta=0.5)
             train.update(margin="label")  # the released training loop inherits MCR's hinge
         if category is not None:
             t = TABLE5_GLOVE[category]
@@ -414,6 +439,10 @@ class SANCL(nn.Module):
             if probe.shape != rm_t.shape:
                 raise DataError(f"sancl: rev_probe_mask has shape {tuple(probe.shape)}, expected "
                                 f"{tuple(rm_t.shape)} (aligned with rev_tokens)")
+            if bool(((probe != 0) & (probe != 1)).any()):
+                bad = probe[(probe != 0) & (probe != 1)][0].item()
+                raise DataError(f"sancl: rev_probe_mask holds {bad!r}; a probe mask is binary "
+                                f"(Algorithm 1: 1 in sentences mentioning the product, else 0)")
         # Sec. 3.3, Eq. 1
         h_p, _ = self.gru_p(self.text_drop(self.emb_p(batch.prod_tokens)), pm_t)  # (P, Lp, H)
         h_r, hseq_r = self.gru_r(self.text_drop(self.emb_r(batch.rev_tokens)), rm_t)  # (R, Lr, H)
@@ -467,6 +496,10 @@ class SANCL(nn.Module):
         if not c.text_only:
             has[("v", "p")] = batch.prod_roi_mask.any(1)
             has[("v", "r")] = batch.rev_roi_mask.any(1)
+        if c.cpc_reduction == "instances" and batch.instances is None:
+            raise DataError("sancl: cpc_reduction 'instances' divides the CPC sums by the batch's "
+                            "number of ranking instances, but Batch.instances is None (the trainer "
+                            "sets it); set it, or choose cpc_reduction: sum or mean")
         n_inst = batch.instances.shape[0] if batch.instances is not None else 1
 
         def reduce(s: torch.Tensor, n: int) -> torch.Tensor:
@@ -489,6 +522,6 @@ class SANCL(nn.Module):
                 log_phi = phi_logits(z[f"pr_{m}_r"], z[f"pr_{m}_p"][idx], c.temperature)
                 valid = has[m, "r"] & has[m, "p"][idx]
                 terms.append(reduce(*cpc_product_review(log_phi, idx, high, valid,
-                                                        batch.num_products)))
+                                                        batch.num_products, c.pr_normaliser)))
             out["cpc_pr"] = sum(terms[1:], terms[0])
         return out

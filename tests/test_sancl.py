@@ -217,6 +217,39 @@ def test_eq12_13_product_review_domain_by_hand():
                         rel_tol=1e-6)
 
 
+def test_eq12_batch_wide_normaliser_option_by_hand():
+    got = _cpc(_four_reviews(), cpc_reduction="sum", pr_normaliser="batch")
+    # one denominator over every review of the batch, each against its own product
+    d_t = E(1) + E(0) + E(0.8) + E(-1)
+    d_v = E(0.8) + E(0) + E(1) + E(0.6)
+    cpc_t = -(1 - math.log(d_t)) - (0.8 - math.log(d_t))
+    cpc_v = -(0.8 - math.log(d_v)) - (1 - math.log(d_v))
+    assert math.isclose(got["cpc_pr"], cpc_t + cpc_v, rel_tol=1e-6)
+
+
+def test_eq18_total_loss_is_the_papers_sum_over_the_instance_count_by_hand():
+    """Eq. 16 + kappa (Eq. 11 + Eq. 13) with plain sums, as the paper writes them, equals the
+    trainer's loss (mean-over-instances ranking loss + the model's aux terms) times I."""
+    from models.losses import ranking_loss
+
+    batch = _four_reviews()
+    model = SANCL.from_config({**TINY["sancl"], "roi_dim": 4, "proj_dim": 2, "kappa": 0.1}).train()
+    model.project = lambda pooled: Z  # the hand-picked projected vectors above
+    aux = model(batch).aux_losses  # paper default: cpc_reduction instances
+    # Eq. 16 on hand-picked scores, gamma = 1: instances (r0 > r1) and (r2 > r3)
+    scores = torch.tensor([2.0, 0.5, 1.0, 0.6])
+    # hinges: max(0, 1 - (2 - 0.5)) = 0 and max(0, 1 - (1 - 0.6)) = 0.6; Eq. 16 sum = 0.6
+    rank = ranking_loss(scores, batch.labels, batch.instances, batch.instance_weights,
+                        margin="fixed", fixed_margin=1.0)
+    trainer_loss = float(rank) + sum(float(v.detach()) for v in aux.values())
+    d = E(1) + E(0) + E(0.6) + E(-1) + E(0.8) + E(0)
+    cpc_ii = 4 * math.log(d) - (1 + 0 + 0.6 + 0.8)  # Eq. 11 (see the hand test above)
+    cpc_pr = (-(1 - math.log(E(1) + E(0))) - (0.8 - math.log(E(0.8) + E(-1)))  # Eq. 12, text
+              - (0.8 - math.log(E(0.8) + E(0))) - (1 - math.log(E(1) + E(0.6))))  # Eq. 12, image
+    eq18 = 0.6 + 0.1 * (cpc_ii + cpc_pr)  # L = L_task + kappa (cpc_ii + cpc_pr)
+    assert math.isclose(trainer_loss * 2, eq18, rel_tol=1e-6)  # I = 2 ranking instances
+
+
 def test_cpc_reductions():
     s = _cpc(_four_reviews(), cpc_reduction="sum")
     # instances: divided by the batch's 2 ranking instances, as the trainer divides Eq. 16
@@ -315,10 +348,33 @@ def test_required_views(cfg, views):
 
 
 @pytest.mark.parametrize("bad", [{"alpha": 1.5}, {"beta": "fixed", "fixed_beta": 1.0},
-                                 {"temperature": 0.0}, {"high_label": 0.0}, {"kappa": -1.0}])
+                                 {"temperature": 0.0}, {"high_label": 0.0}, {"kappa": -1.0},
+                                 {"alpha": 0.8},  # learned beta in (0, 1) may exceed alpha (Eq. 2)
+                                 {"pr_normaliser": "review"}, {"cpc_reduction": "max"}])
 def test_impossible_settings_are_config_errors(bad):
     with pytest.raises(ConfigError):
         SANCL.from_config({**TINY["sancl"], **bad})
+
+
+def test_alpha_below_one_is_possible_with_a_fixed_beta_below_it():
+    SANCL.from_config({**TINY["sancl"], "alpha": 0.8, "beta": "fixed", "fixed_beta": 0.5})
+    SANCL.from_config({**TINY["sancl"], "alpha": 0.8, "probe_mask": False})  # no M' at all
+
+
+def test_a_non_binary_probe_mask_is_an_error():
+    batch = make_batch()
+    batch.rev_probe_mask[0, 0] = 0.5
+    with pytest.raises(DataError, match="binary"):
+        SANCL.from_config(TINY["sancl"])(batch)
+
+
+def test_the_instances_reduction_needs_the_ranking_instances():
+    batch = make_batch()
+    batch.instances = None
+    with pytest.raises(DataError, match="Batch.instances"):
+        SANCL.from_config(TINY["sancl"]).train()(batch)
+    # an evaluation forward computes no CPC and needs none
+    SANCL.from_config(TINY["sancl"]).eval()(batch)
 
 
 # ---- presets (Table 5) --------------------------------------------------------------------------
@@ -337,6 +393,11 @@ def test_presets_names_and_errors():
     assert SANCL.PRESET_NAMES[0] == "paper" and "code" in SANCL.PRESET_NAMES
     code = SANCL.preset("code", category="home")["model_cfg"]
     assert code["scorer"] == "code"
+    # the released GloVe model: M' = 1 on probed tokens, 0.5 elsewhere; CPC averaged
+    assert code["beta"] == "fixed" and code["fixed_beta"] == 0.5 and code["cpc_reduction"] == "mean"
+    paper = SANCL.preset("paper", category="home")["model_cfg"]
+    assert paper["cpc_reduction"] == "instances" and paper.get("beta", "learned") == "learned"
+    SANCL.from_config({**code, "vocab_size": 10})  # builds
     with pytest.raises(ConfigError, match="paper, code"):
         SANCL.preset("nope")
     with pytest.raises(ConfigError, match="category"):
