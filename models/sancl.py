@@ -37,6 +37,10 @@ Readings where the paper is silent or ambiguous (also in docs/fidelity.md):
     re-weighting whose factors alpha^2 / alpha*beta / beta^2 only survive without
     renormalisation, so none is applied.
   * Eq. 8's weighted_sum is read as the M'-weighted average (sum_i m'_i h_i / sum_i m'_i).
+  * The paper says how the review fields are pooled, not the product fields: product text
+    (GRU states) and product images (self-attention output) are averaged over real positions.
+  * Eq. 1 writes one theta_t; the product and review texts get one GRU each (their own
+    vocabularies and embedding tables), as the public code does.
   * Cross-field and cross-image attention take MCR's product-aware form (the paper defers to
     Liu et al. 2021 and gives no equation): a_ij = softmax_j(relu(W p_j + b) . r_i) over the
     product positions j, r_i <- r_i + sum_j a_ij p_j.
@@ -63,7 +67,10 @@ Readings where the paper is silent or ambiguous (also in docs/fidelity.md):
 Table 2 ablations: `beta: fixed` (fixed_beta 0.5), `probe_mask: false` (plain attention and
 plain average pooling; the probes view is then not required), `cpc_ii: false`,
 `cpc_pr: false`, both false. The model never falls back to all-ones masks: with
-`probe_mask: true` a batch without probe masks is a DataError.
+`probe_mask: true` a batch without probe masks, or with a mask value other than 0/1, is a
+DataError (a missing probes view is refused by the data loading through `required_views`).
+Table 5 gives electronics lr 5e-5 although Appendix B's search space lists only {1e-4, 2e-5};
+the presets follow Table 5.
 Presets: `paper` (default) and `code` (the public release's 8-representation MLP scorer,
 unscaled attention, one image encoder shared by both fields, CPC averaged per positive, beta
 fixed at 0.5 as its GloVe model does); both
