@@ -99,7 +99,7 @@ def test_coref_auto_picks_rules_when_the_side_environment_is_absent(tmp_path, mo
     assert used == "rules" and "make neuralcoref-env" in why
     assert get_backend("auto").name == "rules"
     m = ProbeMasker(coref="auto")
-    assert m.coref_used == "rules" and m.coref_note().startswith("coreference: rules (coref auto")
+    assert m.coref_used == "rules" and m.coref_note().startswith("coreference rules: picked by coref auto")
 
 
 def test_coref_auto_picks_neuralcoref_when_the_side_environment_is_built(tmp_path, monkeypatch):
@@ -118,11 +118,11 @@ def test_the_backend_used_enters_the_fingerprint_and_the_summary_note(tmp_path, 
     monkeypatch.setenv("MRHP_NEURALCOREF_ENV", str(tmp_path / "absent"))
     auto_rules = stage("auto")
     assert auto_rules.fingerprint() == stage("rules").fingerprint()  # same backend, same masks
-    assert "coreference: rules" in auto_rules.summary_note()
+    assert "coreference rules: picked by coref auto" in auto_rules.summary_note()
     monkeypatch.setenv("MRHP_NEURALCOREF_ENV", str(fake_side_env(tmp_path / "env")))
     auto_neural = stage("auto")
     assert auto_neural.fingerprint() == stage("neuralcoref").fingerprint() != auto_rules.fingerprint()
-    assert "coreference: neuralcoref" in auto_neural.summary_note()
+    assert "coreference neuralcoref: picked by coref auto" in auto_neural.summary_note()
 
 
 def test_indonesian_uses_the_keyword_mentions_whatever_backend_is_asked():

@@ -410,3 +410,16 @@ def test_a_review_neuralcoref_fails_on_is_a_failure_not_a_keyword_only_mask(pape
 def test_keywords_substring_test_is_on_the_joined_lowercased_sentence():
     kw = Keywords(("set",), frozenset({"set"}), "script-root-lemma")
     assert kw.in_sentence("we settle in .") and not kw.in_sentence("a pan .")
+
+
+def test_status_and_the_run_summary_say_which_coreference_backend_is_used(tmp_path, monkeypatch):
+    from pipeline.commands.status import stage_status
+    from pipeline.runner import StageSummary, summary_table
+    from pipeline.store import FeatureStore
+
+    monkeypatch.setenv("MRHP_NEURALCOREF_ENV", str(tmp_path / "absent"))
+    m = manifest(tmp_path, {"mode": "paper", "coref": "auto"})
+    row = stage_status(m, FeatureStore(m.store_root), "toy", "probes")  # no raw files: planning fails
+    assert row.note.startswith("coreference rules: picked by coref auto") and row.error
+    s = StageSummary(dataset="toy", stage="probes", fingerprint="f", random_init=False, total=1, note=row.note)
+    assert summary_table([s]).splitlines()[-1] == f"toy/probes: {row.note}"

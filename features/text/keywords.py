@@ -242,7 +242,8 @@ def indonesian_keywords(
         rule = "id-first-unknown-word (no lexicon noun)"
         head = next((i for i, t in enumerate(words) if not brand_like(t) and not modifier(t)), None)
     if head is None:
-        rule, head = "id-first-word (no lexicon noun; every word a brand or a modifier)", 0
+        rule = "id-first-word (no lexicon noun; every word a brand or a modifier)"
+        head = next((i for i, t in enumerate(words) if t.lower_ not in brand_words), 0)
     chosen = [words[head]]
     if mode == "paper":
         chosen += [t for t in words[head + 1: head + 1 + near_root] if noun(t)]

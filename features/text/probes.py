@@ -226,7 +226,7 @@ class ProbeMasker:
 
     def coref_note(self) -> str:
         """Which coreference backend this masker uses and why (the stage summary's note)."""
-        return f"coreference: {self.coref_used} ({self.coref_why})"
+        return f"coreference {self.coref_used}: {self.coref_why}"
 
     def backend(self) -> Any:
         if self._backend is None and self.coref_used not in (ID_COREF, "none"):

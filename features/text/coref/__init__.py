@@ -42,13 +42,13 @@ def resolve(name: str) -> tuple[str, str]:
     if name not in BACKENDS:
         raise StageError(f"probes.coref: unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
     if name != "auto":
-        return name, f"probes.coref: {name}"
+        return name, f"asked for by probes.coref: {name}"
     from features.text.coref.neuralcoref import env_dir, missing_reason
 
     reason = missing_reason()
     if reason is None:
-        return "neuralcoref", f"coref auto: neuralcoref side environment found at {env_dir()}"
-    return "rules", f"coref auto: rules backend ({reason})"
+        return "neuralcoref", f"picked by coref auto: side environment found at {env_dir()}"
+    return "rules", f"picked by coref auto: {reason}"
 
 
 def get_backend(name: str) -> CorefBackend | None:
