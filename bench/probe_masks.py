@@ -146,6 +146,16 @@ def run_indonesian() -> None:
         kw_old.append(w[0] if w else "")
     print(f"former rule (first non-stop word, exact match)  non-empty masks {sum(old) / len(old):6.1%}  "
           f"keywords: {', '.join(kw_old)}")
+    # Tokenization cost: spaCy's plain Indonesian tokenizer vs the ICU-style one (features.text.tokenize).
+    from features.text.tokenize import tokenize
+
+    texts = flat_r * 50
+    list(tokenize(texts[:5], "id"))  # builds the shared pipeline
+    plain_nlp = spacy.blank("id")
+    t_plain, _ = timed(lambda: [[t.text for t in d] for d in plain_nlp.tokenizer.pipe(texts)], 3)
+    t_icu, _ = timed(lambda: list(tokenize(texts, "id")), 3)
+    print(f"tokenizing {len(texts)} texts: plain spaCy 'id' {len(texts) / t_plain:,.0f} texts/s, "
+          f"ICU-style {len(texts) / t_icu:,.0f} texts/s (x{t_icu / t_plain:.1f} the time)")
     for mode in ("script", "paper"):
         for with_brands in (False, True):
             m = ProbeMasker(language="id", mode=mode)

@@ -112,13 +112,22 @@ class IndonesianTokenizer:
 
     def words(self, text: str) -> list[str]:
         out: list[str] = []
+        plain: list[str] = []  # chunks with neither emoji nor glued marks: one base call for a run
         for chunk in text.split():
+            if _EMOJI.search(chunk) is None and _GLUED.search(chunk) is None:
+                plain.append(chunk)
+                continue
+            if plain:  # the base tokenizer splits on whitespace first: joining runs changes nothing
+                out += [t.text for t in self.base(" ".join(plain)) if not t.is_space]
+                plain = []
             pos = 0
             for m in _EMOJI.finditer(chunk):
                 out += self._glued(chunk[pos:m.start()])
                 out.append(m.group())
                 pos = m.end()
             out += self._glued(chunk[pos:])
+        if plain:
+            out += [t.text for t in self.base(" ".join(plain)) if not t.is_space]
         return out
 
     def _glued(self, seg: str) -> list[str]:
