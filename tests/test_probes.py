@@ -423,3 +423,29 @@ def test_status_and_the_run_summary_say_which_coreference_backend_is_used(tmp_pa
     assert row.note.startswith("coreference rules: picked by coref auto") and row.error
     s = StageSummary(dataset="toy", stage="probes", fingerprint="f", random_init=False, total=1, note=row.note)
     assert summary_table([s]).splitlines()[-1] == f"toy/probes: {row.note}"
+
+
+def test_indonesian_stage_passes_a_products_brand_when_its_record_carries_one(tmp_path):
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class BrandedProduct(Product):  # what a reader exposing Lazada's brand_name would give
+        brand: str = ""
+
+    def stage_for(product):
+        recs = DatasetRecords(name="toy", products={"p1": product}, reviews=[
+            Review(id="r1", product_id="p1", text="Bantalnya empuk. Guling juga ok.", label=0, split="train")])
+        return build_stage(manifest(tmp_path, {"mode": "script", "coref": "auto"}, language="id"), "toy", records=recs)
+
+    name = "Guling Bantal Kapuk"
+    plain = stage_for(Product(id="p1", name=name, description="", text=name, split="train"))
+    branded = stage_for(BrandedProduct(id="p1", name=name, description="", text=name, split="train", brand="Guling"))
+    got = {}
+    for label, stage in (("plain", plain), ("branded", branded)):
+        plan = stage.plan()
+        (rec,) = stage.run(list(plan.items.values()))
+        got[label] = (plan.view["rvw:r1"], rec.meta["keywords"], rec.arrays["mask"].tolist())
+    # bantalnya empuk . | guling juga ok .
+    assert got["plain"][1:] == (["guling"], [0, 0, 0, 1, 1, 1, 1])  # "Guling" is a lexicon noun
+    assert got["branded"][1:] == (["bantal"], [1, 1, 1, 0, 0, 0, 0])  # the brand is skipped
+    assert got["plain"][0] != got["branded"][0]  # the brand is part of the item key
