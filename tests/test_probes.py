@@ -200,6 +200,14 @@ def test_bad_input_yields_a_mask_over_every_raw_token(request, review, name, mod
         assert res.meta["reason"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["paper", "script"])
+def test_a_100k_character_review_of_real_sentences_is_masked_whole(request, mode):
+    # every "The pan" is a mention of the product chain: one cluster holding the core word
+    res = one(request.getfixturevalue(mode), "The pan is great. " * 5600)
+    assert res.mask.shape == (28000,) and res.mask.all()
+
+
 def test_mask_aligns_with_token_positions(paper):
     review = "Love this pan!  Heats   evenly.\nIt was cheap."
     res = one(paper, review)
