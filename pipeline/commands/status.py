@@ -10,7 +10,7 @@ Columns (counts of distinct content keys of the current plan unless said otherwi
   plus planned ids the view lacks. 0 when the view matches the plan exactly; `-` when no view;
 - `fingerprint`: the stage's current fingerprint, `(random-init)` when its detector weights
   are random (demo/test only, never for reported results).
-Below the table, a line per stage note: `<dataset>/probes: coreference: <backend> (why)`, the
+Below the table, a line per stage note: `<dataset>/probes: coreference <backend>: <why>`, the
 backend `coref: auto` resolves to (neuralcoref when its side environment is built, else rules).
 """
 from __future__ import annotations
