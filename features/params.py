@@ -88,11 +88,12 @@ class EmbeddingsParams:
 
 @dataclass(frozen=True)
 class ProbesParams:
-    """SANCL probe masks (REFERENCE.md section 7)."""
+    """SANCL probe masks (REFERENCE.md section 7; features/text/probes.py)."""
 
-    mode: Literal["script", "paper"] = "script"
-    coref: Literal["rules", "neuralcoref", "none"] = "rules"
+    mode: Literal["paper", "script"] = "paper"  # paper: Algorithm 1; script: gen_amazon.py's rules
+    coref: Literal["auto", "rules", "neuralcoref", "none"] = "auto"  # auto: neuralcoref when built, else rules
     near_root: int = 1  # paper mode: dependency distance from the root that still counts as a keyword
+    keyword_test: Literal["substring", "word"] = "substring"  # script mode: the script's test, or the word-level fix
     batch_size: int = 256
     n_process: int = 1
 

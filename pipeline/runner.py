@@ -86,6 +86,7 @@ class StageSummary:
     failed_items: dict[str, list[str]] = field(default_factory=dict)  # key -> dataset item ids
     view_written: bool = False
     chunks: int = 0  # chunks run (tasks submitted)
+    note: str = ""  # the stage's `summary_note()` when it has one (probes: the coreference backend used)
 
     @property
     def failed(self) -> int:
@@ -227,7 +228,7 @@ def finish_stage(
     summary = StageSummary(
         dataset=dataset, stage=work.stage.name, fingerprint=work.fingerprint,
         random_init=random_init, total=work.total, reused=work.reused - len(earlier),
-        failures=earlier, chunks=chunks,
+        failures=earlier, chunks=chunks, note=stage_note(work.stage),
     )
     for o in outcomes:
         # Skipped keys were missing when planned: an earlier attempt of the same chunk made them.
@@ -293,14 +294,23 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join([line(cells[0]), line(["-" * w for w in widths]), *map(line, cells[1:])])
 
 
+def stage_note(stage: Any) -> str:
+    """A stage's one-line `summary_note()` (what the table cannot show), or ""."""
+    note = getattr(stage, "summary_note", None)
+    return str(note()) if callable(note) else ""
+
+
 def summary_table(summaries: Sequence[StageSummary]) -> str:
-    """The end-of-run table: dataset, stage, fingerprint (random-init flagged) and counts."""
+    """The end-of-run table: dataset, stage, fingerprint (random-init flagged) and counts;
+    then one line per stage note."""
     rows = [
         (s.dataset, s.stage, s.fingerprint + (" (random-init)" if s.random_init else ""),
          s.total, s.done, s.reused, s.failed)
         for s in summaries
     ]
-    return format_table(("dataset", "stage", "fingerprint", "total", "done", "reused", "failed"), rows)
+    table = format_table(("dataset", "stage", "fingerprint", "total", "done", "reused", "failed"), rows)
+    notes = [f"{s.dataset}/{s.stage}: {s.note}" for s in summaries if getattr(s, "note", "")]
+    return "\n".join([table, *notes])
 
 
 def failure_lines(summaries: Sequence[StageSummary], limit: int = 20) -> list[str]:

@@ -10,7 +10,7 @@ from features.text.probes import ProbeMasker
 
 @pytest.fixture(scope="module")
 def masker():
-    return ProbeMasker(language="en", mode="script", coref="rules")
+    return ProbeMasker(language="en", mode="paper", coref="rules")
 
 
 @pytest.fixture(scope="module")
@@ -79,5 +79,54 @@ def test_backend_registry_names_the_valid_backends():
     from pipeline.errors import StageError
 
     assert get_backend("none") is None and get_backend("rules").name == "rules"
-    with pytest.raises(StageError, match="rules, neuralcoref, none"):
+    with pytest.raises(StageError, match="auto, rules, neuralcoref, none"):
         get_backend("allennlp")
+
+
+def fake_side_env(root):
+    """The files `missing_reason` looks for (nothing is started: resolution only)."""
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "python").write_text("")
+    (root / "model" / "neuralcoref").mkdir(parents=True)
+    return root
+
+
+def test_coref_auto_picks_rules_when_the_side_environment_is_absent(tmp_path, monkeypatch):
+    from features.text.coref import resolve
+
+    monkeypatch.setenv("MRHP_NEURALCOREF_ENV", str(tmp_path / "absent"))
+    used, why = resolve("auto")
+    assert used == "rules" and "make neuralcoref-env" in why
+    assert get_backend("auto").name == "rules"
+    m = ProbeMasker(coref="auto")
+    assert m.coref_used == "rules" and m.coref_note().startswith("coreference rules: picked by coref auto")
+
+
+def test_coref_auto_picks_neuralcoref_when_the_side_environment_is_built(tmp_path, monkeypatch):
+    from features.text.coref import resolve
+
+    monkeypatch.setenv("MRHP_NEURALCOREF_ENV", str(fake_side_env(tmp_path / "env")))
+    assert resolve("auto")[0] == "neuralcoref" and resolve("rules")[0] == "rules"
+    assert ProbeMasker(coref="auto").coref_used == "neuralcoref"
+
+
+def test_the_backend_used_enters_the_fingerprint_and_the_summary_note(tmp_path, monkeypatch):
+    from tests.test_probes import manifest, records
+    from features.text.probes import build_stage
+
+    stage = lambda coref: build_stage(manifest(tmp_path, {"coref": coref}), "toy", records=records())  # noqa: E731
+    monkeypatch.setenv("MRHP_NEURALCOREF_ENV", str(tmp_path / "absent"))
+    auto_rules = stage("auto")
+    assert auto_rules.fingerprint() == stage("rules").fingerprint()  # same backend, same masks
+    assert "coreference rules: picked by coref auto" in auto_rules.summary_note()
+    monkeypatch.setenv("MRHP_NEURALCOREF_ENV", str(fake_side_env(tmp_path / "env")))
+    auto_neural = stage("auto")
+    assert auto_neural.fingerprint() == stage("neuralcoref").fingerprint() != auto_rules.fingerprint()
+    assert "coreference neuralcoref: picked by coref auto" in auto_neural.summary_note()
+
+
+def test_indonesian_uses_the_keyword_mentions_whatever_backend_is_asked():
+    from features.text.probes import ID_COREF
+
+    for coref in ("auto", "rules", "neuralcoref"):
+        assert ProbeMasker(language="id", coref=coref).coref_used == ID_COREF

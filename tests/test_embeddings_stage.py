@@ -122,4 +122,5 @@ def test_text_stages_write_to_the_store_and_a_rerun_recomputes_only_changed_text
     assert {n: (s.done, s.reused) for n, s in third.items()} == {
         "tokens": (1, 2), "embeddings": (0, 2), "probes": (1, 1),
     }
-    assert store.view("toy", "probes").get("rvw:r2")["mask"].tolist() == [1, 1, 1, 1]
+    # paper-mode probes (Algorithm 1): one sentence, no coreference cluster -> all zero
+    assert store.view("toy", "probes").get("rvw:r2")["mask"].tolist() == [0, 0, 0, 0]

@@ -47,3 +47,43 @@ def test_clean_text_accepts_bytes_and_none():
 def test_unknown_language_is_a_stage_error():
     with pytest.raises(StageError, match="'fr'"):
         tokenizer_pipeline("fr")
+
+
+@pytest.mark.parametrize("text, tokens", [
+    ("bagus banget.bahan adem", ["bagus", "banget", ".", "bahan", "adem"]),
+    ("alhamdulillah,,baju sesuai", ["alhamdulillah", ",", ",", "baju", "sesuai"]),
+    ("bagus!!mantap", ["bagus", "!", "!", "mantap"]),
+    ("ok😍.bagus", ["ok", "😍", ".", "bagus"]),
+    ("...bagus", ["...", "bagus"]),
+    ("ukuran 40.pas", ["ukuran", "40", ".", "pas"]),
+    ("Rp.50.000", ["rp", ".", "50.000"]),
+    # numbers keep their separators (ICU WB11/WB12); one-letter abbreviations stay whole
+    ("harga 1.500.000,00 dan 2,5kg", ["harga", "1.500.000,00", "dan", "2,5", "kg"]),
+    ("a.n. budi s.d besok", ["a.n.", "budi", "s.d", "besok"]),
+])
+def test_indonesian_glued_punctuation_splits_icu_style(text, tokens):
+    assert toks(text, "id") == tokens
+
+
+@pytest.mark.parametrize("text, tokens", [
+    ("mantap😍😍bagus", ["mantap", "😍", "😍", "bagus"]),
+    # an emoji with its skin tone, variation selector or ZWJ sequence is one grapheme, one token
+    ("mantap👍🏻👍🏻bagus", ["mantap", "👍🏻", "👍🏻", "bagus"]),
+    ("suka❤️❤️", ["suka", "❤️", "❤️"]),
+    ("keluarga👨\u200d👩\u200d👧senang", ["keluarga", "👨\u200d👩\u200d👧", "senang"]),
+    ("bendera🇮🇩mantap", ["bendera", "🇮🇩", "mantap"]),
+])
+def test_indonesian_emoji_are_split_from_words_and_kept_whole(text, tokens):
+    assert toks(text, "id") == tokens
+
+
+def test_indonesian_doc_text_is_the_input_text_so_token_offsets_hold():
+    text = "Bagus banget.bahan adem😍👍🏻 ok"
+    doc = tokenizer_pipeline("id")(text)
+    assert doc.text == text and [t.idx for t in doc][:4] == [0, 6, 12, 13]
+
+
+def test_the_indonesian_tokenizer_rules_enter_the_token_fingerprint():
+    from features.text.tokenize import ID_TOKENIZER_VERSION, tokenizer_id
+
+    assert tokenizer_id("id").endswith(f"/id/blank+{ID_TOKENIZER_VERSION}")

@@ -224,8 +224,7 @@ def probe_masks(manifest, spec, dataset: str, reviews: list[str], names: list[st
     from features.text.probes import ProbeMasker, ProbeResult
 
     p = manifest.stage_params("probes")
-    masker = ProbeMasker(language=spec.language, mode=p.mode, coref=p.coref,
-                         near_root=p.near_root, batch_size=p.batch_size)
+    masker = ProbeMasker.from_params(p, spec.language, n_process=1)
     return [r.mask if isinstance(r, ProbeResult) else None for r in masker.masks(reviews, names)]
 
 

@@ -10,6 +10,8 @@ Columns (counts of distinct content keys of the current plan unless said otherwi
   plus planned ids the view lacks. 0 when the view matches the plan exactly; `-` when no view;
 - `fingerprint`: the stage's current fingerprint, `(random-init)` when its detector weights
   are random (demo/test only, never for reported results).
+Below the table, a line per stage note: `<dataset>/probes: coreference <backend>: <why>`, the
+backend `coref: auto` resolves to (neuralcoref when its side environment is built, else rules).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ class StageStatus:
     stale: int | None = None  # None: no view written yet
     view_fingerprint: str | None = None
     error: str | None = None  # why the stage could not be planned (e.g. a dependency not extracted)
+    note: str = ""  # the stage's summary note (probes: the coreference backend it uses)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -73,6 +76,8 @@ def stage_status(manifest: Any, store: Any, dataset: str, name: str, registry: A
         stage = build_stage(manifest, dataset, name, registry)
         row.random_init = is_random_init(stage, manifest)
         row.fingerprint = stage.fingerprint()
+        note = getattr(stage, "summary_note", None)
+        row.note = str(note()) if callable(note) else ""
         plan = stage.plan()
     except MRHPError as e:
         row.error = str(e)
@@ -131,4 +136,7 @@ def run(args: argparse.Namespace) -> int:
         for name in stage_order(args.stages, with_dependencies=False)
     ]
     print(status_table(rows))
+    for r in rows:  # e.g. which coreference backend the probes stage uses (coref: auto)
+        if r.note:
+            print(f"{r.dataset}/{r.stage}: {r.note}")
     return 0

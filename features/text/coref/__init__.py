@@ -4,10 +4,16 @@ A backend turns parsed spaCy Docs into clusters: per doc, a list of clusters ord
 first mention, each a sorted list of mentions `(start, end)` (token indices in that doc, end
 exclusive), with at least two mentions per cluster.
 
-- `rules` (default, built in, `features.text.coref.rules`): pronoun and noun-phrase resolution
-  over the spaCy parse.
+- `auto` (default): `neuralcoref` when its side environment is built (`make neuralcoref-env`;
+  the one the SANCL paper names, appendix C), else `rules`. Which one ran is in the stage
+  summary, `mrhp status`, every record's meta, and the fingerprint (the backend *used* enters
+  it, so building the side environment later recomputes the masks).
+- `rules` (built in, `features.text.coref.rules`): pronoun and noun-phrase resolution over the
+  spaCy parse.
 - `neuralcoref` (`features.text.coref.neuralcoref`): neuralcoref 4.0 in the Python 3.7 side
-  environment built by `make neuralcoref-env`.
+  environment; StageError when it is not built.
+- `none`: no coreference (script mode: keyword sentences only; paper mode refuses it, since
+  Algorithm 1 without clusters gives all-zero masks).
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from typing import Any, Protocol
 Mention = tuple[int, int]  # [start, end) token indices in the doc
 Cluster = list[Mention]
 
-BACKENDS = ("rules", "neuralcoref", "none")
+BACKENDS = ("auto", "rules", "neuralcoref", "none")
 
 
 class CorefBackend(Protocol):
@@ -28,10 +34,29 @@ class CorefBackend(Protocol):
         backend may use it, e.g. to chain mentions of the product; it may also ignore it)."""
 
 
-def get_backend(name: str) -> CorefBackend | None:
-    """The backend called `name` (None for "none"); StageError when it cannot run here."""
+def resolve(name: str) -> tuple[str, str]:
+    """(the backend `name` stands for here, why): `auto` becomes `neuralcoref` when its side
+    environment is built, else `rules`; the others stand for themselves."""
     from pipeline.errors import StageError
 
+    if name not in BACKENDS:
+        raise StageError(f"probes.coref: unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
+    if name != "auto":
+        return name, f"asked for by probes.coref: {name}"
+    from features.text.coref.neuralcoref import env_dir, missing_reason
+
+    reason = missing_reason()
+    if reason is None:
+        return "neuralcoref", f"picked by coref auto: side environment found at {env_dir()}"
+    return "rules", f"picked by coref auto: {reason}"
+
+
+def get_backend(name: str) -> CorefBackend | None:
+    """The backend called `name` (`auto` resolved first; None for "none"); StageError when it
+    cannot run here."""
+    from pipeline.errors import StageError
+
+    name, _ = resolve(name)
     if name == "rules":
         from features.text.coref.rules import RulesCoref
 
