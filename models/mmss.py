@@ -83,6 +83,15 @@ from pipeline.errors import ConfigError, TrainingError
 
 INTERACTIONS = ("ptrt", "pvrv", "ptrv", "pvrt", "rtrv")
 VAR_FLOOR = 1e-6  # floor of the per-dimension variance in Eq. (18)
+_NAMES = {"ptrt": "intra-modal-ptrt", "pvrv": "intra-modal-pvrv", "ptrv": "inter-modal-ptrv",
+          "pvrt": "inter-modal-pvrt", "rtrv": "intra-review-rtrv"}
+# Table 4 rows (models/reported/mmss.yaml `setting`) -> the model_cfg switches that run them
+TABLE4_SWITCHES: dict[str, dict[str, Any]] = {
+    "": {},
+    **{f"w/o {n}": {"subtasks": [t for t in INTERACTIONS if t != s]} for s, n in _NAMES.items()},
+    "w/o module(b)": {"interaction_module": False, "subtasks": []},
+    "w/o module(d)": {"subtasks": []},
+}
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from models.mmss import (INTERACTIONS, MMSS, JointInteraction, anchor, ewma_update, mahalanobis,
+from models.mmss import (MMSS, TABLE4_SWITCHES, JointInteraction, anchor, ewma_update, mahalanobis,
                          soft_pool, ssp_label, subtask_loss)
 from pipeline.errors import ConfigError, TrainingError
 from test_models_common import TINY, learning_check, make_batch
@@ -279,6 +279,22 @@ def test_table4_subtask_switches():
     assert d(make_batch()).aux_losses == {} and not hasattr(d, "log_var")
     with pytest.raises(ConfigError, match="rvrt"):
         _model(subtasks=["rvrt"])
+
+
+def test_reported_numbers_and_every_table4_row_has_a_switch():
+    import yaml
+    from pathlib import Path
+
+    doc = yaml.safe_load((Path(__file__).parents[1] / "models/reported/mmss.yaml").read_text())
+    assert doc["model"] == "mmss"
+    rows = {(r["table"], r["dataset"], r["category"], r["setting"]): r for r in doc["results"]}
+    assert rows[("Table 2", "amazon", "home", "")]["MAP"] == 65.3  # Table 2, H&K, MM-SS
+    assert rows[("Table 1", "lazada", "electronics", "")]["NDCG@5"] == 77.7
+    assert rows[("Table 4", "amazon", "clothing", "w/o module(b)")]["MAP"] == 63.97
+    settings = {r["setting"] for r in doc["results"] if r["table"] == "Table 4"}
+    assert len(settings) == 8 and settings == set(TABLE4_SWITCHES)
+    for setting, switch in TABLE4_SWITCHES.items():
+        _model(**switch)(make_batch())  # each row builds and runs
 
 
 def test_table4_without_module_b_concatenates_item_features():
