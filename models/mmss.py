@@ -448,8 +448,8 @@ class MMSS(nn.Module):
             "rtrv": it["rtrv"](rt, rm_t, rv, rm_v),  # Eq. (3)
         }
         F_c = torch.cat([f[k] for k in INTERACTIONS], dim=-1)  # (R, 5H)  Eq. (6)
-        f_g = self.drop(nn.functional.gelu(self.fuse(F_c)))  # f*_g (R, H)  Eq. (7)
-        scores = self.out_g(f_g).squeeze(-1)  # y^_g (R,)  Eq. (8)
+        f_g = nn.functional.gelu(self.fuse(F_c))  # f*_g (R, H)  Eq. (7)
+        scores = self.out_g(self.drop(f_g)).squeeze(-1)  # y^_g (R,)  Eq. (8)
         aux: dict[str, torch.Tensor] = {}
         if self.training and self.subtasks:
             aux["subtasks"] = self._subtask_loss(batch, f, f_g)
@@ -460,9 +460,10 @@ class MMSS(nn.Module):
         if len(batch.review_ids) != batch.num_reviews:
             raise TrainingError(f"MM-SS needs one review id per review to keep its pseudo labels: "
                                 f"batch has {batch.num_reviews} reviews and {len(batch.review_ids)} ids")
-        f_s = {s: self.drop(nn.functional.gelu(self.sub_proj[s](f[s]))) for s in self.subtasks}  # Eq. 9
-        pred = torch.cat([self.sub_mlp[s](f_s[s]) for s in self.subtasks], dim=-1).float()  # (R, S)
+        f_s = {s: nn.functional.gelu(self.sub_proj[s](f[s])) for s in self.subtasks}  # f*_s, Eq. (9)
+        pred = torch.cat([self.sub_mlp[s](self.drop(f_s[s])) for s in self.subtasks], dim=-1).float()  # (R, S)
         y_g = batch.labels.float()  # (R,)
+        # SSP-Label reads f*_g and f*_s before dropout, detached (pseudo labels are targets)
         feats = torch.stack([f_g] + [f_s[s] for s in self.subtasks], dim=1).detach().double()  # (R, K, H)
         with torch.no_grad():
             y_prev = self.bank.get(batch.review_ids, y_g)  # y_s(i-1), or y_g when first seen
