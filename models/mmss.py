@@ -136,6 +136,8 @@ def _check(c: MMSSConfig) -> MMSSConfig:
         raise ConfigError(f"model.mmss.hidden: {c.hidden} is not divisible by heads={c.heads}")
     if c.text_features == "glove" and c.hidden % 2:
         raise ConfigError(f"model.mmss.hidden: {c.hidden} must be even for the bidirectional GRU")
+    if not 0.0 <= c.dropout < 1.0:
+        raise ConfigError(f"model.mmss.dropout: expected a number in [0, 1), got {c.dropout}")
     if c.ssp_eps <= 0:
         raise ConfigError(f"model.mmss.ssp_eps: expected a positive number, got {c.ssp_eps}")
     if c.ssp_scale is not None and c.ssp_scale <= 0:
