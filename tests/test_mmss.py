@@ -356,3 +356,31 @@ def test_trainer_builds_adam_with_the_models_parameter_groups(tmp_path):
 
 def test_learning_check_beats_length_and_random_on_held_out_products():
     learning_check("mmss")
+
+
+@pytest.mark.slow
+def test_trainer_resume_keeps_pseudo_labels_and_anchors_bit_identical(tmp_path):
+    from models.runs import RunPaths, load_checkpoint
+    from models.synthetic import make_synthetic, synthetic_train_config
+    from models.trainer import train
+
+    torch.set_num_threads(1)
+    data = make_synthetic(n_products=6, seed=1)
+
+    def cfg(epochs):
+        return synthetic_train_config("mmss", data, {"epochs": epochs, "model_cfg": {
+            "embed_dim": 16, "roi_dim": 32, "hidden": 8, "heads": 2, "dropout": 0.1}})
+
+    train(cfg(3), data.bundle, tmp_path / "straight")
+    train(cfg(2), data.bundle, tmp_path / "split")
+    train(cfg(3), data.bundle, tmp_path / "split", resume=True)
+    a = load_checkpoint(RunPaths(tmp_path / "straight").last)["model"]
+    b = load_checkpoint(RunPaths(tmp_path / "split").last)["model"]
+    assert a["_extra_state"]["epoch"] == b["_extra_state"]["epoch"] == 3
+    assert torch.equal(a["_extra_state"]["pseudo_labels"], b["_extra_state"]["pseudo_labels"])
+    for k in a:
+        if k != "_extra_state":
+            assert torch.equal(a[k], b[k]), k
+    # epochs 2-3 moved the pseudo labels off the integer labels y_g (Eq. 12 at i > 1)
+    v = a["_extra_state"]["pseudo_labels"]
+    assert bool(a["anchor_ready"]) and float((v - v.round()).abs().max()) > 1e-3
