@@ -39,7 +39,8 @@ Readings of what the paper leaves open (also in docs/fidelity.md, MM-SS section)
     pseudo labels are y_g, Eq. 12); it only accumulates.
   * Eq. 18 Sigma: "the covariance between f*_k and the anchor" is read as the covariance of
     task k's representations around its anchor, with the same sigmoid weights, kept diagonal
-    (per-dimension variance, floored at 1e-6): chi_k = sqrt(sum_d (f_d - A_d)^2 / var_d).
+    by default (per-dimension variance, floored at 1e-6): chi_k = sqrt(sum_d (f_d - A_d)^2 /
+    var_d); `ssp_covariance: full` uses the full weighted covariance (+ 1e-6 I) and its inverse.
   * Eq. 18 s_k, "a scale factor": the width of f*_k (= hidden for every task) unless
     `ssp_scale` gives a number, i.e. chi_k is the per-dimension RMS Mahalanobis distance.
   * Eq. 21: the first line is implemented; the second line does not follow from the first
@@ -115,6 +116,7 @@ class MMSSConfig:
     ssp_a2: float = 1.0  # alpha_2 of Eq. 20 / 21
     ssp_eps: float = 1e-6  # epsilon of Eq. 19 / 21
     ssp_scale: float | None = None  # s_k of Eq. 18; None = the width of f*_k
+    ssp_covariance: Literal["diagonal", "full"] = "diagonal"  # Sigma of Eq. 18
     clamp_pseudo_labels: bool = False  # clamp y_s to [0, max_label] (not in the paper)
     max_label: float = 4.0  # top of the helpfulness scale (only used by the clamp)
 
@@ -193,6 +195,15 @@ def mahalanobis(feats: torch.Tensor, anchor: torch.Tensor, var: torch.Tensor,
     """Eq. (18) with a diagonal Sigma: sqrt(sum_d (f_d - A_d)^2 / var_d) / sqrt(s_k).
     feats (..., H), anchor/var broadcastable to it -> (...)."""
     return (((feats - anchor) ** 2) / var.clamp(min=VAR_FLOOR)).sum(-1).sqrt() / math.sqrt(scale)
+
+
+def mahalanobis_full(feats: torch.Tensor, anchor: torch.Tensor, precision: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Eq. (18) with a full Sigma: sqrt((f - A)^T Sigma^-1 (f - A)) / sqrt(s_k).
+    feats (R, K, H), anchor (K, H), precision = Sigma^-1 (K, H, H) -> (R, K)."""
+    d = feats - anchor
+    q = torch.einsum("rkh,khg,rkg->rk", d, precision, d)
+    return q.clamp(min=0).sqrt() / math.sqrt(scale)
 
 
 def soft_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -332,6 +343,10 @@ class MMSS(nn.Module):
             self.register_buffer("acc_w", torch.zeros(K, dtype=torch.float64))
             self.register_buffer("acc_f", torch.zeros(K, c.hidden, dtype=torch.float64))
             self.register_buffer("acc_f2", torch.zeros(K, c.hidden, dtype=torch.float64))
+            if c.ssp_covariance == "full":  # sum w f f^T and Sigma^-1
+                eye = torch.eye(c.hidden, dtype=torch.float64).expand(K, -1, -1).clone()
+                self.register_buffer("acc_ff", torch.zeros(K, c.hidden, c.hidden, dtype=torch.float64))
+                self.register_buffer("precision", eye)
             self.bank = PseudoLabelBank(S)
         self.epoch = 1  # the paper's i (1-based), set by on_epoch_start
 
@@ -392,6 +407,11 @@ class MMSS(nn.Module):
             var = self.acc_f2 / self.acc_w.unsqueeze(-1) - a ** 2  # weighted variance about A
             self.anchors.copy_(a)
             self.variances.copy_(var.clamp(min=VAR_FLOOR))
+            if self.config.ssp_covariance == "full":
+                cov = self.acc_ff / self.acc_w[:, None, None] - a.unsqueeze(-1) * a.unsqueeze(-2)
+                eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+                self.precision.copy_(torch.linalg.inv(cov + VAR_FLOOR * eye))  # ridge: Sigma + 1e-6 I
+                self.acc_ff.zero_()
             self.anchor_ready.fill_(True)
             self.acc_w.zero_(), self.acc_f.zero_(), self.acc_f2.zero_()
         self.epoch = i
@@ -476,7 +496,10 @@ class MMSS(nn.Module):
                     raise TrainingError(f"MM-SS epoch {self.epoch}: no anchor (Eq. 17) from a finished "
                                         f"training epoch; call on_epoch_start once per epoch")
                 scale = float(c.ssp_scale) if c.ssp_scale is not None else float(c.hidden)
-                chi = mahalanobis(feats, self.anchors, self.variances, scale).float()  # (R, K) Eq. 18
+                if c.ssp_covariance == "full":
+                    chi = mahalanobis_full(feats, self.anchors, self.precision, scale).float()
+                else:
+                    chi = mahalanobis(feats, self.anchors, self.variances, scale).float()  # (R, K) Eq. 18
                 est = ssp_label(y_g.unsqueeze(-1), chi[:, :1], chi[:, 1:], a1=c.ssp_a1, a2=c.ssp_a2,
                                 eps=c.ssp_eps)  # (R, S)  Eq. (21), first line
                 y_s = ewma_update(y_prev, est, self.epoch)  # Eq. (12)
@@ -488,4 +511,6 @@ class MMSS(nn.Module):
             self.acc_w += w.sum(0)
             self.acc_f += torch.einsum("rk,rkh->kh", w, feats)
             self.acc_f2 += torch.einsum("rk,rkh->kh", w, feats ** 2)
+            if c.ssp_covariance == "full":
+                self.acc_ff += torch.einsum("rk,rkh,rkg->khg", w, feats, feats)
         return subtask_loss(pred, y_s, y_g, self.log_var)  # Eq. (14-15)

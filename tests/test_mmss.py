@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from models.mmss import (MMSS, TABLE4_SWITCHES, JointInteraction, anchor, ewma_update, mahalanobis,
-                         soft_pool, ssp_label, subtask_loss)
+                         mahalanobis_full, soft_pool, ssp_label, subtask_loss)
 from pipeline.errors import ConfigError, TrainingError
 from test_models_common import TINY, learning_check, make_batch
 
@@ -35,6 +35,32 @@ def test_mahalanobis_distance_with_diagonal_sigma_divided_by_sqrt_s_eq18():
     # row 0: sqrt(1/1 + 1/4) / sqrt(2) = sqrt(0.625); row 1: sqrt(0 + 4/4) / sqrt(2) = sqrt(0.5)
     got = mahalanobis(f, a, var, scale=2.0)
     assert torch.allclose(got, torch.tensor([math.sqrt(0.625), math.sqrt(0.5)]))
+
+
+def test_mahalanobis_distance_with_full_sigma_eq18():
+    # Sigma = [[2, 1], [1, 2]] -> Sigma^-1 = [[2, -1], [-1, 2]] / 3; d = (1, 1):
+    # d^T Sigma^-1 d = (2 - 1 - 1 + 2) / 3 = 2/3; / sqrt(s = 1). (Diagonal Sigma would give 1.)
+    prec = torch.tensor([[2.0, -1.0], [-1.0, 2.0]]) / 3
+    got = mahalanobis_full(torch.tensor([[[2.0, 1.0]]]), torch.tensor([[1.0, 0.0]]), prec[None], 1.0)
+    assert torch.allclose(got, torch.tensor([[math.sqrt(2 / 3)]]))
+
+
+def test_full_covariance_is_the_weighted_covariance_of_the_epoch():
+    model, batch = _model(ssp_covariance="full"), make_batch()
+    model.on_epoch_start(0)
+    got, hooks = _capture_f_star(model)
+    model(batch)
+    for h in hooks:
+        h.remove()
+    model.on_epoch_start(1)
+    f = got["g"].double()
+    w = torch.sigmoid(batch.labels.double())
+    a = anchor(f, batch.labels.double())
+    d = f - a
+    cov = torch.einsum("r,rh,rg->hg", w, d, d) / w.sum() + 1e-6 * torch.eye(f.shape[1], dtype=torch.float64)
+    assert torch.allclose(model.precision[0] @ cov, torch.eye(f.shape[1], dtype=torch.float64), atol=1e-5)
+    model(batch)  # epoch 2 runs on the full-covariance distance
+    assert torch.isfinite(model.bank.values).all()
 
 
 # --- Eq. 21, first line --------------------------------------------------------------------------
