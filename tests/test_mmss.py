@@ -293,6 +293,12 @@ def test_presets_and_required_views():
     assert MMSS.required_views({}) == {"tokens", "rois"}
     with pytest.raises(ConfigError, match="paper, glove"):
         MMSS.preset("code")
+    from models.config import train_config
+
+    for name in MMSS.PRESET_NAMES:  # every override is a TrainConfig field, every model_cfg builds
+        p = MMSS.preset(name, category="home")
+        assert train_config({"model": "mmss", **p["train"], "model_cfg": p["model_cfg"]}).min_gap == 1.0
+        MMSS.from_config({**p["model_cfg"], "vocab_size": 5, "embed_dim": 4, "roi_dim": 8})
 
 
 def test_table4_subtask_switches():
