@@ -54,8 +54,12 @@ Readings of what the paper leaves open (also in docs/fidelity.md, MM-SS section)
   * Table 4 "w/o s" rows remove subtask s from Sec. 4.4 only (`subtasks` lists the kept ones);
     f_s still enters F_c. "-module(b)" (`interaction_module: false`): each of T_p, T_r, V_p, V_r
     soft-pooled, concatenated, MLP -> y^_g, no subtasks. "-module(d)": `subtasks: []`.
-  * Not from the paper: dropout (`dropout`), the number of heads (`heads`), the GRU of the
-    glove path.
+  * Deviation, stated: the paper fine-tunes BERT (A.2, lr 5e-5); here the encoder's features
+    are precomputed and frozen, and `text_encoder_lr` applies to the projection (bert path) or
+    the GRU and tables (glove path, off in the `glove` preset: they train from scratch).
+  * A.2 "batch size 32" does not say what it counts; the `paper` preset reads 32 products.
+  * Not from the paper: dropout (`dropout`), the number of heads (`heads`), the feed-forward
+    sublayer of the self-attention blocks, the GRU of the glove path.
 
 Training hooks: `on_epoch_start(epoch)` (0-based, the paper's i = epoch + 1) closes the previous
 epoch's anchor sums; `parameter_groups(base_lr)` gives the text encoder its own lr (A.2: 5e-5,
