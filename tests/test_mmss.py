@@ -274,11 +274,47 @@ def test_eval_mode_neither_returns_nor_updates_pseudo_labels():
     assert model.bank.rows == {}
 
 
+def _gelu(z: torch.Tensor) -> torch.Tensor:
+    """GELU written out (Hendrycks & Gimpel): z * Phi(z) = z/2 (1 + erf(z / sqrt 2))."""
+    return 0.5 * z * (1.0 + torch.erf(z / math.sqrt(2.0)))
+
+
 def test_heads_use_gelu_eq7_9():
     model = _model()
     assert isinstance(model.sub_mlp["ptrt"][1], torch.nn.GELU)
     assert not any(isinstance(m, torch.nn.ReLU) for n, m in model.named_modules()
                    if n.startswith(("fuse", "out_g", "sub_")))
+
+
+def test_global_and_subtask_heads_by_hand_eq6_9():
+    model, batch = _model(), make_batch()  # dropout 0
+    seen = {}
+    hooks = [model.fuse.register_forward_pre_hook(lambda m, a: seen.__setitem__("F_c", a[0].detach()))]
+    for s in model.subtasks:
+        hooks.append(model.sub_proj[s].register_forward_pre_hook(
+            lambda m, a, s=s: seen.__setitem__(("f", s), a[0].detach())))
+        hooks.append(model.sub_mlp[s].register_forward_hook(
+            lambda m, a, o, s=s: seen.__setitem__(("mlp", s), (a[0].detach(), o.detach()))))
+    model.on_epoch_start(0)
+    out = model(batch)
+    for h in hooks:
+        h.remove()
+    F_c, H = seen["F_c"], TINY["mmss"]["hidden"]
+    # Eq. 7-8: y^_g = W_g^T GELU(W F_c + b) + b_g, GELU written out (ReLU or the tanh
+    # approximation would miss the 1e-6 tolerance)
+    f_g = _gelu(F_c @ model.fuse.weight.T + model.fuse.bias)
+    y_g = f_g @ model.out_g.weight[0] + model.out_g.bias[0]
+    assert torch.allclose(out.scores.detach(), y_g.detach(), atol=1e-6)
+    for j, s in enumerate(("ptrt", "pvrv", "ptrv", "pvrt", "rtrv")):
+        f_s = seen[("f", s)]
+        assert torch.equal(f_s, F_c[:, j * H:(j + 1) * H])  # Eq. 6: F_c = [f_ptrt; ...; f_rtrv]
+        # Eq. 9: f*_s = GELU(W_s f_s + b_s); y^_s = MLP(f*_s) = W2 GELU(W1 f*_s + b1) + b2
+        f_star = _gelu(f_s @ model.sub_proj[s].weight.T + model.sub_proj[s].bias).detach()
+        mlp_in, mlp_out = seen[("mlp", s)]
+        assert torch.allclose(mlp_in, f_star, atol=1e-6), s
+        l1, l2 = model.sub_mlp[s][0], model.sub_mlp[s][-1]
+        want = _gelu(f_star @ l1.weight.T + l1.bias) @ l2.weight.T + l2.bias
+        assert torch.allclose(mlp_out, want.detach(), atol=1e-6), s
 
 
 # --- presets, views, Table 4 switches ---------------------------------------------------------------
