@@ -406,7 +406,11 @@ class MMSS(nn.Module):
         """Called by the trainer before epoch `epoch` (0-based) runs: closes the anchor sums of
         the previous epoch (Eq. 17 over its training samples) and sets i = epoch + 1."""
         i = int(epoch) + 1
-        if self.subtasks and i != self.epoch and float(self.acc_w.min()) > 0:
+        if self.subtasks and i != self.epoch and float(self.acc_w.max()) > 0:
+            if float(self.acc_w.min()) <= 0:  # a task whose sigmoid weights all underflowed
+                raise TrainingError(f"MM-SS epoch {self.epoch}: the Eq. 17 weight sums are "
+                                    f"{self.acc_w.tolist()} (tasks g, {', '.join(self.subtasks)}); "
+                                    f"an anchor with zero total weight is undefined")
             a = self.acc_f / self.acc_w.unsqueeze(-1)  # (K, H)  Eq. (17)
             var = self.acc_f2 / self.acc_w.unsqueeze(-1) - a ** 2  # weighted variance about A
             self.anchors.copy_(a)
@@ -511,7 +515,7 @@ class MMSS(nn.Module):
                 y_s = y_s.clamp(0.0, c.max_label)
             self.bank.set(batch.review_ids, y_s)
             # Eq. (17) running sums of this epoch, each task weighted by sigmoid of its own label
-            w = torch.sigmoid(torch.cat([y_g.unsqueeze(-1), y_s], dim=-1)).double()  # (R, K)
+            w = torch.sigmoid(torch.cat([y_g.unsqueeze(-1), y_s], dim=-1).double())  # (R, K)
             self.acc_w += w.sum(0)
             self.acc_f += torch.einsum("rk,rkh->kh", w, feats)
             self.acc_f2 += torch.einsum("rk,rkh->kh", w, feats ** 2)

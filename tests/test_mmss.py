@@ -452,3 +452,12 @@ def test_trainer_resume_keeps_pseudo_labels_and_anchors_bit_identical(tmp_path):
     # epochs 2-3 moved the pseudo labels off the integer labels y_g (Eq. 12 at i > 1)
     v = a["_extra_state"]["pseudo_labels"]
     assert bool(a["anchor_ready"]) and float((v - v.round()).abs().max()) > 1e-3
+
+
+def test_an_anchor_with_zero_weight_is_an_error_not_a_stale_anchor():
+    model, batch = _model(), make_batch()
+    model.on_epoch_start(0)
+    model(batch)
+    model.acc_w[3] = 0.0  # as if every sigmoid weight of subtask ptrv had underflowed
+    with pytest.raises(TrainingError, match="Eq. 17"):
+        model.on_epoch_start(1)
