@@ -31,6 +31,11 @@ class Batch:
     instance_weights: torch.Tensor | None = None  # (I, K) float32
     product_ids: list[str] = field(default_factory=list)  # (P,) dataset ids
     review_ids: list[str] = field(default_factory=list)  # (R,) dataset ids
+    # Precomputed text-encoder token features (stage "bert"), None when the stage is not read.
+    prod_text_feats: torch.Tensor | None = None  # (P, Lp', H) float32
+    prod_text_feat_mask: torch.Tensor | None = None  # (P, Lp') bool, True = real token
+    rev_text_feats: torch.Tensor | None = None  # (R, Lr', H) float32
+    rev_text_feat_mask: torch.Tensor | None = None  # (R, Lr') bool, True = real token
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         kw = {}

@@ -1,42 +1,75 @@
-"""MM-SS: multimodal review helpfulness prediction with self-supervised multi-task learning.
+"""MM-SS (Gong, Jia, Jing 2024): multimodal interaction modelling via self-supervised multi-task
+learning, built from the paper (`../shared/papers/mmss.txt`); no public code exists.
 
 Reads top to bottom like the paper:
-  1. encoders: each field's tokens through a recurrent encoder, each ROI set through a linear
-     projection (the paper uses BERT token features; see the deviation below);
-  2. five interaction representations, each review beside its product: ptrt (review text x
-     product text), pvrv (review images x product images), ptrv (review images x product
-     text), pvrt (review text x product images) and rtrv (review text x review images); each a
-     cross-attention, then self-attention (Eq. 3-4) and soft pooling to a vector (Eq. 5);
-  3. global scoring from their concatenation (Eq. 6-8): the score the ranking loss uses
-     (Eq. 13, 16, added by the trainer);
-  4. five subtask heads, one per interaction (Eq. 9), regressing SSP-Label pseudo labels:
-     label-weighted anchors (Eq. 17), Mahalanobis-normalised distances (Eq. 18), the relative
-     distance and the offset from the global label (Eq. 19-21), an EWMA across epochs with
-     beta = 2 / (i + 1), the label y_g itself in the first epoch (Eq. 12);
-     subtask losses weighted by tanh(|y_s - y_g|) (Eq. 14) and balanced by learned homoscedastic
-     uncertainty (Eq. 15). Returned as the aux loss `subtasks`.
+  Sec. 4.1  encoders. Text: precomputed BERT-family token features (Batch.prod_text_feats /
+            rev_text_feats, stage "bert") through one linear projection H_enc -> hidden
+            (`text_features: bert`, the `paper` preset), or word vectors through one
+            bidirectional GRU (`text_features: glove`, the `glove` preset). Images: each item's
+            ROIs (its images' boxes concatenated) 2048 -> hidden, then one self-attention block.
+            Product and review share the text and the image encoder (the paper names one BERT
+            and one self-attention).
+  Eq. 3-5   five interactions f_xy = SoftPool(Self-ATT([X; Y])) for ptrt, pvrv, ptrv, pvrt,
+            rtrv: one transformer self-attention block over the concatenation of the two
+            sequences under their joint mask, then soft pooling over that joint mask.
+  Eq. 6-8   F_c = [f_ptrt; ...; f_rtrv]; f*_g = GELU(Linear(F_c)); y^_g = W_g^T f*_g + b_g
+            (the ranking score).
+  Eq. 9     f*_s = GELU(W_s f_s + b_s); y^_s = MLP(f*_s) (Linear, GELU, Linear) per subtask.
+  Eq. 17-21 SSP-Label: one anchor per task k in {g} + subtasks, A_k = sum_i sig(y_k(i)) f*_k(i)
+            / sum_i sig(y_k(i)) over the training samples; chi_k = Mahalanobis distance of f*_k
+            to A_k / sqrt(s_k); pseudo-label estimate from the FIRST line of Eq. 21
+            (`ssp_label`).
+  Eq. 11-12 EWMA over epochs (`ewma_update`): y_s(1) = y_g; y_s(i) = beta y^_s(i) +
+            (1 - beta) y_s(i-1), beta = 2/(i+1).
+  Eq. 13-16 L = L_tar + L_sub. L_tar is the trainer's hinge ranking loss (the `paper` preset
+            sets margin 1, A.2); L_sub (Eq. 14-15) is returned as the aux loss `subtasks`:
+            L_s = mean_i tanh(|y_s(i) - y_g|) |y^_s - y_s(i)|, balanced by homoscedastic
+            uncertainty sum_s L_s / (2 sigma_s^2) + log(sigma_1 ... sigma_5), with a learned
+            log sigma_s^2 per subtask.
 
-Training hooks (the trainer calls them when the model has them):
-  `on_epoch_start(epoch: int)`: `epoch` is the 0-based index of the epoch about to run; the
-  paper's i is epoch + 1. Without it every epoch counts as the first (beta = 1).
-Per-review state: pseudo labels keyed by `Batch.review_ids` (training batches must carry
-them). They live in the module's extra state (`get_extra_state`/`set_extra_state`: a dict of
-the epoch, the review ids and an (N, 5) float tensor), so `state_dict()` checkpoints resume
-the EWMA exactly and load with `torch.load(..., weights_only=True)`. The anchors and feature
-variances are buffers.
+Readings of what the paper leaves open (also in docs/fidelity.md, MM-SS section):
+  * SoftPool [36]: the paper's references are numbered alphabetically and [36] sits between
+    Sener [34] and Vaswani [40]; we read it as Stergiou et al.'s SoftPool: per channel,
+    out_d = sum_i softmax_i(x_id) x_id over the real positions (parameter free,
+    `pooling: softpool`). `pooling: attention` uses a learned attention pooling instead.
+  * Eq. 17 "over the N training samples": the anchors used during epoch i are the
+    sigmoid-weighted means accumulated over every training sample of epoch i-1 (a running
+    memory of sums, not one batch, no per-sample feature store). The weights use each task's
+    own labels: y_g for g, the pseudo label y_s(i) for subtask s. Epoch 1 needs no anchor (its
+    pseudo labels are y_g, Eq. 12); it only accumulates.
+  * Eq. 18 Sigma: "the covariance between f*_k and the anchor" is read as the covariance of
+    task k's representations around its anchor, with the same sigmoid weights, kept diagonal
+    by default (per-dimension variance, floored at 1e-6): chi_k = sqrt(sum_d (f_d - A_d)^2 /
+    var_d); `ssp_covariance: full` uses the full weighted covariance (+ 1e-6 I) and its inverse.
+  * Eq. 18 s_k, "a scale factor": the width of f*_k (= hidden for every task) unless
+    `ssp_scale` gives a number, i.e. chi_k is the per-dimension RMS Mahalanobis distance.
+  * Eq. 21: the first line is implemented; the second line does not follow from the first
+    (it drops a2 and the y_g/2 term, and names an undefined alpha). eps is `ssp_eps`.
+    Pseudo labels are not clamped unless `clamp_pseudo_labels` is set (then to [0, max_label]).
+  * Eq. 12 "estimated value after the i-th epoch": the estimate y^_s(i) of a review is computed
+    when the review is seen in epoch i (from that step's f*_g, f*_s, detached) and its EWMA
+    value y_s(i) is the subtask target of that same step. A review not seen in epoch i-1
+    (subsampled out) keeps its older value as y_s(i-1); a review first seen at i > 1 starts
+    from y_g.
+  * Table 4 "w/o s" rows remove subtask s from Sec. 4.4 only (`subtasks` lists the kept ones);
+    f_s still enters F_c. "-module(b)" (`interaction_module: false`): each of T_p, T_r, V_p, V_r
+    soft-pooled, concatenated, MLP -> y^_g, no subtasks. "-module(d)": `subtasks: []`.
+  * Deviation, stated: the paper fine-tunes BERT (A.2, lr 5e-5); here the encoder's features
+    are precomputed and frozen, and `text_encoder_lr` applies to the projection (bert path) or
+    the GRU and tables (glove path, off in the `glove` preset: they train from scratch).
+  * A.2 "batch size 32" does not say what it counts; the `paper` preset reads 32 products.
+  * Not from the paper: dropout (`dropout`), the number of heads (`heads`), the feed-forward
+    sublayer of the self-attention blocks, the GRU of the glove path.
 
-Deviations, stated: (a) the paper encodes text with BERT; offline we use the frozen word
-vectors and a recurrent encoder like the other models; (b) the paper's anchors are over the
-training set; here they are label-weighted means over each batch smoothed by an exponential
-moving average across batches (`anchor_momentum`), which avoids a feature memory of every
-review; (c) pseudo labels are clamped to the label range [0, max_label]; (d) the Mahalanobis
-distance uses a diagonal covariance (per-dimension variance, also a moving average).
-No public code exists and the paper's text was not available offline: the equation numbers are
-those the project's summary pins; the L1 subtask regression and the offset formula follow the
-Self-MM label generation that SSP-Label adapts.
+Training hooks: `on_epoch_start(epoch)` (0-based, the paper's i = epoch + 1) closes the previous
+epoch's anchor sums; `parameter_groups(base_lr)` gives the text encoder its own lr (A.2: 5e-5,
+`text_encoder_lr`). Per-review pseudo labels (keyed by Batch.review_ids) live in the module's
+extra state; anchors and their running sums are buffers, so `state_dict()` resumes exactly and
+loads with `torch.load(..., weights_only=True)`.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -46,73 +79,147 @@ import torch
 import torch.nn as nn
 
 from models.batch import Batch, ModelOutput
-from models.layers import (CrossModalBlock, MaskedMultiheadAttention, RNNEncoder, SoftPooling,
-                           embedding_pair, with_embed_dim)
+from models.layers import (CrossModalBlock, ROIEncoder, RNNEncoder, embedding_pair, masked_softmax,
+                           with_embed_dim)
+from models.layers import SoftPooling as AttentionPooling
 from models.registry import register_model
 from pipeline.config import from_mapping
-from pipeline.errors import TrainingError
+from pipeline.errors import ConfigError, TrainingError
 
 INTERACTIONS = ("ptrt", "pvrv", "ptrv", "pvrt", "rtrv")
-EPS = 1e-6
+VAR_FLOOR = 1e-6  # floor of the per-dimension variance in Eq. (18)
+_NAMES = {"ptrt": "intra-modal-ptrt", "pvrv": "intra-modal-pvrv", "ptrv": "inter-modal-ptrv",
+          "pvrt": "inter-modal-pvrt", "rtrv": "intra-review-rtrv"}
+# Table 4 rows (models/reported/mmss.yaml `setting`) -> the model_cfg switches that run them
+TABLE4_SWITCHES: dict[str, dict[str, Any]] = {
+    "": {},
+    **{f"w/o {n}": {"subtasks": [t for t in INTERACTIONS if t != s]} for s, n in _NAMES.items()},
+    "w/o module(b)": {"interaction_module": False, "subtasks": []},
+    "w/o module(d)": {"subtasks": []},
+}
 
 
 @dataclass(frozen=True)
 class MMSSConfig:
+    # Text (Sec. 4.1). The dataclass defaults are the paper's architecture with the glove text
+    # path, so a bare config needs no BERT stage; the `paper` preset selects BERT features.
+    text_features: Literal["bert", "glove"] = "glove"
+    text_feat_dim: int = 768  # width H of the stored encoder features (bert path)
     vocab_size: int = 0  # rows of the random tables when no embedding matrix is given (tests)
-    embed_dim: int = 300  # word-vector size (GloVe 6B 300d / fastText cc.id.300)
-    finetune_embeddings: bool = False  # True trains the tables, as MCR does; frozen by default
-    text_encoder: Literal["gru", "lstm"] = "gru"  # stands in for BERT (deviation (a))
-    roi_dim: int = 2048  # bottom-up-attention ROI feature size
-    hidden: int = 128  # size of every interaction representation (assumed)
-    heads: int = 4  # attention heads
-    dropout: float = 0.1  # dropout in attention and the scoring MLPs
-    subtasks: bool = True  # False: global ranking only (the paper's "w/o SSP" ablation)
-    max_label: float = 4.0  # top of the helpfulness scale; anchors weight labels by y / max_label
-    anchor_momentum: float = 0.9  # EMA of the batch anchors and variances (deviation (b))
+    embed_dim: int = 300  # word-vector size (glove path)
+    finetune_embeddings: bool = False  # glove path: train the word tables
+    text_encoder_lr: float | None = None  # A.2: 5e-5 for the text encoder; None = the base lr
+    roi_dim: int = 2048  # ROI feature size (A.2)
+    hidden: int = 128  # d_t = d_v = d_g (A.2: 128)
+    heads: int = 4  # attention heads (not in the paper)
+    dropout: float = 0.1  # dropout in attention blocks and after GELU (not in the paper)
+    pooling: Literal["softpool", "attention"] = "softpool"  # SoftPool of Eq. 3-5
+    interaction_module: bool = True  # False: Table 4 "-w/o module(b)"
+    subtasks: tuple[str, ...] = INTERACTIONS  # Sec. 4.4 subtasks kept; () = "-w/o module(d)"
+    ssp_a1: float = 1.0  # alpha_1 of Eq. 19 / 21
+    ssp_a2: float = 1.0  # alpha_2 of Eq. 20 / 21
+    ssp_eps: float = 1e-6  # epsilon of Eq. 19 / 21
+    ssp_scale: float | None = None  # s_k of Eq. 18; None = the width of f*_k
+    ssp_covariance: Literal["diagonal", "full"] = "diagonal"  # Sigma of Eq. 18
+    clamp_pseudo_labels: bool = False  # clamp y_s to [0, max_label] (not in the paper)
+    max_label: float = 4.0  # top of the helpfulness scale (only used by the clamp)
+
+
+def _check(c: MMSSConfig) -> MMSSConfig:
+    bad = [s for s in c.subtasks if s not in INTERACTIONS]
+    if bad:
+        raise ConfigError(f"model.mmss.subtasks: unknown subtask(s) {', '.join(bad)}; "
+                          f"valid: {', '.join(INTERACTIONS)}")
+    if len(set(c.subtasks)) != len(c.subtasks):
+        raise ConfigError(f"model.mmss.subtasks: duplicates in {list(c.subtasks)}")
+    if not c.interaction_module and c.subtasks:
+        raise ConfigError("model.mmss.interaction_module: false (Table 4 -w/o module(b)) removes the "
+                          "subtasks too; also set subtasks: []")
+    for name in ("hidden", "heads", "roi_dim", "text_feat_dim"):
+        if getattr(c, name) < 1:
+            raise ConfigError(f"model.mmss.{name}: expected a positive integer, got {getattr(c, name)}")
+    if c.hidden % c.heads:
+        raise ConfigError(f"model.mmss.hidden: {c.hidden} is not divisible by heads={c.heads}")
+    if c.text_features == "glove" and c.hidden % 2:
+        raise ConfigError(f"model.mmss.hidden: {c.hidden} must be even for the bidirectional GRU")
+    if not 0.0 <= c.dropout < 1.0:
+        raise ConfigError(f"model.mmss.dropout: expected a number in [0, 1), got {c.dropout}")
+    if c.ssp_eps <= 0:
+        raise ConfigError(f"model.mmss.ssp_eps: expected a positive number, got {c.ssp_eps}")
+    if c.ssp_scale is not None and c.ssp_scale <= 0:
+        raise ConfigError(f"model.mmss.ssp_scale: expected a positive number or null, got {c.ssp_scale}")
+    if c.text_encoder_lr is not None and c.text_encoder_lr <= 0:
+        raise ConfigError(f"model.mmss.text_encoder_lr: expected a positive number or null, "
+                          f"got {c.text_encoder_lr}")
+    return c
 
 
 # ---------------------------------------------------------------------------------------------
-# SSP-Label: self-supervised pseudo labels for the subtasks (Eq. 10-12, 17-21)
+# Public SSP-Label pieces (the issue's named functions)
 # ---------------------------------------------------------------------------------------------
-def label_weighted_anchors(h: torch.Tensor, y: torch.Tensor, max_label: float
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eq. (17): helpful anchor sum_i (y_i/Y) h_i / sum_i (y_i/Y) and unhelpful anchor with
-    weights 1 - y_i/Y. h (R, K, H) for K representations, y (R,). Returns both anchors (K, H)
-    and whether each had any weight (scalars): a batch of all-0 labels has no helpful anchor."""
-    w_hi = (y / max_label).clamp(0, 1)  # (R,)
-    w_lo = 1.0 - w_hi  # (R,)
-    hi = torch.einsum("r,rkh->kh", w_hi, h) / w_hi.sum().clamp(min=EPS)  # (K, H)
-    lo = torch.einsum("r,rkh->kh", w_lo, h) / w_lo.sum().clamp(min=EPS)  # (K, H)
-    return hi, lo, w_hi.sum() > EPS, w_lo.sum() > EPS
+def ssp_label(y_g: torch.Tensor, chi_g: torch.Tensor, chi_s: torch.Tensor, a1: float = 1.0,
+              a2: float = 1.0, eps: float = 1e-6) -> torch.Tensor:
+    """Eq. (21), first line, elementwise:
+    y_s = (y_g + a2 (chi_s - chi_g)) / 2 + a1 chi_s y_g / (2 (chi_g + eps)),
+    the equal-weight mean of Eq. (19) y_s = a1 chi_s / (chi_g + eps) y_g and Eq. (20)
+    y_s = y_g + a2 (chi_s - chi_g). No clamp."""
+    return (y_g + a2 * (chi_s - chi_g)) / 2 + a1 * chi_s * y_g / (2 * (chi_g + eps))
 
 
-def mahalanobis(h: torch.Tensor, anchor: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """Eq. (18) with a diagonal covariance: sqrt(sum_k (h_k - c_k)^2 / var_k).
-    h (R, K, H), anchor (K, H), var (K, H) -> (R, K)."""
-    return (((h - anchor) ** 2) / (var + EPS)).sum(-1).sqrt()
+def ewma_update(previous: torch.Tensor, estimate: torch.Tensor, epoch: int) -> torch.Tensor:
+    """Eq. (12); `epoch` is the paper's i, counted from 1. At i = 1 returns `previous` unchanged
+    (the caller starts it at y_g); at i > 1 returns beta * estimate + (1 - beta) * previous with
+    beta = 2 / (i + 1) (Eq. 11)."""
+    if epoch < 1:
+        raise ValueError(f"epoch counts from 1, got {epoch}")
+    if epoch == 1:
+        return previous
+    beta = 2.0 / (epoch + 1)
+    return beta * estimate + (1 - beta) * previous
 
 
-def relative_distance(d_hi: torch.Tensor, d_lo: torch.Tensor) -> torch.Tensor:
-    """Eq. (19): alpha = (D_lo - D_hi) / (D_hi + eps); large when closer to the helpful anchor."""
-    return (d_lo - d_hi) / (d_hi + EPS)
+def subtask_loss(pred: torch.Tensor, y_s: torch.Tensor, y_g: torch.Tensor,
+                 log_var: torch.Tensor) -> torch.Tensor:
+    """Eq. (14-15). pred, y_s (R, S); y_g (R,); log_var (S,) = log sigma_s^2.
+    L_s = mean_i tanh(|y_s(i) - y_g(i)|) |pred_s(i) - y_s(i)| (Eq. 14, averaged over the batch);
+    L_sub = sum_s L_s / (2 sigma_s^2) + log(sigma_1 ... sigma_S) (Eq. 15)."""
+    weight = torch.tanh((y_s - y_g.unsqueeze(-1)).abs())  # W_s^i
+    per_task = (weight * (pred - y_s).abs()).mean(0)  # (S,)
+    return (0.5 * torch.exp(-log_var) * per_task).sum() + 0.5 * log_var.sum()
 
 
-def offset_labels(alpha_s: torch.Tensor, alpha_g: torch.Tensor, y_g: torch.Tensor,
-                  max_label: float) -> torch.Tensor:
-    """Eq. (20-21): y_s = y_g + (alpha_s - alpha_g) / (alpha_g + eps) * (y_g + alpha_g) / 2,
-    clamped to [0, max_label]. alpha_s (R, S), alpha_g (R, 1), y_g (R,) -> (R, S)."""
-    y = y_g.unsqueeze(-1)  # (R, 1)
-    delta = (alpha_s - alpha_g) / (alpha_g + EPS) * (y + alpha_g) / 2  # Eq. (20)
-    return (y + delta).clamp(0.0, max_label)  # Eq. (21)
+def anchor(feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Eq. (17): A = sum_i sigmoid(y(i)) f(i) / sum_i sigmoid(y(i)). feats (N, H), labels (N,)."""
+    w = torch.sigmoid(labels.float())
+    return (w.unsqueeze(-1) * feats).sum(0) / w.sum()
 
 
-def ewma_beta(i: int) -> float:
-    """EWMA weight of the new estimate at (1-based) epoch i: beta = 2 / (i + 1)."""
-    return 2.0 / (i + 1)
+def mahalanobis(feats: torch.Tensor, anchor: torch.Tensor, var: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """Eq. (18) with a diagonal Sigma: sqrt(sum_d (f_d - A_d)^2 / var_d) / sqrt(s_k).
+    feats (..., H), anchor/var broadcastable to it -> (...)."""
+    return (((feats - anchor) ** 2) / var.clamp(min=VAR_FLOOR)).sum(-1).sqrt() / math.sqrt(scale)
+
+
+def mahalanobis_full(feats: torch.Tensor, anchor: torch.Tensor, precision: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Eq. (18) with a full Sigma: sqrt((f - A)^T Sigma^-1 (f - A)) / sqrt(s_k).
+    feats (R, K, H), anchor (K, H), precision = Sigma^-1 (K, H, H) -> (R, K)."""
+    d = feats - anchor
+    q = torch.einsum("rkh,khg,rkg->rk", d, precision, d)
+    return q.clamp(min=0).sqrt() / math.sqrt(scale)
+
+
+def soft_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SoftPool (Stergiou et al.), per channel over the real positions: out_d = sum_i
+    softmax_i(x_id) x_id. x (B, L, H), mask (B, L) -> (B, H); rows without a real position give
+    zeros. The softmax is taken in float32."""
+    w = masked_softmax(x.float(), mask.unsqueeze(-1), dim=1)  # (B, L, H)
+    return (w * x.float()).sum(1).to(x.dtype)
 
 
 class PseudoLabelBank:
-    """Per-review pseudo labels (S per review) across epochs, keyed by review id."""
+    """Per-review pseudo labels y_s (S per review) across epochs, keyed by review id."""
 
     def __init__(self, num_subtasks: int):
         self.num_subtasks = num_subtasks
@@ -141,11 +248,9 @@ class PseudoLabelBank:
         idx = torch.tensor([self.rows[r] for r in ids], dtype=torch.long)
         return self._store[idx].to(y_g.device)
 
-    def update(self, ids: Sequence[str], estimate: torch.Tensor, epoch: int) -> None:
-        """EWMA: y_s <- (1 - beta_i) y_s + beta_i * estimate with beta_i = 2/(i+1)."""
-        beta = ewma_beta(epoch)
+    def set(self, ids: Sequence[str], values: torch.Tensor) -> None:
         idx = torch.tensor([self.rows[r] for r in ids], dtype=torch.long)
-        self._store[idx] = (1 - beta) * self._store[idx] + beta * estimate.detach().float().cpu()
+        self._store[idx] = values.detach().float().cpu()
 
     def state(self) -> dict[str, Any]:
         ids = sorted(self.rows, key=self.rows.get)
@@ -164,140 +269,256 @@ class PseudoLabelBank:
 # ---------------------------------------------------------------------------------------------
 # Modules
 # ---------------------------------------------------------------------------------------------
-class Interaction(nn.Module):
-    """One interaction representation: cross-attention of q over kv, self-attention (Eq. 3-4),
-    soft pooling over q's positions (Eq. 5)."""
+class Pool(nn.Module):
+    """SoftPool (default, parameter free) or learned attention pooling over a mask."""
 
-    def __init__(self, *, hidden: int, heads: int, dropout: float):
+    def __init__(self, kind: str, dim: int):
         super().__init__()
-        self.cross = MaskedMultiheadAttention(hidden, heads, dropout)
-        self.ln = nn.LayerNorm(hidden)
+        self.kind = kind
+        self.att = AttentionPooling(dim) if kind == "attention" else None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return soft_pool(x, mask) if self.att is None else self.att(x, mask)
+
+
+class JointInteraction(nn.Module):
+    """Eq. (3-5): f_xy = SoftPool(Self-ATT([X; Y])): one transformer self-attention block over
+    the concatenation of X (B, Lx, H) and Y (B, Ly, H) under the joint mask [mx; my], pooled over
+    that joint mask."""
+
+    def __init__(self, *, hidden: int, heads: int, dropout: float, pooling: str):
+        super().__init__()
         self.self_att = CrossModalBlock(hidden, heads, dropout)
-        self.pool = SoftPooling(hidden)
+        self.pool = Pool(pooling, hidden)
 
-    def forward(self, q, q_mask, kv, kv_mask):
-        x = self.ln(q + self.cross(q, kv, kv_mask)) * q_mask.unsqueeze(-1).to(q.dtype)  # Eq. (3)
-        x = self.self_att(x, q_mask, x, q_mask)  # (R, Lq, H)  Eq. (4)
-        return self.pool(x, q_mask)  # (R, H)  Eq. (5)
+    def forward(self, x, x_mask, y, y_mask):
+        xy = torch.cat([x, y], dim=1)  # (B, Lx + Ly, H)
+        m = torch.cat([x_mask, y_mask], dim=1)  # (B, Lx + Ly)
+        c = self.self_att(xy, m, xy, m)  # C = Self-ATT([X; Y])
+        return self.pool(c, m)  # (B, H)
 
 
-def _mlp(d_in: int, hidden: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Dropout(dropout))
+def _gelu_mlp(d_in: int, hidden: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
 
 
 @register_model("mmss")
 class MMSS(nn.Module):
-    """MM-SS for multimodal review helpfulness prediction; see the module docstring (hooks,
-    per-review state and deviations)."""
+    """MM-SS; see the module docstring for the equations, the readings and the hooks."""
+
+    PRESET_NAMES: tuple[str, ...] = ("paper", "glove")
 
     def __init__(self, *, config: MMSSConfig, embeddings: Mapping[str, np.ndarray] | None = None):
         super().__init__()
-        c = self.config = config
-        self.emb_p, self.emb_r = embedding_pair(embeddings, vocab_size=c.vocab_size,
-                                                dim=c.embed_dim, finetune=c.finetune_embeddings)
-        self.text_p = RNNEncoder(kind=c.text_encoder, input_dim=c.embed_dim, hidden=c.hidden)
-        self.text_r = RNNEncoder(kind=c.text_encoder, input_dim=c.embed_dim, hidden=c.hidden)
-        self.img_p = nn.Linear(c.roi_dim, c.hidden)
-        self.img_r = nn.Linear(c.roi_dim, c.hidden)
-        # Eq. (3-5): the five interaction representations
-        self.interactions = nn.ModuleDict({
-            k: Interaction(hidden=c.hidden, heads=c.heads, dropout=c.dropout) for k in INTERACTIONS})
-        # Eq. (6-8): global representation and score
-        self.global_mlp = _mlp(len(INTERACTIONS) * c.hidden, c.hidden, c.dropout)  # Eq. (7)
-        self.global_out = nn.Linear(c.hidden, 1)  # Eq. (8)
-        if c.subtasks:
-            # Eq. (9): subtask heads
-            self.heads = nn.ModuleDict({k: nn.Sequential(_mlp(c.hidden, c.hidden, c.dropout),
-                                                         nn.Linear(c.hidden, 1))
-                                        for k in INTERACTIONS})
-            # Eq. (15): log sigma^2 per subtask (homoscedastic uncertainty)
-            self.log_var = nn.Parameter(torch.zeros(len(INTERACTIONS)))
-            K = len(INTERACTIONS) + 1  # five subtasks and the global representation
-            self.register_buffer("anchors", torch.zeros(2, K, c.hidden))  # helpful, unhelpful
-            self.register_buffer("anchor_seen", torch.zeros(2, dtype=torch.bool))
-            self.register_buffer("feat_var", torch.ones(K, c.hidden))
-            self.bank = PseudoLabelBank(len(INTERACTIONS))
+        c = self.config = _check(config)
+        # Sec. 4.1 encoders (shared by product and review)
+        if c.text_features == "bert":
+            self.text_proj = nn.Linear(c.text_feat_dim, c.hidden)
+        else:
+            self.emb_p, self.emb_r = embedding_pair(embeddings, vocab_size=c.vocab_size,
+                                                    dim=c.embed_dim, finetune=c.finetune_embeddings)
+            self.text_rnn = RNNEncoder(kind="gru", input_dim=c.embed_dim, hidden=c.hidden)
+        self.image = ROIEncoder(roi_dim=c.roi_dim, hidden=c.hidden, heads=c.heads, layers=1,
+                                dropout=c.dropout)
+        self.drop = nn.Dropout(c.dropout)
+        if c.interaction_module:
+            # Eq. (3-5)
+            self.interactions = nn.ModuleDict({
+                k: JointInteraction(hidden=c.hidden, heads=c.heads, dropout=c.dropout, pooling=c.pooling)
+                for k in INTERACTIONS})
+            self.fuse = nn.Linear(len(INTERACTIONS) * c.hidden, c.hidden)  # Eq. (7)
+            self.out_g = nn.Linear(c.hidden, 1)  # Eq. (8)
+        else:
+            # Table 4 "-w/o module(b)": item features concatenated -> MLP -> y_g
+            self.item_pool = nn.ModuleList(Pool(c.pooling, c.hidden) for _ in range(4))
+            self.flat_mlp = _gelu_mlp(4 * c.hidden, c.hidden, c.dropout)
+        self.subtasks = tuple(c.subtasks)
+        if self.subtasks:
+            S, K = len(self.subtasks), len(self.subtasks) + 1  # K tasks: g and the subtasks
+            self.sub_proj = nn.ModuleDict({s: nn.Linear(c.hidden, c.hidden) for s in self.subtasks})  # Eq. 9
+            self.sub_mlp = nn.ModuleDict({s: _gelu_mlp(c.hidden, c.hidden, c.dropout)
+                                          for s in self.subtasks})  # Eq. (9) y^_s = MLP(f*_s)
+            self.log_var = nn.Parameter(torch.zeros(S))  # Eq. (15): log sigma_s^2
+            # Eq. (17-18): anchors and diagonal covariances used this epoch (row 0 = g) ...
+            self.register_buffer("anchors", torch.zeros(K, c.hidden, dtype=torch.float64))
+            self.register_buffer("variances", torch.ones(K, c.hidden, dtype=torch.float64))
+            self.register_buffer("anchor_ready", torch.zeros((), dtype=torch.bool))
+            # ... and the running sums of the epoch in progress (sum w, sum w f, sum w f^2)
+            self.register_buffer("acc_w", torch.zeros(K, dtype=torch.float64))
+            self.register_buffer("acc_f", torch.zeros(K, c.hidden, dtype=torch.float64))
+            self.register_buffer("acc_f2", torch.zeros(K, c.hidden, dtype=torch.float64))
+            if c.ssp_covariance == "full":  # sum w f f^T and Sigma^-1
+                eye = torch.eye(c.hidden, dtype=torch.float64).expand(K, -1, -1).clone()
+                self.register_buffer("acc_ff", torch.zeros(K, c.hidden, c.hidden, dtype=torch.float64))
+                self.register_buffer("precision", eye)
+            self.bank = PseudoLabelBank(S)
         self.epoch = 1  # the paper's i (1-based), set by on_epoch_start
+
+    # --- presets and views (shared contracts) ---------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, *, category: str | None = None) -> dict:
+        """`paper`: BERT token features, text-encoder lr 5e-5, rest 1e-4, batch 32, hinge margin 1
+        over any higher label (A.2, Eq. 13). `glove`: the same with word vectors + GRU and one
+        lr (the GRU trains from scratch). `category` changes nothing (the paper uses one setting)."""
+        if name not in cls.PRESET_NAMES:
+            raise ConfigError(f"mmss preset {name!r} unknown; valid: {', '.join(cls.PRESET_NAMES)}")
+        train = {"lr": 1e-4, "batch_products": 32, "margin": "fixed", "fixed_margin": 1.0,
+                 "min_gap": 1.0, "negative_weights": "none"}
+        if name == "paper":
+            model_cfg = {"text_features": "bert", "text_encoder_lr": 5e-5, "hidden": 128}
+        else:
+            model_cfg = {"text_features": "glove", "text_encoder_lr": None, "hidden": 128}
+        return {"model_cfg": model_cfg, "train": train}
+
+    @classmethod
+    def required_views(cls, model_cfg: Mapping) -> frozenset[str]:
+        c = _check(from_mapping(MMSSConfig, dict(model_cfg or {}), "model.mmss"))
+        views = {"tokens", "rois"}
+        if c.text_features == "bert":
+            views.add("bert")
+        return frozenset(views)
 
     @classmethod
     def from_config(cls, cfg: Mapping, embeddings: Mapping[str, np.ndarray] | None = None) -> "MMSS":
-        cfg = with_embed_dim(cfg, embeddings)  # embed_dim defaults to the matrices' width
+        cfg = dict(cfg)
+        if cfg.get("text_features", "glove") == "glove":
+            cfg = with_embed_dim(cfg, embeddings)  # embed_dim defaults to the matrices' width
         return cls(config=from_mapping(MMSSConfig, cfg, "model.mmss"), embeddings=embeddings)
 
-    # --- trainer hooks and checkpoint state ---------------------------------------------------
+    # --- trainer hooks and checkpoint state -------------------------------------------------------
+    def text_encoder_parameters(self) -> list[nn.Parameter]:
+        mods = [self.text_proj] if self.config.text_features == "bert" else [self.emb_p, self.emb_r, self.text_rnn]
+        return [p for m in mods for p in m.parameters() if p.requires_grad]
+
+    def parameter_groups(self, base_lr: float) -> list[dict]:
+        """A.2: the text encoder at `text_encoder_lr` (5e-5 in the paper preset), the rest at
+        base_lr. The base group comes first (the trainer logs its lr)."""
+        lr_t = self.config.text_encoder_lr
+        text = self.text_encoder_parameters() if lr_t is not None else []
+        ids = {id(p) for p in text}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        groups = [{"params": rest, "lr": base_lr}]
+        if text:
+            groups.append({"params": text, "lr": lr_t})
+        return groups
+
     def on_epoch_start(self, epoch: int) -> None:
-        """Called by the trainer before epoch `epoch` (0-based) runs."""
-        self.epoch = int(epoch) + 1
+        """Called by the trainer before epoch `epoch` (0-based) runs: closes the anchor sums of
+        the previous epoch (Eq. 17 over its training samples) and sets i = epoch + 1."""
+        i = int(epoch) + 1
+        if self.subtasks and i != self.epoch and float(self.acc_w.max()) > 0:
+            if float(self.acc_w.min()) <= 0:  # a task whose sigmoid weights all underflowed
+                raise TrainingError(f"MM-SS epoch {self.epoch}: the Eq. 17 weight sums are "
+                                    f"{self.acc_w.tolist()} (tasks g, {', '.join(self.subtasks)}); "
+                                    f"an anchor with zero total weight is undefined")
+            a = self.acc_f / self.acc_w.unsqueeze(-1)  # (K, H)  Eq. (17)
+            var = self.acc_f2 / self.acc_w.unsqueeze(-1) - a ** 2  # weighted variance about A
+            self.anchors.copy_(a)
+            self.variances.copy_(var.clamp(min=VAR_FLOOR))
+            if self.config.ssp_covariance == "full":
+                cov = self.acc_ff / self.acc_w[:, None, None] - a.unsqueeze(-1) * a.unsqueeze(-2)
+                eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+                self.precision.copy_(torch.linalg.inv(cov + VAR_FLOOR * eye))  # ridge: Sigma + 1e-6 I
+                self.acc_ff.zero_()
+            self.anchor_ready.fill_(True)
+            self.acc_w.zero_(), self.acc_f.zero_(), self.acc_f2.zero_()
+        self.epoch = i
 
     def get_extra_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"epoch": self.epoch}
-        if self.config.subtasks:
+        if self.subtasks:
             state.update(self.bank.state())
         return state
 
     def set_extra_state(self, state: Mapping[str, Any]) -> None:
         self.epoch = int(state["epoch"])
-        if self.config.subtasks:
+        if self.subtasks:
             self.bank.load(state)
 
-    # --- forward ------------------------------------------------------------------------------
-    def forward(self, batch: Batch) -> ModelOutput:
+    # --- forward ----------------------------------------------------------------------------------
+    def _text(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         c = self.config
-        pm_t, pm_v = batch.prod_token_mask, batch.prod_roi_mask  # (P, Lp), (P, Np)
-        rm_t, rm_v = batch.rev_token_mask, batch.rev_roi_mask  # (R, Lr), (R, Nr)
-        pt = self.text_p(self.emb_p(batch.prod_tokens), pm_t)  # (P, Lp, H)
-        rt = self.text_r(self.emb_r(batch.rev_tokens), rm_t)  # (R, Lr, H)
-        pv = self.img_p(batch.prod_rois) * pm_v.unsqueeze(-1)  # (P, Np, H)
-        rv = self.img_r(batch.rev_rois) * rm_v.unsqueeze(-1)  # (R, Nr, H)
+        if c.text_features == "bert":
+            got = [batch.prod_text_feats, batch.prod_text_feat_mask, batch.rev_text_feats,
+                   batch.rev_text_feat_mask]
+            if any(v is None for v in got):
+                raise TrainingError("MM-SS text_features=bert: the batch carries no text-encoder "
+                                    "features (stage 'bert'); run `mrhp extract --stage bert` or use "
+                                    "the glove preset")
+            pf, pm, rf, rm = got
+            if pf.shape[-1] != c.text_feat_dim or rf.shape[-1] != c.text_feat_dim:
+                raise TrainingError(f"MM-SS: text-encoder features are {pf.shape[-1]}-d, "
+                                    f"model_cfg.text_feat_dim is {c.text_feat_dim}; set it to "
+                                    f"{pf.shape[-1]}")
+            pt = self.text_proj(pf.to(self.text_proj.weight.dtype)) * pm.unsqueeze(-1)
+            rt = self.text_proj(rf.to(self.text_proj.weight.dtype)) * rm.unsqueeze(-1)
+            return pt, pm.bool(), rt, rm.bool()
+        pm, rm = batch.prod_token_mask, batch.rev_token_mask
+        pt = self.text_rnn(self.emb_p(batch.prod_tokens), pm)  # (P, Lp, H)
+        rt = self.text_rnn(self.emb_r(batch.rev_tokens), rm)  # (R, Lr, H)
+        return pt, pm, rt, rm
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        pt, pm_t, rt, rm_t = self._text(batch)  # T_p, T_r (Eq. 2)
+        pm_v, rm_v = batch.prod_roi_mask, batch.rev_roi_mask
+        pv = self.image(batch.prod_rois, pm_v)  # V_p (P, Np, H)
+        rv = self.image(batch.rev_rois, rm_v)  # V_r (R, Nr, H)
         idx = batch.rev_product
         pt_r, pmt_r, pv_r, pmv_r = pt[idx], pm_t[idx], pv[idx], pm_v[idx]
+        if not self.config.interaction_module:  # Table 4 "-w/o module(b)"
+            parts = [(pt_r, pmt_r), (rt, rm_t), (pv_r, pmv_r), (rv, rm_v)]
+            flat = torch.cat([pool(x, m) for pool, (x, m) in zip(self.item_pool, parts)], dim=-1)
+            return ModelOutput(scores=self.flat_mlp(flat).squeeze(-1))
         it = self.interactions
-        h = {  # each (R, H), Eq. (3-5)
-            "ptrt": it["ptrt"](rt, rm_t, pt_r, pmt_r),
-            "pvrv": it["pvrv"](rv, rm_v, pv_r, pmv_r),
-            "ptrv": it["ptrv"](rv, rm_v, pt_r, pmt_r),
-            "pvrt": it["pvrt"](rt, rm_t, pv_r, pmv_r),
-            "rtrv": it["rtrv"](rt, rm_t, rv, rm_v),
+        f = {  # each (R, H)
+            "ptrt": it["ptrt"](pt_r, pmt_r, rt, rm_t),  # Eq. (4)
+            "pvrv": it["pvrv"](pv_r, pmv_r, rv, rm_v),  # Eq. (4)
+            "ptrv": it["ptrv"](pt_r, pmt_r, rv, rm_v),  # Eq. (5)
+            "pvrt": it["pvrt"](pv_r, pmv_r, rt, rm_t),  # Eq. (5)
+            "rtrv": it["rtrv"](rt, rm_t, rv, rm_v),  # Eq. (3)
         }
-        h_cat = torch.cat([h[k] for k in INTERACTIONS], dim=-1)  # (R, 5H)  Eq. (6)
-        z_g = self.global_mlp(h_cat)  # (R, H)  Eq. (7)
-        scores = self.global_out(z_g).squeeze(-1)  # (R,)  Eq. (8)
-
+        F_c = torch.cat([f[k] for k in INTERACTIONS], dim=-1)  # (R, 5H)  Eq. (6)
+        f_g = nn.functional.gelu(self.fuse(F_c))  # f*_g (R, H)  Eq. (7)
+        scores = self.out_g(self.drop(f_g)).squeeze(-1)  # y^_g (R,)  Eq. (8)
         aux: dict[str, torch.Tensor] = {}
-        if self.training and c.subtasks:
-            aux["subtasks"] = self._subtask_loss(batch, h, z_g)
+        if self.training and self.subtasks:
+            aux["subtasks"] = self._subtask_loss(batch, f, f_g)
         return ModelOutput(scores=scores, aux_losses=aux)
 
-    def _subtask_loss(self, batch: Batch, h: dict[str, torch.Tensor], z_g: torch.Tensor) -> torch.Tensor:
+    def _subtask_loss(self, batch: Batch, f: dict[str, torch.Tensor], f_g: torch.Tensor) -> torch.Tensor:
         c = self.config
         if len(batch.review_ids) != batch.num_reviews:
             raise TrainingError(f"MM-SS needs one review id per review to keep its pseudo labels: "
                                 f"batch has {batch.num_reviews} reviews and {len(batch.review_ids)} ids")
+        f_s = {s: nn.functional.gelu(self.sub_proj[s](f[s])) for s in self.subtasks}  # f*_s, Eq. (9)
+        pred = torch.cat([self.sub_mlp[s](self.drop(f_s[s])) for s in self.subtasks], dim=-1).float()  # (R, S)
         y_g = batch.labels.float()  # (R,)
-        y_s = self.bank.get(batch.review_ids, y_g)  # (R, S) labels of this epoch (EWMA, Eq. 12)
-        pred = torch.cat([self.heads[k](h[k]) for k in INTERACTIONS], dim=-1)  # (R, S)  Eq. (9)
-        w = torch.tanh((y_s - y_g.unsqueeze(-1)).abs())  # (R, S)  Eq. (14)
-        per_task = (w * (pred.float() - y_s).abs()).mean(0)  # (S,)  Eq. (14)
-        loss = (0.5 * torch.exp(-self.log_var) * per_task + 0.5 * self.log_var).sum()  # Eq. (15)
+        # SSP-Label reads f*_g and f*_s before dropout, detached (pseudo labels are targets)
+        feats = torch.stack([f_g] + [f_s[s] for s in self.subtasks], dim=1).detach().double()  # (R, K, H)
         with torch.no_grad():
-            feats = torch.stack([h[k] for k in INTERACTIONS] + [z_g], dim=1).detach().float()  # (R, K, H)
-            self._update_anchors(feats, y_g)
-            d_hi = mahalanobis(feats, self.anchors[0], self.feat_var)  # (R, K)  Eq. (18)
-            d_lo = mahalanobis(feats, self.anchors[1], self.feat_var)  # (R, K)  Eq. (18)
-            alpha = relative_distance(d_hi, d_lo)  # (R, K)  Eq. (19)
-            estimate = offset_labels(alpha[:, :-1], alpha[:, -1:], y_g, c.max_label)  # Eq. (20-21)
-            self.bank.update(batch.review_ids, estimate, self.epoch)  # EWMA, beta = 2/(i+1)
-        return loss
-
-    def _update_anchors(self, feats: torch.Tensor, y_g: torch.Tensor) -> None:
-        """Label-weighted anchors (Eq. 17) and per-dimension variances, smoothed across batches."""
-        m = self.config.anchor_momentum
-        hi, lo, has_hi, has_lo = label_weighted_anchors(feats, y_g, self.config.max_label)
-        for j, (a, has) in enumerate(((hi, has_hi), (lo, has_lo))):
-            if not has:
-                continue
-            self.anchors[j] = m * self.anchors[j] + (1 - m) * a if self.anchor_seen[j] else a
-            self.anchor_seen[j] = True
-        if feats.shape[0] > 1:
-            var = feats.var(0, unbiased=False)  # (K, H)
-            self.feat_var.mul_(m).add_((1 - m) * var)
+            y_prev = self.bank.get(batch.review_ids, y_g)  # y_s(i-1), or y_g when first seen
+            if self.epoch == 1:
+                y_s = ewma_update(y_prev, y_prev, 1)  # Eq. (12): y_s(1) = y_g
+            else:
+                if not bool(self.anchor_ready):
+                    raise TrainingError(f"MM-SS epoch {self.epoch}: no anchor (Eq. 17) from a finished "
+                                        f"training epoch; call on_epoch_start once per epoch")
+                scale = float(c.ssp_scale) if c.ssp_scale is not None else float(c.hidden)
+                if c.ssp_covariance == "full":
+                    chi = mahalanobis_full(feats, self.anchors, self.precision, scale).float()
+                else:
+                    chi = mahalanobis(feats, self.anchors, self.variances, scale).float()  # (R, K) Eq. 18
+                est = ssp_label(y_g.unsqueeze(-1), chi[:, :1], chi[:, 1:], a1=c.ssp_a1, a2=c.ssp_a2,
+                                eps=c.ssp_eps)  # (R, S)  Eq. (21), first line
+                y_s = ewma_update(y_prev, est, self.epoch)  # Eq. (12)
+            if c.clamp_pseudo_labels:
+                y_s = y_s.clamp(0.0, c.max_label)
+            self.bank.set(batch.review_ids, y_s)
+            # Eq. (17) running sums of this epoch, each task weighted by sigmoid of its own label
+            w = torch.sigmoid(torch.cat([y_g.unsqueeze(-1), y_s], dim=-1).double())  # (R, K)
+            self.acc_w += w.sum(0)
+            self.acc_f += torch.einsum("rk,rkh->kh", w, feats)
+            self.acc_f2 += torch.einsum("rk,rkh->kh", w, feats ** 2)
+            if c.ssp_covariance == "full":
+                self.acc_ff += torch.einsum("rk,rkh,rkg->khg", w, feats, feats)
+        return subtask_loss(pred, y_s, y_g, self.log_var)  # Eq. (14-15)

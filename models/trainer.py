@@ -77,6 +77,20 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _parameter_groups(model: nn.Module, params: list[nn.Parameter], lr: float) -> list[dict]:
+    """The model's `parameter_groups(base_lr)` (per-module learning rates) when it has one, else
+    one group; the groups must hold every trainable parameter exactly once."""
+    hook = getattr(model, "parameter_groups", None)
+    if not callable(hook):
+        return [{"params": params}]
+    groups = [g for g in hook(lr) if g["params"]]
+    got = [id(p) for g in groups for p in g["params"]]
+    if len(got) != len(set(got)) or set(got) != {id(p) for p in params}:
+        raise TrainingError(f"{type(model).__name__}.parameter_groups must list every trainable "
+                            f"parameter exactly once")
+    return groups
+
+
 def _autocast(device: torch.device, enabled: bool):
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -166,7 +180,8 @@ class Trainer:
         )
         self.optimizer = self.scheduler = None
         if self.params:
-            self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            self.optimizer = torch.optim.Adam(_parameter_groups(self.model, self.params, cfg.lr),
+                                              lr=cfg.lr, weight_decay=cfg.weight_decay)
             self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 self.optimizer, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr,
             )
