@@ -380,3 +380,25 @@ def test_relation_distances_hand_values():
 # --- learning -------------------------------------------------------------------------------------
 def test_learning_check_beats_length_and_random_on_held_out_products():
     learning_check("mcl")  # the paper configuration (D = 5) at tiny widths
+
+
+def test_distances_command_over_a_trained_run(tmp_path, capsys):
+    from models.synthetic import make_synthetic, train_and_evaluate
+    from pipeline.commands.distances import distances_for_run, format_table
+
+    torch.set_num_threads(1)
+    data = make_synthetic(n_products=8, seed=1)
+    train_and_evaluate("mcl", data, {"epochs": 1, "model_cfg": {
+        "embed_dim": 16, "roi_dim": 32, "hidden": 8, "heads": 2, "interaction_layers": 1}},
+        run_dir=tmp_path / "run")
+    rec = distances_for_run(tmp_path / "run", data.bundle, split="test", labels=[1.0, 4.0])
+    assert (tmp_path / "run" / "distances_test.json").is_file()
+    groups = rec["distances"]["1"]
+    assert set(groups) == {"intra-modal", "inter-modal", "intra-review"}
+    counted = [g for y in rec["distances"].values() for g in y.values() if g["n"]]
+    assert counted and all(0.0 <= g["CS"] <= 2.0 and g["L2"] >= 0.0 for g in counted)
+    assert "intra-modal CS" in format_table("run", rec)
+    # a run of another model is refused with a one-line error
+    train_and_evaluate("length", data, {"epochs": 1}, run_dir=tmp_path / "len")
+    with pytest.raises(ConfigError, match="analyses MCL runs"):
+        distances_for_run(tmp_path / "len", data.bundle)
