@@ -161,8 +161,8 @@ class _Identity(torch.nn.Module):
 
 
 def test_pack_moves_real_tokens_to_the_front_in_order():
-    a = torch.tensor([[[1.0], [2.0], [9.0]]]); am = torch.tensor([[True, True, False]])
-    b = torch.tensor([[[3.0], [8.0]]]); bm = torch.tensor([[True, False]])
+    a, am = torch.tensor([[[1.0], [2.0], [9.0]]]), torch.tensor([[True, True, False]])
+    b, bm = torch.tensor([[[3.0], [8.0]]]), torch.tensor([[True, False]])
     x, m = pack([(a, am), (b, bm)])
     assert x[0, :3, 0].tolist() == [1.0, 2.0, 3.0] and m[0].tolist() == [True, True, True, False, False]
 
@@ -255,7 +255,7 @@ def test_total_loss_as_the_trainer_assembles_it():
     helpful = batch.labels > 1.0  # labels 2, 3, 4
     expected = _expected_contrastive(model, batch, helpful)
     assert set(out.aux_losses) == {"contrastive"}
-    assert math.isclose(float(out.aux_losses["contrastive"]), expected, rel_tol=1e-4, abs_tol=1e-4)
+    assert math.isclose(float(out.aux_losses["contrastive"].detach()), expected, rel_tol=1e-4, abs_tol=1e-4)
     # Eq. 35 as models.trainer builds it: ranking + sum of the aux losses
     rank = ranking_loss(out.scores, batch.labels, batch.instances, batch.instance_weights)
     total = rank + sum(out.aux_losses.values())
