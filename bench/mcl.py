@@ -127,10 +127,10 @@ def learning_check() -> None:
     data = make_synthetic(n_products=60, seed=0)
     tiny = {"embed_dim": 16, "roi_dim": 32, "hidden": 16, "heads": 2, "dropout": 0.0}
     runs = [("length", "length", {}), ("random", "random", {}), ("mcl paper model", "mcl", {"model_cfg": tiny})]
-    runs += [(f"mcl {name}", "mcl", {"model_cfg": {**tiny, **MCL.preset(name)["model_cfg"]}})
-             for name in MCL.ABLATIONS]
-    runs += [(f"mcl {name} preset, whole protocol", "mcl",
-              {**MCL.preset(name)["train"], "model_cfg": {**tiny, **MCL.preset(name)["model_cfg"]}})
+    runs += [(f"mcl {name}", "mcl", {"model_cfg": {**tiny, **switch}})
+             for name, switch in MCL.ABLATIONS.items()]
+    runs += [(f"mcl {name} preset, whole protocol", "mcl",  # tiny widths over the preset's
+              {**MCL.preset(name)["train"], "model_cfg": {**MCL.preset(name)["model_cfg"], **tiny}})
              for name in ("paper", "code")]
     print("| model | MAP | NDCG@3 | NDCG@5 | train s |\n|---|---|---|---|---|")
     for label, model, cfg in runs:

@@ -59,6 +59,7 @@ label-difference hinge (AdaptiveRankHingeLoss).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 from collections.abc import Iterable, Mapping
@@ -353,16 +354,20 @@ class MCL(nn.Module):
         accepted for the shared contract; MCL's presets are the same for every category."""
         paper_train = {"batch_products": 32, "margin": "fixed", "fixed_margin": 1.0,
                        "negative_weights": "none", "min_gap": 1.0}
+        # every model field spelled out (so a run's saved config shows them), except the sizes
+        # that come from the data: vocab_size and embed_dim (the word vectors' width)
+        paper = {f.name: getattr(MCLConfig(), f.name) for f in dataclasses.fields(MCLConfig)
+                 if f.name not in ("vocab_size", "embed_dim")}
         if name == "paper":
-            return {"model_cfg": {}, "train": dict(paper_train)}
+            return {"model_cfg": paper, "train": dict(paper_train)}
         if name == "code":
-            return {"model_cfg": {"interaction_layers": 1, "helpful_min_label": 2.0,
+            return {"model_cfg": {**paper, "interaction_layers": 1, "helpful_min_label": 2.0,
                                   "roi_self_attention_layers": 3},
                     "train": {"batch_products": 8, "num_negatives": 7, "negative_weights": "sampling",
                               "margin": "label", "min_gap": 2.0, "lr": 1e-4, "lr_patience": 4,
                               "patience": 8}}
         if name in cls.ABLATIONS:
-            return {"model_cfg": copy.deepcopy(cls.ABLATIONS[name]), "train": dict(paper_train)}
+            return {"model_cfg": {**paper, **copy.deepcopy(cls.ABLATIONS[name])}, "train": dict(paper_train)}
         raise ConfigError(f"model mcl: unknown preset {name!r}; valid: {', '.join(cls.PRESET_NAMES)}")
 
     @classmethod

@@ -312,6 +312,11 @@ def test_paper_preset_is_the_default_and_builds_the_paper_model():
     assert (c.hidden, c.interaction_layers, c.o_p, c.o_n, c.bidirectional) == (128, 5, 2.0, 0.0, False)
     assert c.contrastive and c.adaptive_weighting and c.finetune_embeddings
     assert all(len(layers) == 5 for layers in model.interaction.streams.values())
+    # every model field but the data-given sizes is spelled out, at the paper's values
+    from dataclasses import fields
+
+    from models.mcl import MCLConfig
+    assert set(p["model_cfg"]) == {f.name for f in fields(MCLConfig)} - {"vocab_size", "embed_dim"}
     t = train_config(p["train"])  # every key is a TrainConfig field
     assert (t.batch_products, t.margin, t.fixed_margin) == (32, "fixed", 1.0)
 
@@ -325,18 +330,22 @@ def test_code_preset_and_unknown_name():
 
 
 def test_table6_switches():
+    for name, switch in MCL.ABLATIONS.items():  # each ablation preset = paper + one switch
+        cfg = MCL.preset(name)["model_cfg"]
+        paper = MCL.preset("paper")["model_cfg"]
+        assert {k: v for k, v in cfg.items() if paper[k] != v} == switch
     batch = make_batch()
     # w/o adaptive weighting: Eq. 32
-    m = _tiny(**MCL.preset("no-adaptive-weighting")["model_cfg"])
+    m = _tiny(**MCL.ABLATIONS["no-adaptive-weighting"])
     m.train()
     expected = _expected_contrastive(m, batch, batch.labels > 1.0, adaptive=False)
     assert math.isclose(float(m(batch).aux_losses["contrastive"]), expected, rel_tol=1e-4, abs_tol=1e-4)
     # w/o contrastive objective: ranking loss only
-    m = _tiny(**MCL.preset("no-contrastive")["model_cfg"])
+    m = _tiny(**MCL.ABLATIONS["no-contrastive"])
     m.train()
     assert m(batch).aux_losses == {}
     # w/o cross-modal module: H_p, H_r, V_p, V_r are the encoder outputs
-    m = _tiny(**MCL.preset("no-cross-modal")["model_cfg"])
+    m = _tiny(**MCL.ABLATIONS["no-cross-modal"])
     m.eval()
     f = m.encode(batch)
     k_r = m.text_r(m.emb_r(batch.rev_tokens), batch.rev_token_mask)
