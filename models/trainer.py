@@ -172,6 +172,9 @@ class Trainer:
         self.threshold = cfg.threshold if cfg.threshold is not None else data.threshold
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, cfg.model_cfg, data.embeddings).to(self.device)
+        set_threshold = getattr(self.model, "set_dataset_threshold", None)
+        if callable(set_threshold):  # models whose training uses relevance (MCL's helpful pairs)
+            set_threshold(self.threshold)
         self.params = trainable_parameters(self.model)
         self.rng = np.random.default_rng(cfg.seed)
         self.sampler = PairwiseSampler(

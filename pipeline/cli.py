@@ -30,6 +30,7 @@ COMMANDS: tuple[str, ...] = (
     "pipeline.commands.evaluate",
     "pipeline.commands.predict",
     "pipeline.commands.compare",
+    "pipeline.commands.distances",
 )
 
 

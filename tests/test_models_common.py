@@ -21,7 +21,8 @@ ROI_DIM = 2048
 VOCAB = 30
 TINY = {
     "mcl": {"vocab_size": VOCAB, "embed_dim": 8, "hidden": 8, "heads": 2,
-            "interaction_layers": 2, "dropout": 0.0},
+            "interaction_layers": 2, "dropout": 0.0, "finetune_embeddings": False,
+            "helpful_threshold": 1.0},
     "mmss": {"vocab_size": VOCAB, "embed_dim": 8, "hidden": 8, "heads": 2, "dropout": 0.0},
     "sancl": {"vocab_size": VOCAB, "embed_dim": 8, "hidden": 8, "heads": 2, "dropout": 0.0},
 }
