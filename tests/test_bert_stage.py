@@ -1,0 +1,185 @@
+"""The bert stage (a tiny random BERT built here, with its own WordPiece vocabulary), its
+manifest resource, the four Batch fields the trainer fills from it, and the fine-tuning module."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from features.text.bert import build_stage, length_batches, rows_to_keep
+from pipeline.errors import ManifestError, ResourceError
+from pipeline.manifest import manifest_from_mapping
+from pipeline.records import DatasetRecords, Product, Review
+from pipeline.runner import run_stage
+from pipeline.store import FeatureStore
+
+transformers = pytest.importorskip("transformers")
+
+WORDS = ["great", "pan", "steel", "the", "is", "bad", "lid", "handle", "##s", "hot", "!"]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def make_encoder(folder: Path, seed: int = 0) -> str:
+    """A 2-layer BERT with hidden size 8 and an 16-entry WordPiece vocabulary; returns the
+    sha256 of its weights file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(SPECIAL + WORDS) + "\n", encoding="utf-8")
+    cfg = transformers.BertConfig(
+        vocab_size=len(SPECIAL) + len(WORDS), hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=16, max_position_embeddings=32,
+    )
+    torch.manual_seed(seed)
+    transformers.BertModel(cfg).save_pretrained(folder)
+    transformers.BertTokenizer(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
+    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+
+
+def manifest(tmp_path: Path, sha: str | None, *, bert: dict | None = None, encoder: dict | None = None,
+             text_encoder: str | None = "tiny"):
+    ds = {"raw_root": "raw", "image_root": "pics", "categories": ["home"], "word_vectors": "wv"}
+    if text_encoder is not None:
+        ds["text_encoder"] = text_encoder
+    data = {
+        "version": 1,
+        "roots": {"data": ".", "resources": ".", "store": "store"},
+        "datasets": {"toy": ds},
+        "resources": {
+            "word_vectors": {"wv": {"format": "glove", "path": "glove.txt"}},
+            "detectors": {"bua-r101-c4": {}},
+            "text_encoders": {"tiny": encoder or {"path": "enc", "sha256": sha}},
+        },
+        "stages": {"bert": {"batch_size": 2, **(bert or {})}},
+    }
+    return manifest_from_mapping(data, tmp_path / "data_manifest.yaml")
+
+
+def records(review_texts=("great pan!", "the lid is bad", "handles hot")) -> DatasetRecords:
+    prd = {"p1": Product(id="p1", name="Steel", description="pan", text="Steel pan", split="train")}
+    rv = [Review(id=f"r{i}", product_id="p1", text=t, label=i, split="train") for i, t in enumerate(review_texts)]
+    return DatasetRecords(name="toy", products=prd, reviews=rv)
+
+
+@pytest.fixture
+def enc(tmp_path):
+    return make_encoder(tmp_path / "enc")
+
+
+def reference_features(folder: Path, text: str) -> tuple[list[int], np.ndarray]:
+    """The encoder run alone on one text, unpadded: what the stage must store for it."""
+    tok = transformers.BertTokenizer(vocab=str(folder / "vocab.txt"))
+    model = transformers.BertModel.from_pretrained(folder).eval()
+    ids = tok(text)["input_ids"]
+    with torch.no_grad():
+        h = model(input_ids=torch.tensor([ids])).last_hidden_state[0].numpy()
+    return ids, h
+
+
+def test_features_round_trip_through_the_store(tmp_path, enc):
+    m = manifest(tmp_path, enc)
+    stage = build_stage(m, "toy", records=records())
+    store = FeatureStore(tmp_path / "store")
+    summary = run_stage(stage, store, "toy")
+    assert summary.total == 4 and summary.done == 4 and not summary.failures and summary.view_written
+    view = store.view("toy", "bert")
+    got = view.get("rvw:r1")
+    ids, h = reference_features(tmp_path / "enc", "the lid is bad")
+    # WordPiece: [CLS] the lid is bad [SEP] -> ids 2, 8, 11, 9, 10, 3 (vocab order above)
+    assert ids == [2, 8, 11, 9, 10, 3]
+    assert got["input_ids"].dtype == np.int32 and got["input_ids"].tolist() == ids
+    # Eq. 2: |T| + 1 rows ([CLS] + tokens), the [SEP] row dropped; float16 storage
+    assert got["features"].dtype == np.float16 and got["features"].shape == (5, 8)
+    np.testing.assert_allclose(got["features"].astype(np.float32), h[:5], atol=2e-3)
+    assert got["attention_mask"].dtype == np.uint8 and got["attention_mask"].tolist() == [1] * 5
+    # "handles" -> handle ##s: the word pieces of the vocabulary, not whole words
+    assert view.get("rvw:r2")["input_ids"].tolist() == [2, 12, 13, 14, 3]
+    # length batching must not change a text's numbers (r0 shares a batch with a longer text)
+    ids0, h0 = reference_features(tmp_path / "enc", "great pan!")
+    np.testing.assert_allclose(view.get("rvw:r0")["features"].astype(np.float32), h0[:-1], atol=2e-3)
+    assert stage.schema["features"].shape == (8,) and stage.schema["features"].ragged
+
+
+def test_a_changed_text_recomputes_one_item(tmp_path, enc):
+    m = manifest(tmp_path, enc)
+    store = FeatureStore(tmp_path / "store")
+    first = build_stage(m, "toy", records=records())
+    run_stage(first, store, "toy")
+    before = store.view("toy", "bert")
+    kept = before.get("rvw:r0")["features"].copy()
+    changed = build_stage(m, "toy", records=records(("great pan!", "the lid is hot", "handles hot")))
+    assert changed.fingerprint() == first.fingerprint()
+    s = run_stage(changed, store, "toy")
+    assert s.total == 4 and s.done == 1 and s.reused == 3
+    after = store.view("toy", "bert")
+    np.testing.assert_array_equal(after.get("rvw:r0")["features"], kept)
+    assert after.get("rvw:r1")["input_ids"].tolist() == [2, 8, 11, 9, 14, 3]
+
+
+def test_an_empty_text_is_a_failure_record(tmp_path, enc):
+    m = manifest(tmp_path, enc)
+    store = FeatureStore(tmp_path / "store")
+    s = run_stage(build_stage(m, "toy", records=records(("great pan!", "   ", "\u0000"))), store, "toy")
+    assert s.done == 2 and len(s.failures) == 2
+    assert s.failed_items[next(k for k, v in s.failures.items() if "empty" in v)] == ["rvw:r1"]
+    assert any("no word piece" in v for v in s.failures.values())
+    assert store.view("toy", "bert").failure("rvw:r1") == "empty text: nothing to encode"
+
+
+def test_the_fingerprint_holds_the_encoder_and_its_weights_hash(tmp_path, enc):
+    base = build_stage(manifest(tmp_path, enc), "toy", records=records()).fingerprint()
+    assert build_stage(manifest(tmp_path, enc, bert={"max_length": 16}), "toy", records=records()).fingerprint() != base
+    # operational settings do not change the numbers
+    assert build_stage(manifest(tmp_path, enc, bert={"batch_size": 7, "device": "cpu"}), "toy",
+                       records=records()).fingerprint() == base
+    ri = build_stage(manifest(tmp_path, enc, bert={"random_init": True}), "toy", records=records())
+    assert ri.fingerprint().startswith("random-init-") and ri.is_random_init()
+    other = make_encoder(tmp_path / "enc", seed=1)  # new weights in the same folder
+    assert other != enc
+    assert build_stage(manifest(tmp_path, other), "toy", records=records()).fingerprint() != base
+
+
+def test_weights_are_verified(tmp_path, enc):
+    with pytest.raises(ResourceError, match="expects"):
+        build_stage(manifest(tmp_path, "0" * 64), "toy", records=records()).fingerprint()
+    with pytest.raises(ResourceError, match=rf"sha256: not declared.*{enc}"):
+        build_stage(manifest(tmp_path, None), "toy", records=records()).fingerprint()
+    # random_init needs no checksum (the weights file is not read)
+    assert build_stage(manifest(tmp_path, None, bert={"random_init": True}), "toy", records=records()).fingerprint()
+    with pytest.raises(ResourceError, match="not installed"):
+        build_stage(manifest(tmp_path, enc, encoder={"package": "no_such_pkg_xyz", "sha256": enc}), "toy",
+                    records=records()).fingerprint()
+
+
+def test_manifest_checks_the_resource(tmp_path, enc):
+    with pytest.raises(ManifestError, match="exactly one of path, package, hub"):
+        manifest(tmp_path, enc, encoder={"path": "enc", "hub": "x/y"})
+    with pytest.raises(ManifestError, match="64 hex"):
+        manifest(tmp_path, enc, encoder={"path": "enc", "sha256": "abc"})
+    with pytest.raises(ManifestError, match="text_encoder: 'nope' is not declared"):
+        manifest(tmp_path, enc, text_encoder="nope")
+
+
+def test_a_dataset_without_an_encoder_plans_nothing(tmp_path, enc, caplog):
+    stage = build_stage(manifest(tmp_path, enc, text_encoder=None), "toy", records=records())
+    plan = stage.plan()
+    assert plan.items == {} and plan.view == {}
+    assert "declares no text_encoder" in caplog.text
+
+
+def test_rows_and_length_batches():
+    assert rows_to_keep([2, 5, 3], sep_id=3, keep_sep=False) == 2
+    assert rows_to_keep([2, 5, 3], sep_id=3, keep_sep=True) == 3
+    assert rows_to_keep([2, 5, 6], sep_id=3, keep_sep=False) == 3  # no final [SEP]: nothing to drop
+    assert length_batches([3, 9, 1, 9, 4], 2) == [[1, 3], [4, 0], [2]]
+
+
+def test_a_vocabulary_that_knows_no_word_stops_the_stage(tmp_path, enc):
+    from pipeline.errors import StageError
+
+    unknown = ("zorp blix quux frob " * 3,) * 3
+    stage = build_stage(manifest(tmp_path, enc), "toy", records=records(unknown))
+    plan = stage.plan()
+    with pytest.raises(StageError, match="to \\[UNK\\]"):
+        list(stage.run(list(plan.items.values())))
