@@ -178,8 +178,9 @@ def test_rows_and_length_batches():
 def test_a_vocabulary_that_knows_no_word_stops_the_stage(tmp_path, enc):
     from pipeline.errors import StageError
 
-    unknown = ("zorp blix quux frob " * 3,) * 3
-    stage = build_stage(manifest(tmp_path, enc), "toy", records=records(unknown))
+    recs = records(("zorp blix quux frob " * 3, "frob quux zorp " * 3))
+    recs.products["p1"] = Product(id="p1", name="Zorp", description="", text="Zorp", split="train")
+    stage = build_stage(manifest(tmp_path, enc), "toy", records=recs)
     plan = stage.plan()
     with pytest.raises(StageError, match="to \\[UNK\\]"):
         list(stage.run(list(plan.items.values())))
