@@ -184,3 +184,78 @@ def test_a_vocabulary_that_knows_no_word_stops_the_stage(tmp_path, enc):
     plan = stage.plan()
     with pytest.raises(StageError, match="to \\[UNK\\]"):
         list(stage.run(list(plan.items.values())))
+
+
+# --------------------------------------------------------------------------- trainer side
+
+
+def test_the_collator_pads_the_text_feature_fields():
+    from models.config import DataConfig
+    from models.data import Collator, ProductItem, ReviewItem
+
+    def review(rid, rows, label):
+        feats = np.arange(rows * 3, dtype=np.float32).reshape(rows, 3) + 1
+        return ReviewItem(id=rid, tokens=np.array([5]), rois=np.zeros((0, 4), np.float32), probe=np.ones(1, np.float32),
+                          label=label, length=1.0, text_feats=feats, text_ids=np.arange(rows + 1) + 2)
+
+    p = ProductItem(id="p", tokens=np.array([7]), rois=np.zeros((0, 4), np.float32),
+                    reviews=[review("a", 2, 1.0), review("b", 4, 0.0), review("c", 0, 0.0)],
+                    text_feats=np.ones((3, 3), np.float32), text_ids=np.array([2, 9, 9, 3]))
+    b = Collator(DataConfig(roi_dim=4))([p])
+    assert b.rev_text_feats.shape == (3, 4, 3) and b.rev_text_feats.dtype == torch.float32
+    assert b.rev_text_feat_mask.tolist() == [[True, True, False, False], [True] * 4, [False] * 4]
+    # review a: rows [[1, 2, 3], [4, 5, 6]] then zero padding
+    assert b.rev_text_feats[0].tolist() == [[1, 2, 3], [4, 5, 6], [0, 0, 0], [0, 0, 0]]
+    assert b.rev_text_feats[2].abs().sum() == 0
+    assert b.prod_text_feats.shape == (1, 3, 3) and b.prod_text_feat_mask.all()
+    assert b.rev_text_ids.tolist() == [[2, 3, 4, 0, 0], [2, 3, 4, 5, 6], [2, 0, 0, 0, 0]]
+    assert b.rev_text_ids_mask.sum(1).tolist() == [3, 5, 1]
+    assert b.prod_text_ids.tolist() == [[2, 9, 9, 3]]
+    # without bert features the fields stay None (models on word vectors see no change)
+    p.text_feats = None
+    for r in p.reviews:
+        r.text_feats = None
+    b = Collator(DataConfig(roi_dim=4))([p])
+    assert b.prod_text_feats is None and b.rev_text_feats is None and b.rev_text_ids is None
+
+
+def _tokens_view(store, dataset, recs):
+    """A tokens view written directly (one id per text): StoreSource needs one beside bert."""
+    from pipeline.stage import FieldSpec, Record
+
+    schema = {"ids": FieldSpec("int32", (), ragged=True), "pos": FieldSpec("int32", (), ragged=True),
+              "n_raw": FieldSpec("int32", ())}
+    w = store.writer("tokens", "tok0", schema)
+    ids = [f"prd:{p}" for p in recs.products] + [f"rvw:{r.id}" for r in recs.reviews]
+    for i in ids:
+        w.add(Record(key=i, arrays={"ids": np.array([3], np.int32), "pos": np.array([0], np.int32),
+                                    "n_raw": np.asarray(1, np.int32)}))
+    w.close()
+    store.write_view(dataset, "tokens", "tok0", {i: i for i in ids})
+
+
+def test_the_store_source_reads_the_bert_view_when_the_model_requires_it(tmp_path, enc):
+    from models.config import DataConfig
+    from models.data import StoreSource, model_views
+    from pipeline.errors import DataError
+
+    recs = records(("great pan!", "", "handles hot"))
+    store = FeatureStore(tmp_path / "store")
+    _tokens_view(store, "toy", recs)
+    src = StoreSource(store_root=tmp_path / "store", dataset="toy", records=recs,
+                      cfg=DataConfig(roi_dim=4), views={"tokens", "bert"})
+    with pytest.raises(DataError, match="--stage bert"):
+        src.load(0)
+    run_stage(build_stage(manifest(tmp_path, enc), "toy", records=recs), store, "toy")
+    src = StoreSource(store_root=tmp_path / "store", dataset="toy", records=recs,
+                      cfg=DataConfig(roi_dim=4), views={"tokens", "bert"})
+    item = src.load(0)
+    view = store.view("toy", "bert")
+    np.testing.assert_array_equal(item.text_feats, view.get("prd:p1")["features"].astype(np.float32))
+    assert item.text_ids.tolist() == [2, 7, 6, 3]  # [CLS] steel pan [SEP]
+    assert item.reviews[1].text_feats.shape == (0, 8)  # the empty review: zero rows, H kept
+    assert item.reviews[2].text_feats.shape == (4, 8)  # [CLS] handle ##s hot
+    plain = StoreSource(store_root=tmp_path / "store", dataset="toy", records=recs, cfg=DataConfig(roi_dim=4))
+    assert plain.load(0).text_feats is None
+    # a model class that does not declare required_views reads tokens only
+    assert "bert" not in model_views("length")
