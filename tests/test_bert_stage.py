@@ -259,3 +259,44 @@ def test_the_store_source_reads_the_bert_view_when_the_model_requires_it(tmp_pat
     assert plain.load(0).text_feats is None
     # a model class that does not declare required_views reads tokens only
     assert "bert" not in model_views("length")
+
+
+def test_the_fine_tuning_encoder_reproduces_the_stage_rows_and_trains(tmp_path, enc):
+    from models.config import DataConfig
+    from models.data import Collator, StoreSource
+    from models.text_encoder import TextEncoder, text_encoder_from_config
+    from pipeline.errors import ConfigError
+
+    m = manifest(tmp_path, enc)
+    recs = records(("great pan!", "", "handles hot"))
+    store = FeatureStore(tmp_path / "store")
+    _tokens_view(store, "toy", recs)
+    run_stage(build_stage(m, "toy", records=recs), store, "toy")
+    src = StoreSource(store_root=tmp_path / "store", dataset="toy", records=recs,
+                      cfg=DataConfig(roi_dim=4), views={"bert"})
+    batch = Collator(DataConfig(roi_dim=4))([src.load(0)])
+    te = TextEncoder.from_resource("tiny", manifest=m)
+    te.eval()  # no dropout: the numbers must match the frozen features
+    feats, rows = te(batch.rev_text_ids, batch.rev_text_ids_mask)
+    # the rows are the stage's ([CLS] + pieces, [SEP] masked), the empty review has none
+    width = batch.rev_text_feats.shape[1]
+    assert rows.shape[1] == width + 1  # ids carry the [SEP] the stored rows drop
+    assert rows[:, :width].tolist() == batch.rev_text_feat_mask.tolist() and not rows[:, width:].any()
+    assert rows.sum(1).tolist() == [4, 0, 4]  # [CLS] great pan ! | (empty) | [CLS] handle ##s hot
+    np.testing.assert_allclose(feats[:, :width].detach().numpy(), batch.rev_text_feats.numpy(), atol=2e-3)
+    assert not feats[:, width:].any()
+    # it trains: gradients reach the embeddings, and one step changes the output
+    te.train()
+    loss = te(batch.rev_text_ids, batch.rev_text_ids_mask)[0].pow(2).sum()
+    loss.backward()
+    assert te.encoder.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    group = te.parameter_group(5e-5)
+    assert group["lr"] == 5e-5 and len(group["params"]) == len(list(te.parameters()))
+    with pytest.raises(ConfigError, match="text_encoder: required"):
+        text_encoder_from_config({"finetune_text_encoder": True})
+    assert text_encoder_from_config({}) is None
+    ri = text_encoder_from_config({"finetune_text_encoder": True, "text_encoder": "tiny", "manifest": m,
+                                   "text_encoder_random_init": True, "text_encoder_seed": 3})
+    assert ri.hidden_size == 8
+    w = ri.encoder.embeddings.word_embeddings.weight
+    assert not torch.allclose(w, te.encoder.embeddings.word_embeddings.weight)
