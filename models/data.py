@@ -274,6 +274,12 @@ class StoreSource:
         the stage recorded as empty has zero rows (as the tokens view gives it zero ids); any
         other absence is a DataError naming the item and the command that builds it."""
         view = self._open_bert()
+        if len(view) == 0:
+            raise DataError(
+                f"dataset {self.dataset!r}: the bert view is empty: the dataset declares no text "
+                f"encoder; set datasets.{self.dataset}.text_encoder in the manifest, then run "
+                f"`mrhp extract --dataset {self.dataset} --stage bert`"
+            )
         if item_id not in view:
             raise DataError(
                 f"dataset {self.dataset!r}: no bert features for {item_id!r} (the bert view has "
