@@ -190,10 +190,11 @@ def rows_to_keep(input_ids: Sequence[int], sep_id: int | None, keep_sep: bool) -
 
 
 def check_vocabulary(ids_list: Sequence[Sequence[int]], special: set[int], unk_id: int | None,
-                     name: str, *, min_pieces: int = 20) -> None:
-    """Refuse a tokenizer that maps every word piece of a chunk to [UNK] (a vocabulary that was
-    not loaded, or the wrong language): its features would be the same for every text."""
-    if unk_id is None:
+                     name: str, *, min_texts: int = 8, min_pieces: int = 20) -> None:
+    """Refuse a tokenizer that maps every word piece of a chunk of at least `min_texts` texts to
+    [UNK] (a vocabulary that was not loaded, or the wrong language): its features would be the
+    same for every text. Small chunks are let through (a few emoji-only reviews are legitimate)."""
+    if unk_id is None or len(ids_list) < min_texts:
         return
     pieces = [t for ids in ids_list for t in ids if t not in special or t == unk_id]
     if len(pieces) >= min_pieces and all(t == unk_id for t in pieces):
@@ -296,6 +297,11 @@ class BertStage:
             tokenizer, model = load_encoder(
                 self.encoder_spec, random_init=self.params.random_init, seed=self.params.seed,
             )
+            if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+                raise StageError(
+                    f"bert: the tokenizer of resources.text_encoders.{self.encoder_spec.name} has no "
+                    f"entries besides its special tokens (vocabulary file not loaded)"
+                )
             model.eval().to(device)
             self._loaded = (tokenizer, model, device)
         return self._loaded
@@ -333,7 +339,7 @@ class BertStage:
             for row, b in enumerate(batch):
                 it = items[todo[b]]
                 piece_ids = ids_list[b]
-                if not any(t not in special for t in piece_ids):
+                if not any(t not in special or t == tokenizer.unk_token_id for t in piece_ids):
                     yield Record(key=it.key, failure="no word piece: the text has no encodable character")
                     continue
                 n = rows_to_keep(piece_ids, sep_id, self.params.keep_sep)
