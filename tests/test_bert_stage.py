@@ -345,3 +345,14 @@ def test_the_bundle_threads_the_views_to_every_split(tmp_path, enc):
         n = int(batch.rev_text_feat_mask[i].sum())
         assert n == len(want)
         np.testing.assert_array_equal(batch.rev_text_feats[i, :n].numpy(), want)
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_the_features_match_the_cpu_ones(tmp_path, enc):
+    cpu = build_stage(manifest(tmp_path, enc, bert={"device": "cpu"}), "toy", records=records())
+    gpu = build_stage(manifest(tmp_path, enc, bert={"device": "cuda"}), "toy", records=records())
+    assert cpu.fingerprint() == gpu.fingerprint()  # the device is operational
+    items = list(cpu.plan().items.values())
+    want = {r.key: r.arrays["features"].astype(np.float32) for r in cpu.run(items)}
+    for r in gpu.run(items):
+        np.testing.assert_allclose(r.arrays["features"].astype(np.float32), want[r.key], atol=5e-3)
