@@ -23,13 +23,13 @@ SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def make_encoder(folder: Path, seed: int = 0) -> str:
-    """A 2-layer BERT with hidden size 8 and an 16-entry WordPiece vocabulary; returns the
+    """A 2-layer BERT with hidden size 8 and a 16-entry WordPiece vocabulary; returns the
     sha256 of its weights file."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(SPECIAL + WORDS) + "\n", encoding="utf-8")
     cfg = transformers.BertConfig(
         vocab_size=len(SPECIAL) + len(WORDS), hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=16, max_position_embeddings=32,
+        intermediate_size=16, max_position_embeddings=128,
     )
     torch.manual_seed(seed)
     transformers.BertModel(cfg).save_pretrained(folder)
@@ -356,3 +356,11 @@ def test_on_the_gpu_the_features_match_the_cpu_ones(tmp_path, enc):
     want = {r.key: r.arrays["features"].astype(np.float32) for r in cpu.run(items)}
     for r in gpu.run(items):
         np.testing.assert_allclose(r.arrays["features"].astype(np.float32), want[r.key], atol=5e-3)
+
+
+def test_a_max_length_beyond_the_encoder_positions_is_refused(tmp_path, enc):
+    from pipeline.errors import StageError
+
+    stage = build_stage(manifest(tmp_path, enc, bert={"max_length": 129}), "toy", records=records())
+    with pytest.raises(StageError, match="max_length: 129 exceeds the 128 positions"):
+        list(stage.run(list(stage.plan().items.values())))

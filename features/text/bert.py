@@ -302,6 +302,12 @@ class BertStage:
                     f"bert: the tokenizer of resources.text_encoders.{self.encoder_spec.name} has no "
                     f"entries besides its special tokens (vocabulary file not loaded)"
                 )
+            limit = getattr(model.config, "max_position_embeddings", None)
+            if limit is not None and self.params.max_length > int(limit):
+                raise StageError(
+                    f"stages.bert.max_length: {self.params.max_length} exceeds the "
+                    f"{limit} positions of resources.text_encoders.{self.encoder_spec.name}"
+                )
             model.eval().to(device)
             self._loaded = (tokenizer, model, device)
         return self._loaded
