@@ -110,7 +110,8 @@ class InMemorySource:
     def load(self, index: int, reviews: Sequence[int] | None = None) -> ProductItem:
         p = self.products[index]
         chosen = p.reviews if reviews is None else [p.reviews[i] for i in reviews]
-        return ProductItem(id=p.id, tokens=p.tokens, rois=p.rois, reviews=list(chosen))
+        return ProductItem(id=p.id, tokens=p.tokens, rois=p.rois, reviews=list(chosen),
+                           text_feats=p.text_feats, text_ids=p.text_ids)
 
 
 @dataclass(frozen=True)

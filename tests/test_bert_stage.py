@@ -364,3 +364,27 @@ def test_a_max_length_beyond_the_encoder_positions_is_refused(tmp_path, enc):
     stage = build_stage(manifest(tmp_path, enc, bert={"max_length": 129}), "toy", records=records())
     with pytest.raises(StageError, match="max_length: 129 exceeds the 128 positions"):
         list(stage.run(list(stage.plan().items.values())))
+
+
+def test_synthetic_data_carries_text_features_in_memory_and_in_the_store(tmp_path):
+    from models.data import Collator, eval_plan, make_loader
+    from models.synthetic import make_synthetic
+
+    data = make_synthetic(tmp_path / "store", n_products=6, reviews_per_product=(2, 3), text_feat_dim=8)
+    mem = data.bundle.split("train")
+    stored = data.store_bundle(views={"tokens", "bert"}).split("train")
+    plan = eval_plan(mem, batch_products=8, max_reviews=8)
+    (a,) = list(make_loader(mem, plan, data.data_cfg))
+    (b,) = list(make_loader(stored, plan, data.data_cfg))
+    assert a.review_ids == b.review_ids
+    assert a.rev_text_feats.shape[-1] == 8
+    # [CLS] + one row per token: as many rows as token ids, plus one
+    assert (a.rev_text_feat_mask.sum(1) == a.rev_token_mask.sum(1) + 1).all()
+    torch.testing.assert_close(a.rev_text_feats, b.rev_text_feats)
+    torch.testing.assert_close(a.prod_text_feats, b.prod_text_feats)
+    assert torch.equal(a.rev_text_ids, b.rev_text_ids)
+    # without text_feat_dim nothing changes for the word-vector models
+    plain = make_synthetic(n_products=4, reviews_per_product=(2, 2))
+    (c,) = list(make_loader(plain.bundle.split("train"), eval_plan(plain.bundle.split("train"), batch_products=8,
+                                                                     max_reviews=8), plain.data_cfg))
+    assert c.rev_text_feats is None
