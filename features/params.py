@@ -99,6 +99,22 @@ class ProbesParams:
 
 
 @dataclass(frozen=True)
+class BertParams:
+    """Last-layer token features of a BERT-family encoder (MM-SS Eq. 2; SANCL's BERT rows).
+
+    The encoder is the dataset's `text_encoder` (a name under resources.text_encoders)."""
+
+    max_length: int = 128  # word pieces per text fed to the encoder, [CLS] and [SEP] included
+    keep_sep: bool = False  # store the [SEP] row too (Eq. 2 has |D| + 1 rows: [CLS] + tokens)
+    feature_dtype: Literal["float16", "float32"] = "float16"
+    random_init: bool = False  # seeded random weights: demos/tests only; flagged like rois
+    seed: int = 0  # seed for random_init weights
+    batch_size: int = 32  # texts per forward pass (texts are sorted by length first)
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:N"
+    autocast: bool = False  # bf16 autocast on GPU (changes the numbers: fingerprinted)
+
+
+@dataclass(frozen=True)
 class FlowParams:
     """How flows fan out and where deployments go."""
 
@@ -118,4 +134,5 @@ STAGE_PARAMS: dict[str, type] = {
     "tokens": TokensParams,
     "embeddings": EmbeddingsParams,
     "probes": ProbesParams,
+    "bert": BertParams,
 }

@@ -36,6 +36,7 @@ STAGES: dict[str, StageEntry] = {
     "tokens": StageEntry(module="features.text.tokens"),
     "embeddings": StageEntry(module="features.text.embeddings", depends_on=("tokens",)),
     "probes": StageEntry(module="features.text.probes"),
+    "bert": StageEntry(module="features.text.bert", gpu=True),
 }
 
 

@@ -78,7 +78,7 @@ def require_api_url(command: str) -> str:
 
 
 def build_deployments(spec: DeploySpec, *, for_work_pool: bool = True) -> list[Any]:
-    """RunnerDeployment objects of the five extraction flows (nothing is sent to the API)."""
+    """RunnerDeployment objects of the extraction flows (all, then one per stage) (nothing is sent to the API)."""
     from flows.extract import STAGE_FLOWS, extract_flow
 
     from prefect.deployments.runner import EntrypointType

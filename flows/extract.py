@@ -1,8 +1,8 @@
 """Prefect flows wiring the `features/` stages to the feature store in chunked tasks.
 
 - `extract_flow` (flow `mrhp-extract`) runs the requested stages (all by default) of one or every
-  dataset, dependencies first; `extract_rois`, `extract_tokens`, `extract_embeddings` and
-  `extract_probes` run one stage each (plus its dependencies, a no-op when they are up to date).
+  dataset, dependencies first; `extract_rois`, `extract_tokens`, `extract_embeddings`,
+  `extract_probes` and `extract_bert` run one stage each (plus its dependencies, a no-op when they are up to date).
 - Each stage is planned in the flow (content keys, cheap), the keys the store lacks are split
   into chunks of `chunk_size` items, and one task per chunk computes and commits them
   (`pipeline.runner.run_chunk`). Task retries cover transient errors; bad inputs are failure
@@ -409,9 +409,17 @@ def extract_probes(dataset: str | None = None, force: bool = False, chunk_size: 
     return _stage_flow_body("probes", dataset, force, chunk_size, manifest_path, gpu_limit, progress, on_dask)
 
 
+@flow(name="mrhp-extract-bert")
+def extract_bert(dataset: str | None = None, force: bool = False, chunk_size: int | None = None,
+                 manifest_path: str | None = None, gpu_limit: str | None = None,
+                 progress: bool = True, on_dask: bool = False) -> list[dict[str, Any]]:
+    """Text-encoder token features of product and review texts (GPU chunks hold the GPU slot)."""
+    return _stage_flow_body("bert", dataset, force, chunk_size, manifest_path, gpu_limit, progress, on_dask)
+
+
 STAGE_FLOWS = {
     "rois": extract_rois, "tokens": extract_tokens,
-    "embeddings": extract_embeddings, "probes": extract_probes,
+    "embeddings": extract_embeddings, "probes": extract_probes, "bert": extract_bert,
 }
 
 

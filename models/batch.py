@@ -29,6 +29,12 @@ class Batch:
     # all indices into the review axis; weights per negative (1 - global label frequency).
     instances: torch.Tensor | None = None  # (I, 1 + K) int64
     instance_weights: torch.Tensor | None = None  # (I, K) float32
+    # The word-piece ids the text encoder was fed ([CLS] .. [SEP], stage "bert"), for a model
+    # that fine-tunes the encoder itself (models/text_encoder.py); 0-padded, None when not read.
+    prod_text_ids: torch.Tensor | None = None  # (P, Lp'') int64
+    prod_text_ids_mask: torch.Tensor | None = None  # (P, Lp'') bool, True = real piece
+    rev_text_ids: torch.Tensor | None = None  # (R, Lr'') int64
+    rev_text_ids_mask: torch.Tensor | None = None  # (R, Lr'') bool, True = real piece
     product_ids: list[str] = field(default_factory=list)  # (P,) dataset ids
     review_ids: list[str] = field(default_factory=list)  # (R,) dataset ids
     # Precomputed text-encoder token features (stage "bert"), None when the stage is not read.

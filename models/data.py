@@ -14,7 +14,7 @@ A unit of work is `(product index, review indices)`.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +28,20 @@ from models.config import DataConfig
 from pipeline.errors import DataError, StoreError
 
 Unit = tuple[int, tuple[int, ...]]  # (product index, review indices within the product)
+# Failure reasons of the bert stage (features/text/bert.py) that mean "this text is empty".
+EMPTY_TEXT_FAILURES = ("empty text", "no word piece")
+
+
+def model_views(model: str, model_cfg: Mapping[str, Any] | None = None) -> frozenset[str]:
+    """The views a registered model reads: its `required_views(model_cfg)` classmethod, else
+    tokens only (a model class that does not declare more reads no other view by obligation)."""
+    from models.registry import model_class
+
+    cls = model_class(model)
+    probe = getattr(cls, "required_views", None)
+    if probe is None:
+        return frozenset({"tokens"})
+    return frozenset(probe(dict(model_cfg or {})))
 
 
 @dataclass
@@ -38,6 +52,8 @@ class ReviewItem:
     probe: np.ndarray  # (t,) float32 in {0, 1}, aligned with tokens
     label: float
     length: float  # number of raw tokens in the review text
+    text_feats: np.ndarray | None = None  # (n, H) float32 text-encoder rows (stage "bert"), when read
+    text_ids: np.ndarray | None = None  # (m,) int64 word-piece ids fed to the encoder, when read
 
 
 @dataclass
@@ -46,6 +62,8 @@ class ProductItem:
     tokens: np.ndarray  # (t,) int64
     rois: np.ndarray  # (n, D) float32
     reviews: list[ReviewItem] = field(default_factory=list)
+    text_feats: np.ndarray | None = None  # (n, H) float32 text-encoder rows (stage "bert"), when read
+    text_ids: np.ndarray | None = None  # (m,) int64 word-piece ids fed to the encoder, when read
 
 
 class ProductSource(Protocol):
@@ -92,7 +110,8 @@ class InMemorySource:
     def load(self, index: int, reviews: Sequence[int] | None = None) -> ProductItem:
         p = self.products[index]
         chosen = p.reviews if reviews is None else [p.reviews[i] for i in reviews]
-        return ProductItem(id=p.id, tokens=p.tokens, rois=p.rois, reviews=list(chosen))
+        return ProductItem(id=p.id, tokens=p.tokens, rois=p.rois, reviews=list(chosen),
+                           text_feats=p.text_feats, text_ids=p.text_ids)
 
 
 @dataclass(frozen=True)
@@ -112,7 +131,7 @@ class StoreSource:
     ROIs; a text without tokens is a DataError naming the item and the stage to run."""
 
     def __init__(self, *, store_root: str | Path, dataset: str, records, cfg: DataConfig,
-                 split: str = "") -> None:
+                 split: str = "", views: Collection[str] | None = None) -> None:
         by_product = records.reviews_by_product()
         refs = []
         for pid in sorted(by_product):
@@ -136,11 +155,14 @@ class StoreSource:
         self.store_root = Path(store_root)
         self._views: dict[str, Any] | None = None
         self._pid: int | None = None
+        self.text_features = "bert" in (views or ())  # read the bert view (model requires it)
+        self._bert_view: tuple[int, Any] | None = None  # (pid, View), opened lazily per process
 
     def __getstate__(self):  # never ship open stores/HDF5 handles to workers
         state = dict(self.__dict__)
         state["_views"] = None
         state["_pid"] = None
+        state["_bert_view"] = None
         return state
 
     def _open(self) -> dict[str, Any]:
@@ -228,7 +250,66 @@ class StoreSource:
                 id=rid, tokens=self._cap(ids), rois=self._rois(ref.review_images[j]),
                 probe=self._cap(probe), label=ref.labels[j], length=float(tok["n_raw"]),
             ))
+        if self.text_features:
+            self._attach_text_features(item)
         return item
+
+    # ---- stage "bert": precomputed text-encoder features (docs/design.md)
+    def _open_bert(self):
+        if self._bert_view is None or self._bert_view[0] != os.getpid():
+            from pipeline.store import FeatureStore
+
+            try:
+                view = FeatureStore(self.store_root).view(self.dataset, "bert")
+            except (StoreError, KeyError):
+                raise DataError(
+                    f"dataset {self.dataset!r}: the model reads text-encoder features and the store "
+                    f"has no bert view; run `mrhp extract --dataset {self.dataset} --stage bert` "
+                    f"(needs datasets.{self.dataset}.text_encoder in the manifest)"
+                ) from None
+            self._bert_view = (os.getpid(), view)
+        return self._bert_view[1]
+
+    def _text_features(self, item_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(features (n, H) float32, input ids (m,) int64) of one text from the bert view. A text
+        the stage recorded as empty has zero rows (as the tokens view gives it zero ids); any
+        other absence is a DataError naming the item and the command that builds it."""
+        view = self._open_bert()
+        if len(view) == 0:
+            raise DataError(
+                f"dataset {self.dataset!r}: the bert view is empty: the dataset declares no text "
+                f"encoder; set datasets.{self.dataset}.text_encoder in the manifest, then run "
+                f"`mrhp extract --dataset {self.dataset} --stage bert`"
+            )
+        if item_id not in view:
+            raise DataError(
+                f"dataset {self.dataset!r}: no bert features for {item_id!r} (the bert view has "
+                f"{len(view)} items); run `mrhp extract --dataset {self.dataset} --stage bert`"
+            )
+        reason = view.failure(item_id)
+        if reason is not None:
+            if reason.startswith(EMPTY_TEXT_FAILURES):
+                return np.zeros((0, self._hidden_size(view)), dtype=np.float32), np.zeros(0, dtype=np.int64)
+            raise DataError(f"dataset {self.dataset!r}: bert features of {item_id!r} failed: {reason}")
+        got = view.get(item_id)
+        return (np.asarray(got["features"], dtype=np.float32),
+                np.asarray(got["input_ids"], dtype=np.int64))
+
+    def _hidden_size(self, view) -> int:
+        """H of the view's features: the width of its first item that did not fail."""
+        if getattr(self, "_hidden", None) is None:
+            for item_id in view.item_ids():
+                if view.failure(item_id) is None:
+                    self._hidden = int(np.asarray(view.get(item_id)["features"]).shape[1])
+                    break
+            else:
+                raise DataError(f"dataset {self.dataset!r}: every item of the bert view is a failure")
+        return self._hidden
+
+    def _attach_text_features(self, item: ProductItem) -> None:
+        item.text_feats, item.text_ids = self._text_features(f"prd:{item.id}")
+        for r in item.reviews:
+            r.text_feats, r.text_ids = self._text_features(f"rvw:{r.id}")
 
 
 class ProductDataset(Dataset):
@@ -287,6 +368,47 @@ def _pad_float(seqs: Sequence[np.ndarray], width: int) -> torch.Tensor:
     return out
 
 
+def pad_text_feats(seqs: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_i, H) arrays -> (N, L, H) float32 zero-padded and (N, L) bool mask (True = real row);
+    L >= 1 so an all-empty batch still has a (masked) column."""
+    hidden = max((a.shape[1] for a in seqs if a.ndim == 2), default=0)
+    width = max(1, max((len(a) for a in seqs), default=0))
+    out = torch.zeros((len(seqs), width, hidden), dtype=torch.float32)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, a in enumerate(seqs):
+        if len(a):
+            out[i, : len(a)] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+            mask[i, : len(a)] = True
+    return out, mask
+
+
+def _add_text_features(batch: Batch, products: Sequence[ProductItem], reviews: Sequence[ReviewItem]) -> None:
+    """Fill the Batch's text-encoder fields when the items carry bert features (all or none)."""
+    items = [*products, *reviews]
+    have = [it.text_feats is not None for it in items]
+    if not any(have):
+        return
+    if not all(have):
+        missing = next(it.id for it in items if it.text_feats is None)
+        raise DataError(f"item {missing!r} has no text-encoder features while others in its batch do")
+    batch.prod_text_feats, batch.prod_text_feat_mask = pad_text_feats([p.text_feats for p in products])
+    batch.rev_text_feats, batch.rev_text_feat_mask = pad_text_feats([r.text_feats for r in reviews])
+    if all(it.text_ids is not None for it in items):
+        batch.prod_text_ids, batch.prod_text_ids_mask = _pad_ids([p.text_ids for p in products])
+        batch.rev_text_ids, batch.rev_text_ids_mask = _pad_ids([r.text_ids for r in reviews])
+
+
+def _pad_ids(seqs: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Word-piece ids -> (N, L) int64 and a mask from the lengths (an id may be 0 in some vocabularies)."""
+    width = max(1, max((len(s) for s in seqs), default=0))
+    out = torch.zeros((len(seqs), width), dtype=torch.int64)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.from_numpy(np.asarray(s, dtype=np.int64))
+        mask[i, : len(s)] = True
+    return out, mask
+
+
 class Collator:
     """ProductItems -> Batch (padding and masks; instances are added later by the trainer)."""
 
@@ -319,7 +441,7 @@ class Collator:
         rev_tokens, rev_token_mask = _pad_tokens([r.tokens for _, r in reviews])
         rev_rois, rev_roi_mask = self._rois([r.rois for _, r in reviews])
         probe = _pad_float([r.probe for _, r in reviews], rev_tokens.shape[1])
-        return Batch(
+        batch = Batch(
             prod_tokens=prod_tokens, prod_token_mask=prod_token_mask,
             prod_rois=prod_rois, prod_roi_mask=prod_roi_mask,
             rev_tokens=rev_tokens, rev_token_mask=rev_token_mask,
@@ -331,6 +453,8 @@ class Collator:
             product_ids=[p.id for p in products],
             review_ids=[r.id for _, r in reviews],
         )
+        _add_text_features(batch, products, [r for _, r in reviews])
+        return batch
 
 
 def make_loader(source: ProductSource, plan: list[list[Unit]], cfg: DataConfig, *,
@@ -381,13 +505,15 @@ def store_embeddings(store_root: str | Path, dataset: str) -> dict[str, np.ndarr
 
 def bundle_from_records(records, *, store_root: str | Path, dataset: str, cfg: DataConfig,
                         threshold: float, splits: Sequence[str] = ("train", "dev", "test"),
-                        embeddings: Mapping[str, np.ndarray] | None = None) -> DataBundle:
+                        embeddings: Mapping[str, np.ndarray] | None = None,
+                        views: Collection[str] | None = None) -> DataBundle:
     """A DataBundle over store views for already-loaded DatasetRecords."""
     sources: dict[str, ProductSource] = {}
     for s in splits:
         part = records.split(s)
         if part.reviews:
-            sources[s] = StoreSource(store_root=store_root, dataset=dataset, records=part, cfg=cfg, split=s)
+            sources[s] = StoreSource(store_root=store_root, dataset=dataset, records=part, cfg=cfg, split=s,
+                                     views=views)
     emb = dict(embeddings) if embeddings is not None else store_embeddings(store_root, dataset)
     return DataBundle(
         name=dataset, splits=sources, embeddings=emb, threshold=float(threshold),
@@ -396,7 +522,8 @@ def bundle_from_records(records, *, store_root: str | Path, dataset: str, cfg: D
     )
 
 
-def build_datasets(manifest, dataset_name: str, cfg: DataConfig | None = None) -> DataBundle:
+def build_datasets(manifest, dataset_name: str, cfg: DataConfig | None = None, *,
+                   views: Collection[str] | None = None) -> DataBundle:
     """Labels and grouping from the dataset reader, arrays from the store views (the CLI and
     the training flow call this)."""
     from pipeline.datasets.mrhp import load_dataset
@@ -405,5 +532,5 @@ def build_datasets(manifest, dataset_name: str, cfg: DataConfig | None = None) -
     records = load_dataset(spec)
     return bundle_from_records(
         records, store_root=manifest.store_root, dataset=dataset_name, cfg=cfg or DataConfig(),
-        threshold=spec.threshold, splits=spec.splits,
+        threshold=spec.threshold, splits=spec.splits, views=views,
     )

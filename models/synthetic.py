@@ -7,6 +7,11 @@ product's visual topic with probability a_image; its helpfulness grows with a_te
 (plus noise), quantised to labels 0..4. Review length is drawn independently of the label, so
 `length` and `random` score near chance while a model that matches review to product can learn.
 
+With `text_feat_dim`, every text also gets stand-in text-encoder rows (what the bert stage
+stores): a `[CLS]` row (the mean) and one row per token, the token's embedding through a fixed
+random projection to `text_feat_dim` plus noise, so the planted signal reaches models that read
+`Batch.rev_text_feats` (MM-SS's paper preset) as it reaches the word-vector path.
+
 `make_synthetic(...)` returns the data in memory (a DataBundle ready for the trainer) and, when
 given a store root, also writes it into the feature store exactly as the stages would (tokens,
 rois, probes and embeddings segments plus the dataset's views), with the DatasetRecords that
@@ -41,12 +46,13 @@ class SyntheticData:
     store_root: Path | None  # where the store copy lives (None: memory only)
     data_cfg: DataConfig  # DataConfig matching the generated shapes (roi_dim)
 
-    def store_bundle(self) -> DataBundle:
-        """The same data read back through the feature store views (StoreSource)."""
+    def store_bundle(self, views=None) -> DataBundle:
+        """The same data read back through the feature store views (StoreSource); `views` as
+        `models.data.bundle_from_records` (e.g. {"tokens", "bert"} to read the text features)."""
         if self.store_root is None:
             raise ValueError("this synthetic dataset was not written to a store")
         return bundle_from_records(self.records, store_root=self.store_root, dataset=self.dataset,
-                                   cfg=self.data_cfg, threshold=self.bundle.threshold)
+                                   cfg=self.data_cfg, threshold=self.bundle.threshold, views=views)
 
 
 def _label(z: np.ndarray) -> np.ndarray:
@@ -59,7 +65,7 @@ def make_synthetic(store_root: str | Path | None = None, dataset: str = "synth",
                    vocab_size: int = 200, embed_dim: int = 16, n_topics: int = 8, roi_dim: int = 32,
                    max_boxes: int = 4, image_prob: float = 0.7, review_len: tuple[int, int] = (8, 40),
                    product_len: int = 24, noise: float = 0.08, split_shares: tuple[float, float, float] = (0.6, 0.2, 0.2),
-                   threshold: float = 1.0, seed: int = 0) -> SyntheticData:
+                   threshold: float = 1.0, seed: int = 0, text_feat_dim: int | None = None) -> SyntheticData:
     """Generate a planted-signal dataset; see the module docstring. Sizes are per item ranges."""
     if vocab_size < n_topics + 2:
         raise ValueError(f"vocab_size {vocab_size} must exceed n_topics + 2 = {n_topics + 2}")
@@ -138,6 +144,8 @@ def make_synthetic(store_root: str | Path | None = None, dataset: str = "synth",
                                    probe=probe.astype(np.float32), label=float(labels[j]), length=float(n_tok)))
         items[split].append(ProductItem(id=pid, tokens=ptok, rois=concat_rois([rois[p] for p in pimgs], cfg),
                                         reviews=revs))
+    if text_feat_dim is not None:
+        _add_text_features(items, arrays, matrix, text_feat_dim, noise, np.random.default_rng([seed, 1]))
     embeddings = {"prd": matrix, "rvw": matrix}
     bundle = DataBundle(
         name=dataset,
@@ -150,6 +158,30 @@ def make_synthetic(store_root: str | Path | None = None, dataset: str = "synth",
         root = Path(store_root)
         _write_store(root, dataset, arrays, rois, matrix)
     return SyntheticData(bundle=bundle, records=records, dataset=dataset, store_root=root, data_cfg=cfg)
+
+
+SYNTHETIC_CLS, SYNTHETIC_SEP = 101, 102  # stand-in [CLS] / [SEP] word-piece ids
+
+
+def _add_text_features(items: dict[str, list[ProductItem]], arrays: dict[str, dict[str, np.ndarray]],
+                       matrix: np.ndarray, dim: int, noise: float, rng: np.random.Generator) -> None:
+    """Stand-in bert rows for every text: [CLS] (the mean of the token rows) + one row per token
+    (its embedding through a fixed projection, plus noise); word-piece ids [CLS] tokens [SEP]."""
+    proj = rng.normal(size=(matrix.shape[1], dim)) / np.sqrt(matrix.shape[1])
+
+    def rows(tok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        r = matrix[tok] @ proj + noise * rng.normal(size=(len(tok), dim))
+        cls = r.mean(axis=0, keepdims=True) if len(r) else np.zeros((1, dim))
+        feats = np.concatenate([cls, r]).astype(np.float16).astype(np.float32)  # as the store keeps them
+        return feats, np.concatenate([[SYNTHETIC_CLS], tok, [SYNTHETIC_SEP]]).astype(np.int64)
+
+    for split_items in items.values():
+        for p in split_items:
+            p.text_feats, p.text_ids = rows(p.tokens)
+            arrays[f"prd:{p.id}"]["bert"] = (p.text_feats, p.text_ids)
+            for r in p.reviews:
+                r.text_feats, r.text_ids = rows(r.tokens)
+                arrays[f"rvw:{r.id}"]["bert"] = (r.text_feats, r.text_ids)
 
 
 def _write_store(root: Path, dataset: str, arrays: dict[str, dict[str, np.ndarray]],
@@ -198,6 +230,16 @@ def _write_store(root: Path, dataset: str, arrays: dict[str, dict[str, np.ndarra
                 "attr_ids": np.zeros(n, np.int32), "attr_conf": np.ones(n, np.float32),
                 "image_hw": np.array([10, 10], np.int32)}
 
+    with_bert = {item: a["bert"] for item, a in arrays.items() if "bert" in a}
+    if with_bert:
+        h = next(iter(with_bert.values()))[0].shape[1]
+        put("bert", {"features": FieldSpec("float16", (h,), True), "attention_mask": FieldSpec("uint8", (), True),
+                     "input_ids": FieldSpec("int32", (), True)}, {
+            item: (text_key(item, "synthetic-bert"), {
+                "features": f.astype(np.float16), "attention_mask": np.ones(len(f), np.uint8),
+                "input_ids": ids.astype(np.int32)})
+            for item, (f, ids) in with_bert.items()
+        })
     put("rois", roi_schema, {path: (text_key(path, "synthetic-image"), roi_arrays(f)) for path, f in rois.items()})
     put("embeddings", {"matrix": FieldSpec("float32", (matrix.shape[1],), True)}, {
         "prd_vocab": (text_key("vocab", "synthetic"), {"matrix": matrix}),

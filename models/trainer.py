@@ -544,7 +544,7 @@ def train_seeds(manifest, cfg: TrainConfig, *, seeds: int = 1, first_seed: int =
     fingerprint, threshold) for `mrhp predict`. `overwrite` deletes an existing seed folder first
     (only a folder that looks like a run: config.yaml or checkpoints/ inside). The CLI and the
     training flow call this."""
-    from models.data import build_datasets
+    from models.data import build_datasets, model_views
     from models.runs import write_json_atomic
 
     if seeds < 1:
@@ -553,7 +553,7 @@ def train_seeds(manifest, cfg: TrainConfig, *, seeds: int = 1, first_seed: int =
     say = progress or log.info
     name = name or f"{cfg.model}-{cfg.dataset}"
     root = Path(manifest.roots.runs) / name
-    data = build_datasets(manifest, cfg.dataset, cfg.data)
+    data = build_datasets(manifest, cfg.dataset, cfg.data, views=model_views(cfg.model, cfg.model_cfg))
     vfp = _vocab_fingerprint(manifest, cfg.dataset, data.records)
     results = []
     for k in range(first_seed, first_seed + seeds):

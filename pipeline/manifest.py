@@ -48,6 +48,8 @@ class DatasetSpec:
     labels: Literal["auto", "votes", "labels"] = "auto"  # how rel.upvotes is read
     word_vectors: str = "glove-6b-50d"  # name under resources.word_vectors
     detector: str = "bua-r101-c4"  # name under resources.detectors
+    text_encoder: str | None = None  # name under resources.text_encoders (bert stage); None: no
+    # BERT features for this dataset (models fall back to word vectors + GRU)
 
 
 @dataclass(frozen=True)
@@ -69,9 +71,40 @@ class DetectorSpec:
 
 
 @dataclass(frozen=True)
+class TextEncoderSpec:
+    """A Hugging Face `transformers` encoder (BERT family) for the bert stage and fine-tuning.
+
+    Exactly one source: `path` (a local model folder holding config.json, the tokenizer files and
+    the weights, relative to roots.resources), `package` (an installed Python package shipping such
+    a folder at `<package>/<package_dir>`), or `hub` (a model id read from the local Hugging Face
+    cache only: nothing is downloaded at run time; fetch it beforehand). `sha256` is over the
+    weights file (`weights`, default model.safetensors, else pytorch_model.bin) and is verified
+    before use; the bert stage refuses to run without it unless random_init is set."""
+
+    path: Path | None = None
+    package: str | None = None
+    package_dir: str = "model"
+    hub: str | None = None
+    revision: str | None = None  # hub only: the snapshot to read (default: the cached main)
+    weights: str | None = None  # weights file name inside the folder; None: auto
+    sha256: str | None = None
+    name: str = ""
+
+    @property
+    def source(self) -> str:
+        """"path:<folder>", "package:<pkg>/<dir>" or "hub:<id>@<revision>" (for messages)."""
+        if self.path is not None:
+            return f"path:{self.path}"
+        if self.package is not None:
+            return f"package:{self.package}/{self.package_dir}"
+        return f"hub:{self.hub}@{self.revision or 'main'}"
+
+
+@dataclass(frozen=True)
 class Resources:
     word_vectors: Mapping[str, WordVectorSpec] = field(default_factory=dict)
     detectors: Mapping[str, DetectorSpec] = field(default_factory=dict)
+    text_encoders: Mapping[str, TextEncoderSpec] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -113,6 +146,14 @@ class Manifest:
                 f"{', '.join(self.resources.detectors) or '(none)'}"
             )
         return self.resources.detectors[name]
+
+    def text_encoder(self, name: str) -> TextEncoderSpec:
+        if name not in self.resources.text_encoders:
+            raise ManifestError(
+                f"{self.path}: resources.text_encoders has no {name!r}; declared: "
+                f"{', '.join(self.resources.text_encoders) or '(none)'}"
+            )
+        return self.resources.text_encoders[name]
 
 
 @dataclass(frozen=True)
@@ -215,9 +256,24 @@ def manifest_from_mapping(data: Any, mpath: Path) -> Manifest:
         spec = sub(DetectorSpec, value, kp)
         path = resolve_under(roots.resources, spec.path, f"{kp}.path", mpath) if spec.path else None
         detectors[name] = dataclasses.replace(spec, path=path, name=name)
+    text_encoders = {}
+    for name, value in res_raw.text_encoders.items():
+        kp = f"resources.text_encoders.{name}"
+        spec = sub(TextEncoderSpec, value, kp)
+        given = [k for k in ("path", "package", "hub") if getattr(spec, k) is not None]
+        if len(given) != 1:
+            raise ManifestError(
+                f"{mpath}: {kp}: expected exactly one of path, package, hub; got "
+                f"{', '.join(given) or 'none'}"
+            )
+        if spec.sha256 is not None and not _is_sha256(spec.sha256):
+            raise ManifestError(f"{mpath}: {kp}.sha256: expected 64 hex digits, got {spec.sha256!r}")
+        path = resolve_under(roots.resources, spec.path, f"{kp}.path", mpath) if spec.path else None
+        text_encoders[name] = dataclasses.replace(spec, path=path, name=name)
     resources = Resources(
         word_vectors=types.MappingProxyType(word_vectors),
         detectors=types.MappingProxyType(detectors),
+        text_encoders=types.MappingProxyType(text_encoders),
     )
 
     datasets = {}
@@ -235,6 +291,11 @@ def manifest_from_mapping(data: Any, mpath: Path) -> Manifest:
             raise ManifestError(
                 f"{mpath}: {kp}.detector: {spec.detector!r} is not declared under "
                 f"resources.detectors ({', '.join(detectors) or 'none declared'})"
+            )
+        if spec.text_encoder is not None and spec.text_encoder not in text_encoders:
+            raise ManifestError(
+                f"{mpath}: {kp}.text_encoder: {spec.text_encoder!r} is not declared under "
+                f"resources.text_encoders ({', '.join(text_encoders) or 'none declared'})"
             )
         datasets[name] = dataclasses.replace(
             spec,
@@ -272,3 +333,8 @@ def manifest_from_mapping(data: Any, mpath: Path) -> Manifest:
 class _ResourcesRaw:
     word_vectors: Mapping[str, Any] = field(default_factory=dict)
     detectors: Mapping[str, Any] = field(default_factory=dict)
+    text_encoders: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _is_sha256(value: str) -> bool:
+    return len(value) == 64 and all(c in "0123456789abcdefABCDEF" for c in value)

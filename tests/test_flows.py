@@ -152,7 +152,7 @@ def test_deploy_registers_flows_on_the_work_pool_with_a_gpu_limit(tmp_path):
     manifest = load_manifest(write_project(tmp_path, 1))
     spec = deploy_spec(manifest, work_pool="gpu-box", cron="0 3 * * *")
     deps = build_deployments(spec)
-    assert [d.name for d in deps] == ["all", "rois", "tokens", "embeddings", "probes"]
+    assert [d.name for d in deps] == ["all", "rois", "tokens", "embeddings", "probes", "bert"]
     assert deps[0].parameters["gpu_limit"] == "gpu-box-gpu" and deps[0].parameters["on_dask"] is False
     # By module, and run in the project folder: a process worker would otherwise look for a
     # file path relative to wherever `mrhp deploy` ran, inside an empty temporary folder.

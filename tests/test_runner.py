@@ -128,7 +128,7 @@ def test_stage_order_puts_dependencies_first_and_names_valid_stages():
     assert stage_order(["embeddings"], with_dependencies=False) == ["embeddings"]
     assert stage_order(None) == list(STAGES)
     assert stage_order(["synthetic_sum"], REGISTRY) == ["synthetic", "synthetic_sum"]
-    with pytest.raises(ConfigError, match="valid: rois, tokens, embeddings, probes"):
+    with pytest.raises(ConfigError, match="valid: rois, tokens, embeddings, probes, bert"):
         stage_order(["roi"])
     with pytest.raises(ConfigError, match="cycle"):
         stage_order(None, {"a": StageEntry("x", ("b",)), "b": StageEntry("x", ("a",))})

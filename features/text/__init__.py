@@ -3,6 +3,7 @@
 Modules: `tokenize` (raw tokens shared by every text stage), `vocab` (MCR/standard vocabularies
 and their cache beside the store), `tokens`, `embeddings`, `probes` (the stages), `vectors`
 (GloVe/word2vec/fastText loading), `keywords` (product keywords, word-level matching),
-`coref/` (coreference backends: `rules`, `neuralcoref`). Nothing here imports spaCy or
-gensim at package import: the stages load them when they first run.
+`coref/` (coreference backends: `rules`, `neuralcoref`), `bert` (the text-encoder stage:
+transformers token features). Nothing here imports spaCy, gensim or transformers at package
+import: the stages load them when they first run.
 """

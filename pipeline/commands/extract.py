@@ -11,7 +11,7 @@ from pipeline.errors import StageError
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "extract",
-        help="extract features (rois, tokens, embeddings, probes) into the store",
+        help="extract features (rois, tokens, embeddings, probes, bert) into the store",
         description=(
             "Run the stages in dependency order through Prefect flows (a temporary local Prefect "
             "server unless PREFECT_API_URL is set). Only items whose content or stage fingerprint "
@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", help="one dataset of the manifest (default: all)")
     p.add_argument(
         "--stage", dest="stages", action="extend", nargs="+", metavar="S",
-        help="stage(s) to run (rois, tokens, embeddings, probes; default: all); "
+        help="stage(s) to run (rois, tokens, embeddings, probes, bert; default: all); "
         "their dependencies run first when out of date",
     )
     p.add_argument("--force", action="store_true", help="recompute the named stages' items even if stored")
