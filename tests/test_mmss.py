@@ -299,6 +299,8 @@ def test_clamp_only_when_asked():
         model(batch)
     v = model.bank.values
     assert float(v.min()) >= 0.0 and float(v.max()) <= 4.0
+    with pytest.raises(ConfigError, match="max_label"):
+        _model(clamp_pseudo_labels=True, max_label=0.0)
 
 
 def test_training_without_review_ids_is_a_clear_error():
