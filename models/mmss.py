@@ -511,6 +511,10 @@ class MMSS(nn.Module):
         if len(batch.review_ids) != batch.num_reviews:
             raise TrainingError(f"MM-SS needs one review id per review to keep its pseudo labels: "
                                 f"batch has {batch.num_reviews} reviews and {len(batch.review_ids)} ids")
+        if len(set(batch.review_ids)) != len(batch.review_ids):
+            dup = sorted({r for r in batch.review_ids if batch.review_ids.count(r) > 1})
+            raise TrainingError(f"MM-SS keeps one pseudo label per review id: the batch repeats "
+                                f"{', '.join(map(str, dup[:3]))}")
         f_s = {s: nn.functional.gelu(self.sub_proj[s](f[s])) for s in self.subtasks}  # f*_s, Eq. (9)
         pred = torch.cat([self.sub_mlp[s](self.drop(f_s[s])) for s in self.subtasks], dim=-1).float()  # (R, S)
         y_g = batch.labels.float()  # (R,)

@@ -308,6 +308,9 @@ def test_training_without_review_ids_is_a_clear_error():
     batch.review_ids = []
     with pytest.raises(TrainingError, match="review id"):
         model(batch)
+    batch.review_ids = ["r0"] * batch.num_reviews  # two reviews would share one pseudo label
+    with pytest.raises(TrainingError, match="repeats r0"):
+        model(batch)
 
 
 def test_eval_mode_neither_returns_nor_updates_pseudo_labels():
