@@ -455,7 +455,7 @@ def test_bert_path_without_features_or_with_another_width_stops():
         model(_with_text_feats(make_batch(), H=16))
 
 
-def test_trainer_builds_adam_with_the_models_parameter_groups(tmp_path):
+def test_trainer_builds_adam_with_the_models_parameter_groups_and_adds_eq16(tmp_path):
     from models.synthetic import make_synthetic, synthetic_train_config
     from models.trainer import Trainer
 
@@ -466,6 +466,14 @@ def test_trainer_builds_adam_with_the_models_parameter_groups(tmp_path):
     assert [g["lr"] for g in t.optimizer.param_groups] == [1e-3, 5e-5]
     text = {id(p) for p in t.model.text_encoder_parameters()}
     assert {id(p) for p in t.optimizer.param_groups[1]["params"]} == text
+    # Eq. 16, L = L_tar + L_sub with weight 1: the epoch's mean loss is the mean ranking loss plus
+    # the mean `subtasks` aux loss; checked in epoch 2, where the pseudo labels have left y_g
+    t._train_epoch()
+    t.epoch += 1
+    rec = t._train_epoch()
+    sub = rec["aux"]["subtasks"]
+    assert abs(sub) > 1e-4
+    assert math.isclose(rec["train_loss"], rec["rank_loss"] + sub, rel_tol=1e-6, abs_tol=1e-7)
 
 
 def test_learning_check_beats_length_and_random_on_held_out_products():
