@@ -32,19 +32,26 @@ Readings of what the paper leaves open (also in docs/fidelity.md, MM-SS section)
     Sener [34] and Vaswani [40]; we read it as Stergiou et al.'s SoftPool: per channel,
     out_d = sum_i softmax_i(x_id) x_id over the real positions (parameter free,
     `pooling: softpool`). `pooling: attention` uses a learned attention pooling instead.
+  * Eq. 17 sums sig(y_k(i)) eps_ik, "the modification value of the i-th sample in task k",
+    never defined further; we read eps_ik as the sample's representation f*_k(i) (the anchor
+    is a point in the space where Eq. 18 measures f*_k).
   * Eq. 17 "over the N training samples": the anchors used during epoch i are the
     sigmoid-weighted means accumulated over every training sample of epoch i-1 (a running
     memory of sums, not one batch, no per-sample feature store). The weights use each task's
     own labels: y_g for g, the pseudo label y_s(i) for subtask s. Epoch 1 needs no anchor (its
     pseudo labels are y_g, Eq. 12); it only accumulates.
-  * Eq. 18 Sigma: "the covariance between f*_k and the anchor" is read as the covariance of
+  * Eq. 18 Sigma: the paper calls Sigma^-1 "the covariance matrix"; we take the usual
+    Mahalanobis form, Sigma the covariance and Sigma^-1 its inverse (the distance divides by
+    the variance). "The covariance between f*_k and the anchor" is read as the covariance of
     task k's representations around its anchor, with the same sigmoid weights, kept diagonal
     by default (per-dimension variance, floored at 1e-6): chi_k = sqrt(sum_d (f_d - A_d)^2 /
     var_d); `ssp_covariance: full` uses the full weighted covariance (+ 1e-6 I) and its inverse.
   * Eq. 18 s_k, "a scale factor": the width of f*_k (= hidden for every task) unless
     `ssp_scale` gives a number, i.e. chi_k is the per-dimension RMS Mahalanobis distance.
   * Eq. 21: the first line is implemented; the second line does not follow from the first
-    (it drops a2 and the y_g/2 term, and names an undefined alpha). eps is `ssp_eps`.
+    (read as y_g + (2 chi_s - alpha (chi_g + eps)) y_g / (2 (chi_g + eps)) it equals
+    y_g (1 - alpha/2) + chi_s y_g / (chi_g + eps): the a2 (chi_s - chi_g)/2 term is gone, the
+    Eq. 19 term has lost a1 and its 1/2, and alpha is defined nowhere). eps is `ssp_eps`.
     Pseudo labels are not clamped unless `clamp_pseudo_labels` is set (then to [0, max_label]).
   * Eq. 12 "estimated value after the i-th epoch": the estimate y^_s(i) of a review is computed
     when the review is seen in epoch i (from that step's f*_g, f*_s, detached) and its EWMA
@@ -54,12 +61,23 @@ Readings of what the paper leaves open (also in docs/fidelity.md, MM-SS section)
   * Table 4 "w/o s" rows remove subtask s from Sec. 4.4 only (`subtasks` lists the kept ones);
     f_s still enters F_c. "-module(b)" (`interaction_module: false`): each of T_p, T_r, V_p, V_r
     soft-pooled, concatenated, MLP -> y^_g, no subtasks. "-module(d)": `subtasks: []`.
+  * Sec. 4.1 images: the paper concatenates the ROI features, applies self-attention and then
+    projects to d_v; we project 2048 -> hidden first (A.2 "encode them into 128-dimensional
+    vectors") and attend at the hidden width, over each item's own ROIs (product: its images'
+    boxes; review: its images' boxes), so V_p and V_r stay separate as Eq. 4-5 use them.
+  * Eq. 13, 14, 16 reductions: the paper sums over samples in Eq. 13 and Eq. 14 without saying
+    how a batch is reduced. L_tar is the trainer's hinge, summed over the K negatives of a
+    positive and averaged over positives; L_s is averaged over the batch's reviews; Eq. 16
+    adds them with weight 1. The relative scale of the two terms follows from these choices.
   * Deviation, stated: the paper fine-tunes BERT (A.2, lr 5e-5); here the encoder's features
-    are precomputed and frozen, and `text_encoder_lr` applies to the projection (bert path) or
-    the GRU and tables (glove path, off in the `glove` preset: they train from scratch).
+    are precomputed and frozen, and `text_encoder_lr` applies to the projection (bert path: the
+    paper preset reads A.2's "hidden layer in BERT 128" as this projection, so it gets BERT's
+    5e-5) or the GRU and tables (glove path, off in the `glove` preset: they train from scratch).
   * A.2 "batch size 32" does not say what it counts; the `paper` preset reads 32 products.
   * Not from the paper: dropout (`dropout`), the number of heads (`heads`), the feed-forward
-    sublayer of the self-attention blocks, the GRU of the glove path.
+    sublayer of the self-attention blocks, the GRU of the glove path; and the trainer's
+    defaults the presets leave alone: 7 negatives per positive, 64 reviews per product in
+    training, gradient clipping at norm 5, ReduceLROnPlateau and early stopping on dev MAP.
 
 Training hooks: `on_epoch_start(epoch)` (0-based, the paper's i = epoch + 1) closes the previous
 epoch's anchor sums; `parameter_groups(base_lr)` gives the text encoder its own lr (A.2: 5e-5,
@@ -144,6 +162,9 @@ def _check(c: MMSSConfig) -> MMSSConfig:
         raise ConfigError(f"model.mmss.hidden: {c.hidden} must be even for the bidirectional GRU")
     if not 0.0 <= c.dropout < 1.0:
         raise ConfigError(f"model.mmss.dropout: expected a number in [0, 1), got {c.dropout}")
+    if c.clamp_pseudo_labels and c.max_label <= 0:
+        raise ConfigError(f"model.mmss.max_label: the clamp [0, max_label] needs a positive top, "
+                          f"got {c.max_label}")
     if c.ssp_eps <= 0:
         raise ConfigError(f"model.mmss.ssp_eps: expected a positive number, got {c.ssp_eps}")
     if c.ssp_scale is not None and c.ssp_scale <= 0:
@@ -490,6 +511,10 @@ class MMSS(nn.Module):
         if len(batch.review_ids) != batch.num_reviews:
             raise TrainingError(f"MM-SS needs one review id per review to keep its pseudo labels: "
                                 f"batch has {batch.num_reviews} reviews and {len(batch.review_ids)} ids")
+        if len(set(batch.review_ids)) != len(batch.review_ids):
+            dup = sorted({r for r in batch.review_ids if batch.review_ids.count(r) > 1})
+            raise TrainingError(f"MM-SS keeps one pseudo label per review id: the batch repeats "
+                                f"{', '.join(map(str, dup[:3]))}")
         f_s = {s: nn.functional.gelu(self.sub_proj[s](f[s])) for s in self.subtasks}  # f*_s, Eq. (9)
         pred = torch.cat([self.sub_mlp[s](self.drop(f_s[s])) for s in self.subtasks], dim=-1).float()  # (R, S)
         y_g = batch.labels.float()  # (R,)

@@ -227,6 +227,47 @@ def test_epoch_2_pseudo_labels_follow_eq18_21_and_12():
                               batch.labels.unsqueeze(1).expand(-1, 5))
 
 
+def test_epoch_3_anchors_weigh_each_subtask_by_its_own_pseudo_labels_and_ewma_uses_y_s2():
+    """Epoch 1 cannot tell the weights apart (y_s(1) = y_g); epoch 2's sums can. Written out
+    without the module's helpers: Eq. 17 with sigmoid(y_s(2)) for subtask s and sigmoid(y_g)
+    for g; diagonal Eq. 18 divided by sqrt(s_k = H); Eq. 21 first line; Eq. 12 with beta = 1/2."""
+    model, batch = _model(), make_batch()
+    H = TINY["mmss"]["hidden"]
+    model.on_epoch_start(0)
+    model(batch)
+    model.on_epoch_start(1)
+    got2, hooks = _capture_f_star(model)
+    model(batch)
+    for h in hooks:
+        h.remove()
+    y_g = batch.labels.double()
+    y2 = model.bank.get(batch.review_ids, batch.labels).double()  # y_s(2), (R, 5)
+    model.on_epoch_start(2)  # closes epoch 2
+    labels = [y_g] + [y2[:, j] for j in range(5)]
+    names = ("g",) + model.subtasks
+    A, V = [], []
+    for k, (name, y) in enumerate(zip(names, labels)):
+        w, f = torch.sigmoid(y), got2[name].double()
+        a = (w[:, None] * f).sum(0) / w.sum()
+        v = ((w[:, None] * (f - a) ** 2).sum(0) / w.sum()).clamp(min=1e-6)
+        assert torch.allclose(model.anchors[k], a, atol=1e-6), name
+        assert torch.allclose(model.variances[k], v, atol=1e-6), name
+        A.append(a), V.append(v)
+    if not torch.allclose(y2, y_g[:, None].expand(-1, 5)):  # own-label weights differ from y_g's
+        w_g = torch.sigmoid(y_g)
+        a_wrong = (w_g[:, None] * got2["ptrt"].double()).sum(0) / w_g.sum()
+        assert not torch.allclose(model.anchors[1], a_wrong, atol=1e-6)
+    got3, hooks = _capture_f_star(model)
+    model(batch)
+    for h in hooks:
+        h.remove()
+    chi = [(((got3[n].double() - A[k]) ** 2 / V[k]).sum(-1) / H).sqrt() for k, n in enumerate(names)]
+    y3 = model.bank.get(batch.review_ids, batch.labels).double()
+    for j in range(5):
+        est = (y_g + (chi[1 + j] - chi[0])) / 2 + chi[1 + j] * y_g / (2 * (chi[0] + 1e-6))
+        assert torch.allclose(y3[:, j], 0.5 * est + 0.5 * y2[:, j], atol=1e-4), names[1 + j]
+
+
 def test_epoch_2_without_a_finished_epoch_1_is_an_error():
     model, batch = _model(), make_batch()
     model.on_epoch_start(1)
@@ -258,12 +299,17 @@ def test_clamp_only_when_asked():
         model(batch)
     v = model.bank.values
     assert float(v.min()) >= 0.0 and float(v.max()) <= 4.0
+    with pytest.raises(ConfigError, match="max_label"):
+        _model(clamp_pseudo_labels=True, max_label=0.0)
 
 
 def test_training_without_review_ids_is_a_clear_error():
     model, batch = _model(), make_batch()
     batch.review_ids = []
     with pytest.raises(TrainingError, match="review id"):
+        model(batch)
+    batch.review_ids = ["r0"] * batch.num_reviews  # two reviews would share one pseudo label
+    with pytest.raises(TrainingError, match="repeats r0"):
         model(batch)
 
 
@@ -409,7 +455,7 @@ def test_bert_path_without_features_or_with_another_width_stops():
         model(_with_text_feats(make_batch(), H=16))
 
 
-def test_trainer_builds_adam_with_the_models_parameter_groups(tmp_path):
+def test_trainer_builds_adam_with_the_models_parameter_groups_and_adds_eq16(tmp_path):
     from models.synthetic import make_synthetic, synthetic_train_config
     from models.trainer import Trainer
 
@@ -420,6 +466,14 @@ def test_trainer_builds_adam_with_the_models_parameter_groups(tmp_path):
     assert [g["lr"] for g in t.optimizer.param_groups] == [1e-3, 5e-5]
     text = {id(p) for p in t.model.text_encoder_parameters()}
     assert {id(p) for p in t.optimizer.param_groups[1]["params"]} == text
+    # Eq. 16, L = L_tar + L_sub with weight 1: the epoch's mean loss is the mean ranking loss plus
+    # the mean `subtasks` aux loss; checked in epoch 2, where the pseudo labels have left y_g
+    t._train_epoch()
+    t.epoch += 1
+    rec = t._train_epoch()
+    sub = rec["aux"]["subtasks"]
+    assert abs(sub) > 1e-4
+    assert math.isclose(rec["train_loss"], rec["rank_loss"] + sub, rel_tol=1e-6, abs_tol=1e-7)
 
 
 def test_learning_check_beats_length_and_random_on_held_out_products():
