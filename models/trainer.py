@@ -536,6 +536,42 @@ def _vocab_fingerprint(manifest, dataset: str, records) -> str | None:
     return dataset_vocabularies(manifest, dataset, records=records).fingerprint
 
 
+def _text_encoder_fallback(cfg: TrainConfig, manifest, say: Callable[[str], None]) -> TrainConfig:
+    """A model set to read text-encoder features (MM-SS's `paper` preset) on a dataset that declares
+    no `text_encoder` trains on word vectors instead (the `glove` reading), said in one line and
+    recorded in the run's config (`text_features: glove`)."""
+    mc = dict(cfg.model_cfg or {})
+    if mc.get("text_features") != "bert" or manifest.dataset(cfg.dataset).text_encoder:
+        return cfg
+    say(f"notice: dataset {cfg.dataset!r} declares no text_encoder (manifest), so {cfg.model} reads word "
+        "vectors through its GRU (text_features: glove) instead of BERT features")
+    return dataclasses.replace(cfg, model_cfg={**mc, "text_features": "glove"})
+
+
+def _text_feature_width(cfg: TrainConfig, data, say: Callable[[str], None]) -> TrainConfig:
+    """`model_cfg.text_feat_dim` set to the width of the stored bert features (the stored features
+    are what the model reads; 768 for BERT-base, 384 for the demo's MiniLM)."""
+    mc = dict(cfg.model_cfg or {})
+    if "text_feat_dim" not in mc:
+        return cfg
+    source = data.split("train")
+    width = None
+    for i in range(len(source.product_ids)):
+        item = source.load(i)
+        feats = [r.text_feats for r in item.reviews if r.text_feats is not None and len(r.text_feats)]
+        if item.text_feats is not None and len(item.text_feats):
+            feats.append(item.text_feats)
+        if feats:
+            width = int(feats[0].shape[1])
+            break
+    if width is None:
+        raise TrainingError(f"dataset {cfg.dataset!r}: the bert view holds no text features in the train split")
+    if mc["text_feat_dim"] != width:
+        say(f"model_cfg.text_feat_dim: {mc['text_feat_dim']} -> {width} (the width of the stored bert features)")
+        cfg = dataclasses.replace(cfg, model_cfg={**mc, "text_feat_dim": width})
+    return cfg
+
+
 def train_seeds(manifest, cfg: TrainConfig, *, seeds: int = 1, first_seed: int = 0, name: str | None = None,
                 resume: bool = False, overwrite: bool = False, progress: Callable[[str], None] | None = None,
                 progress_bar: bool | None = None) -> list[TrainResult]:
@@ -553,7 +589,11 @@ def train_seeds(manifest, cfg: TrainConfig, *, seeds: int = 1, first_seed: int =
     say = progress or log.info
     name = name or f"{cfg.model}-{cfg.dataset}"
     root = Path(manifest.roots.runs) / name
-    data = build_datasets(manifest, cfg.dataset, cfg.data, views=model_views(cfg.model, cfg.model_cfg))
+    cfg = _text_encoder_fallback(cfg, manifest, say)
+    views = model_views(cfg.model, cfg.model_cfg)
+    data = build_datasets(manifest, cfg.dataset, cfg.data, views=views)
+    if "bert" in views:
+        cfg = _text_feature_width(cfg, data, say)
     vfp = _vocab_fingerprint(manifest, cfg.dataset, data.records)
     results = []
     for k in range(first_seed, first_seed + seeds):

@@ -1,0 +1,56 @@
+"""MM-SS's text-encoder settings meet the dataset: width from the stored features, glove fallback."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from models.config import TrainConfig
+from models.trainer import _text_encoder_fallback, _text_feature_width
+from pipeline.errors import TrainingError
+
+
+class _Source:
+    def __init__(self, items):
+        self.items = items
+        self.product_ids = [f"p{i}" for i in range(len(items))]
+
+    def load(self, i):
+        return self.items[i]
+
+
+def _item(width):
+    feats = None if width is None else np.zeros((3, width), np.float32)
+    review = SimpleNamespace(text_feats=feats)
+    return SimpleNamespace(text_feats=None, reviews=[review])
+
+
+def _bundle(*widths):
+    return SimpleNamespace(split=lambda name: _Source([_item(w) for w in widths]))
+
+
+def test_text_feat_dim_follows_the_stored_features_and_says_so():
+    said = []
+    cfg = TrainConfig(model="mmss", model_cfg={"text_features": "bert", "text_feat_dim": 768})
+    out = _text_feature_width(cfg, _bundle(None, 384), said.append)
+    assert out.model_cfg["text_feat_dim"] == 384
+    assert said == ["model_cfg.text_feat_dim: 768 -> 384 (the width of the stored bert features)"]
+    same = _text_feature_width(out, _bundle(384), said.append)
+    assert same is out and len(said) == 1
+
+
+def test_no_stored_features_at_all_is_an_error():
+    cfg = TrainConfig(model="mmss", model_cfg={"text_features": "bert", "text_feat_dim": 768})
+    with pytest.raises(TrainingError, match="holds no text features"):
+        _text_feature_width(cfg, _bundle(None, None), print)
+
+
+def test_a_dataset_without_text_encoder_falls_back_to_glove_with_a_notice():
+    said = []
+    manifest = SimpleNamespace(dataset=lambda name: SimpleNamespace(text_encoder=None))
+    cfg = TrainConfig(model="mmss", dataset="d", model_cfg={"text_features": "bert"})
+    out = _text_encoder_fallback(cfg, manifest, said.append)
+    assert out.model_cfg["text_features"] == "glove" and "declares no text_encoder" in said[0]
+    declared = SimpleNamespace(dataset=lambda name: SimpleNamespace(text_encoder="minilm-l6"))
+    assert _text_encoder_fallback(cfg, declared, said.append) is cfg
