@@ -83,7 +83,10 @@ def raw_image(rgb: np.ndarray, *, min_size: int, max_size: int) -> RawImage:
     h, w = int(rgb.shape[0]), int(rgb.shape[1])
     scale = resize_scale(h, w, min_size, max_size)
     nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
-    return RawImage(rgb=torch.from_numpy(np.ascontiguousarray(rgb)), scale=scale, size=(nh, nw))
+    rgb = np.ascontiguousarray(rgb)
+    if not rgb.flags.writeable:  # Pillow's arrays are read-only; torch wants to own writable memory
+        rgb = rgb.copy()
+    return RawImage(rgb=torch.from_numpy(rgb), scale=scale, size=(nh, nw))
 
 
 def bucket_size(n: int, divisibility: int, bucket: int) -> int:
