@@ -14,7 +14,6 @@ import dataclasses
 import queue
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +44,11 @@ from features.detector.preprocess import (
     raw_image,
 )
 from features.detector.selection import max_class_confidence_batch, select_boxes_batch
-from features.images import decode_image
+from features.images import ImageHashCache, decode_image
 from features.params import RoisParams
 from features.schema import rois_schema
 from pipeline.errors import DataError, StageError
 from pipeline.hashing import fingerprint as hash_fingerprint
-from pipeline.hashing import sha256_file
 from pipeline.stage import Plan, Record, WorkItem
 
 CODE_VERSION = "rois-1"  # bump when extraction code changes its outputs
@@ -424,10 +422,16 @@ class RoisStage:
         return self._model
 
     # ---- plan
-    def plan(self) -> Plan:
-        from pipeline.datasets.mrhp import load_dataset, resolve_image
+    def hash_cache(self) -> ImageHashCache:
+        """The image hash cache, kept beside the store (store/cache/, outside the index and segments)."""
+        return ImageHashCache(Path(self.manifest.store_root) / "cache" / "image-hashes.sqlite",
+                              threads=_HASH_THREADS)
 
-        records = load_dataset(self.dataset)
+    def plan(self) -> Plan:
+        from features.records_cache import load_dataset_once
+        from pipeline.datasets.mrhp import resolve_image
+
+        records = load_dataset_once(self.dataset)  # read once per command, shared with the text stages
         refs = [ref for p in records.products.values() for ref in p.images]
         refs += [ref for r in records.reviews for ref in r.images]
         paths: dict[str, Path | None] = {}
@@ -437,15 +441,14 @@ class RoisStage:
                     paths[ref.path] = resolve_image(self.dataset, ref)
                 except DataError:
                     paths[ref.path] = None
-
-        def key_of(item: tuple[str, Path | None]) -> str:
-            rel, full = item
+        # content keys, re-hashing only files whose (size, mtime, inode, ctime) changed
+        digests = self.hash_cache().keys([full for full in paths.values() if full is not None])
+        keys = []
+        for rel, full in paths.items():
             if full is None:
-                return f"invalid:{rel}"
-            return sha256_file(full) if full.is_file() else f"missing:{rel}"
-
-        with ThreadPoolExecutor(max_workers=_HASH_THREADS) as pool:  # hashing is I/O bound
-            keys = list(pool.map(key_of, paths.items()))
+                keys.append(f"invalid:{rel}")
+            else:
+                keys.append(digests[full] or f"missing:{rel}")
         items: dict[str, WorkItem] = {}
         view: dict[str, str] = {}
         for (rel, full), key in zip(paths.items(), keys):

@@ -57,9 +57,9 @@ def encode_texts(
 
 def load_records(manifest: Any, dataset_name: str) -> Any:
     """The dataset's records through the MRHP reader (imported lazily: it is another package)."""
-    from pipeline.datasets.mrhp import load_dataset
+    from features.records_cache import load_dataset_once
 
-    return load_dataset(manifest.dataset(dataset_name))
+    return load_dataset_once(manifest.dataset(dataset_name))  # once per command, shared by the stages
 
 
 def records_loader(manifest: Any, dataset_name: str, records: Any = None) -> Any:
