@@ -51,6 +51,7 @@ class TokensParams:
     max_len: int = 128  # tokens kept per text
     max_vocab: int | None = None  # standard mode: keep the most frequent N terms
     batch_size: int = 512
+    n_process: int = 1  # tokenizing processes (not fingerprinted: same tokens); cores - 1 on a big box
 
 
 @dataclass(frozen=True)

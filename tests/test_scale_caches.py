@@ -126,3 +126,26 @@ def _no_race(init):
     def wrapped(self, path, **kw):
         init(self, path, **{**kw, "racy_s": 0})
     return wrapped
+
+
+@pytest.mark.slow
+def test_tokenizing_over_two_processes_gives_the_same_tokens_in_order(monkeypatch):
+    from features.text import tokens as T
+
+    monkeypatch.setattr(T, "_POOL_CHUNK", 4)  # 23 texts -> 6 tasks over the pool
+    texts = [f"Review {i}: the lid leaks,   but it's GREAT!" * (1 + i % 3) for i in range(22)] + [""]
+    assert list(T.tokenize_parallel(texts, "en", n_process=2)) == list(T.tokenize(texts, "en"))
+
+
+def test_n_process_is_validated_and_not_fingerprinted():
+    from features.params import TokensParams
+    from features.text.tokens import TokensStage
+    from pipeline.errors import StageError
+
+    def stage(**kw):
+        return TokensStage(params=TokensParams(**kw), language="en", dataset="d", records_loader=lambda: None,
+                           store_root=None)
+
+    assert stage(n_process=4).fingerprint() == stage().fingerprint()
+    with pytest.raises(StageError, match="n_process"):
+        stage(n_process=0)
