@@ -359,6 +359,12 @@ class RoisStage:
         self.params: RoisParams = params or manifest.stage_params("rois")
         self.detector_spec = manifest.detector(self.params.detector)
         self._config_override = detector_config
+        p = self.params
+        if p.pad_bucket < 0 or p.queue_depth < 1 or p.num_workers < 0 or p.batch_size < 1:
+            raise StageError(
+                f"stages.rois: pad_bucket must be >= 0, queue_depth and batch_size >= 1, num_workers >= 0; "
+                f"got pad_bucket={p.pad_bucket}, queue_depth={p.queue_depth}, batch_size={p.batch_size}, "
+                f"num_workers={p.num_workers}")
         feature_dim = (detector_config or bua_caffe_r101()).res5_channels
         self.schema = rois_schema(self.params.feature_dtype, feature_dim)
         self._weights_id: str | None = None
@@ -387,8 +393,9 @@ class RoisStage:
     def fingerprint(self) -> str:
         if self._fingerprint is None:
             params = {k: v for k, v in dataclasses.asdict(self.params).items() if k not in _OPERATIONAL}
-            if params.get("autocast_dtype") == "auto":
-                del params["autocast_dtype"]  # the earlier behaviour: fingerprints of existing stores hold
+            if params.get("autocast_dtype") == "auto" or not params.get("autocast"):
+                # unused, or the earlier behaviour: fingerprints of existing stores hold
+                params.pop("autocast_dtype", None)
             payload = {
                 "params": params,
                 "weights": self.weights_id(),
@@ -519,7 +526,7 @@ class RoisStage:
                     self._loader_state = None
                 self._loader_lock.release()
 
-    def _flush(self, pool: list[tuple[str, PreparedImage | RawImage]]) -> Iterator[Record]:
+    def _flush(self, pool: list[tuple[str, PreparedImage]]) -> Iterator[Record]:
         """Batch pooled images by aspect ratio (less padding) and yield their records."""
         pool = sorted(pool, key=lambda kp: kp[1].size[0] / kp[1].size[1])
         start = 0

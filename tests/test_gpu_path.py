@@ -22,6 +22,7 @@ from features.detector.selection import select_boxes, select_boxes_batch
 from features.detector.syncs import count_host_syncs
 from features.params import RoisParams
 from features.rois import RoisStage, detect_batch, extract_features, optimise_for_inference, pack_batch
+from pipeline.errors import StageError
 from pipeline.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -194,7 +195,12 @@ def test_operational_knobs_leave_the_fingerprint_and_autocast_dtype_enters_it(tm
 
     base = fp()
     assert fp(fold_bn=False, channels_last=True, cudnn_benchmark=False, pad_bucket=0, queue_depth=8) == base
-    assert fp(autocast_dtype="bfloat16") != base and fp(autocast_dtype="auto") == base
+    assert fp(autocast_dtype="bfloat16") == base  # autocast off: the dtype is unused
+    on = fp(autocast=True)
+    assert on != base and fp(autocast=True, autocast_dtype="bfloat16") != on
+    assert fp(autocast=True, autocast_dtype="auto") == on
+    with pytest.raises(StageError, match="queue_depth"):
+        fp(queue_depth=0)
 
 
 def test_optimise_for_inference_folds_every_norm_once():
