@@ -190,6 +190,7 @@ def model_rows(args, dev: torch.device, deadline: float) -> list[str]:
             if time.perf_counter() > deadline:
                 rows.append(f"| {name} train step | bf16 autocast | {bp} products | skipped: time budget | | |")
                 continue
+            model = None
             try:
                 torch.manual_seed(0)
                 model = build_model(name, {}, data.embeddings).to(dev)
@@ -225,7 +226,7 @@ def model_rows(args, dev: torch.device, deadline: float) -> list[str]:
             except Exception as e:  # report and go on with the other models
                 rows.append(f"| {name} train step | | {bp} products | failed: {type(e).__name__}: {e} | | |")
             print(rows[-1], flush=True)
-            del model
+            model = None
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
