@@ -96,7 +96,9 @@ def resolve_stage(ref: StageRef) -> Any:
     with _lock:
         # Drop stages of earlier runs (a served flow lives across many runs).
         for old in [r for r in _stage_cache if r.run_token != ref.run_token]:
-            del _stage_cache[old]
+            close = getattr(_stage_cache.pop(old), "close", None)
+            if callable(close):  # e.g. the rois stage's persistent decoding workers
+                close()
         return _stage_cache.setdefault(ref, stage)
 
 
