@@ -208,3 +208,20 @@ def test_optimise_for_inference_folds_every_norm_once():
     optimise_for_inference(model, PARAMS, torch.device("cpu"))
     assert all(m.folded for m in model.modules() if isinstance(m, ConvNorm))
     assert fold_frozen_norms(model) == 0
+
+
+@pytest.mark.gpu
+def test_on_cuda_batched_equals_single_and_fp32_matches_cpu():
+    """The GPU path itself (uint8 upload, device resize, bucketed padding, cudnn autotuning):
+    batch 4 equals one image at a time, and CUDA fp32 equals CPU fp32 to rounding."""
+    cpu_model = optimise_for_inference(build_detector(tiny_config(), seed=0), PARAMS, torch.device("cpu"))
+    dev = torch.device("cuda")
+    gpu_model = optimise_for_inference(build_detector(tiny_config(), seed=0).to(dev), PARAMS, dev)
+    raws = [raw_image(im, min_size=64, max_size=128) for im in IMGS]
+    on_cpu = extract_features(cpu_model, raws, PARAMS)
+    batched = extract_features(gpu_model, raws, PARAMS, device=dev)
+    single = extract_features(gpu_model, raws, dataclasses.replace(PARAMS, batch_size=1), device=dev)
+    for a, b, c in zip(on_cpu, batched, single):
+        np.testing.assert_allclose(b["features"], c["features"], atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(a["boxes"], b["boxes"], atol=1e-2)
+        np.testing.assert_allclose(a["features"], b["features"], atol=1e-3, rtol=1e-3)
