@@ -255,7 +255,8 @@ def main(argv=None) -> int:
         raise SystemExit("gpu_check: --device cuda asked for, but CUDA is not available (use --device cpu --quick)")
     dev = torch.device(args.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{platform.machine()} CPU, {os.cpu_count()} cores"
-    print(f"# GPU check: {name}; torch {torch.__version__}, CUDA {torch.version.cuda}; "
+    tf32 = f", fp32 convolutions in TF32: {torch.backends.cudnn.allow_tf32}" if dev.type == "cuda" else ""
+    print(f"# GPU check: {name}; torch {torch.__version__}, CUDA {torch.version.cuda}{tf32}; "
           f"{'QUICK (tiny net, not the real figures)' if q else 'R-101 C4, random-init weights'}", flush=True)
     from features.detector.model import DetectorConfig
 
