@@ -9,6 +9,7 @@ Truncated files are failures rather than half-grey images: a re-fetch fixes them
 """
 from __future__ import annotations
 
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,3 +112,106 @@ def decode_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> D
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         return _fail(f"decoded to unexpected shape {rgb.shape}: {p}")
     return DecodeResult(rgb=np.ascontiguousarray(rgb))
+
+
+# --------------------------------------------------------------------------- hash cache
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+class ImageHashCache:
+    """sha256 of image files, re-hashed only when a file changed, as git's index does.
+
+    A row per absolute path holds (size, mtime_ns, inode, ctime_ns) and the digest. A file whose
+    stat signature matches its row reuses the digest; anything else (new, resized, touched,
+    replaced by rename, ctime moved by a chmod or a copy-back) is hashed again. ctime cannot be
+    set by a user, so an edit that restores size and mtime is still caught. A file modified
+    within the same timestamp tick as its hashing could be missed ("racy git"): rows are only
+    written for files whose mtime is older than the hashing by `racy_s` seconds; the others are
+    hashed on every run until they settle.
+
+    The cache is a cache: an unreadable or damaged database is discarded (and rebuilt), a row
+    whose digest is not 64 hex digits counts as absent; neither can change a key.
+    """
+
+    def __init__(self, path: str | Path, *, threads: int = 8, racy_s: float = 2.0):
+        self.path = Path(path)
+        self.threads = threads
+        self.racy_s = racy_s
+        self.hashed = 0  # files hashed by the last keys() call
+        self.reused = 0  # files answered from the cache by the last keys() call
+
+    def _connect(self):
+        import sqlite3
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(self.path, timeout=30)
+        con.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, "
+                    "ino INTEGER, ctime_ns INTEGER, sha256 TEXT)")
+        return con
+
+    def _rows(self) -> dict[str, tuple]:
+        import sqlite3
+
+        try:
+            con = self._connect()
+            try:
+                return {r[0]: r[1:] for r in con.execute("SELECT path, size, mtime_ns, ino, ctime_ns, sha256 FROM hashes")}
+            finally:
+                con.close()
+        except sqlite3.DatabaseError:  # damaged cache: start over (it only ever saves work)
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                Path(str(self.path) + suffix).unlink(missing_ok=True)
+            return {}
+
+    def keys(self, paths: list[Path]) -> dict[Path, str | None]:
+        """{path: sha256 hex, or None when the path is not a regular file}."""
+        import os
+        import sqlite3
+        import time
+        from concurrent.futures import ThreadPoolExecutor
+
+        from pipeline.hashing import sha256_file
+
+        rows = self._rows()
+        out: dict[Path, str | None] = {}
+        todo: list[tuple[Path, os.stat_result]] = []
+        for p in paths:
+            try:
+                st = os.stat(p)
+            except OSError:
+                out[p] = None
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                out[p] = None
+                continue
+            row = rows.get(str(p))
+            sig = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+            if row is not None and tuple(row[:4]) == sig and isinstance(row[4], str) and len(row[4]) == 64 \
+                    and set(row[4]) <= _HEX:
+                out[p] = row[4]
+            else:
+                todo.append((p, st))
+        self.reused = len(out) - sum(v is None for v in out.values())
+        started = time.time_ns()
+        with ThreadPoolExecutor(max_workers=self.threads) as pool:  # hashing is I/O bound
+            digests = list(pool.map(lambda ps: sha256_file(ps[0]), todo))
+        self.hashed = len(todo)
+        settled = started - int(self.racy_s * 1e9)
+        new = []
+        for (p, st), digest in zip(todo, digests):
+            out[p] = digest
+            if st.st_mtime_ns < settled and st.st_ctime_ns < settled:
+                new.append((str(p), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, digest))
+        if new:
+            try:
+                con = self._connect()
+                try:
+                    with con:
+                        con.executemany("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?, ?, ?)", new)
+                finally:
+                    con.close()
+            except sqlite3.Error:
+                pass  # an unwritable cache only costs the next run its hashing
+        return out

@@ -31,7 +31,15 @@ class RoisParams:
     num_workers: int = 2  # DataLoader workers decoding and resizing images
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:N"
     autocast: bool = False  # bf16/fp16 autocast on GPU (see docs/benchmarks.md for its error)
+    autocast_dtype: Literal["auto", "bfloat16", "float16"] = "auto"  # auto: fp16 on CUDA, bf16 on CPU
     max_pixels: int = 89_478_485  # decompression-bomb guard: larger images become failures
+    # Operational (not fingerprinted: they change results by floating-point rounding at most,
+    # like the device or thread count do; see docs/gpu_box.md):
+    fold_bn: bool = True  # fold frozen batch norm into the conv weights at load time
+    channels_last: bool = False  # NHWC activations (tensor cores on CUDA prefer it)
+    cudnn_benchmark: bool = True  # autotune conv algorithms per shape (CUDA only) ...
+    pad_bucket: int = 128  # ... with padded batch sides rounded up to this on CUDA (0: off)
+    queue_depth: int = 64  # finished records buffered between the compute thread and the writer
 
     def problems(self) -> list[str]:
         """Settings that contradict each other (checked when the manifest loads, before any compute:
@@ -76,6 +84,7 @@ class TokensParams:
     max_len: int = 128  # tokens kept per text
     max_vocab: int | None = None  # standard mode: keep the most frequent N terms
     batch_size: int = 512
+    n_process: int = 1  # tokenizing processes (not fingerprinted: same tokens); cores - 1 on a big box
 
 
 @dataclass(frozen=True)

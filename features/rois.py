@@ -15,12 +15,12 @@ import dataclasses
 import queue
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from features.device import resolve_device
@@ -33,19 +33,31 @@ from features.detector.model import (
     bua_caffe_r101,
     d2_r101_c4,
 )
-from features.detector.preprocess import MIN_SIDE, PreparedImage, pad_batch, prepare_image
-from features.detector.selection import max_class_confidence_batch, select_boxes
-from features.images import decode_image
+from features.detector.model import fold_frozen_norms
+from features.detector.preprocess import (
+    MIN_SIDE,
+    PreparedImage,
+    RawImage,
+    bucket_size,
+    pad_batch,
+    prepare_batch,
+    prepare_image,
+    raw_image,
+)
+from features.detector.selection import max_class_confidence_batch, select_boxes_batch
+from features.images import ImageHashCache, decode_image
 from features.params import RoisParams
 from features.schema import rois_schema
 from pipeline.errors import DataError, StageError
 from pipeline.hashing import fingerprint as hash_fingerprint
-from pipeline.hashing import sha256_file
 from pipeline.stage import Plan, Record, WorkItem
 
 CODE_VERSION = "rois-1"  # bump when extraction code changes its outputs
 RANDOM_INIT_PREFIX = "random-init-"
-_OPERATIONAL = ("num_workers", "device")  # do not change the numbers, so not fingerprinted
+# Not fingerprinted: they do not change the numbers beyond floating-point rounding (as the
+# device and thread count do not). autocast_dtype is fingerprinted unless "auto" (see fingerprint()).
+_OPERATIONAL = ("num_workers", "device", "fold_bn", "channels_last", "cudnn_benchmark", "pad_bucket",
+                "queue_depth")
 _BUCKET = 4  # aspect-ratio bucketing window, in batches
 _HASH_THREADS = 8  # concurrent file hashes in plan()
 
@@ -66,24 +78,84 @@ def is_random_init(fingerprint_or_params: Any) -> bool:
 # --------------------------------------------------------------------------- extraction
 
 
-def _autocast(device: torch.device, enabled: bool):
+def _autocast(device: torch.device, enabled: bool, dtype: str = "auto"):
+    """bf16/fp16 autocast context; "auto" is fp16 on CUDA, bf16 on CPU (the earlier behaviour)."""
     if not enabled:
         return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    if dtype == "auto":
+        dt = torch.float16 if device.type == "cuda" else torch.bfloat16
+    else:
+        dt = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return torch.autocast(device_type=device.type, dtype=dt)
 
 
 def pack_batch(dets: Sequence[Detections], params: RoisParams, cfg: DetectorConfig) -> list[dict[str, np.ndarray]]:
-    """Apply box selection to several images' detections; the stored arrays per image."""
+    """Apply box selection to several images' detections; the stored arrays per image.
+
+    Selection runs on the detections' device for the whole batch, and everything stored (the
+    selected features, boxes, ids, confidences and each image's box count) comes back to the
+    host in ONE device-to-host copy per batch (it was six `.cpu()` calls per image)."""
+    if not dets:
+        return []
     probs = [d.cls_probs[:, 1:] if cfg.background == "first" else d.cls_probs[:, :-1] for d in dets]
     confs = max_class_confidence_batch([d.boxes for d in dets], probs, params.nms_thresh,
                                        legacy=cfg.legacy_boxes)
+    idx, n_keep = select_boxes_batch(confs, conf_thresh=params.conf_thresh, min_boxes=params.min_boxes,
+                                     max_boxes=params.max_boxes, fixed_k=params.fixed_k)
+    b, k = idx.shape
+    dim = int(dets[0].features.shape[1])
+    dev = dets[0].features.device
+    # flat row index of every (image, slot) pair into the concatenated detections
+    counts = [int(d.boxes.shape[0]) for d in dets]
+    offsets, total = [], 0
+    for c in counts:
+        offsets.append(total)
+        total += c
+    if total == 0 or k == 0:
+        return [_empty_arrays(d, params, dim) for d in dets]
+    off = torch.tensor(offsets, dtype=torch.int64).to(dev, non_blocking=True)
+    rows = (idx + off[:, None]).clamp(max=total - 1).flatten()  # slots past n_keep: any valid row
+    obj_conf, obj_ids = torch.cat(probs).float().max(dim=1)
+    if dets[0].attr_probs is not None:
+        attr_conf, attr_ids = torch.cat([d.attr_probs for d in dets])[:, 1:].float().max(dim=1)  # 0 = "no attribute"
+    else:  # no attribute head (detectron2 COCO weights): -1 ids, 0 confidence
+        attr_conf = torch.zeros(total, device=dev)
+        attr_ids = torch.full((total,), -1, dtype=torch.int64, device=dev)
+    table = torch.cat([
+        torch.cat([d.features for d in dets]).float(),
+        torch.cat([d.boxes for d in dets]).float(),
+        torch.stack([obj_ids.float(), obj_conf, attr_ids.float(), attr_conf], dim=1),  # ids < 2**24: exact
+    ], dim=1)[rows]
+    table = torch.cat([table, n_keep.float().repeat_interleave(k)[:, None]], dim=1)
+    host = table.cpu().numpy().reshape(b, k, dim + 9)  # the one device-to-host copy
     out = []
-    for det, prob, max_conf in zip(dets, probs, confs):
-        keep = select_boxes(max_conf, conf_thresh=params.conf_thresh, min_boxes=params.min_boxes,
-                            max_boxes=params.max_boxes, fixed_k=params.fixed_k)
-        out.append(_arrays(det, prob, keep, params))
+    for i, det in enumerate(dets):
+        n = int(host[i, 0, -1])
+        t = host[i, :n]
+        h, w = det.image_hw
+        out.append({
+            "features": t[:, :dim].astype(params.feature_dtype),
+            "boxes": np.ascontiguousarray(t[:, dim:dim + 4], dtype=np.float32).reshape(-1, 4),
+            "obj_ids": t[:, dim + 4].astype(np.int32),
+            "obj_conf": np.ascontiguousarray(t[:, dim + 5], dtype=np.float32),
+            "attr_ids": t[:, dim + 6].astype(np.int32),
+            "attr_conf": np.ascontiguousarray(t[:, dim + 7], dtype=np.float32),
+            "image_hw": np.array([h, w], dtype=np.int32),
+        })
     return out
+
+
+def _empty_arrays(det: Detections, params: RoisParams, dim: int) -> dict[str, np.ndarray]:
+    h, w = det.image_hw
+    return {
+        "features": np.zeros((0, dim), dtype=params.feature_dtype),
+        "boxes": np.zeros((0, 4), dtype=np.float32),
+        "obj_ids": np.zeros(0, dtype=np.int32),
+        "obj_conf": np.zeros(0, dtype=np.float32),
+        "attr_ids": np.zeros(0, dtype=np.int32),
+        "attr_conf": np.zeros(0, dtype=np.float32),
+        "image_hw": np.array([h, w], dtype=np.int32),
+    }
 
 
 def pack_detections(det: Detections, params: RoisParams, cfg: DetectorConfig) -> dict[str, np.ndarray]:
@@ -91,40 +163,45 @@ def pack_detections(det: Detections, params: RoisParams, cfg: DetectorConfig) ->
     return pack_batch([det], params, cfg)[0]
 
 
-def _arrays(det: Detections, probs: torch.Tensor, keep: torch.Tensor, params: RoisParams) -> dict[str, np.ndarray]:
-    n = int(keep.numel())
-    if n:
-        obj_conf, obj_ids = probs[keep].max(dim=1)
-    else:
-        obj_conf, obj_ids = probs.new_zeros(0), keep
-    if det.attr_probs is not None and n:
-        attr_conf, attr_ids = det.attr_probs[keep][:, 1:].max(dim=1)  # index 0 = "no attribute"
-    else:  # no attribute head (detectron2 COCO weights): -1 ids, 0 confidence
-        attr_ids = torch.full((n,), -1, dtype=torch.int64)
-        attr_conf = torch.zeros(n)
-    h, w = det.image_hw
-    return {
-        "features": det.features[keep].float().cpu().numpy().astype(params.feature_dtype),
-        "boxes": det.boxes[keep].float().cpu().numpy().astype(np.float32).reshape(-1, 4),
-        "obj_ids": obj_ids.cpu().numpy().astype(np.int32),
-        "obj_conf": obj_conf.float().cpu().numpy().astype(np.float32),
-        "attr_ids": attr_ids.cpu().numpy().astype(np.int32),
-        "attr_conf": attr_conf.float().cpu().numpy().astype(np.float32),
-        "image_hw": np.array([h, w], dtype=np.int32),
-    }
-
-
-def detect_batch(model: BUADetector, images: Sequence[PreparedImage], params: RoisParams,
+def detect_batch(model: BUADetector, images: Sequence[PreparedImage | RawImage], params: RoisParams,
                  device: torch.device) -> list[Detections]:
-    """One padded forward pass over several prepared images (NMS and selection inputs on device)."""
-    batch = pad_batch([p.tensor.to(device, non_blocking=True) for p in images], model.cfg.size_divisibility)
-    with _autocast(device, params.autocast):
+    """One padded forward pass over several images (NMS and selection inputs stay on device).
+
+    `RawImage`s (uint8, as the stage ships them to a GPU) are resized and normalised on the
+    device; `PreparedImage`s (float, resized by a CPU worker) are padded there. On CUDA with
+    `cudnn_benchmark`, padded sides are rounded up to `pad_bucket` (masked: same result)."""
+    cuda = device.type == "cuda"
+    bucket = params.pad_bucket if cuda and params.cudnn_benchmark else 0
+    div = model.cfg.size_divisibility
+    if all(isinstance(p, RawImage) for p in images):
+        batch = prepare_batch(list(images), device, pixel_mean=model.cfg.pixel_mean, divisibility=div,
+                              bucket=bucket, channels_last=params.channels_last)
+    else:
+        batch = pad_batch([p.tensor.to(device, non_blocking=True) for p in images], div)
+        if bucket:
+            h, w = bucket_size(batch.shape[2], div, bucket), bucket_size(batch.shape[3], div, bucket)
+            batch = F.pad(batch, (0, w - batch.shape[3], 0, h - batch.shape[2]))
+        if params.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+    with _autocast(device, params.autocast, params.autocast_dtype):
         return model(batch, [p.size for p in images], [p.scale for p in images],
                      [p.orig_hw for p in images], pre_nms_top_n=params.rpn_pre_nms_top_n,
                      post_nms_top_n=params.rpn_post_nms_top_n)
 
 
-def extract_features(model: BUADetector, images: Sequence[np.ndarray | PreparedImage],
+def optimise_for_inference(model: BUADetector, params: RoisParams, device: torch.device) -> BUADetector:
+    """Load-time changes that keep the numbers (up to rounding): frozen BN folded into the convs,
+    channels_last weights, cudnn autotuning. Call after the weights are loaded."""
+    if params.fold_bn:
+        fold_frozen_norms(model)
+    if params.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda" and params.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+    return model
+
+
+def extract_features(model: BUADetector, images: Sequence[np.ndarray | PreparedImage | RawImage],
                      params: RoisParams, *, device: torch.device | str | None = None) -> list[dict[str, np.ndarray]]:
     """ROI fields for RGB uint8 images (or prepared ones), batch_size images per forward pass.
 
@@ -132,7 +209,7 @@ def extract_features(model: BUADetector, images: Sequence[np.ndarray | PreparedI
     schema's arrays.
     """
     dev = torch.device(device) if device is not None else next(model.parameters()).device
-    prepared = [img if isinstance(img, PreparedImage) else
+    prepared = [img if isinstance(img, (PreparedImage, RawImage)) else
                 prepare_image(img, min_size=params.min_size, max_size=params.max_size,
                               pixel_mean=model.cfg.pixel_mean) for img in images]
     for i, p in enumerate(prepared):
@@ -150,26 +227,29 @@ def extract_features(model: BUADetector, images: Sequence[np.ndarray | PreparedI
 
 
 class _DecodeDataset(Dataset):
-    """Decode + resize in DataLoader workers; a bad image becomes (key, None, reason)."""
+    """Decode (+ resize on the CPU path) in DataLoader workers; a bad image becomes (key, None, reason).
 
-    def __init__(self, items: Sequence[WorkItem], params: RoisParams, pixel_mean: tuple[float, float, float]):
-        self.items = list(items)
+    Indexed by the WorkItem itself (the sampler yields items), so that one persistent set of
+    workers serves every chunk of a run. `ship_uint8`: return a RawImage (uint8, resized on the
+    device: the GPU path) instead of a resized float PreparedImage (the CPU path)."""
+
+    def __init__(self, params: RoisParams, pixel_mean: tuple[float, float, float], *, ship_uint8: bool = False):
         self.params = params
         self.pixel_mean = pixel_mean
+        self.ship_uint8 = ship_uint8
 
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[str, PreparedImage | None, str | None]:
-        item = self.items[i]
+    def __getitem__(self, item: WorkItem) -> tuple[str, PreparedImage | RawImage | None, str | None]:
         if item.key.startswith("invalid:"):
             return item.key, None, f"image path escapes the dataset image root: {item.key[8:]}"
         res = decode_image(item.source, max_pixels=self.params.max_pixels)
         if not res.ok:
             return item.key, None, res.failure
         try:
-            prep = prepare_image(res.rgb, min_size=self.params.min_size, max_size=self.params.max_size,
-                                 pixel_mean=self.pixel_mean)
+            if self.ship_uint8:
+                prep = raw_image(res.rgb, min_size=self.params.min_size, max_size=self.params.max_size)
+            else:
+                prep = prepare_image(res.rgb, min_size=self.params.min_size, max_size=self.params.max_size,
+                                     pixel_mean=self.pixel_mean)
         except Exception as e:  # resizing a degenerate image must not end the run
             return item.key, None, f"cannot resize image ({type(e).__name__}: {e}): {item.source}"
         if min(prep.size) < MIN_SIDE:
@@ -177,6 +257,19 @@ class _DecodeDataset(Dataset):
             return item.key, None, (f"image {w}x{h} is too thin: resized to {prep.size[1]}x{prep.size[0]}, "
                                     f"below {MIN_SIDE} px on a side: {item.source}")
         return item.key, prep, None
+
+
+class _ItemSampler:
+    """Yields the current chunk's WorkItems; set `items` before each pass over the loader."""
+
+    def __init__(self) -> None:
+        self.items: list[WorkItem] = []
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
 
 
 def _as_list(batch: list) -> list:
@@ -267,6 +360,12 @@ class RoisStage:
         self.params: RoisParams = params or manifest.stage_params("rois")
         self.detector_spec = manifest.detector(self.params.detector)
         self._config_override = detector_config
+        p = self.params
+        if p.pad_bucket < 0 or p.queue_depth < 1 or p.num_workers < 0 or p.batch_size < 1:
+            raise StageError(
+                f"stages.rois: pad_bucket must be >= 0, queue_depth and batch_size >= 1, num_workers >= 0; "
+                f"got pad_bucket={p.pad_bucket}, queue_depth={p.queue_depth}, batch_size={p.batch_size}, "
+                f"num_workers={p.num_workers}")
         feature_dim = (detector_config or bua_caffe_r101()).res5_channels
         self.schema = rois_schema(self.params.feature_dtype, feature_dim)
         self._weights_id: str | None = None
@@ -274,6 +373,8 @@ class RoisStage:
         self._model: BUADetector | None = None
         self._device: torch.device | None = None
         self._fits: int | None = None  # largest batch known to fit after an out-of-memory retry
+        self._loader_state: tuple[DataLoader, _ItemSampler] | None = None
+        self._loader_lock = threading.Lock()
 
     # ---- identity
     def is_random_init(self) -> bool:
@@ -293,6 +394,9 @@ class RoisStage:
     def fingerprint(self) -> str:
         if self._fingerprint is None:
             params = {k: v for k, v in dataclasses.asdict(self.params).items() if k not in _OPERATIONAL}
+            if params.get("autocast_dtype") == "auto" or not params.get("autocast"):
+                # unused, or the earlier behaviour: fingerprints of existing stores hold
+                params.pop("autocast_dtype", None)
             payload = {
                 "params": params,
                 "weights": self.weights_id(),
@@ -322,14 +426,20 @@ class RoisStage:
                 model = build_detector(self._config_override or config_for_checkpoint(raw, fmt))
                 load_state(model, raw, source=str(path))
                 del raw
-            self._model = model.to(self._device).eval()
+            self._model = optimise_for_inference(model.to(self._device).eval(), self.params, self._device)
         return self._model
 
     # ---- plan
-    def plan(self) -> Plan:
-        from pipeline.datasets.mrhp import load_dataset, resolve_image
+    def hash_cache(self) -> ImageHashCache:
+        """The image hash cache, kept beside the store (store/cache/, outside the index and segments)."""
+        return ImageHashCache(Path(self.manifest.store_root) / "cache" / "image-hashes.sqlite",
+                              threads=_HASH_THREADS)
 
-        records = load_dataset(self.dataset)
+    def plan(self) -> Plan:
+        from features.records_cache import load_dataset_once
+        from pipeline.datasets.mrhp import resolve_image
+
+        records = load_dataset_once(self.dataset)  # read once per command, shared with the text stages
         refs = [ref for p in records.products.values() for ref in p.images]
         refs += [ref for r in records.reviews for ref in r.images]
         paths: dict[str, Path | None] = {}
@@ -339,15 +449,14 @@ class RoisStage:
                     paths[ref.path] = resolve_image(self.dataset, ref)
                 except DataError:
                     paths[ref.path] = None
-
-        def key_of(item: tuple[str, Path | None]) -> str:
-            rel, full = item
+        # content keys, re-hashing only files whose (size, mtime, inode, ctime) changed
+        digests = self.hash_cache().keys([full for full in paths.values() if full is not None])
+        keys = []
+        for rel, full in paths.items():
             if full is None:
-                return f"invalid:{rel}"
-            return sha256_file(full) if full.is_file() else f"missing:{rel}"
-
-        with ThreadPoolExecutor(max_workers=_HASH_THREADS) as pool:  # hashing is I/O bound
-            keys = list(pool.map(key_of, paths.items()))
+                keys.append(f"invalid:{rel}")
+            else:
+                keys.append(digests[full] or f"missing:{rel}")
         items: dict[str, WorkItem] = {}
         view: dict[str, str] = {}
         for (rel, full), key in zip(paths.items(), keys):
@@ -362,32 +471,61 @@ class RoisStage:
         if not items:
             return
         self.model()  # weights errors surface here, in the caller's thread
-        yield from _in_background(self._records(items), maxsize=max(2, 2 * self.params.batch_size))
+        yield from _in_background(self._records(items), maxsize=max(2, self.params.queue_depth, 2 * self.params.batch_size))
 
-    def _records(self, items: Sequence[WorkItem]) -> Iterator[Record]:
-        model = self._model
+    def _new_loader(self, *, persistent: bool) -> tuple[DataLoader, _ItemSampler]:
         p = self.params
+        cuda = self._device.type == "cuda"
+        sampler = _ItemSampler()
         loader = DataLoader(
-            _DecodeDataset(items, p, model.cfg.pixel_mean),
+            _DecodeDataset(p, self._model.cfg.pixel_mean, ship_uint8=cuda),
+            sampler=sampler,
             batch_size=max(1, p.batch_size),
             num_workers=p.num_workers,
             collate_fn=_as_list,
             worker_init_fn=_worker_init,
-            persistent_workers=False,
+            pin_memory=cuda,
+            persistent_workers=persistent and p.num_workers > 0,
             prefetch_factor=4 if p.num_workers > 0 else None,
         )
-        pool: list[tuple[str, PreparedImage]] = []
-        for batch in loader:
-            for key, prep, failure in batch:
-                if prep is None:
-                    yield Record(key=key, failure=failure)
-                else:
-                    pool.append((key, prep))
-            if len(pool) >= _BUCKET * p.batch_size:
+        return loader, sampler
+
+    def _loader(self) -> tuple[DataLoader, _ItemSampler]:
+        """The stage's DataLoader, built once: with workers, they persist across chunks (no
+        respawn, no refill gap at every chunk boundary); on CUDA, batches come in pinned memory."""
+        if self._loader_state is None:
+            self._loader_state = self._new_loader(persistent=True)
+        return self._loader_state
+
+    def close(self) -> None:
+        """Stop the persistent decoding workers (they also stop when the stage is collected)."""
+        self._loader_state = None
+
+    def _records(self, items: Sequence[WorkItem]) -> Iterator[Record]:
+        p = self.params
+        shared = self._loader_lock.acquire(blocking=False)  # busy (concurrent chunk): a one-off loader
+        loader, sampler = self._loader() if shared else self._new_loader(persistent=False)
+        sampler.items = list(items)
+        finished = False
+        try:
+            pool: list[tuple[str, PreparedImage | RawImage]] = []
+            for batch in loader:
+                for key, prep, failure in batch:
+                    if prep is None:
+                        yield Record(key=key, failure=failure)
+                    else:
+                        pool.append((key, prep))
+                if len(pool) >= _BUCKET * p.batch_size:
+                    yield from self._flush(pool)
+                    pool = []
+            if pool:
                 yield from self._flush(pool)
-                pool = []
-        if pool:
-            yield from self._flush(pool)
+            finished = True
+        finally:
+            if shared:
+                if not finished:  # stopped mid-pass: do not reuse workers holding a stale pass
+                    self._loader_state = None
+                self._loader_lock.release()
 
     def _flush(self, pool: list[tuple[str, PreparedImage]]) -> Iterator[Record]:
         """Batch pooled images by aspect ratio (less padding) and yield their records."""
@@ -414,7 +552,7 @@ class RoisStage:
     def _batch_limit(self) -> int:
         return max(1, min(self.params.batch_size, self._fits or self.params.batch_size))
 
-    def _detect_fitting(self, preps: list[PreparedImage]) -> list[Detections]:
+    def _detect_fitting(self, preps: list[PreparedImage | RawImage]) -> list[Detections]:
         """Detect a batch; on device out-of-memory, halve it (and remember the size that fits)."""
         try:
             return detect_batch(self._model, preps, self.params, self._device)

@@ -96,7 +96,9 @@ def resolve_stage(ref: StageRef) -> Any:
     with _lock:
         # Drop stages of earlier runs (a served flow lives across many runs).
         for old in [r for r in _stage_cache if r.run_token != ref.run_token]:
-            del _stage_cache[old]
+            close = getattr(_stage_cache.pop(old), "close", None)
+            if callable(close):  # e.g. the rois stage's persistent decoding workers
+                close()
         return _stage_cache.setdefault(ref, stage)
 
 
@@ -273,14 +275,53 @@ def _extract(
     run_token = str(ctx.flow_run.id) if ctx and ctx.flow_run else "local"
     summaries: list[dict[str, Any]] = []
     for ds in datasets:
-        for name in order:
-            summaries.append(_run_stage(
+        def one(name: str, ds: str = ds) -> dict[str, Any]:
+            return _run_stage(
                 manifest, ds, name, reg[name], force=name in forced, chunk_size=size,
                 gpu_limit=gpu_limit, run_token=run_token, progress=progress,
                 overrides=overrides_json,
-            ).to_json())
+            ).to_json()
+
+        summaries += _run_alongside(order, reg, one)
     publish_summary([StageSummary.from_json(x) for x in summaries])
     return summaries
+
+
+def _run_alongside(order: Sequence[str], reg: Mapping[str, StageEntry], run_one: Any) -> list[Any]:
+    """Run `order`'s stages, a GPU stage that nothing in `order` depends on (and that depends on
+    nothing in it) in its own thread alongside the others: the text stages need only the CPU and
+    no longer wait for the ROI stage. Results come back in `order`; the first error (in `order`)
+    is raised after both sides finished."""
+    import contextvars
+
+    independent = {n for n in order if reg[n].gpu and not set(reg[n].depends_on) & set(order)
+                   and not any(n in reg[m].depends_on for m in order)}
+    side = [n for n in order if n in independent]
+    main = [n for n in order if n not in independent]
+    if not side or not main:
+        return [run_one(n) for n in order]
+    results: dict[str, Any] = {}
+    errors: dict[str, BaseException] = {}
+
+    def run(names: Sequence[str]) -> None:
+        for n in names:
+            try:
+                results[n] = run_one(n)
+            except BaseException as e:  # noqa: BLE001 - re-raised below, in stage order
+                errors[n] = e
+                return
+
+    ctx = contextvars.copy_context()  # the flow run context (logger, task runner) for the thread
+    thread = threading.Thread(target=ctx.run, args=(run, side), name="mrhp-gpu-stages", daemon=True)
+    thread.start()
+    try:
+        run(main)
+    finally:
+        thread.join()
+    for n in order:
+        if n in errors:
+            raise errors[n]
+    return [results[n] for n in order]
 
 
 def flow_run_name() -> str:

@@ -44,10 +44,26 @@ class Batch:
     rev_text_feat_mask: torch.Tensor | None = None  # (R, Lr') bool, True = real token
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        """The batch on `device`. float16 tensors (ROI features stored as float16, carried so by
+        a loader with `half_rois`) are upcast to float32 there, after the copy: half the bytes
+        over the bus and no float32 conversion pass on the host."""
         kw = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            kw[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+            if isinstance(v, torch.Tensor):
+                v = v.to(device, non_blocking=non_blocking)
+                if v.dtype == torch.float16:
+                    v = v.float()
+            kw[f.name] = v
+        return Batch(**kw)
+
+    def pin_memory(self) -> "Batch":
+        """The batch in page-locked memory (called by a DataLoader with pin_memory=True), so
+        that `to(cuda, non_blocking=True)` copies asynchronously."""
+        kw = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kw[f.name] = v.pin_memory() if isinstance(v, torch.Tensor) else v
         return Batch(**kw)
 
     @property

@@ -85,7 +85,7 @@ def _as_rois(features: np.ndarray | None, roi_dim: int, where: str) -> np.ndarra
     a = np.asarray(features)
     if a.ndim != 2 or a.shape[1] != roi_dim:
         raise DataError(f"{where}: ROI features of shape {a.shape}, expected (n, {roi_dim})")
-    return a.astype(np.float32, copy=False)
+    return a if a.dtype == np.float16 else a.astype(np.float32, copy=False)  # float16 kept: half the IPC
 
 
 def concat_rois(per_image: Sequence[np.ndarray], cfg: DataConfig) -> np.ndarray:
@@ -93,7 +93,8 @@ def concat_rois(per_image: Sequence[np.ndarray], cfg: DataConfig) -> np.ndarray:
     parts = [a[: cfg.max_boxes_per_image] for a in per_image if len(a)]
     if not parts:
         return np.zeros((0, cfg.roi_dim), dtype=np.float32)
-    return np.concatenate(parts, axis=0)[: cfg.max_rois].astype(np.float32, copy=False)
+    out = np.concatenate(parts, axis=0)[: cfg.max_rois]  # float16 when every part is
+    return out if out.dtype == np.float16 else out.astype(np.float32, copy=False)
 
 
 class InMemorySource:
@@ -412,8 +413,9 @@ def _pad_ids(seqs: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
 class Collator:
     """ProductItems -> Batch (padding and masks; instances are added later by the trainer)."""
 
-    def __init__(self, cfg: DataConfig) -> None:
+    def __init__(self, cfg: DataConfig, *, half_rois: bool = False) -> None:
         self.cfg = cfg
+        self.half_rois = half_rois  # float16 ROI features stay float16 (Batch.to upcasts on the device)
 
     def _rois(self, items: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
@@ -426,11 +428,13 @@ class Collator:
                 arrays.append(a)
                 real.append(len(a))
         width = max(cfg.min_rois, max(real, default=0))
-        out = torch.zeros((len(items), width, cfg.roi_dim), dtype=torch.float32)
+        half = self.half_rois and all(a.dtype == np.float16 for a in arrays if len(a))
+        np_dtype = np.float16 if half else np.float32
+        out = torch.zeros((len(items), width, cfg.roi_dim), dtype=torch.float16 if half else torch.float32)
         mask = torch.zeros((len(items), width), dtype=torch.bool)
         for i, (a, n) in enumerate(zip(arrays, real)):
             if n:
-                out[i, :n] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+                out[i, :n] = torch.from_numpy(np.ascontiguousarray(a, dtype=np_dtype))
                 mask[i, :n] = True
         return out, mask
 
@@ -458,11 +462,13 @@ class Collator:
 
 
 def make_loader(source: ProductSource, plan: list[list[Unit]], cfg: DataConfig, *,
-                num_workers: int = 0) -> DataLoader:
-    """A DataLoader yielding one Batch per planned batch, in plan order."""
+                num_workers: int = 0, pin_memory: bool = False, half_rois: bool = False) -> DataLoader:
+    """A DataLoader yielding one Batch per planned batch, in plan order. For a GPU: `pin_memory`
+    (page-locked batches, asynchronous copies) and `half_rois` (float16 ROI features stay
+    float16 until `Batch.to` upcasts them on the device); the values are the same either way."""
     return DataLoader(
-        ProductDataset(source), batch_sampler=plan, collate_fn=Collator(cfg),
-        num_workers=num_workers, persistent_workers=False,
+        ProductDataset(source), batch_sampler=plan, collate_fn=Collator(cfg, half_rois=half_rois),
+        num_workers=num_workers, persistent_workers=False, pin_memory=pin_memory,
     )
 
 

@@ -105,10 +105,11 @@ def score_source(model: nn.Module, source: ProductSource, *, cfg: TrainConfig,
     device = device or resolve_device(cfg.device, error=TrainingError, key="device")
     model.eval()
     plan = eval_plan(source, batch_products=cfg.eval_batch_products, max_reviews=cfg.eval_max_reviews)
-    loader = make_loader(source, plan, cfg.data, num_workers=cfg.num_workers)
+    cuda = device.type == "cuda"
+    loader = make_loader(source, plan, cfg.data, num_workers=cfg.num_workers, pin_memory=cuda, half_rois=cuda)
     preds: list[dict[str, Any]] = []
     for batch in loader:
-        b = batch.to(device)
+        b = batch.to(device, non_blocking=cuda)
         with _autocast(device, cfg.autocast):
             scores = model(b).scores.float().cpu().numpy()
         if scores.shape != (batch.num_reviews,):
@@ -248,7 +249,9 @@ class Trainer:
         source = self.data.split("train")
         plan = train_plan(source, batch_products=cfg.batch_products,
                           max_reviews=cfg.max_reviews_per_product, rng=self.rng)
-        loader = make_loader(source, plan, cfg.data, num_workers=cfg.num_workers)
+        cuda = self.device.type == "cuda"
+        loader = make_loader(source, plan, cfg.data, num_workers=cfg.num_workers, pin_memory=cuda,
+                             half_rois=cuda)
         totals = {"loss": 0.0, "rank": 0.0}
         aux_totals: dict[str, float] = {}
         steps = reviews = instances = 0
@@ -264,18 +267,20 @@ class Trainer:
                 continue  # no ranking pair in these products
             batch.instances = torch.from_numpy(inst.index)
             batch.instance_weights = torch.from_numpy(inst.weights)
-            b = batch.to(self.device)
+            b = batch.to(self.device, non_blocking=cuda)
             with _autocast(self.device, cfg.autocast):
                 out = self.model(b)
             rank = ranking_loss(out.scores.float(), b.labels, b.instances, b.instance_weights,
                                 margin=cfg.margin, fixed_margin=cfg.fixed_margin)
             aux = {k: v.float() for k, v in out.aux_losses.items()}
             loss = rank + sum(aux.values()) if aux else rank
-            if not torch.isfinite(loss):
-                parts = ", ".join(f"{k}={v.item():.4g}" for k, v in aux.items())
+            # one host sync for every logged value of the step (was one per value plus the check)
+            vals = torch.stack([loss.detach(), rank.detach(), *(v.detach() for v in aux.values())]).tolist()
+            if not math.isfinite(vals[0]):
+                parts = ", ".join(f"{k}={v:.4g}" for k, v in zip(aux, vals[2:]))
                 raise TrainingError(
                     f"non-finite loss at epoch {self.epoch + 1} step {step + 1} (ranking="
-                    f"{rank.item():.4g}{', ' + parts if parts else ''}); lower lr, enable grad_clip "
+                    f"{vals[1]:.4g}{', ' + parts if parts else ''}); lower lr, enable grad_clip "
                     f"or check the inputs of products {batch.product_ids[:3]}"
                 )
             self.optimizer.zero_grad(set_to_none=True)
@@ -288,10 +293,10 @@ class Trainer:
                         f"lower lr or check the inputs"
                     )
             self.optimizer.step()
-            totals["loss"] += loss.item()
-            totals["rank"] += rank.item()
-            for k, v in aux.items():
-                aux_totals[k] = aux_totals.get(k, 0.0) + v.item()
+            totals["loss"] += vals[0]
+            totals["rank"] += vals[1]
+            for k, v in zip(aux, vals[2:]):
+                aux_totals[k] = aux_totals.get(k, 0.0) + v
             steps += 1
             reviews += batch.num_reviews
             instances += inst.count

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from features.detector import build_detector, tiny_config
+from features.detector.model import fold_frozen_norms
 from features.params import RoisParams
 from features.rois import RoisStage, build_stage, extract_features, is_random_init
 from features.images import decode_image
@@ -155,6 +156,9 @@ def test_real_weights_are_verified_and_loaded_into_the_stage_model(tmp_path, dem
     fp = stage.fingerprint()
     assert not is_random_init(fp) and not stage.is_random_init()
     model = stage.model()
+    # the stage folds frozen BN into the convs at load time (fold_bn): compare with the same fold
+    fold_frozen_norms(source)
+    assert model.state_dict().keys() == source.state_dict().keys()
     assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
     with pytest.raises(ResourceError, match="sha256"):
         _stage(_manifest(demo, random=False, path="weights.pth", sha="'" + "0" * 64 + "'")).fingerprint()

@@ -9,12 +9,12 @@ from features.detector.model import (
     d2_r101_c4,
     tiny_config,
 )
-from features.detector.preprocess import PreparedImage, pad_batch, prepare_image, resize_scale
-from features.detector.selection import box_iou, max_class_confidence, max_class_confidence_batch, select_boxes
+from features.detector.preprocess import PreparedImage, RawImage, pad_batch, prepare_batch, prepare_image, raw_image, resize_scale
+from features.detector.selection import box_iou, max_class_confidence, max_class_confidence_batch, select_boxes, select_boxes_batch
 
 __all__ = [
     "BUADetector", "DetectorConfig", "Detections", "LoadReport", "PreparedImage", "box_iou",
     "build_detector", "bua_caffe_r101", "d2_r101_c4", "load_into", "load_state", "max_class_confidence", "max_class_confidence_batch",
-    "pad_batch", "prepare_image", "read_checkpoint", "resize_scale", "safe_unpickle",
-    "select_boxes", "tiny_config", "verify_weights",
+    "RawImage", "pad_batch", "prepare_batch", "prepare_image", "raw_image", "read_checkpoint", "resize_scale", "safe_unpickle",
+    "select_boxes", "select_boxes_batch", "tiny_config", "verify_weights",
 ]

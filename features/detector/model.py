@@ -121,7 +121,24 @@ class FrozenBatchNorm2d(nn.Module):
         return x * scale.to(x.dtype)[None, :, None, None] + shift.to(x.dtype)[None, :, None, None]
 
 
-Sizes = list[tuple[int, int]] | None  # valid (h, w) of each image in a padded batch; None: no padding
+class PadSizes(tuple):
+    """Each image's valid (h, w) in a padded batch, with a mask cache shared by every layer of one
+    forward pass: a mask is built once per (valid sizes, map size) on the map's device, by slice
+    fills with Python ints (no host-to-device copy, no host sync), and reused by every later
+    layer of the same geometry (res2's three blocks, res4's 23 ...)."""
+
+    cache: dict
+
+    def __new__(cls, sizes, cache: dict | None = None):
+        obj = super().__new__(cls, (tuple(int(v) for v in sz) for sz in sizes))
+        obj.cache = {} if cache is None else cache
+        return obj
+
+    def derive(self, sizes) -> "PadSizes":
+        return PadSizes(sizes, self.cache)
+
+
+Sizes = PadSizes | list[tuple[int, int]] | None  # valid (h, w) of each image in a padded batch; None: no padding
 
 
 def _conv_out(n: int, conv: nn.Conv2d) -> int:
@@ -129,21 +146,37 @@ def _conv_out(n: int, conv: nn.Conv2d) -> int:
     return (n + 2 * p - d * (k - 1) - 1) // s + 1
 
 
+def _derive(sizes: Sizes, new: list[tuple[int, int]]) -> Sizes:
+    return sizes.derive(new) if isinstance(sizes, PadSizes) else PadSizes(new)
+
+
 def _conv_sizes(sizes: Sizes, conv: nn.Conv2d) -> Sizes:
-    return None if sizes is None else [(_conv_out(h, conv), _conv_out(w, conv)) for h, w in sizes]
+    return None if sizes is None else _derive(sizes, [(_conv_out(h, conv), _conv_out(w, conv)) for h, w in sizes])
+
+
+def _keep_mask(sizes: Sizes, n: int, hh: int, ww: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    """(N, 1, H, W) 1/0 mask of the valid area, cached per forward; None when nothing is padded."""
+    if all(h >= hh and w >= ww for h, w in sizes):
+        return None
+    cache = sizes.cache if isinstance(sizes, PadSizes) else {}
+    key = (tuple(sizes), hh, ww, device, dtype)
+    keep = cache.get(key)
+    if keep is None:
+        keep = torch.zeros((n, 1, hh, ww), dtype=dtype, device=device)
+        for i, (h, w) in enumerate(sizes):
+            keep[i, :, :h, :w].fill_(1)
+        cache[key] = keep
+    return keep
 
 
 def _mask(x: torch.Tensor, sizes: Sizes) -> torch.Tensor:
     """Zero activations outside each image's valid area, so that a padded batch computes exactly
-    what each image alone would (convolutions then see zeros past the border, as zero padding)."""
+    what each image alone would (convolutions then see zeros past the border, as zero padding).
+    In place: `x` is always a fresh activation here (inference only)."""
     if sizes is None:
         return x
-    hh, ww = x.shape[-2:]
-    hs = torch.tensor([h for h, _ in sizes], device=x.device)
-    ws = torch.tensor([w for _, w in sizes], device=x.device)
-    keep = (torch.arange(hh, device=x.device)[None, :, None] < hs[:, None, None]) & \
-           (torch.arange(ww, device=x.device)[None, None, :] < ws[:, None, None])
-    return x * keep[:, None].to(x.dtype)
+    keep = _keep_mask(sizes, x.shape[0], int(x.shape[-2]), int(x.shape[-1]), x.device, x.dtype)
+    return x if keep is None else x.mul_(keep)
 
 
 class ConvNorm(nn.Conv2d):
@@ -153,9 +186,41 @@ class ConvNorm(nn.Conv2d):
                  dilation: int = 1, eps: float = 1e-5):
         super().__init__(cin, cout, k, stride=stride, padding=padding, dilation=dilation, bias=False)
         self.norm = FrozenBatchNorm2d(cout, eps)
+        self.folded = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(super().forward(x))
+        y = super().forward(x)
+        return y if self.folded else self.norm(y)
+
+    @torch.no_grad()
+    def fold_norm(self) -> None:
+        """Fold the frozen BN into the conv: W' = W * s, b' = t with s = weight / sqrt(var + eps),
+        t = bias - mean * s, so conv'(x) = s * conv(x) + t = norm(conv(x)) (exact algebra; the
+        floating-point result differs by rounding only). Saves two full passes over every
+        activation map. The norm buffers are reset to the identity so a later state_dict cannot
+        be mistaken for the unfolded weights' norm statistics."""
+        if self.folded:
+            return
+        n = self.norm
+        scale = n.weight * (n.running_var + n.eps).rsqrt()
+        shift = n.bias - n.running_mean * scale
+        self.weight.mul_(scale.to(self.weight.dtype)[:, None, None, None])
+        self.bias = nn.Parameter(shift.to(self.weight.dtype), requires_grad=False)
+        n.weight.fill_(1.0)
+        n.bias.zero_()
+        n.running_mean.zero_()
+        n.running_var.fill_(1.0 - n.eps)
+        self.folded = True
+
+
+def fold_frozen_norms(model: nn.Module) -> int:
+    """Fold every ConvNorm's frozen BN into its conv (load time, after the weights): the count."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, ConvNorm) and not m.folded:
+            m.fold_norm()
+            n += 1
+    return n
 
 
 class Bottleneck(nn.Module):
@@ -210,7 +275,7 @@ class Stem(nn.Module):
         s1 = _conv_sizes(sizes, self.conv1)
         x = _mask(F.relu(self.conv1(x)), s1)  # post-ReLU >= 0, so masked zeros never win a max
         x = F.max_pool2d(x, kernel_size=3, stride=2, padding=0, ceil_mode=True)
-        s2 = None if s1 is None else [(-(-(h - 3) // 2) + 1, -(-(w - 3) // 2) + 1) for h, w in s1]
+        s2 = None if s1 is None else _derive(s1, [(-(-(h - 3) // 2) + 1, -(-(w - 3) // 2) + 1) for h, w in s1])
         return _mask(x, s2), s2
 
 
@@ -344,41 +409,73 @@ class ProposalGenerator(nn.Module):
         anchors = grid_anchors(self.cell_anchors, fh, fw, cfg.feature_stride)
         boxes = decode_boxes(deltas, anchors[None], legacy=cfg.legacy_boxes)  # (N, H*W*A, 4)
 
+        return self._select(boxes, scores, image_sizes, scales, pre_nms_top_n, post_nms_top_n,
+                            feat_sizes, fh, fw)
+
+    def _select(self, boxes: torch.Tensor, scores: torch.Tensor, image_sizes: list[tuple[int, int]],
+                scales: list[float], pre_nms_top_n: int, post_nms_top_n: int, feat_sizes: Sizes,
+                fh: int, fw: int) -> list[torch.Tensor]:
+        """Top-k, clipping, size filter and NMS for the whole batch at once: (N, K) tensors with a
+        validity mask instead of a per-image loop with boolean indexing. Host syncs: one for the
+        valid candidates, those inside NMS, one for the per-image counts.
+
+        Same result as filtering each image on its own: invalid entries (anchors of the padded
+        area, boxes failing the size filter) get score -inf and rank after every valid one in a
+        stable sort, so the valid entries keep their relative order (row-major y, x, anchor, the
+        order of the image's own map); top-k ties are broken by that order."""
+        cfg = self.cfg
+        n, k_all = scores.shape
+        dev = scores.device
+        a = cfg.num_anchors
         one = 1.0 if cfg.legacy_boxes else 0.0
-        cand_boxes, cand_scores, cand_img = [], [], []
-        for i, ((h, w), s) in enumerate(zip(image_sizes, scales)):
-            b, sc = boxes[i], scores[i]
-            if feat_sizes is not None and feat_sizes[i] != (fh, fw):
-                vh, vw = feat_sizes[i]
-                cell = b.view(fh, fw, a, 4)[:vh, :vw]
-                b, sc = cell.reshape(-1, 4), sc.view(fh, fw, a)[:vh, :vw].reshape(-1)
-            if not cfg.legacy_boxes:  # detectron2: top-k first, then clip and drop empty boxes
-                k = min(pre_nms_top_n, sc.numel())
-                sc, idx = sc.topk(k)
-                b = b[idx]
-            b = clip_boxes(b, h, w, legacy=cfg.legacy_boxes)
-            bw, bh = b[:, 2] - b[:, 0] + one, b[:, 3] - b[:, 1] + one
-            keep = (bw > cfg.min_proposal_size * s) & (bh > cfg.min_proposal_size * s)
+        valid = torch.ones((n, fh, fw, a), dtype=torch.bool, device=dev)
+        if feat_sizes is not None:
+            for i, (vh, vw) in enumerate(feat_sizes):
+                if (vh, vw) != (fh, fw):
+                    valid[i].fill_(False)
+                    valid[i, :vh, :vw].fill_(True)
+        valid = valid.view(n, k_all)
+        # one small host-to-device copy: each image's clip limits and minimum proposal side
+        lim = torch.tensor([[h - one, w - one, cfg.min_proposal_size * sc] for (h, w), sc in zip(image_sizes, scales)],
+                           dtype=torch.float32).to(dev, non_blocking=True)
+        neg_inf = torch.tensor(float("-inf"), device=dev)
+
+        def clip_and_filter(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x = torch.minimum(b[..., 0::2].clamp(min=0), lim[:, None, 1:2])
+            y = torch.minimum(b[..., 1::2].clamp(min=0), lim[:, None, 0:1])
+            b = torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
+            bw, bh = b[..., 2] - b[..., 0] + one, b[..., 3] - b[..., 1] + one
+            ok = (bw > lim[:, None, 2]) & (bh > lim[:, None, 2])
             if cfg.legacy_boxes:
-                keep &= (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
-            b, sc = b[keep], sc[keep]
-            if cfg.legacy_boxes:  # bua caffe: clip and filter first, then top-k
-                k = min(pre_nms_top_n, sc.numel())
-                sc, idx = sc.topk(k)
-                b = b[idx]
-            cand_boxes.append(b)
-            cand_scores.append(sc)
-            cand_img.append(torch.full_like(sc, i, dtype=torch.int64))
-        all_boxes = torch.cat(cand_boxes)
-        all_scores = torch.cat(cand_scores)
-        all_img = torch.cat(cand_img)
+                ok &= (b[..., 2] > b[..., 0]) & (b[..., 3] > b[..., 1])
+            return b, ok
+
+        def top(b: torch.Tensor, sc: torch.Tensor, ok: torch.Tensor):
+            k = min(pre_nms_top_n, sc.shape[1])
+            order = torch.sort(torch.where(ok, sc, neg_inf), dim=1, descending=True, stable=True).indices[:, :k]
+            return (b.gather(1, order[..., None].expand(-1, -1, 4)), sc.gather(1, order), ok.gather(1, order))
+
+        if cfg.legacy_boxes:  # bua caffe: clip and filter first, then top-k
+            b, ok = clip_and_filter(boxes)
+            b, sc, ok = top(b, scores, valid & ok)
+        else:  # detectron2: top-k first, then clip and drop empty boxes
+            b, sc, ok = top(boxes, scores, valid)
+            b, ok2 = clip_and_filter(b)
+            ok = ok & ok2
+        img = torch.arange(n, device=dev)[:, None].expand_as(sc)
+        flat = torch.nonzero(ok.flatten()).flatten()  # one sync for the valid candidates
+        all_boxes, all_scores, all_img = b.reshape(-1, 4)[flat], sc.flatten()[flat], img.flatten()[flat]
         keep = batched_nms(all_boxes, all_scores, all_img, cfg.rpn_nms_thresh)  # score-descending
         kept_img = all_img[keep]
-        out = []
-        for i in range(n):
-            k_i = keep[kept_img == i][:post_nms_top_n]
-            out.append(all_boxes[k_i])
-        return out
+        # first post_nms_top_n kept boxes of each image, in score order, without a per-image loop
+        grouped = torch.sort(kept_img, stable=True).indices
+        keep, kept_img = keep[grouped], kept_img[grouped]
+        counts = torch.bincount(kept_img, minlength=n)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(keep.numel(), device=dev) - starts[kept_img]
+        keep = keep[torch.nonzero(rank < post_nms_top_n).flatten()]
+        sizes = counts.clamp(max=post_nms_top_n).tolist()
+        return list(torch.split(all_boxes[keep], sizes))
 
 
 # --------------------------------------------------------------------------- box head
@@ -517,7 +614,7 @@ class BUADetector(nn.Module):
 def _padded_sizes(images: torch.Tensor, sizes: list[tuple[int, int]]) -> Sizes:
     """The valid sizes when some image is padded, else None (no masking work)."""
     full = (int(images.shape[2]), int(images.shape[3]))
-    return None if all(tuple(sz) == full for sz in sizes) else [tuple(sz) for sz in sizes]
+    return None if all(tuple(sz) == full for sz in sizes) else PadSizes(sizes)
 
 
 def build_detector(cfg: DetectorConfig | None = None, *, seed: int | None = None) -> BUADetector:

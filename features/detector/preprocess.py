@@ -57,3 +57,70 @@ def pad_batch(tensors: list[torch.Tensor], divisibility: int) -> torch.Tensor:
     for i, t in enumerate(tensors):
         out[i, :, : t.shape[1], : t.shape[2]] = t
     return out
+
+
+@dataclass
+class RawImage:
+    """A decoded image as it ships to the device: (H, W, 3) uint8 RGB (0.9 MB for 640x480, a
+    sixth of the resized float32 tensor), plus the resize geometry computed on the host.
+    `pin_memory()` lets a DataLoader's pin-memory thread put it in page-locked memory, so the
+    host-to-device copy is asynchronous."""
+
+    rgb: torch.Tensor  # (H, W, 3) uint8, RGB
+    scale: float  # resized / original
+    size: tuple[int, int]  # resized (h, w)
+
+    @property
+    def orig_hw(self) -> tuple[int, int]:
+        return int(self.rgb.shape[0]), int(self.rgb.shape[1])
+
+    def pin_memory(self) -> "RawImage":
+        return RawImage(rgb=self.rgb.pin_memory(), scale=self.scale, size=self.size)
+
+
+def raw_image(rgb: np.ndarray, *, min_size: int, max_size: int) -> RawImage:
+    """(H, W, 3) uint8 RGB -> RawImage (no pixel work: resizing happens on the device)."""
+    h, w = int(rgb.shape[0]), int(rgb.shape[1])
+    scale = resize_scale(h, w, min_size, max_size)
+    nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+    rgb = np.ascontiguousarray(rgb)
+    if not rgb.flags.writeable:  # Pillow's arrays are read-only; torch wants to own writable memory
+        rgb = rgb.copy()
+    return RawImage(rgb=torch.from_numpy(rgb), scale=scale, size=(nh, nw))
+
+
+def bucket_size(n: int, divisibility: int, bucket: int) -> int:
+    """n rounded up to `divisibility`, then to `bucket` (0: no bucketing). Bucketing keeps the
+    number of distinct padded shapes small so cudnn.benchmark's per-shape autotuning pays;
+    the extra padding is masked, so it does not change the result."""
+    if divisibility > 1:
+        n = (n + divisibility - 1) // divisibility * divisibility
+    if bucket > 1:
+        n = (n + bucket - 1) // bucket * bucket
+    return n
+
+
+_MEANS: dict = {}
+
+
+def prepare_batch(raws: list[RawImage], device: torch.device, *, pixel_mean: tuple[float, float, float],
+                  divisibility: int, bucket: int = 0, channels_last: bool = False) -> torch.Tensor:
+    """Ship uint8 images to `device` and do BGR, minus means, bilinear resize and zero padding
+    there: the same operations in the same order as `prepare_image` + `pad_batch` (bitwise the
+    same result on CPU). Returns the (N, 3, H, W) float32 batch."""
+    key = (tuple(pixel_mean), str(device))
+    mean = _MEANS.get(key)
+    if mean is None:
+        mean = _MEANS[key] = torch.tensor(pixel_mean, dtype=torch.float32).to(device)[:, None, None]
+    hmax = bucket_size(max(r.size[0] for r in raws), divisibility, bucket)
+    wmax = bucket_size(max(r.size[1] for r in raws), divisibility, bucket)
+    out = torch.zeros((len(raws), 3, hmax, wmax), dtype=torch.float32, device=device)
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)
+    for i, r in enumerate(raws):
+        x = r.rgb.to(device, non_blocking=True).permute(2, 0, 1).flip(0).float()  # BGR, float
+        x = x - mean
+        if r.size != r.orig_hw:
+            x = F.interpolate(x[None], size=r.size, mode="bilinear", align_corners=False)[0]
+        out[i, :, : r.size[0], : r.size[1]] = x
+    return out

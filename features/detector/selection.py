@@ -83,3 +83,44 @@ def select_boxes(max_conf: torch.Tensor, *, conf_thresh: float, min_boxes: int, 
     by_conf = torch.sort(max_conf, descending=True, stable=True).indices
     n = min_boxes if above.numel() < min_boxes else max_boxes
     return by_conf[:n]
+
+
+def select_boxes_batch(max_conf: list[torch.Tensor], *, conf_thresh: float, min_boxes: int, max_boxes: int,
+                       fixed_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`select_boxes` for several images at once, on the tensors' device, with no host sync.
+
+    Returns (idx, n): idx (B, K) int64 where row b's first n[b] entries are the indices
+    `select_boxes(max_conf[b], ...)` returns, in the same order (K = min(max_boxes, R_max), the
+    most any image can keep); n (B,) int64. The rule, per image: if min <= #above <= max, the
+    boxes above the threshold in proposal order; otherwise the top n by confidence (descending,
+    ties by proposal index: a stable sort), n = min if fewer are above, else max.
+    """
+    if fixed_k is not None:
+        min_boxes = max_boxes = fixed_k
+    if min_boxes > max_boxes:
+        raise ValueError(f"min_boxes {min_boxes} is larger than max_boxes {max_boxes}")
+    b = len(max_conf)
+    counts = [int(c.shape[0]) for c in max_conf]
+    r = max(counts, default=0)
+    dev = max_conf[0].device if b else torch.device("cpu")
+    k = min(max_boxes, r)
+    if b == 0 or k == 0:
+        return torch.zeros((b, 0), dtype=torch.int64, device=dev), torch.zeros(b, dtype=torch.int64, device=dev)
+    dtype = max_conf[0].dtype
+    conf = torch.full((b, r), -1.0, dtype=dtype, device=dev)  # confidences are >= 0; -1 = padding
+    valid = torch.zeros((b, r), dtype=torch.bool, device=dev)
+    for i, c in enumerate(max_conf):
+        conf[i, : counts[i]] = c
+        valid[i, : counts[i]].fill_(True)
+    above = valid & (conf >= conf_thresh)
+    n_above = above.sum(dim=1)
+    by_conf = torch.sort(conf, dim=1, descending=True, stable=True).indices  # padding ranks last
+    pos = torch.arange(r, device=dev).expand(b, r)
+    rank = torch.empty_like(by_conf).scatter_(1, by_conf, pos)
+    in_range = (n_above >= min_boxes) & (n_above <= max_boxes)
+    n_top = torch.where(n_above < min_boxes, min_boxes, max_boxes)
+    keep = torch.where(in_range[:, None], above, valid & (rank < n_top[:, None]))
+    order_key = torch.where(in_range[:, None], pos, rank)  # proposal order, or confidence order
+    order_key = torch.where(keep, order_key, order_key + r)  # dropped boxes after every kept one
+    idx = torch.sort(order_key, dim=1, stable=True).indices[:, :k]
+    return idx, keep.sum(dim=1)

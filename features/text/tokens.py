@@ -57,9 +57,9 @@ def encode_texts(
 
 def load_records(manifest: Any, dataset_name: str) -> Any:
     """The dataset's records through the MRHP reader (imported lazily: it is another package)."""
-    from pipeline.datasets.mrhp import load_dataset
+    from features.records_cache import load_dataset_once
 
-    return load_dataset(manifest.dataset(dataset_name))
+    return load_dataset_once(manifest.dataset(dataset_name))  # once per command, shared by the stages
 
 
 def records_loader(manifest: Any, dataset_name: str, records: Any = None) -> Any:
@@ -112,10 +112,10 @@ class TokensStage:
         store_root: Path | None,
     ) -> None:
         check_language(language)
-        if params.max_len < 1 or params.min_freq < 1:
+        if params.max_len < 1 or params.min_freq < 1 or params.n_process < 1:
             raise StageError(
-                f"tokens: max_len and min_freq must be >= 1, got max_len={params.max_len}, "
-                f"min_freq={params.min_freq}"
+                f"tokens: max_len, min_freq and n_process must be >= 1, got max_len={params.max_len}, "
+                f"min_freq={params.min_freq}, n_process={params.n_process}"
             )
         self.params = params
         self.language = language
@@ -129,6 +129,7 @@ class TokensStage:
         # folder of segments serves successive vocabularies and unchanged items are reused.
         p = dataclasses.asdict(self.params)
         p.pop("batch_size")  # does not change any output
+        p.pop("n_process", None)  # neither does the number of tokenizing processes
         return stage_fingerprint(
             self.name, {**p, "language": self.language, "tokenizer": tokenizer_id(self.language)},
             code_version=CODE_VERSION,
@@ -168,7 +169,9 @@ class TokensStage:
 
     def run(self, items: Sequence[WorkItem]) -> Iterator[Record]:
         texts = [it.source[1] for it in items]
-        for it, toks in zip(items, tokenize(texts, self.language, batch_size=self.params.batch_size)):
+        toks_iter = tokenize_parallel(texts, self.language, batch_size=self.params.batch_size,
+                                      n_process=self.params.n_process)
+        for it, toks in zip(items, toks_iter):
             fld, _, vfp = it.source
             vocabs = self._vocabularies_for(vfp)
             ids, pos = vocabs.field(fld).encode(toks, self.params.max_len)
@@ -194,6 +197,46 @@ def build_stage(manifest: Any, dataset_name: str, *, records: Any = None) -> Tok
         records_loader=records_loader(manifest, dataset_name, records),
         store_root=Path(manifest.store_root),
     )
+
+
+# --------------------------------------------------------------------------- n_process
+
+_POOL_CHUNK = 1000  # texts per task handed to a tokenizing process
+_pools: dict[tuple[str, int], Any] = {}
+_pools_lock = __import__("threading").Lock()
+
+
+def _tokenize_chunk(args: tuple[list[str], str, int]) -> list[list[str]]:
+    texts, language, batch_size = args
+    return list(tokenize(texts, language, batch_size=batch_size))
+
+
+def _pool(language: str, n_process: int):
+    """A persistent pool of `n_process` tokenizing processes per language (spawned once per
+    process, reused by every chunk; spawn, not fork: the flow process runs threads)."""
+    import atexit
+    import multiprocessing as mp
+
+    with _pools_lock:
+        pool = _pools.get((language, n_process))
+        if pool is None:
+            pool = mp.get_context("spawn").Pool(n_process)
+            _pools[(language, n_process)] = pool
+            atexit.register(pool.terminate)
+        return pool
+
+
+def tokenize_parallel(texts: Sequence[str], language: str, *, batch_size: int = 512,
+                      n_process: int = 1) -> Iterator[list[str]]:
+    """`tokenize` over `n_process` processes (1: in this process), in input order. spaCy's
+    tokenizer is single-threaded and pure Python-bound, so it scales with processes; each
+    process loads the pipeline once. The tokens are the same whatever n_process."""
+    if n_process <= 1 or len(texts) <= _POOL_CHUNK:
+        yield from tokenize(texts, language, batch_size=batch_size)
+        return
+    chunks = [(list(texts[i:i + _POOL_CHUNK]), language, batch_size) for i in range(0, len(texts), _POOL_CHUNK)]
+    for toks in _pool(language, n_process).imap(_tokenize_chunk, chunks):
+        yield from toks
 
 
 @dataclasses.dataclass(frozen=True)
