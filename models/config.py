@@ -111,7 +111,16 @@ def _resolve_model_cfg(cfg: TrainConfig) -> TrainConfig:
     record = model_config(cfg.model, cfg.model_cfg)
     if record is None:
         return cfg
-    return dataclasses.replace(cfg, model_cfg=MappingProxyType(to_mapping(record)))
+    resolved = to_mapping(record)
+    # Fields the data decides (the word vectors' width, a test vocabulary's size) stay unset unless
+    # the user set them: the model takes them from the matrices it is given when it is built.
+    for name in DATA_DERIVED_FIELDS:
+        if name not in cfg.model_cfg:
+            resolved.pop(name, None)
+    return dataclasses.replace(cfg, model_cfg=MappingProxyType(resolved))
+
+
+DATA_DERIVED_FIELDS = ("embed_dim", "vocab_size")
 
 
 def train_config(mapping: Mapping[str, Any] | None = None) -> TrainConfig:

@@ -362,6 +362,8 @@ class Trainer:
             **self.record,
             "model": self.cfg.model, "dataset": self.cfg.dataset or self.data.name,
             "preset": self.cfg.preset, "model_cfg": to_mapping(self.cfg.model_cfg),
+            # the word-vector matrices the model was built on (embed_dim follows their width)
+            "word_vectors": {k: list(np.shape(v)) for k, v in (self.data.embeddings or {}).items()},
             "threshold": self.threshold, "seed": self.cfg.seed, "status": status,
             "best_epoch": self.best_epoch, "best_dev": self.best_dev, "epochs_done": self.epoch,
             "trainable_parameters": sum(p.numel() for p in self.params),

@@ -44,8 +44,9 @@ def test_run_json_records_provenance_and_view_fingerprints(stored, tmp_path):
     train(_cfg(data), bundle, tmp_path / "r" / "seed0", progress_bar=False, record={"run": "r"})
     meta = json.loads((tmp_path / "r/seed0/run.json").read_text())
     assert meta["status"] == "done" and meta["preset"] == "paper" and meta["run"] == "r"
-    assert meta["model_cfg"] == {"hidden": 4, "mlp_hidden": 4, "dropout": 0.1, "finetune_embeddings": False,
-                                 "vocab_size": None, "embed_dim": 300}
+    # embed_dim / vocab_size come from the word vectors unless set: recorded as their shapes
+    assert meta["model_cfg"] == {"hidden": 4, "mlp_hidden": 4, "dropout": 0.1, "finetune_embeddings": False}
+    assert set(meta["word_vectors"]) == {"prd", "rvw"} and len(meta["word_vectors"]["rvw"]) == 2
     assert meta["git"]["commit"] is None or re.fullmatch(r"[0-9a-f]{40}", meta["git"]["commit"])
     assert meta["git"]["dirty"] in (True, False, None)
     assert meta["packages"]["torch"] == torch.__version__.split("+")[0] or meta["packages"]["torch"] == torch.__version__
