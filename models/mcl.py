@@ -22,11 +22,17 @@ Readings taken where the paper is silent or ambiguous (also in docs/fidelity.md,
   * Products have several reviews, and eta of a product stream contains the review streams,
     so the product streams are computed once per review ("aligned to each review"): H_p and V_p
     are (R, L, d) tensors, one copy per review of the batch.
+  * W_emb (Eq. 2-3): the store keeps separate product and review vocabularies (MCR's data
+    format), so there are two tables, each initialised from the same word vectors; LSTM_p and
+    LSTM_r are separate as the equations write them. The image encoders of Eq. 4 are separate
+    for products and reviews too (A_p, A_r; the paper does not say whether they share weights).
   * CM (Eq. 5-8) is single-head scaled dot-product attention with bias-free W_Q, W_K, W_V and no
-    output projection (`interaction_heads: 1`); every CM, LN and Linear has its own parameters
-    per stream and per layer; LN(X_eta) is one LayerNorm over the concatenated eta.
+    output projection (`interaction_heads: 1`), with dropout (`dropout`) on its attention
+    weights (paper silent); every CM, LN and Linear has its own parameters per stream and per
+    layer; LN(X_eta) is one LayerNorm over the concatenated eta.
   * SelfAttn (Eq. 4, 15-16, 18-19, 23-24) is one post-norm Transformer encoder layer (Vaswani
-    et al.): x = LN(x + MHA(x)); x = LN(x + FFN(x)), FFN width 4d, `heads` heads (4).
+    et al.): x = LN(x + MHA(x)); x = LN(x + FFN(x)), FFN width 4d, `heads` heads (4); each of
+    the six fusion relations has its own SelfAttn.
   * "[., .]" concatenates along the token axis; real tokens are packed to the front so the CNN
     of Eq. 17 sees one contiguous sequence [H_intraM tokens, V_intraM tokens]. The CNN is one
     Conv1d(d, d, kernel 3, same padding) + ReLU; pools are masked (padding never counts).
@@ -34,8 +40,11 @@ Readings taken where the paper is silent or ambiguous (also in docs/fidelity.md,
     `helpful_threshold`, which defaults to the dataset's relevance threshold (the one MAP and
     NDCG use), handed to the model by the trainer through `set_dataset_threshold`. The
     pairs (t1, t2) are the 6 unordered pairs of distinct elements of {h_p, h_r, v_p, v_r}
-    (sim is symmetric and the negative sum runs over j != k both ways, so ordered pairs would
-    only double every term); their losses are summed. For one pair type, samples whose t1 or
+    ("t1, t2 in {h_p, h_r, v_p, v_r}"; the paper calls all four "cross-modal features", the
+    outputs of the cross-modal module, and Tables 7-8 credit the contrastive term with the
+    intra-modal relations too, so the text-text and image-image pairs are kept, not only the
+    four text-image pairs); sim is symmetric and the negative sum runs over j != k both ways,
+    so ordered pairs would only double every term; the 6 losses are summed. For one pair type, samples whose t1 or
     t2 has no real token/ROI (a review without images) are left out of that pair's sum: a
     zero vector has no direction, and its cosine would be arbitrary.
   * Eq. 32-33 are sums, not means, exactly as written; the weights eps_p, eps_n are not
