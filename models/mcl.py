@@ -124,9 +124,12 @@ RELATIONS = {  # Tables 7-8: relation group -> its two token-set pairs
 # The contrastive loss (Eq. 32-33, Theorem 1)
 # ---------------------------------------------------------------------------------------------
 def cosine_matrix(t1: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
-    """sim[j, k] = cos(t1_j, t2_k) for t1 (B, d), t2 (B, d) -> (B, B), in float32."""
-    a = t1.float() / t1.float().norm(dim=-1, keepdim=True).clamp(min=1e-8)
-    b = t2.float() / t2.float().norm(dim=-1, keepdim=True).clamp(min=1e-8)
+    """sim[j, k] = cos(t1_j, t2_k) for t1 (B, d), t2 (B, d) -> (B, B), in float32 (float64
+    inputs stay float64, e.g. for gradcheck)."""
+    dtype = torch.promote_types(torch.promote_types(t1.dtype, t2.dtype), torch.float32)
+    a, b = t1.to(dtype), t2.to(dtype)
+    a = a / a.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+    b = b / b.norm(dim=-1, keepdim=True).clamp(min=1e-8)
     return a @ b.T
 
 
@@ -451,6 +454,8 @@ def _check(c: MCLConfig) -> None:
         raise ConfigError("model.mcl: hidden, heads and interaction_heads must be positive")
     if c.interaction_layers < 0 or c.roi_self_attention_layers < 0:
         raise ConfigError("model.mcl: interaction_layers and roi_self_attention_layers must be >= 0")
+    if not 0.0 <= c.dropout < 1.0:
+        raise ConfigError(f"model.mcl.dropout: expected a probability in [0, 1), got {c.dropout}")
     if c.contrastive_weight < 0:
         raise ConfigError(f"model.mcl.contrastive_weight: expected >= 0, got {c.contrastive_weight}")
     if c.helpful_threshold is not None and c.helpful_min_label is not None:

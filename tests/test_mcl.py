@@ -102,6 +102,17 @@ def test_weights_are_differentiated_not_detached():
     assert math.isclose(float(th.grad), math.sqrt(3) / 2, rel_tol=1e-5)
 
 
+def test_float64_inputs_pass_gradcheck():
+    # the public function keeps float64 (no silent float32 cast), so gradcheck can verify the
+    # gradient of Eq. 33 (weights in the graph) and Eq. 32 against finite differences
+    g = torch.Generator().manual_seed(1)
+    t1 = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    t2 = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert adaptive_contrastive_loss(t1, t2).dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda a, b: adaptive_contrastive_loss(a, b, o_n=-1.0), (t1, t2))
+    assert torch.autograd.gradcheck(lambda a, b: adaptive_contrastive_loss(a, b, adaptive=False), (t1, t2))
+
+
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="B, d"):
         adaptive_contrastive_loss(torch.zeros(3, 2), torch.zeros(2, 2))
@@ -361,6 +372,8 @@ def test_bad_settings_are_config_errors():
         _tiny(helpful_min_label=2.0)
     with pytest.raises(ConfigError, match="cnn_kernel"):
         _tiny(cnn_kernel=2)
+    with pytest.raises(ConfigError, match="model.mcl.dropout"):
+        _tiny(dropout=1.5)
 
 
 # --- Tables 7-8 ------------------------------------------------------------------------------------
@@ -384,6 +397,39 @@ def test_relation_distances_hand_values():
     assert math.isclose(d[4.0]["intra-review"]["CS"], 0.0, abs_tol=1e-6)
     assert math.isclose(d[4.0]["intra-review"]["L2"], 1.0, abs_tol=1e-6)
     assert d[4.0]["inter-modal"]["n"] == 1
+
+
+def test_relation_distances_mean_over_real_token_pairs_and_std_over_samples():
+    model = _tiny()
+    t = lambda rows: torch.tensor(rows)  # noqa: E731
+    m = lambda rows: torch.tensor(rows)  # noqa: E731
+
+    def encode(batch):
+        # three reviews, all label 4; review 3 has no review image (left out), padding is 9s/5s/7s
+        return {"hp": (t([[[1.0, 0.0], [0.0, 1.0], [9.0, 9.0]], [[1.0, 0.0], [5.0, 5.0], [5.0, 5.0]],
+                          [[1.0, 0.0], [5.0, 5.0], [5.0, 5.0]]]),
+                       m([[True, True, False], [True, False, False], [True, False, False]])),
+                "hr": (t([[[1.0, 0.0]]] * 3), m([[True]] * 3)),
+                "vp": (t([[[2.0, 0.0]], [[1.0, 0.0]], [[1.0, 0.0]]]), m([[True]] * 3)),
+                "vr": (t([[[0.0, 3.0]], [[1.0, 0.0]], [[7.0, 7.0]]]), m([[True], [True], [False]]))}
+
+    model.encode = encode
+    batch = make_batch(products=1, reviews_per_product=3)
+    batch.labels = torch.tensor([4.0, 4.0, 4.0])
+    d = relation_distances(model, [batch], labels=(4,))[4.0]
+    # review 1, (hp, hr): token pairs (1,0)-(1,0): CS 0, L2 0; (0,1)-(1,0): CS 1, L2 sqrt 2
+    #   -> CS 0.5, L2 sqrt2/2; (vp, vr): (2,0)-(0,3): CS 1, L2 sqrt 13
+    #   -> intra-modal CS 0.75, L2 (sqrt2/2 + sqrt13)/2. Review 2: every token (1,0): 0, 0.
+    #   mean over the 2 samples and population std: 0.375 +- 0.375
+    l2 = (math.sqrt(2) / 2 + math.sqrt(13)) / 2
+    im = d["intra-modal"]
+    assert im["n"] == 2
+    assert math.isclose(im["CS"], 0.375, abs_tol=1e-6) and math.isclose(im["CS_std"], 0.375, abs_tol=1e-6)
+    assert math.isclose(im["L2"], l2 / 2, abs_tol=1e-5) and math.isclose(im["L2_std"], l2 / 2, abs_tol=1e-5)
+    # inter-modal, review 1: (hp, vr): (1,0)-(0,3): CS 1, L2 sqrt 10; (0,1)-(0,3): CS 0, L2 2;
+    # (vp, hr): (2,0)-(1,0): CS 0, L2 1 -> CS 0.25, L2 ((sqrt10 + 2)/2 + 1)/2; review 2: 0
+    assert math.isclose(d["inter-modal"]["CS"], 0.125, abs_tol=1e-6)
+    assert math.isclose(d["inter-modal"]["L2"], ((math.sqrt(10) + 2) / 2 + 1) / 4, abs_tol=1e-5)
 
 
 # --- learning -------------------------------------------------------------------------------------
