@@ -70,7 +70,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -82,7 +81,7 @@ import torch.nn.functional as F
 
 from models.batch import Batch, ModelOutput
 from models.layers import NEG_INF, MaskedMultiheadAttention, RNNEncoder, embedding_pair, masked_mean, \
-    masked_softmax, with_embed_dim
+    with_embed_dim
 from models.registry import register_model
 from pipeline.config import from_mapping
 from pipeline.errors import ConfigError, TrainingError
@@ -184,16 +183,44 @@ def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.any(1, keepdim=True), out, torch.zeros_like(out))
 
 
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,
+                     dropout: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d_k)) v over the keys where key_mask (B, Lk) is True, dropout on the
+    weights when `dropout` > 0; q (B, h, Lq, dk), k, v (B, h, Lk, dk) -> (B, h, Lq, dk). Rows of
+    key_mask without a True attend to nothing and give zeros. The same values as
+    masked_softmax(q k^T / sqrt(d_k)) @ v (tests/test_mcl.py pins it), through the fused
+    F.scaled_dot_product_attention: the (Lq, Lk) weights are not kept for backward, which is most
+    of a training step's memory at the paper's sizes (docs/benchmarks.md, MCL)."""
+    has = key_mask.any(-1)  # (B,)
+    mask = (key_mask | ~has.unsqueeze(-1))[:, None, None, :]  # an all-False row would give NaN
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    return out * has[:, None, None, None].to(out.dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # Modules
 # ---------------------------------------------------------------------------------------------
+class FusedMultiheadAttention(MaskedMultiheadAttention):
+    """MaskedMultiheadAttention (same parameters, names and initialisation) computed with
+    `masked_attention`; the selective-attention `pair_weights` of SANCL are not supported."""
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor) -> torch.Tensor:
+        B, Lq, H = q.shape
+        Lk, h = kv.shape[1], self.heads
+        Q = self.q(q).view(B, Lq, h, H // h).transpose(1, 2)  # (B, h, Lq, d)
+        K = self.k(kv).view(B, Lk, h, H // h).transpose(1, 2)  # (B, h, Lk, d)
+        V = self.v(kv).view(B, Lk, h, H // h).transpose(1, 2)  # (B, h, Lk, d)
+        out = masked_attention(Q, K, V, kv_mask, self.drop.p if self.training else 0.0)
+        return self.o(out.transpose(1, 2).reshape(B, Lq, H))
+
+
 class SelfAttn(nn.Module):
     """SelfAttn (Vaswani et al.): x = LN(x + MHA(x, x)); x = LN(x + FFN(x)) over the real
     positions of `mask`; padded positions come out as zeros."""
 
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
-        self.att = MaskedMultiheadAttention(dim, heads, dropout)
+        self.att = FusedMultiheadAttention(dim, heads, dropout)
         self.ln1 = nn.LayerNorm(dim)
         self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Dropout(dropout),
                                 nn.Linear(4 * dim, dim))
@@ -242,9 +269,8 @@ class CrossModalAttention(nn.Module):
         q = self.w_q(x_gamma).view(B, Lq, h, d // h).transpose(1, 2)  # (B, h, Lq, dk)
         k = self.w_k(x_eta).view(B, Lk, h, d // h).transpose(1, 2)  # (B, h, Lk, dk)
         v = self.w_v(x_eta).view(B, Lk, h, d // h).transpose(1, 2)  # (B, h, Lk, dk)
-        att = masked_softmax(q @ k.transpose(-1, -2) / math.sqrt(d // h), eta_mask[:, None, None, :])
-        z = self.drop(att.to(v.dtype)) @ v  # Eq. 8, (B, h, Lq, dk)
-        return z.transpose(1, 2).reshape(B, Lq, d)
+        z = masked_attention(q, k, v, eta_mask, self.drop.p if self.training else 0.0)  # Eq. 8
+        return z.transpose(1, 2).reshape(B, Lq, d)  # (B, Lq, d)
 
 
 class InteractionLayer(nn.Module):

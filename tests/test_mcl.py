@@ -165,6 +165,64 @@ def test_interaction_module_keeps_x_eta_fixed_and_uses_the_other_three_streams()
                                                      "ap": (1, 1, 4), "ar": (1, 2, 4)}
 
 
+# --- the fused attention kernel changes no value ------------------------------------------------
+def test_masked_attention_equals_the_softmax_formula_and_zeroes_keyless_rows():
+    from models.layers import masked_softmax
+    from models.mcl import masked_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 4, 8, generator=g) for _ in range(3))
+    mask = torch.tensor([[True, True, False, False, True], [False] * 5, [True] * 5])
+    k, v = k.repeat(1, 1, 2, 1)[:, :, :5], v.repeat(1, 1, 2, 1)[:, :, :5]
+    ref = masked_softmax(q @ k.transpose(-1, -2) / math.sqrt(8), mask[:, None, None, :]) @ v
+    got = masked_attention(q, k, v, mask, 0.0)
+    assert torch.allclose(got, ref, atol=1e-6)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))  # no key: zeros, not NaN
+    # dropout on the weights (training): inverted dropout keeps the expectation
+    torch.manual_seed(0)
+    drawn = torch.stack([masked_attention(q, k, v, mask, 0.5) for _ in range(4000)])
+    assert not torch.allclose(drawn[0], ref, atol=1e-3)
+    assert torch.allclose(drawn.mean(0), ref, atol=0.1)
+
+
+def _reference_cm(self, x_gamma, x_eta, eta_mask):
+    """Eq. 8 written out: softmax(Q K^T / sqrt(d_k)) V over the real eta tokens (one head)."""
+    from models.layers import masked_softmax
+
+    q, k, v = self.w_q(x_gamma), self.w_k(x_eta), self.w_v(x_eta)
+    att = masked_softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), eta_mask[:, None, :])
+    return att @ v
+
+
+def test_fused_attention_leaves_scores_losses_and_gradients_unchanged(monkeypatch):
+    from models.layers import MaskedMultiheadAttention
+    from models.mcl import CrossModalAttention, FusedMultiheadAttention
+
+    # product 1 without images, reviews 0 and 5 without images: all-masked key rows occur
+    batch = make_batch(empty_review_rois=(0, 5), empty_product_rois=(1,))
+
+    def run():
+        model = _tiny(interaction_heads=1)
+        model.train()  # dropout 0 in TINY
+        out = model(batch)
+        loss = out.scores.square().sum() + out.aux_losses["contrastive"]
+        loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    out, grads = run()
+    with monkeypatch.context() as mp:  # the masked-softmax formulation the model had before
+        mp.setattr(FusedMultiheadAttention, "forward",
+                   lambda self, q, kv, m: MaskedMultiheadAttention.forward(self, q, kv, m))
+        mp.setattr(CrossModalAttention, "forward", _reference_cm)
+        ref, ref_grads = run()
+    assert torch.isfinite(out.scores).all()
+    assert torch.allclose(out.scores, ref.scores, atol=1e-5)
+    assert torch.allclose(out.aux_losses["contrastive"], ref.aux_losses["contrastive"], atol=1e-5)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 10
+    for n in grads:
+        assert torch.allclose(grads[n], ref_grads[n], atol=1e-5, rtol=1e-4), n
+
+
 # --- Eq. 15-27: the fusion paths' pooling --------------------------------------------------------
 class _Identity(torch.nn.Module):
     def forward(self, x, mask):
