@@ -93,7 +93,8 @@ def step_job(store_root: str, products: int, preset: str, steps: int, batch_prod
             model.train()
             out = model(b)
             loss = ranking_loss(out.scores, b.labels, b.instances, b.instance_weights,
-                                margin=t.get("margin", "label"), fixed_margin=t.get("fixed_margin", 1.0))
+                                margin=t.get("margin", "label"), fixed_margin=t.get("fixed_margin", 1.0),
+                                reduction=t.get("ranking_reduction", "mean"))
             loss = loss + sum(out.aux_losses.values())
             opt.zero_grad()
             loss.backward()

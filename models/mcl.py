@@ -16,7 +16,8 @@
      -> mean-pool; z_final = [z_intraM, z_interM, z_intraR]; score = Linear(z_final);
   4. the adaptive cross-modal contrastive loss (Eq. 30-33) over max-pooled h_p, h_r, v_p, v_r
      of the helpful product-review pairs of the batch, returned as the aux loss `contrastive`;
-     the trainer adds the ranking loss (Eq. 34), giving Eq. 35.
+     the trainer adds the ranking loss (Eq. 34, summed over the pairs under the `paper`
+     preset: `ranking_reduction: sum`), giving Eq. 35.
 
 Readings taken where the paper is silent or ambiguous (also in docs/fidelity.md, MCL section):
   * Products have several reviews, and eta of a product stream contains the review streams,
@@ -386,12 +387,14 @@ class MCL(nn.Module):
     def preset(cls, name: str, *, category: str | None = None) -> dict:
         """{"model_cfg": ..., "train": ...} of a named preset (see PRESET_NAMES). `paper`: the
         equations (MCLConfig defaults) and Sec. 4.2's protocol: batch size 32 (read as 32
-        products per batch), hinge margin 1 (Eq. 34 with beta = 1), negatives any review with
-        a lower label drawn uniformly ("random reviews"). `code`: the public release's readable
-        trainer and configs. The three ablation presets are Table 6's rows. `category` is
+        products per batch), hinge margin 1 (Eq. 34 with beta = 1) summed over the pairs as
+        Eq. 34 prints it (like the sums of Eq. 32-33, so Eq. 35 weighs them as written),
+        negatives any review with a lower label drawn uniformly ("random reviews"). `code`:
+        the public release's readable trainer and configs, with the shipped hinge averaged
+        over instances (REFERENCE.md section 4; the trainer's default). The three ablation presets are Table 6's rows. `category` is
         accepted for the shared contract; MCL's presets are the same for every category."""
         paper_train = {"batch_products": 32, "margin": "fixed", "fixed_margin": 1.0,
-                       "negative_weights": "none", "min_gap": 1.0}
+                       "negative_weights": "none", "min_gap": 1.0, "ranking_reduction": "sum"}
         # every model field spelled out (so a run's saved config shows them), except the sizes
         # that come from the data: vocab_size and embed_dim (the word vectors' width)
         paper = {f.name: getattr(MCLConfig(), f.name) for f in dataclasses.fields(MCLConfig)

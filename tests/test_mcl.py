@@ -333,6 +333,36 @@ def test_total_loss_as_the_trainer_assembles_it():
     assert model(batch).aux_losses == {}
 
 
+def test_eq34_is_a_sum_under_the_paper_preset():
+    # scores (1.2, 1, 0.5, 0.9), labels (4, 1, 3, 0); instances (0 | 1, 3), (2 | 1, 3), beta = 1:
+    # instance 0: max(0, 1 - 0.2) + max(0, 1 - 0.3) = 1.5; instance 2: (1 + 0.5) + (1 + 0.4) = 2.9
+    # Eq. 34 as printed: 1.5 + 2.9 = 4.4; the trainer's default mean: 2.2
+    s = torch.tensor([1.2, 1.0, 0.5, 0.9])
+    y = torch.tensor([4.0, 1.0, 3.0, 0.0])
+    inst = torch.tensor([[0, 1, 3], [2, 1, 3]])
+    assert math.isclose(float(ranking_loss(s, y, inst, margin="fixed", reduction="sum")), 4.4, abs_tol=1e-6)
+    assert math.isclose(float(ranking_loss(s, y, inst, margin="fixed")), 2.2, abs_tol=1e-6)
+    for name in ("paper", *MCL.ABLATIONS):  # Eq. 35 = the sum of Eq. 33 + the sum of Eq. 34
+        assert train_config(MCL.preset(name)["train"]).ranking_reduction == "sum"
+    assert train_config(MCL.preset("code")["train"]).ranking_reduction == "mean"
+    with pytest.raises(ConfigError, match="ranking_reduction"):
+        train_config({"ranking_reduction": "max"})
+
+
+def test_trainer_sums_the_hinge_when_the_config_says_so(tmp_path, monkeypatch):
+    import models.trainer as tr
+    from models.synthetic import make_synthetic, synthetic_train_config
+
+    seen = []
+    real = tr.ranking_loss
+    monkeypatch.setattr(tr, "ranking_loss", lambda *a, **k: seen.append(k.get("reduction")) or real(*a, **k))
+    data = make_synthetic(n_products=6, seed=0, threshold=2.0)
+    cfg = synthetic_train_config("mcl", data, {"epochs": 1, "ranking_reduction": "sum", "model_cfg": {
+        "embed_dim": 16, "roi_dim": 32, "hidden": 8, "heads": 2, "interaction_layers": 1}})
+    tr.Trainer(cfg, data.bundle, tmp_path / "run")._train_epoch()
+    assert seen and set(seen) == {"sum"}
+
+
 def test_only_helpful_pairs_enter_the_contrastive_loss():
     model = _tiny()
     model.train()
