@@ -8,7 +8,10 @@ store views. Each preset runs in a fresh forked process: batches are loaded firs
 `--steps` timed training steps (forward, ranking + contrastive loss, backward, Adam) after one
 warm-up step, with the preset's model config and its ranking margin. Prints step time,
 reviews/s, the peak RSS of the process and how much it grew during the steps (activations,
-gradients, Adam state).
+gradients, Adam state), then the mean time of an inference forward (eval mode, no graph) over
+the same batches. Wall-clock step times on the shared 2-core VM swing several-fold with the
+other jobs' load; the CPU seconds of the process (time.process_time, all threads) are the
+load-independent figure: wall ~ CPU s / (cores this process actually gets).
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/mcl.py [--products 24] [--steps 3] [--batch-products 2]
 
@@ -80,29 +83,40 @@ def step_job(store_root: str, products: int, preset: str, steps: int, batch_prod
                                   min_gap=t.get("min_gap", 2.0),
                                   weight_mode=t.get("negative_weights", "sampling"))
         rng = np.random.default_rng(0)
-        times, revs = [], 0
+        times, cpu, revs = [], [], 0
         rss0 = _rss_mib()
         for i, b in enumerate(batches):
             inst = sampler.sample(b.labels.numpy(), b.rev_product.numpy(), rng)
             b.instances = torch.from_numpy(inst.index)
             b.instance_weights = torch.from_numpy(inst.weights)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             model.train()
             out = model(b)
             loss = ranking_loss(out.scores, b.labels, b.instances, b.instance_weights,
-                                margin=t.get("margin", "label"), fixed_margin=t.get("fixed_margin", 1.0))
+                                margin=t.get("margin", "label"), fixed_margin=t.get("fixed_margin", 1.0),
+                                reduction=t.get("ranking_reduction", "mean"))
             loss = loss + sum(out.aux_losses.values())
             opt.zero_grad()
             loss.backward()
             opt.step()
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             if i > 0:  # the first step warms up allocators
                 times.append(dt)
+                cpu.append(dc)
                 revs += b.num_reviews
+        grew_train = _peak_mib() - rss0
+        model.eval()  # inference forwards (no dropout, no graph) over the same batches
+        with torch.no_grad():
+            model(batches[0])
+            c0 = time.process_time()
+            for b in batches[1:]:
+                model(b)
+            eval_cpu = (time.process_time() - c0) / max(len(batches) - 1, 1)
         q.put({"preset": preset, "steps": len(times), "step_s": float(np.mean(times)),
+               "step_cpu_s": float(np.mean(cpu)), "eval_cpu_s": eval_cpu,
                "reviews_per_s": revs / sum(times), "params_wo_emb": count_parameters(model),
                "trainable": sum(x.numel() for x in params), "peak_mib": _peak_mib(),
-               "grew_mib": _peak_mib() - rss0, "layers": model.config.interaction_layers})
+               "grew_mib": grew_train, "layers": model.config.interaction_layers})
     except Exception as e:  # report and go on
         q.put({"preset": preset, "error": f"{type(e).__name__}: {e}"})
 
@@ -161,15 +175,16 @@ def main(argv=None) -> int:
               f"reviews, store written in {time.perf_counter() - t0:.1f} s")
         del data
         print(f"\n| MCL preset (train step, {args.batch_products} products per batch) | D | step s | reviews/s | "
-              f"params w/o embeddings | trainable | peak RSS MiB | RSS growth in steps MiB |")
-        print("|---|---|---|---|---|---|---|---|")
+              f"params w/o embeddings | trainable | peak RSS MiB | RSS growth in steps MiB | step CPU s | eval forward CPU s |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for preset in args.presets.split(","):
             r = run_child(tmp, args.products, preset, args.steps, args.batch_products)
             if "error" in r:
-                print(f"| {preset} | failed: {r['error']} | | | | | | |")
+                print(f"| {preset} | failed: {r['error']} | | | | | | | | |")
                 continue
             print(f"| {preset} | {r['layers']} | {r['step_s']:.2f} | {r['reviews_per_s']:.0f} | "
-                  f"{r['params_wo_emb']:,} | {r['trainable']:,} | {r['peak_mib']:.0f} | {r['grew_mib']:.0f} |")
+                  f"{r['params_wo_emb']:,} | {r['trainable']:,} | {r['peak_mib']:.0f} | {r['grew_mib']:.0f} | "
+                  f"{r['step_cpu_s']:.2f} | {r['eval_cpu_s']:.2f} |")
     return 0
 
 

@@ -61,6 +61,7 @@ class TrainConfig:
     negative_weights: Literal["loss", "sampling", "none"] = "sampling"  # 1 - label frequency: sampling probability (MCR) or hinge weight
     margin: Literal["label", "fixed"] = "label"  # hinge margin: label difference or fixed_margin
     fixed_margin: float = 1.0
+    ranking_reduction: Literal["mean", "sum"] = "mean"  # hinge over instances: mean, or sum (MCL Eq. 34 as printed)
     grad_clip: float | None = 5.0  # max global grad norm; None disables clipping
     metric: str = "MAP"  # dev metric that picks the best checkpoint and drives the scheduler
     lr_factor: float = 0.5  # ReduceLROnPlateau factor on the dev metric
@@ -92,6 +93,8 @@ def _check(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"max_reviews_per_product: expected >= 2 or null, got {cfg.max_reviews_per_product}")
     if cfg.num_workers < 0 or cfg.patience < 0 or cfg.lr_patience < 0:
         raise ConfigError("num_workers, patience and lr_patience must be >= 0")
+    if cfg.ranking_reduction not in ("mean", "sum"):
+        raise ConfigError(f"ranking_reduction: expected 'mean' or 'sum', got {cfg.ranking_reduction!r}")
     valid_metrics = ["MAP", "MRR", *[f"NDCG@{k}" for k in cfg.ks]]
     if cfg.metric not in valid_metrics:
         raise ConfigError(f"metric: expected one of {', '.join(valid_metrics)}, got {cfg.metric!r}")

@@ -5,7 +5,9 @@ For an instance (positive p, negatives n_1..n_K with weights w_k) the loss is
 with the margin m_k = y_p - y_{n_k} (the label difference: what every shipped config uses,
 the default) or a fixed m (the papers' equation, m = 1). Weights are the sampler's negative
 weights (1 - global label frequency by default; 0 marks padding). The loss is the mean over
-instances; a batch without instances gives a zero that still carries a graph.
+instances (`reduction="mean"`, the default) or their sum (`"sum"`: MCL's Eq. 34 as printed,
+sum_i max(0, beta - f(p, r+) + f(p, r-))); a batch without instances gives a zero that still
+carries a graph.
 """
 from __future__ import annotations
 
@@ -16,10 +18,12 @@ import torch
 
 def ranking_loss(scores: torch.Tensor, labels: torch.Tensor, instances: torch.Tensor,
                  weights: torch.Tensor | None = None, *, margin: Literal["label", "fixed"] = "label",
-                 fixed_margin: float = 1.0) -> torch.Tensor:
+                 fixed_margin: float = 1.0, reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
     """Hinge ranking loss: scores (R,), labels (R,), instances (I, 1+K), weights (I, K)."""
     if margin not in ("label", "fixed"):
         raise ValueError(f"margin must be 'label' or 'fixed', got {margin!r}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if instances.numel() == 0 or instances.shape[0] == 0:
         return scores.sum() * 0.0
     s = scores.float()
@@ -33,4 +37,5 @@ def ranking_loss(scores: torch.Tensor, labels: torch.Tensor, instances: torch.Te
     hinge = torch.clamp(m - diff, min=0.0)  # (I, K)
     if weights is not None:
         hinge = hinge * weights.to(hinge.dtype)
-    return hinge.sum(dim=1).mean()
+    per_instance = hinge.sum(dim=1)  # (I,)
+    return per_instance.sum() if reduction == "sum" else per_instance.mean()

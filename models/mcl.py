@@ -16,17 +16,24 @@
      -> mean-pool; z_final = [z_intraM, z_interM, z_intraR]; score = Linear(z_final);
   4. the adaptive cross-modal contrastive loss (Eq. 30-33) over max-pooled h_p, h_r, v_p, v_r
      of the helpful product-review pairs of the batch, returned as the aux loss `contrastive`;
-     the trainer adds the ranking loss (Eq. 34), giving Eq. 35.
+     the trainer adds the ranking loss (Eq. 34, summed over the pairs under the `paper`
+     preset: `ranking_reduction: sum`), giving Eq. 35.
 
 Readings taken where the paper is silent or ambiguous (also in docs/fidelity.md, MCL section):
   * Products have several reviews, and eta of a product stream contains the review streams,
     so the product streams are computed once per review ("aligned to each review"): H_p and V_p
     are (R, L, d) tensors, one copy per review of the batch.
+  * W_emb (Eq. 2-3): the store keeps separate product and review vocabularies (MCR's data
+    format), so there are two tables, each initialised from the same word vectors; LSTM_p and
+    LSTM_r are separate as the equations write them. The image encoders of Eq. 4 are separate
+    for products and reviews too (A_p, A_r; the paper does not say whether they share weights).
   * CM (Eq. 5-8) is single-head scaled dot-product attention with bias-free W_Q, W_K, W_V and no
-    output projection (`interaction_heads: 1`); every CM, LN and Linear has its own parameters
-    per stream and per layer; LN(X_eta) is one LayerNorm over the concatenated eta.
+    output projection (`interaction_heads: 1`), with dropout (`dropout`) on its attention
+    weights (paper silent); every CM, LN and Linear has its own parameters per stream and per
+    layer; LN(X_eta) is one LayerNorm over the concatenated eta.
   * SelfAttn (Eq. 4, 15-16, 18-19, 23-24) is one post-norm Transformer encoder layer (Vaswani
-    et al.): x = LN(x + MHA(x)); x = LN(x + FFN(x)), FFN width 4d, `heads` heads (4).
+    et al.): x = LN(x + MHA(x)); x = LN(x + FFN(x)), FFN width 4d, `heads` heads (4); each of
+    the six fusion relations has its own SelfAttn.
   * "[., .]" concatenates along the token axis; real tokens are packed to the front so the CNN
     of Eq. 17 sees one contiguous sequence [H_intraM tokens, V_intraM tokens]. The CNN is one
     Conv1d(d, d, kernel 3, same padding) + ReLU; pools are masked (padding never counts).
@@ -34,8 +41,11 @@ Readings taken where the paper is silent or ambiguous (also in docs/fidelity.md,
     `helpful_threshold`, which defaults to the dataset's relevance threshold (the one MAP and
     NDCG use), handed to the model by the trainer through `set_dataset_threshold`. The
     pairs (t1, t2) are the 6 unordered pairs of distinct elements of {h_p, h_r, v_p, v_r}
-    (sim is symmetric and the negative sum runs over j != k both ways, so ordered pairs would
-    only double every term); their losses are summed. For one pair type, samples whose t1 or
+    ("t1, t2 in {h_p, h_r, v_p, v_r}"; the paper calls all four "cross-modal features", the
+    outputs of the cross-modal module, and Tables 7-8 credit the contrastive term with the
+    intra-modal relations too, so the text-text and image-image pairs are kept, not only the
+    four text-image pairs); sim is symmetric and the negative sum runs over j != k both ways,
+    so ordered pairs would only double every term; the 6 losses are summed. For one pair type, samples whose t1 or
     t2 has no real token/ROI (a review without images) are left out of that pair's sum: a
     zero vector has no direction, and its cosine would be arbitrary.
   * Eq. 32-33 are sums, not means, exactly as written; the weights eps_p, eps_n are not
@@ -61,7 +71,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -73,7 +82,7 @@ import torch.nn.functional as F
 
 from models.batch import Batch, ModelOutput
 from models.layers import NEG_INF, MaskedMultiheadAttention, RNNEncoder, embedding_pair, masked_mean, \
-    masked_softmax, with_embed_dim
+    with_embed_dim
 from models.registry import register_model
 from pipeline.config import from_mapping
 from pipeline.errors import ConfigError, TrainingError
@@ -115,9 +124,12 @@ RELATIONS = {  # Tables 7-8: relation group -> its two token-set pairs
 # The contrastive loss (Eq. 32-33, Theorem 1)
 # ---------------------------------------------------------------------------------------------
 def cosine_matrix(t1: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
-    """sim[j, k] = cos(t1_j, t2_k) for t1 (B, d), t2 (B, d) -> (B, B), in float32."""
-    a = t1.float() / t1.float().norm(dim=-1, keepdim=True).clamp(min=1e-8)
-    b = t2.float() / t2.float().norm(dim=-1, keepdim=True).clamp(min=1e-8)
+    """sim[j, k] = cos(t1_j, t2_k) for t1 (B, d), t2 (B, d) -> (B, B), in float32 (float64
+    inputs stay float64, e.g. for gradcheck)."""
+    dtype = torch.promote_types(torch.promote_types(t1.dtype, t2.dtype), torch.float32)
+    a, b = t1.to(dtype), t2.to(dtype)
+    a = a / a.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+    b = b / b.norm(dim=-1, keepdim=True).clamp(min=1e-8)
     return a @ b.T
 
 
@@ -172,16 +184,46 @@ def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.any(1, keepdim=True), out, torch.zeros_like(out))
 
 
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,
+                     dropout: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d_k)) v over the keys where key_mask (B, Lk) is True, dropout on the
+    weights when `dropout` > 0; q (B, h, Lq, dk), k, v (B, h, Lk, dk) -> (B, h, Lq, dk). Rows of
+    key_mask without a True attend to nothing and give zeros. The same values as
+    masked_softmax(q k^T / sqrt(d_k)) @ v (tests/test_mcl.py pins it), through
+    F.scaled_dot_product_attention. Where PyTorch has a fused kernel for the case (CPU without
+    dropout: eval, predict, distances; CUDA's memory-efficient kernel, with dropout too) the
+    (Lq, Lk) weights are not materialised or kept for backward; CPU training with dropout runs
+    its math path, as costly as the written formula (docs/benchmarks.md, MCL review)."""
+    has = key_mask.any(-1)  # (B,)
+    mask = (key_mask | ~has.unsqueeze(-1))[:, None, None, :]  # an all-False row would give NaN
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    return out * has[:, None, None, None].to(out.dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # Modules
 # ---------------------------------------------------------------------------------------------
+class FusedMultiheadAttention(MaskedMultiheadAttention):
+    """MaskedMultiheadAttention (same parameters, names and initialisation) computed with
+    `masked_attention`; the selective-attention `pair_weights` of SANCL are not supported."""
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor) -> torch.Tensor:
+        B, Lq, H = q.shape
+        Lk, h = kv.shape[1], self.heads
+        Q = self.q(q).view(B, Lq, h, H // h).transpose(1, 2)  # (B, h, Lq, d)
+        K = self.k(kv).view(B, Lk, h, H // h).transpose(1, 2)  # (B, h, Lk, d)
+        V = self.v(kv).view(B, Lk, h, H // h).transpose(1, 2)  # (B, h, Lk, d)
+        out = masked_attention(Q, K, V, kv_mask, self.drop.p if self.training else 0.0)
+        return self.o(out.transpose(1, 2).reshape(B, Lq, H))
+
+
 class SelfAttn(nn.Module):
     """SelfAttn (Vaswani et al.): x = LN(x + MHA(x, x)); x = LN(x + FFN(x)) over the real
     positions of `mask`; padded positions come out as zeros."""
 
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
-        self.att = MaskedMultiheadAttention(dim, heads, dropout)
+        self.att = FusedMultiheadAttention(dim, heads, dropout)
         self.ln1 = nn.LayerNorm(dim)
         self.ff = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Dropout(dropout),
                                 nn.Linear(4 * dim, dim))
@@ -230,9 +272,8 @@ class CrossModalAttention(nn.Module):
         q = self.w_q(x_gamma).view(B, Lq, h, d // h).transpose(1, 2)  # (B, h, Lq, dk)
         k = self.w_k(x_eta).view(B, Lk, h, d // h).transpose(1, 2)  # (B, h, Lk, dk)
         v = self.w_v(x_eta).view(B, Lk, h, d // h).transpose(1, 2)  # (B, h, Lk, dk)
-        att = masked_softmax(q @ k.transpose(-1, -2) / math.sqrt(d // h), eta_mask[:, None, None, :])
-        z = self.drop(att.to(v.dtype)) @ v  # Eq. 8, (B, h, Lq, dk)
-        return z.transpose(1, 2).reshape(B, Lq, d)
+        z = masked_attention(q, k, v, eta_mask, self.drop.p if self.training else 0.0)  # Eq. 8
+        return z.transpose(1, 2).reshape(B, Lq, d)  # (B, Lq, d)
 
 
 class InteractionLayer(nn.Module):
@@ -348,12 +389,14 @@ class MCL(nn.Module):
     def preset(cls, name: str, *, category: str | None = None) -> dict:
         """{"model_cfg": ..., "train": ...} of a named preset (see PRESET_NAMES). `paper`: the
         equations (MCLConfig defaults) and Sec. 4.2's protocol: batch size 32 (read as 32
-        products per batch), hinge margin 1 (Eq. 34 with beta = 1), negatives any review with
-        a lower label drawn uniformly ("random reviews"). `code`: the public release's readable
-        trainer and configs. The three ablation presets are Table 6's rows. `category` is
+        products per batch), hinge margin 1 (Eq. 34 with beta = 1) summed over the pairs as
+        Eq. 34 prints it (like the sums of Eq. 32-33, so Eq. 35 weighs them as written),
+        negatives any review with a lower label drawn uniformly ("random reviews"). `code`:
+        the public release's readable trainer and configs, with the shipped hinge averaged
+        over instances (REFERENCE.md section 4; the trainer's default). The three ablation presets are Table 6's rows. `category` is
         accepted for the shared contract; MCL's presets are the same for every category."""
         paper_train = {"batch_products": 32, "margin": "fixed", "fixed_margin": 1.0,
-                       "negative_weights": "none", "min_gap": 1.0}
+                       "negative_weights": "none", "min_gap": 1.0, "ranking_reduction": "sum"}
         # every model field spelled out (so a run's saved config shows them), except the sizes
         # that come from the data: vocab_size and embed_dim (the word vectors' width)
         paper = {f.name: getattr(MCLConfig(), f.name) for f in dataclasses.fields(MCLConfig)
@@ -442,6 +485,8 @@ def _check(c: MCLConfig) -> None:
         raise ConfigError("model.mcl: hidden, heads and interaction_heads must be positive")
     if c.interaction_layers < 0 or c.roi_self_attention_layers < 0:
         raise ConfigError("model.mcl: interaction_layers and roi_self_attention_layers must be >= 0")
+    if not 0.0 <= c.dropout < 1.0:
+        raise ConfigError(f"model.mcl.dropout: expected a probability in [0, 1), got {c.dropout}")
     if c.contrastive_weight < 0:
         raise ConfigError(f"model.mcl.contrastive_weight: expected >= 0, got {c.contrastive_weight}")
     if c.helpful_threshold is not None and c.helpful_min_label is not None:

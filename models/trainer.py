@@ -271,7 +271,8 @@ class Trainer:
             with _autocast(self.device, cfg.autocast):
                 out = self.model(b)
             rank = ranking_loss(out.scores.float(), b.labels, b.instances, b.instance_weights,
-                                margin=cfg.margin, fixed_margin=cfg.fixed_margin)
+                                margin=cfg.margin, fixed_margin=cfg.fixed_margin,
+                                reduction=cfg.ranking_reduction)
             aux = {k: v.float() for k, v in out.aux_losses.items()}
             loss = rank + sum(aux.values()) if aux else rank
             # one host sync for every logged value of the step (was one per value plus the check)

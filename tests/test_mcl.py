@@ -102,6 +102,17 @@ def test_weights_are_differentiated_not_detached():
     assert math.isclose(float(th.grad), math.sqrt(3) / 2, rel_tol=1e-5)
 
 
+def test_float64_inputs_pass_gradcheck():
+    # the public function keeps float64 (no silent float32 cast), so gradcheck can verify the
+    # gradient of Eq. 33 (weights in the graph) and Eq. 32 against finite differences
+    g = torch.Generator().manual_seed(1)
+    t1 = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    t2 = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert adaptive_contrastive_loss(t1, t2).dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda a, b: adaptive_contrastive_loss(a, b, o_n=-1.0), (t1, t2))
+    assert torch.autograd.gradcheck(lambda a, b: adaptive_contrastive_loss(a, b, adaptive=False), (t1, t2))
+
+
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="B, d"):
         adaptive_contrastive_loss(torch.zeros(3, 2), torch.zeros(2, 2))
@@ -152,6 +163,64 @@ def test_interaction_module_keeps_x_eta_fixed_and_uses_the_other_three_streams()
     # a change in K_r itself does not reach K_r's eta: only through Q[0]
     assert {k: v.shape for k, v in out.items()} == {"kp": (1, 2, 4), "kr": (1, 3, 4),
                                                      "ap": (1, 1, 4), "ar": (1, 2, 4)}
+
+
+# --- the fused attention kernel changes no value ------------------------------------------------
+def test_masked_attention_equals_the_softmax_formula_and_zeroes_keyless_rows():
+    from models.layers import masked_softmax
+    from models.mcl import masked_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 4, 8, generator=g) for _ in range(3))
+    mask = torch.tensor([[True, True, False, False, True], [False] * 5, [True] * 5])
+    k, v = k.repeat(1, 1, 2, 1)[:, :, :5], v.repeat(1, 1, 2, 1)[:, :, :5]
+    ref = masked_softmax(q @ k.transpose(-1, -2) / math.sqrt(8), mask[:, None, None, :]) @ v
+    got = masked_attention(q, k, v, mask, 0.0)
+    assert torch.allclose(got, ref, atol=1e-6)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))  # no key: zeros, not NaN
+    # dropout on the weights (training): inverted dropout keeps the expectation
+    torch.manual_seed(0)
+    drawn = torch.stack([masked_attention(q, k, v, mask, 0.5) for _ in range(4000)])
+    assert not torch.allclose(drawn[0], ref, atol=1e-3)
+    assert torch.allclose(drawn.mean(0), ref, atol=0.1)
+
+
+def _reference_cm(self, x_gamma, x_eta, eta_mask):
+    """Eq. 8 written out: softmax(Q K^T / sqrt(d_k)) V over the real eta tokens (one head)."""
+    from models.layers import masked_softmax
+
+    q, k, v = self.w_q(x_gamma), self.w_k(x_eta), self.w_v(x_eta)
+    att = masked_softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), eta_mask[:, None, :])
+    return att @ v
+
+
+def test_fused_attention_leaves_scores_losses_and_gradients_unchanged(monkeypatch):
+    from models.layers import MaskedMultiheadAttention
+    from models.mcl import CrossModalAttention, FusedMultiheadAttention
+
+    # product 1 without images, reviews 0 and 5 without images: all-masked key rows occur
+    batch = make_batch(empty_review_rois=(0, 5), empty_product_rois=(1,))
+
+    def run():
+        model = _tiny(interaction_heads=1)
+        model.train()  # dropout 0 in TINY
+        out = model(batch)
+        loss = out.scores.square().sum() + out.aux_losses["contrastive"]
+        loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    out, grads = run()
+    with monkeypatch.context() as mp:  # the masked-softmax formulation the model had before
+        mp.setattr(FusedMultiheadAttention, "forward",
+                   lambda self, q, kv, m: MaskedMultiheadAttention.forward(self, q, kv, m))
+        mp.setattr(CrossModalAttention, "forward", _reference_cm)
+        ref, ref_grads = run()
+    assert torch.isfinite(out.scores).all()
+    assert torch.allclose(out.scores, ref.scores, atol=1e-5)
+    assert torch.allclose(out.aux_losses["contrastive"], ref.aux_losses["contrastive"], atol=1e-5)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 10
+    for n in grads:
+        assert torch.allclose(grads[n], ref_grads[n], atol=1e-5, rtol=1e-4), n
 
 
 # --- Eq. 15-27: the fusion paths' pooling --------------------------------------------------------
@@ -264,6 +333,36 @@ def test_total_loss_as_the_trainer_assembles_it():
     assert model(batch).aux_losses == {}
 
 
+def test_eq34_is_a_sum_under_the_paper_preset():
+    # scores (1.2, 1, 0.5, 0.9), labels (4, 1, 3, 0); instances (0 | 1, 3), (2 | 1, 3), beta = 1:
+    # instance 0: max(0, 1 - 0.2) + max(0, 1 - 0.3) = 1.5; instance 2: (1 + 0.5) + (1 + 0.4) = 2.9
+    # Eq. 34 as printed: 1.5 + 2.9 = 4.4; the trainer's default mean: 2.2
+    s = torch.tensor([1.2, 1.0, 0.5, 0.9])
+    y = torch.tensor([4.0, 1.0, 3.0, 0.0])
+    inst = torch.tensor([[0, 1, 3], [2, 1, 3]])
+    assert math.isclose(float(ranking_loss(s, y, inst, margin="fixed", reduction="sum")), 4.4, abs_tol=1e-6)
+    assert math.isclose(float(ranking_loss(s, y, inst, margin="fixed")), 2.2, abs_tol=1e-6)
+    for name in ("paper", *MCL.ABLATIONS):  # Eq. 35 = the sum of Eq. 33 + the sum of Eq. 34
+        assert train_config(MCL.preset(name)["train"]).ranking_reduction == "sum"
+    assert train_config(MCL.preset("code")["train"]).ranking_reduction == "mean"
+    with pytest.raises(ConfigError, match="ranking_reduction"):
+        train_config({"ranking_reduction": "max"})
+
+
+def test_trainer_sums_the_hinge_when_the_config_says_so(tmp_path, monkeypatch):
+    import models.trainer as tr
+    from models.synthetic import make_synthetic, synthetic_train_config
+
+    seen = []
+    real = tr.ranking_loss
+    monkeypatch.setattr(tr, "ranking_loss", lambda *a, **k: seen.append(k.get("reduction")) or real(*a, **k))
+    data = make_synthetic(n_products=6, seed=0, threshold=2.0)
+    cfg = synthetic_train_config("mcl", data, {"epochs": 1, "ranking_reduction": "sum", "model_cfg": {
+        "embed_dim": 16, "roi_dim": 32, "hidden": 8, "heads": 2, "interaction_layers": 1}})
+    tr.Trainer(cfg, data.bundle, tmp_path / "run")._train_epoch()
+    assert seen and set(seen) == {"sum"}
+
+
 def test_only_helpful_pairs_enter_the_contrastive_loss():
     model = _tiny()
     model.train()
@@ -361,6 +460,8 @@ def test_bad_settings_are_config_errors():
         _tiny(helpful_min_label=2.0)
     with pytest.raises(ConfigError, match="cnn_kernel"):
         _tiny(cnn_kernel=2)
+    with pytest.raises(ConfigError, match="model.mcl.dropout"):
+        _tiny(dropout=1.5)
 
 
 # --- Tables 7-8 ------------------------------------------------------------------------------------
@@ -384,6 +485,39 @@ def test_relation_distances_hand_values():
     assert math.isclose(d[4.0]["intra-review"]["CS"], 0.0, abs_tol=1e-6)
     assert math.isclose(d[4.0]["intra-review"]["L2"], 1.0, abs_tol=1e-6)
     assert d[4.0]["inter-modal"]["n"] == 1
+
+
+def test_relation_distances_mean_over_real_token_pairs_and_std_over_samples():
+    model = _tiny()
+    t = lambda rows: torch.tensor(rows)  # noqa: E731
+    m = lambda rows: torch.tensor(rows)  # noqa: E731
+
+    def encode(batch):
+        # three reviews, all label 4; review 3 has no review image (left out), padding is 9s/5s/7s
+        return {"hp": (t([[[1.0, 0.0], [0.0, 1.0], [9.0, 9.0]], [[1.0, 0.0], [5.0, 5.0], [5.0, 5.0]],
+                          [[1.0, 0.0], [5.0, 5.0], [5.0, 5.0]]]),
+                       m([[True, True, False], [True, False, False], [True, False, False]])),
+                "hr": (t([[[1.0, 0.0]]] * 3), m([[True]] * 3)),
+                "vp": (t([[[2.0, 0.0]], [[1.0, 0.0]], [[1.0, 0.0]]]), m([[True]] * 3)),
+                "vr": (t([[[0.0, 3.0]], [[1.0, 0.0]], [[7.0, 7.0]]]), m([[True], [True], [False]]))}
+
+    model.encode = encode
+    batch = make_batch(products=1, reviews_per_product=3)
+    batch.labels = torch.tensor([4.0, 4.0, 4.0])
+    d = relation_distances(model, [batch], labels=(4,))[4.0]
+    # review 1, (hp, hr): token pairs (1,0)-(1,0): CS 0, L2 0; (0,1)-(1,0): CS 1, L2 sqrt 2
+    #   -> CS 0.5, L2 sqrt2/2; (vp, vr): (2,0)-(0,3): CS 1, L2 sqrt 13
+    #   -> intra-modal CS 0.75, L2 (sqrt2/2 + sqrt13)/2. Review 2: every token (1,0): 0, 0.
+    #   mean over the 2 samples and population std: 0.375 +- 0.375
+    l2 = (math.sqrt(2) / 2 + math.sqrt(13)) / 2
+    im = d["intra-modal"]
+    assert im["n"] == 2
+    assert math.isclose(im["CS"], 0.375, abs_tol=1e-6) and math.isclose(im["CS_std"], 0.375, abs_tol=1e-6)
+    assert math.isclose(im["L2"], l2 / 2, abs_tol=1e-5) and math.isclose(im["L2_std"], l2 / 2, abs_tol=1e-5)
+    # inter-modal, review 1: (hp, vr): (1,0)-(0,3): CS 1, L2 sqrt 10; (0,1)-(0,3): CS 0, L2 2;
+    # (vp, hr): (2,0)-(1,0): CS 0, L2 1 -> CS 0.25, L2 ((sqrt10 + 2)/2 + 1)/2; review 2: 0
+    assert math.isclose(d["inter-modal"]["CS"], 0.125, abs_tol=1e-6)
+    assert math.isclose(d["inter-modal"]["L2"], ((math.sqrt(10) + 2) / 2 + 1) / 4, abs_tol=1e-5)
 
 
 # --- learning -------------------------------------------------------------------------------------
