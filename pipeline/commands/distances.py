@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from models.data import DataBundle, build_datasets, eval_plan, make_loader
-from models.mcl import MCL, RELATIONS, relation_distances
-from models.runs import resolve_run, seed_dirs, write_json_atomic
-from models.trainer import load_run, run_config
 from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported by `run`, never by `mrhp --help`
+    from models.data import DataBundle
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,13 +33,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", help="split to analyse (default test)")
     p.add_argument("--labels", type=float, nargs="+", default=[1.0, 4.0],
                    help="helpfulness labels to report (default 1 4, as the paper)")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                   help="which checkpoint of each seed to analyse (default best)")
     p.set_defaults(func=run)
 
 
 def distances_for_run(run_dir: Path, data: DataBundle, *, split: str = "test",
                       labels: list[float] = (1.0, 4.0), checkpoint: str = "best") -> dict[str, Any]:
     """The Table 7-8 record of one run folder (also written as distances_<split>.json)."""
+    from models.data import eval_plan, make_loader
+    from models.mcl import MCL, relation_distances
+    from models.runs import write_json_atomic
+    from models.trainer import load_run, run_config
+
     cfg = run_config(run_dir)
     if cfg.model != "mcl":
         raise ConfigError(f"{run_dir}: model is {cfg.model!r}; `mrhp distances` analyses MCL runs "
@@ -58,6 +63,8 @@ def distances_for_run(run_dir: Path, data: DataBundle, *, split: str = "test",
 
 
 def format_table(name: str, rec: dict[str, Any]) -> str:
+    from models.mcl import RELATIONS
+
     cell = lambda m, s: "      n/a      " if math.isnan(m) else f"{m:7.3f} ± {s:5.3f}"  # noqa: E731
     head = f"{'label':<7}" + "".join(f"{g + ' CS':>18}{g + ' L2':>18}" for g in RELATIONS) + f"{'n':>7}"
     lines = [f"{name} on {rec['split']} ({rec['checkpoint']} checkpoint)", head]
@@ -71,6 +78,9 @@ def format_table(name: str, rec: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from models.data import build_datasets
+    from models.runs import resolve_run, seed_dirs
+    from models.trainer import run_config
     from pipeline.manifest import load_manifest
 
     manifest = load_manifest(args.manifest)
