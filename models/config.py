@@ -29,7 +29,8 @@ class DataConfig:
     zeros_rois: int = 16  # rows used by empty_rois="zeros"
     max_tokens: int | None = None  # cap on token ids per text (the tokens stage already cuts at 128)
     roi_dim: int = 2048  # ROI feature size; checked against the stored features
-    require_probes: bool = False  # error when the probes view is missing (SANCL); else masks of ones
+    # (`require_probes` is gone: the model's `required_views` says whether probes are needed and
+    # TrainConfig.allow_missing opts out; old run configs carrying it still load, see train_config)
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,13 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes (HDF5 opened lazily in each)
     threshold: float | None = None  # relevance threshold; None = the dataset's (manifest)
     ks: tuple[int, ...] = (3, 5)  # NDCG cut-offs
+    # Feature-store views the model needs but may train without (e.g. ["rois"]): by default a
+    # missing required view (models.data.required_views) stops the run; names among VIEW_NAMES.
+    allow_missing: tuple[str, ...] = ()
     data: DataConfig = DataConfig()
+
+
+VIEW_NAMES = ("tokens", "rois", "probes", "bert")  # the stage views a model can require
 
 
 def _check(cfg: TrainConfig) -> TrainConfig:
@@ -86,14 +93,32 @@ def _check(cfg: TrainConfig) -> TrainConfig:
     valid_metrics = ["MAP", "MRR", *[f"NDCG@{k}" for k in cfg.ks]]
     if cfg.metric not in valid_metrics:
         raise ConfigError(f"metric: expected one of {', '.join(valid_metrics)}, got {cfg.metric!r}")
+    unknown = [v for v in cfg.allow_missing if v not in VIEW_NAMES]
+    if unknown:
+        raise ConfigError(
+            f"allow_missing: unknown view(s) {', '.join(map(repr, unknown))}; valid: {', '.join(VIEW_NAMES)}"
+        )
+    if "tokens" in cfg.allow_missing:
+        raise ConfigError("allow_missing: 'tokens' cannot be missing (every model reads the token ids)")
     if cfg.data.max_boxes_per_image < 1 or cfg.data.max_rois < 1 or cfg.data.min_rois < 1:
         raise ConfigError("data.max_boxes_per_image, data.max_rois and data.min_rois must be >= 1")
     return cfg
 
 
 def train_config(mapping: Mapping[str, Any] | None = None) -> TrainConfig:
-    """Validated TrainConfig from a plain mapping (unknown keys name the valid ones)."""
-    return _check(from_mapping(TrainConfig, dict(mapping or {}), ""))
+    """Validated TrainConfig from a plain mapping (unknown keys name the valid ones).
+
+    Backward compatibility: `data.require_probes` (run configs written before `allow_missing`)
+    is accepted and dropped; `true` is what required_views now does by default, and `false` had
+    only an effect when the probes view was missing, which now stops the run unless
+    `allow_missing` lists probes."""
+    mapping = dict(mapping or {})
+    data = mapping.get("data")
+    if isinstance(data, Mapping) and "require_probes" in data:
+        data = dict(data)
+        data.pop("require_probes")
+        mapping["data"] = data
+    return _check(from_mapping(TrainConfig, mapping, ""))
 
 
 def load_train_config(path: str | Path | None = None, overrides: Sequence[str] = (),

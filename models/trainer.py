@@ -282,6 +282,9 @@ class Trainer:
             "threshold": self.threshold, "seed": self.cfg.seed, "status": status,
             "best_epoch": self.best_epoch, "best_dev": self.best_dev, "epochs_done": self.epoch,
             "trainable_parameters": sum(p.numel() for p in self.params),
+            # views the model needs that were absent and allowed (TrainConfig.allow_missing)
+            "allow_missing": list(self.cfg.allow_missing),
+            "missing_views": list(getattr(self.data, "missing_views", ())),
         })
 
     def run(self, *, resume: bool = False) -> TrainResult:
@@ -334,8 +337,11 @@ class Trainer:
                             save_checkpoint(paths.best, self._state())
                         else:
                             self.bad_epochs += 1
-                    save_checkpoint(paths.last, self._state())
+                    # The epoch's record first, then last.pt: a crash between the two leaves a
+                    # record for an epoch that --resume reruns (truncate_metrics drops records past
+                    # the checkpoint's epoch), never a checkpoint whose record is lost for good.
                     append_jsonl(paths.metrics, rec)
+                    save_checkpoint(paths.last, self._state())
                     history.append(rec)
                     self._log_epoch(writer, rec)
                     if cfg.patience and self.bad_epochs >= cfg.patience:
@@ -454,7 +460,7 @@ def train_seeds(manifest, cfg: TrainConfig, *, seeds: int = 1, first_seed: int =
     fingerprint, threshold) for `mrhp predict`. `overwrite` deletes an existing seed folder first
     (only a folder that looks like a run: config.yaml or checkpoints/ inside). The CLI and the
     training flow call this."""
-    from models.data import build_datasets
+    from models.data import build_datasets, required_views
     from models.runs import write_json_atomic
 
     if seeds < 1:
@@ -463,7 +469,8 @@ def train_seeds(manifest, cfg: TrainConfig, *, seeds: int = 1, first_seed: int =
     say = progress or log.info
     name = name or f"{cfg.model}-{cfg.dataset}"
     root = Path(manifest.roots.runs) / name
-    data = build_datasets(manifest, cfg.dataset, cfg.data)
+    data = build_datasets(manifest, cfg.dataset, cfg.data, required=required_views(cfg.model, cfg.model_cfg),
+                          allow_missing=cfg.allow_missing)
     vfp = _vocab_fingerprint(manifest, cfg.dataset, data.records)
     results = []
     for k in range(first_seed, first_seed + seeds):

@@ -11,7 +11,7 @@ import argparse
 
 import numpy as np
 
-from models.data import build_datasets
+from models.data import build_datasets, required_views
 from models.metrics import metric_names
 from models.runs import RunPaths, resolve_run, seed_dirs, write_json_atomic
 from models.trainer import evaluate, load_run, run_config
@@ -39,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
         cfg = run_config(d)
         key = cfg.dataset
         if key not in bundles:
-            bundles[key] = build_datasets(manifest, cfg.dataset, cfg.data)
+            bundles[key] = build_datasets(manifest, cfg.dataset, cfg.data,
+                                          required=required_views(cfg.model, cfg.model_cfg),
+                                          allow_missing=cfg.allow_missing)
         data = bundles[key]
         model, cfg = load_run(d, embeddings=data.embeddings, checkpoint=args.checkpoint)
         threshold = cfg.threshold if cfg.threshold is not None else data.threshold
