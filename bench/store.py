@@ -146,6 +146,20 @@ def main(argv: list[str] | None = None) -> int:
 
         t_get = best_of(args.repeat, pass_get)
         t_many = best_of(args.repeat, pass_many)
+        # The cost of verifying every read (per-item CRC-32 and key check): the same pass with
+        # the CRC comparison switched off, passes interleaved so both see the same machine load.
+        import pipeline.store as store_mod
+
+        real_crc_ok = store_mod._OpenSegment._crc_ok
+        t_on, t_off = [], []
+        for _ in range(max(1, args.repeat)):
+            t_on.append(best_of(1, pass_get))
+            store_mod._OpenSegment._crc_ok = lambda self, key, row, arrays: True
+            try:
+                t_off.append(best_of(1, pass_get))
+            finally:
+                store_mod._OpenSegment._crc_ok = real_crc_ok
+        t_on_best, t_off_best = min(t_on), min(t_off)
 
         store.write_view("bench", "rois", "bench", {f"img/{i}.jpg": k for i, k in enumerate(keys)})
         view = store.view("bench", "rois")
@@ -171,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{f'shuffled get_many (batch {args.batch})':<36}{n / t_many:9.0f} items/s  "
               f"{n * mb_per_item / t_many:7.0f} MB/s")
         print(f"{'shuffled view.get':<36}{n / t_view:9.0f} items/s")
+        print(f"{'reader.get, CRC verified (interleaved)':<36}{n / t_on_best:9.0f} items/s")
+        print(f"{'reader.get, CRC check off':<36}{n / t_off_best:9.0f} items/s")
+        print(f"{'CRC verification cost per item':<36}{(t_on_best - t_off_best) / n * 1e6:9.1f} us "
+              f"({(t_on_best / t_off_best - 1) * 100:+.0f}% read time)")
         print(f"{'fsck (checksums of all segments)':<36}{n * mb_per_item / t_fsck:9.0f} MB/s")
         if args.index_keys:
             bench_index(args.index_keys, tmp / "index-store")

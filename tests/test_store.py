@@ -109,7 +109,7 @@ def test_segment_file_layout_is_self_describing(store):
     with h5py.File(path, "r") as f:
         assert f.attrs["stage"] == "rois" and f.attrs["fingerprint"] == "fp1"
         assert f.attrs["schema_version"] == 2 and len(f.attrs["checksum"]) == 64
-        assert f["row_crc32"].dtype == np.uint32 and f["row_crc32"].shape == (2,)
+        assert f["row_crc32c"].dtype == np.uint32 and f["row_crc32c"].shape == (2,)
         assert '"features"' in f.attrs["schema"] and f.attrs["params"] == '{"p": 1}'
         assert list(f["keys"].asstr()[()]) == ["a", "b"]
         assert list(f["failed_keys"].asstr()[()]) == ["c"]

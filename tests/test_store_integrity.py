@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import sqlite3
 import sys
-import zlib
 from pathlib import Path
 
+import crc32c
 import h5py
 import numpy as np
 import pytest
@@ -38,18 +38,17 @@ def _patch(path: Path, offset: int, data: bytes) -> None:
         fh.write(data)
 
 
-def test_row_crc_is_crc32_of_key_then_fields_in_name_order(store):
-    """The recorded CRC, recomputed here by hand from zlib: key bytes, then per field (sorted
-    names) the row count (ragged) as 8 little-endian bytes and the raw row bytes."""
+def test_row_crc_is_crc32c_of_key_then_fields_in_name_order(store):
+    """The recorded checksum, recomputed by hand: CRC-32C over the key bytes, then per field
+    (sorted names) the row count (ragged) as 8 little-endian bytes and the raw row bytes."""
+    assert crc32c.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
     schema = {"b": FieldSpec("int32", (2,)), "a": FieldSpec("uint8", (), ragged=True)}
     write(store, [Record("k", {"b": np.array([1, 2]), "a": np.array([7, 8, 9], dtype=np.uint8)})], schema=schema)
     (path,) = segment_files(store.root)
-    crc = zlib.crc32(b"k")
-    crc = zlib.crc32((3).to_bytes(8, "little"), crc)  # field "a": 3 rows ...
-    crc = zlib.crc32(bytes([7, 8, 9]), crc)  # ... of one uint8 each
-    crc = zlib.crc32((1).to_bytes(4, "little") + (2).to_bytes(4, "little"), crc)  # field "b"
+    stream = (b"k" + (3).to_bytes(8, "little") + bytes([7, 8, 9])  # field "a": 3 rows of one uint8
+              + (1).to_bytes(4, "little") + (2).to_bytes(4, "little"))  # field "b": int32 [1, 2]
     with h5py.File(path, "r") as f:
-        assert int(f["row_crc32"][0]) == crc
+        assert int(f["row_crc32c"][0]) == crc32c.crc32c(stream)
 
 
 @pytest.mark.parametrize("damage", ["flip", "finite"])
@@ -103,7 +102,7 @@ def test_a_version_1_segment_is_verified_whole_when_opened(store):
     write(store, recs)
     (path,) = segment_files(store.root)
     with h5py.File(path, "r+") as f:  # turn it into a version 1 segment
-        del f["row_crc32"]
+        del f["row_crc32c"]
         f.attrs["schema_version"] = 1
         checksum = store_mod._checksum(store_mod._read_segment_datasets(f))
         f.attrs["checksum"] = checksum
