@@ -34,10 +34,13 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import threading
 import time
 import uuid
+from contextlib import contextmanager
+from contextvars import ContextVar
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +112,28 @@ CREATE TABLE IF NOT EXISTS view_items (
     PRIMARY KEY (dataset, stage, item_id)
 ) WITHOUT ROWID;
 """
+
+
+# --------------------------------------------------------------------------------------------
+# read-only mode: commands that only look (`mrhp status`) must not write into the store
+
+_READ_ONLY: ContextVar[bool] = ContextVar("mrhp_store_read_only", default=False)
+
+
+@contextmanager
+def read_only() -> Iterator[None]:
+    """Within this block nothing may be written under a store root: caches beside the store
+    (word-vector hashes, vocabulary fits) are computed but not saved; see `writes_allowed`."""
+    token = _READ_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _READ_ONLY.reset(token)
+
+
+def writes_allowed() -> bool:
+    """False inside `read_only()`: code that would save a cache under the store skips it."""
+    return not _READ_ONLY.get()
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,14 +416,25 @@ class FeatureStore:
         self.root = Path(root).resolve()
         self.segments_dir = self.root / "segments"
         self.tmp_dir = self.root / "tmp"
+        index = self.root / "index.sqlite"
+        # Inside `read_only()` (mrhp status) the store is opened without creating or cleaning
+        # anything: the index read-only, or an empty in-memory one when there is no store yet.
+        self.read_only = not writes_allowed()
+        self._memory = self.read_only and not index.is_file()
+        self._local = threading.local()
+        if self.read_only:
+            conn = self._conn()
+            try:
+                self._refuse_unindexed(conn)  # an absent index is empty too
+            except sqlite3.Error as e:
+                raise _index_error(index, e, "opening") from None
+            return
         try:
             for d in (self.root, self.segments_dir, self.tmp_dir):
                 _makedirs_durable(d)
         except OSError as e:
             raise StoreError(f"cannot create the feature store at {self.root}: {e}") from e
-        self._local = threading.local()
         conn = self._conn()
-        index = self.root / "index.sqlite"
         try:
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             if not {"meta", "segments", "items", "stage_schemas", "views", "view_items"} <= tables:
@@ -452,6 +488,19 @@ class FeatureStore:
                 _INHERITED_CONNECTIONS.append(conn)
             path = self.root / "index.sqlite"
             try:
+                if getattr(self, "_memory", False):
+                    conn = sqlite3.connect(":memory:", isolation_level=None, factory=_IndexConnection)
+                    conn.executescript(_SCHEMA_SQL)
+                    conn.mrhp_path = str(path)
+                    self._local.conn, self._local.pid = conn, os.getpid()
+                    return conn
+                if getattr(self, "read_only", False):
+                    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=_BUSY_TIMEOUT_MS / 1000,
+                                           isolation_level=None, factory=_IndexConnection)
+                    conn.mrhp_path = str(path)
+                    conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+                    self._local.conn, self._local.pid = conn, os.getpid()
+                    return conn
                 conn = sqlite3.connect(
                     path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None, factory=_IndexConnection
                 )
@@ -709,6 +758,11 @@ class FeatureStore:
                     removed.append(str(p.relative_to(self.root)))
                 except FileNotFoundError:
                     pass
+        for p in entries:
+            # Work folders (word-vector conversion): owned while their `<name>.lock` is flock-ed.
+            if p.is_dir() and not _lock_is_held(self.tmp_dir / f"{p.name}.lock"):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(str(p.relative_to(self.root)))
         return removed
 
     def _clean_abandoned(self, seg_id: str) -> list[str]:
@@ -800,6 +854,8 @@ class FeatureStore:
         out = []
         for p in sorted(self.tmp_dir.iterdir()):
             if p.suffix in (".lock", ".part") and not _lock_is_held(_lock_path(self.root, p.stem)):
+                out.append(str(p.relative_to(self.root)))
+            elif p.is_dir() and not _lock_is_held(self.tmp_dir / f"{p.name}.lock"):
                 out.append(str(p.relative_to(self.root)))
         return out
 

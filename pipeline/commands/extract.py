@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 
-from pipeline.errors import StageError
+from pipeline.errors import StageError, StoreError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,6 +41,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def disk_error(e: OSError, command: str) -> StoreError:
+    """An OSError that reached a command: one line (exit 4) naming the file and the cause."""
+    reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e).splitlines()[0])
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    return StoreError(f"{command}: {reason}{where}; free some space or fix the file, then rerun")
+
+
 def random_init_overrides(random_init: bool) -> dict | None:
     """Manifest overrides for `--random-init` (None when not asked)."""
     return {"stages": {"rois": {"random_init": True}}} if random_init else None
@@ -52,12 +60,18 @@ def run(args: argparse.Namespace) -> int:
     if not getattr(args, "verbose", False):
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call
 
-    summaries = run_extraction(
-        args.manifest, dataset=args.dataset, stages=args.stages, force=args.force,
-        task_runner=args.task_runner, dask_address=args.dask_address,
-        chunk_size=args.chunk_size, progress=not args.no_progress,
-        overrides=random_init_overrides(args.random_init),
-    )
+    try:
+        summaries = run_extraction(
+            args.manifest, dataset=args.dataset, stages=args.stages, force=args.force,
+            task_runner=args.task_runner, dask_address=args.dask_address,
+            chunk_size=args.chunk_size, progress=not args.no_progress,
+            overrides=random_init_overrides(args.random_init),
+        )
+    except OSError as e:
+        # A full disk (or another file-system error) outside the store's own commit path: one
+        # line, exit 4; segments are only ever renamed into place complete, so nothing is
+        # half-written and a rerun continues where this one stopped.
+        raise disk_error(e, "mrhp extract") from None
     print(summary_table(summaries))
     for line in failure_lines(summaries):
         print(line)

@@ -1,0 +1,182 @@
+"""Issue 13, "a way back from every fault": killed word-vector conversions are cleaned, the hash
+cache cannot be fooled by a restored mtime, a full disk is one line (exit 4), and `mrhp status`
+writes nothing into the store."""
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_store import roi_record, write  # noqa: E402
+from test_vectors import Spec, write_text_vectors  # noqa: E402
+
+from features.text import vectors as vectors_mod
+from features.text.vectors import load_vectors, source_sha256
+from pipeline.errors import StoreError
+from pipeline.hashing import sha256_file
+from pipeline.store import FeatureStore, _acquire_lock, read_only
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_killed_conversion_leaves_a_folder_the_next_open_removes(tmp_path):
+    root = tmp_path / "store"
+    store = FeatureStore(root)
+    dead = root / "tmp" / "vectors-abc-1-2"  # a conversion killed midway: folder, lock not held
+    dead.mkdir()
+    (dead / "vectors.npy").write_bytes(b"\0" * 1000)
+    (root / "tmp" / "vectors-abc-1-2.lock").write_text("")
+    live = root / "tmp" / "vectors-def-3-4"  # a conversion in progress: its lock is held
+    fd = _acquire_lock(root / "tmp" / "vectors-def-3-4.lock", "")
+    live.mkdir()
+    try:
+        report = store.gc(dry_run=True)
+        assert "tmp/vectors-abc-1-2" in report.orphans_removed
+        assert "tmp/vectors-def-3-4" not in report.orphans_removed
+        FeatureStore(root)  # opening cleans
+        assert not dead.exists() and not (root / "tmp" / "vectors-abc-1-2.lock").exists()
+        assert live.is_dir()
+    finally:
+        os.close(fd)
+
+
+def test_conversion_writes_under_the_store_tmp_and_leaves_nothing_there(tmp_path, monkeypatch):
+    src = write_text_vectors(tmp_path / "glove.txt", header=False)
+    root = tmp_path / "store"
+    seen = []
+    real = vectors_mod._write_converted
+
+    def spy(kv, tmp, folder, **kw):
+        seen.append(tmp)
+        assert tmp.parent == root / "tmp" and (root / "tmp" / f"{tmp.name}.lock").exists()
+        return real(kv, tmp, folder, **kw)
+
+    monkeypatch.setattr(vectors_mod, "_write_converted", spy)
+    lv = load_vectors(Spec("glove", src), cache_root=root)
+    assert seen and lv.cache_dir == root / "vectors" / sha256_file(src)
+    assert list((root / "tmp").iterdir()) == []
+
+
+def test_a_full_disk_during_conversion_is_one_line_and_keeps_nothing(tmp_path, monkeypatch):
+    src = write_text_vectors(tmp_path / "glove.txt", header=False)
+    root = tmp_path / "store"
+
+    def full(path, arr, allow_pickle=False):
+        Path(path).write_bytes(b"\0" * 10)  # half-written
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(vectors_mod.np, "save", full)
+    with pytest.raises(StoreError) as ei:
+        load_vectors(Spec("glove", src), cache_root=root)
+    assert "no space left on device" in str(ei.value) and "\n" not in str(ei.value)
+    assert StoreError.exit_code == 4
+    assert not any((root / "vectors").glob("*/meta.json")) and list((root / "tmp").iterdir()) == []
+
+
+def test_a_full_disk_while_saving_the_hash_cache_is_one_line(tmp_path, monkeypatch):
+    src = write_text_vectors(tmp_path / "glove.txt", header=False)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(vectors_mod.tempfile, "mkstemp", full)
+    with pytest.raises(StoreError, match="hash cache .*no space left on device"):
+        source_sha256(Spec("glove", src), cache_root=tmp_path / "store")
+
+
+def test_the_hash_cache_sees_a_same_size_edit_with_the_mtime_restored(tmp_path):
+    src = write_text_vectors(tmp_path / "glove.txt", header=False)
+    cache_root = tmp_path / "store"
+    first = source_sha256(Spec("glove", src), cache_root=cache_root)
+    st = src.stat()
+    data = bytearray(src.read_bytes())
+    data[0:3] = b"PAN"  # same size
+    src.write_bytes(bytes(data))
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime restored; the ctime moves on
+    assert src.stat().st_size == st.st_size and src.stat().st_mtime_ns == st.st_mtime_ns
+    second = source_sha256(Spec("glove", src), cache_root=cache_root)
+    assert second != first and second == sha256_file(src)
+
+
+def test_read_only_opens_create_and_write_nothing(tmp_path):
+    absent = tmp_path / "nothing-here"
+    with read_only():
+        st = FeatureStore(absent)
+        assert st.missing("rois", "fp1", ["a"]) == ["a"] and st.views() == []
+    assert not absent.exists()
+
+    root = tmp_path / "store"
+    store = FeatureStore(root)
+    write(store, [roi_record("a", 2)])
+    store.write_view("ds", "rois", "fp1", {"img.jpg": "a"})
+    store._conn().close()
+    (root / "tmp" / "x.part").write_bytes(b"left by a dead writer")  # open must not clean it here
+    before = _tree(root)
+    with read_only():
+        st = FeatureStore(root)
+        assert st.missing("rois", "fp1", ["a", "b"]) == ["b"]
+        assert st.view("ds", "rois").get("img.jpg")["features"].shape == (2, 8)
+        src = write_text_vectors(tmp_path / "glove.txt", header=False)
+        source_sha256(Spec("glove", src), cache_root=root)  # hashes, saves no cache
+    after = {k: v for k, v in _tree(root).items() if not k.startswith("index.sqlite-")}
+    assert after == before
+
+
+def test_read_only_status_still_refuses_an_emptied_index(tmp_path):
+    root = tmp_path / "store"
+    store = FeatureStore(root)
+    write(store, [roi_record("a", 2)])
+    store._conn().close()
+    (root / "index.sqlite").unlink()
+    with read_only(), pytest.raises(StoreError, match="--rebuild-index"):
+        FeatureStore(root)
+    with read_only():  # and a store never built reads as empty
+        assert FeatureStore(tmp_path / "none").stages() == []
+
+
+def test_enospc_writing_a_segment_is_one_line_and_leaves_no_file(tmp_path, monkeypatch):
+    import h5py
+
+    store = FeatureStore(tmp_path / "store")
+    real_file = h5py.File
+
+    def full(path, mode="r", *a, **k):
+        if mode == "w":
+            Path(path).write_bytes(b"\0" * 64)
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_file(path, mode, *a, **k)
+
+    monkeypatch.setattr(h5py, "File", full)
+    with pytest.raises(StoreError) as ei:
+        write(store, [roi_record("a", 2)])
+    assert "No space left on device" in str(ei.value) and "\n" not in str(ei.value)
+    monkeypatch.undo()
+    assert list((tmp_path / "store" / "tmp").iterdir()) == []
+    assert not list((tmp_path / "store" / "segments").rglob("*.h5"))
+    assert np.array_equal(FeatureStore(tmp_path / "store").missing("rois", "fp1", ["a"]), ["a"])
+
+
+def test_enospc_reaching_extract_and_status_is_one_line_exit_4(tmp_path, monkeypatch, capsys):
+    import flows.extract as flows_extract
+    from pipeline.cli import main
+
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text("version: 1\nroots:\n  store: store\ndatasets: {}\n", encoding="utf-8")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "store" / "vocab" / "x"))
+
+    monkeypatch.setattr(flows_extract, "run_extraction", full)
+    assert main(["--manifest", str(manifest), "extract"]) == 4
+    err = capsys.readouterr().err.strip()
+    assert "mrhp extract: no space left on device" in err and len(err.splitlines()) == 1
+    assert main(["--manifest", str(manifest), "status"]) == 0  # nothing declared, nothing to plan
+    assert not (tmp_path / "store").exists()  # and status created no store
