@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.config import deep_merge, from_mapping, parse_overrides, to_mapping
+from pipeline.config import deep_merge, from_mapping, load_yaml, parse_overrides, to_mapping
 from pipeline.errors import ConfigError
 
 
@@ -130,9 +130,10 @@ def load_train_config(path: str | Path | None = None, overrides: Sequence[str] =
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: cannot read the config ({e})") from None
+        loaded = load_yaml(text, str(p)) or {}  # alias bombs and deep nesting refused in one line
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"{p}: expected a mapping of training settings, got {type(loaded).__name__}")
         data = deep_merge(data, loaded)

@@ -38,7 +38,7 @@ from models.runs import (
     write_plots,
 )
 from models.samplers import PairwiseSampler, label_frequency_weights
-from pipeline.errors import TrainingError
+from pipeline.errors import ConfigError, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -409,14 +409,18 @@ class Trainer:
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
-    import yaml
+    from pipeline.config import load_yaml
 
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise TrainingError(f"{path}: not found") from None
-    except yaml.YAMLError as e:
-        raise TrainingError(f"{path}: not valid YAML ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TrainingError(f"{path}: unreadable ({e})") from None
+    try:
+        return load_yaml(text, str(path)) or {}
+    except ConfigError as e:
+        raise TrainingError(str(e)) from None
 
 
 def train(cfg: TrainConfig, data: DataBundle, run_dir: str | Path, *, resume: bool = False,
