@@ -60,6 +60,8 @@ _SQL_CHUNK = 900  # keys per `IN (...)` query, below SQLite's bound-parameter li
 _BUSY_TIMEOUT_MS = 60_000
 _PRELOAD_BYTES = 1 << 20  # per segment, fields this small are read whole on open (boxes, ids, sizes)
 _MAX_OPEN_FILES = 128  # per reader: segment file descriptors kept open (LRU)
+_LEASE_BEAT_S = 30.0  # a lease holder refreshes its heartbeat this often ...
+_LEASE_TTL_S = 300.0  # ... and a lease not refreshed for this long belongs to a dead process
 _STR = h5py.string_dtype("utf-8")
 log = logging.getLogger(__name__)
 _INHERITED_CONNECTIONS: list[sqlite3.Connection] = []  # SQLite handles a forked child must not close
@@ -103,6 +105,14 @@ CREATE TABLE IF NOT EXISTS views (
     n_items INTEGER NOT NULL,
     created REAL NOT NULL,
     PRIMARY KEY (dataset, stage)
+);
+CREATE TABLE IF NOT EXISTS leases (
+    id TEXT PRIMARY KEY,              -- a running flow (mrhp extract): gc leaves its work alone
+    holder TEXT NOT NULL,             -- what holds it, for messages
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    started REAL NOT NULL,
+    heartbeat REAL NOT NULL           -- refreshed every _LEASE_BEAT_S, stale after _LEASE_TTL_S
 );
 CREATE TABLE IF NOT EXISTS view_items (
     dataset TEXT NOT NULL,
@@ -386,14 +396,19 @@ class GcReport:
     orphans_removed: list[str] = field(default_factory=list)  # files not in the index
     items_dropped: int = 0  # index rows (successes and failures) dropped
     bytes_freed: int = 0
+    held_by: list[str] = field(default_factory=list)  # live leases: unreferenced work left alone
 
     def format(self) -> str:
         verb = "would remove" if self.dry_run else "removed"
-        return (
+        line = (
             f"{verb} {len(self.segments_removed)} unreferenced segments and "
             f"{len(self.orphans_removed)} orphan files ({self.bytes_freed / 1e6:.1f} MB), "
             f"{'would drop' if self.dry_run else 'dropped'} {self.items_dropped} index rows"
         )
+        if self.held_by:
+            line += (f"\n  flows are running ({'; '.join(self.held_by)}): stage outputs no view references "
+                     "yet were kept; rerun gc when they are done")
+        return line
 
 
 class ViewInfo(NamedTuple):
@@ -437,7 +452,7 @@ class FeatureStore:
         conn = self._conn()
         try:
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if not {"meta", "segments", "items", "stage_schemas", "views", "view_items"} <= tables:
+            if not {"meta", "segments", "items", "stage_schemas", "views", "view_items", "leases"} <= tables:
                 with _Tx(conn):  # first use (or a store from before a table was added): create tables
                     for stmt in _SCHEMA_SQL.split(";"):
                         if stmt.strip():
@@ -736,6 +751,51 @@ class FeatureStore:
         rows = self._conn().execute("SELECT dataset, stage, fingerprint, n_items FROM views ORDER BY 1, 2")
         return [ViewInfo(*r) for r in rows]
 
+    # -- leases: running flows ------------------------------------------------------------------
+
+    @contextmanager
+    def lease(self, holder: str) -> Iterator[str]:
+        """Hold a lease in the index while a flow runs (`mrhp extract`): `gc` then leaves every
+        stage fingerprint no view references yet alone (the flow is about to reference it). A
+        thread refreshes the heartbeat; a killed holder's lease expires after _LEASE_TTL_S."""
+        import socket
+
+        lease_id = uuid.uuid4().hex
+        now = time.time()
+        with _Tx(self._conn()) as conn:
+            conn.execute("INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?)",
+                         (lease_id, holder, os.getpid(), socket.gethostname(), now, now))
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(_LEASE_BEAT_S):
+                try:
+                    with _Tx(self._conn()) as c:
+                        c.execute("UPDATE leases SET heartbeat=? WHERE id=?", (time.time(), lease_id))
+                except StoreError as e:
+                    log.warning("lease %s: heartbeat failed (%s)", lease_id, e)
+
+        thread = threading.Thread(target=beat, name=f"store-lease-{lease_id[:8]}", daemon=True)
+        thread.start()
+        try:
+            yield lease_id
+        finally:
+            stop.set()
+            thread.join()
+            try:
+                with _Tx(self._conn()) as conn:
+                    conn.execute("DELETE FROM leases WHERE id=?", (lease_id,))
+            except StoreError as e:
+                log.warning("lease %s: not released (%s); it expires by itself", lease_id, e)
+
+    @_guard_sqlite
+    def live_leases(self) -> list[tuple[str, int, str, float]]:
+        """(holder, pid, host, started) of every lease refreshed within _LEASE_TTL_S."""
+        return self._conn().execute(
+            "SELECT holder, pid, host, started FROM leases WHERE heartbeat >= ? ORDER BY started",
+            (time.time() - _LEASE_TTL_S,),
+        ).fetchall()
+
     # -- maintenance ---------------------------------------------------------------------------
 
     @_guard_sqlite
@@ -811,22 +871,39 @@ class FeatureStore:
         """Delete segments of (stage, fingerprint)s no view references, segments none of whose rows
         are indexed any more (after `forget` or a lost race), and orphan files.
 
-        Run it when no flow is writing: a stage whose view is not written yet counts as unreferenced."""
+        While a flow holds a lease (`lease()`, taken by `mrhp extract`), stage fingerprints no view
+        references yet are the flow's work in progress: gc leaves them alone, removes only
+        segments whose items were all forgotten before the oldest lease began, and says so."""
         report = GcReport(dry_run=dry_run)
         conn = self._conn()
         with _Tx(conn):
             referenced = "(SELECT DISTINCT stage, fingerprint FROM views)"
-            garbage = conn.execute(
-                f"SELECT id, path FROM segments s WHERE (stage, fingerprint) NOT IN {referenced} "
-                "OR NOT EXISTS (SELECT 1 FROM items i WHERE i.segment = s.id)"
+            leases = conn.execute(
+                "SELECT holder, pid, host, started FROM leases WHERE heartbeat >= ? ORDER BY started",
+                (time.time() - _LEASE_TTL_S,),
             ).fetchall()
-            report.items_dropped = conn.execute(
-                f"SELECT COUNT(*) FROM items WHERE (stage, fingerprint) NOT IN {referenced}"
-            ).fetchone()[0]
-            if not dry_run:
-                conn.execute(f"DELETE FROM items WHERE (stage, fingerprint) NOT IN {referenced}")
-                conn.execute(f"DELETE FROM stage_schemas WHERE (stage, fingerprint) NOT IN {referenced}")
-                conn.executemany("DELETE FROM segments WHERE id=?", [(g[0],) for g in garbage])
+            if leases:
+                report.held_by = [f"{h} (pid {p} on {host}, since {time.strftime('%H:%M:%S', time.localtime(t))})"
+                                  for h, p, host, t in leases]
+                garbage = conn.execute(
+                    "SELECT id, path FROM segments s WHERE created < ? "
+                    "AND NOT EXISTS (SELECT 1 FROM items i WHERE i.segment = s.id)",
+                    (leases[0][3],),
+                ).fetchall()
+                if not dry_run:
+                    conn.executemany("DELETE FROM segments WHERE id=?", [(g[0],) for g in garbage])
+            else:
+                garbage = conn.execute(
+                    f"SELECT id, path FROM segments s WHERE (stage, fingerprint) NOT IN {referenced} "
+                    "OR NOT EXISTS (SELECT 1 FROM items i WHERE i.segment = s.id)"
+                ).fetchall()
+                report.items_dropped = conn.execute(
+                    f"SELECT COUNT(*) FROM items WHERE (stage, fingerprint) NOT IN {referenced}"
+                ).fetchone()[0]
+                if not dry_run:
+                    conn.execute(f"DELETE FROM items WHERE (stage, fingerprint) NOT IN {referenced}")
+                    conn.execute(f"DELETE FROM stage_schemas WHERE (stage, fingerprint) NOT IN {referenced}")
+                    conn.executemany("DELETE FROM segments WHERE id=?", [(g[0],) for g in garbage])
         for _, rel in garbage:
             path = self.root / rel
             report.segments_removed.append(rel)

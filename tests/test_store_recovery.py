@@ -178,5 +178,61 @@ def test_enospc_reaching_extract_and_status_is_one_line_exit_4(tmp_path, monkeyp
     assert main(["--manifest", str(manifest), "extract"]) == 4
     err = capsys.readouterr().err.strip()
     assert "mrhp extract: no space left on device" in err and len(err.splitlines()) == 1
-    assert main(["--manifest", str(manifest), "status"]) == 0  # nothing declared, nothing to plan
-    assert not (tmp_path / "store").exists()  # and status created no store
+    other = tmp_path / "m2.yaml"
+    other.write_text("version: 1\nroots:\n  store: store2\ndatasets: {}\n", encoding="utf-8")
+    assert main(["--manifest", str(other), "status"]) == 0  # nothing declared, nothing to plan
+    assert not (tmp_path / "store2").exists()  # and status created no store
+
+
+def test_gc_leaves_a_running_flows_work_alone_while_it_holds_a_lease(tmp_path):
+    """A flow (here a thread holding the lease, as `mrhp extract` does) commits segments of a
+    stage whose view it has not written yet; a gc meanwhile keeps them, and removes them once
+    the flow is gone and nothing references them."""
+    import threading
+
+    import pipeline.store as store_mod
+
+    root = tmp_path / "store"
+    store = FeatureStore(root)
+    write(store, [roi_record("old", 1)], fp="old-fp")  # unreferenced before the flow started
+    committed, release = threading.Event(), threading.Event()
+
+    def flow():
+        st = FeatureStore(root)
+        with st.lease("mrhp extract demo"):
+            write(st, [roi_record("new", 1)], fp="new-fp")
+            committed.set()
+            release.wait(30)
+
+    t = threading.Thread(target=flow)
+    t.start()
+    try:
+        assert committed.wait(30)
+        report = FeatureStore(root).gc()
+        assert report.segments_removed == [] and report.items_dropped == 0
+        assert "flows are running (mrhp extract demo" in report.format()
+        assert FeatureStore(root).missing("rois", "new-fp", ["new"]) == []
+    finally:
+        release.set()
+        t.join()
+    assert FeatureStore(root).live_leases() == []
+    report = FeatureStore(root).gc()
+    assert len(report.segments_removed) == 2 and report.items_dropped == 2
+
+
+def test_a_dead_holders_lease_expires(tmp_path, monkeypatch):
+    import sqlite3
+    import time as time_mod
+
+    import pipeline.store as store_mod
+
+    root = tmp_path / "store"
+    store = FeatureStore(root)
+    write(store, [roi_record("x", 1)], fp="fp")
+    conn = sqlite3.connect(root / "index.sqlite")
+    with conn:  # a lease whose holder was killed long ago
+        stale = time_mod.time() - store_mod._LEASE_TTL_S - 5
+        conn.execute("INSERT INTO leases VALUES ('dead', 'mrhp extract', 1, 'h', ?, ?)", (stale, stale))
+    conn.close()
+    assert store.live_leases() == []
+    assert len(store.gc().segments_removed) == 1

@@ -60,13 +60,21 @@ def run(args: argparse.Namespace) -> int:
     if not getattr(args, "verbose", False):
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call
 
+    from pipeline.manifest import load_manifest
+    from pipeline.store import FeatureStore
+
+    overrides = random_init_overrides(args.random_init)
     try:
-        summaries = run_extraction(
-            args.manifest, dataset=args.dataset, stages=args.stages, force=args.force,
-            task_runner=args.task_runner, dask_address=args.dask_address,
-            chunk_size=args.chunk_size, progress=not args.no_progress,
-            overrides=random_init_overrides(args.random_init),
-        )
+        store = FeatureStore(load_manifest(args.manifest, overrides=overrides).roots.store)
+        # The lease tells a concurrent `mrhp gc` that this run's stage outputs, not yet in a
+        # view, are work in progress (it would otherwise delete them as unreferenced).
+        with store.lease(f"mrhp extract {args.dataset or '(all datasets)'}"):
+            summaries = run_extraction(
+                args.manifest, dataset=args.dataset, stages=args.stages, force=args.force,
+                task_runner=args.task_runner, dask_address=args.dask_address,
+                chunk_size=args.chunk_size, progress=not args.no_progress,
+                overrides=overrides,
+            )
     except OSError as e:
         # A full disk (or another file-system error) outside the store's own commit path: one
         # line, exit 4; segments are only ever renamed into place complete, so nothing is
