@@ -1817,6 +1817,8 @@ class StageReader:
         recomputes them; returns what to tell the user."""
         seg_id = Path(err.path).stem
         index = self.root / "index.sqlite"
+        if not writes_allowed():
+            return "run `mrhp fsck --repair`, then `mrhp extract`, to recompute them"
         try:
             conn = sqlite3.connect(index, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
             try:
