@@ -229,22 +229,22 @@ def finish_stage(
         random_init=random_init, total=work.total, reused=work.reused - len(earlier),
         failures=earlier, chunks=chunks,
     )
-    for o in outcomes:
-        # Skipped keys were missing when planned: an earlier attempt of the same chunk made them.
-        summary.done += o.done + o.skipped
-        summary.failures.update(o.failures)
+    for _ in outcomes:
+        pass  # the chunks' own counts are not trusted: see below
     still_missing = set(store.missing(work.stage.name, work.fingerprint, sorted(work.plan.items)))
     for key in sorted(still_missing):
         summary.errors[key] = errors.get(key, "not computed (no chunk reported it)")
-    # Keys an erroring chunk committed before raising (its records are kept): count them.
-    committed = [k for k in errors if k not in still_missing and k not in summary.failures]
-    if committed:
-        stored_failures = store.failures(work.stage.name, work.fingerprint)
-        for key in committed:
-            if key in stored_failures:
-                summary.failures[key] = stored_failures[key]
-            else:
-                summary.done += 1
+    # Count from the index, not from what the chunks said: every key this run had to compute is
+    # now stored as a result (done) or a failure record, whoever committed it (a retried chunk,
+    # an erroring chunk before it raised, or a concurrent run), so a stored failure is never
+    # reported as done.
+    settled = [k for k in work.todo if k not in still_missing]
+    stored_failures = store.failures(work.stage.name, work.fingerprint) if settled else {}
+    for key in settled:
+        if key in stored_failures:
+            summary.failures[key] = stored_failures[key]
+        else:
+            summary.done += 1
     summary.failed_items = item_ids_by_key(work.plan.view, [*summary.failures, *summary.errors])
     if not still_missing:
         store.write_view(dataset, work.stage.name, work.fingerprint, dict(work.plan.view))

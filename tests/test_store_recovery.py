@@ -236,3 +236,24 @@ def test_a_dead_holders_lease_expires(tmp_path, monkeypatch):
     conn.close()
     assert store.live_leases() == []
     assert len(store.gc().segments_removed) == 1
+
+
+def test_summaries_count_from_the_index_not_from_the_chunks(tmp_path):
+    """A key a concurrent run recorded as a failure while this run's chunk skipped it is
+    reported as failed, not done."""
+    from types import SimpleNamespace
+
+    from pipeline.runner import ChunkOutcome, StageWork, finish_stage
+    from pipeline.stage import FieldSpec, Record
+
+    store = FeatureStore(tmp_path / "store")
+    schema = {"v": FieldSpec("int32", ())}
+    with store.writer("s", "fp", schema) as w:  # what the other run committed meanwhile
+        w.add(Record("a", {"v": 1}))
+        w.add(Record("b", failure="unreadable input"))
+    plan = SimpleNamespace(items={"a": None, "b": None}, view={"item-a": "a", "item-b": "b"})
+    work = StageWork(stage=SimpleNamespace(name="s"), fingerprint="fp", plan=plan, todo=["a", "b"])
+    # this run's chunk found both keys already stored and skipped them
+    outcome = ChunkOutcome(stage="s", fingerprint="fp", keys=2, skipped=2)
+    summary = finish_stage(work, store, "ds", [outcome], {})
+    assert summary.done == 1 and summary.failures == {"b": "unreadable input"} and summary.view_written
