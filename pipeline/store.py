@@ -62,6 +62,14 @@ _PRELOAD_BYTES = 1 << 20  # per segment, fields this small are read whole on ope
 _MAX_OPEN_FILES = 128  # per reader: segment file descriptors kept open (LRU)
 _LEASE_BEAT_S = 30.0  # a lease holder refreshes its heartbeat this often ...
 _LEASE_TTL_S = 300.0  # ... and a lease not refreshed for this long belongs to a dead process
+_CLAIM_TTL_S = 900.0  # a chunk claim lasts this long unless its owner's lease heartbeat renews it
+
+
+def claim_owner() -> str:
+    """Who claims chunks: the running `mrhp extract` (MRHP_STORE_OWNER, its lease id, inherited
+    by its task workers), else this process (host:pid)."""
+    return os.environ.get("MRHP_STORE_OWNER") or f"{os.uname().nodename}:{os.getpid()}"
+
 _STR = h5py.string_dtype("utf-8")
 log = logging.getLogger(__name__)
 _INHERITED_CONNECTIONS: list[sqlite3.Connection] = []  # SQLite handles a forked child must not close
@@ -114,6 +122,15 @@ CREATE TABLE IF NOT EXISTS leases (
     started REAL NOT NULL,
     heartbeat REAL NOT NULL           -- refreshed every _LEASE_BEAT_S, stale after _LEASE_TTL_S
 );
+CREATE TABLE IF NOT EXISTS claims (
+    stage TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    key TEXT NOT NULL,
+    owner TEXT NOT NULL,              -- claim_owner() of the run computing it
+    expires REAL NOT NULL,            -- renewed by the owner's lease heartbeat
+    PRIMARY KEY (stage, fingerprint, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS claims_by_owner ON claims (owner);
 CREATE TABLE IF NOT EXISTS view_items (
     dataset TEXT NOT NULL,
     stage TEXT NOT NULL,
@@ -452,7 +469,7 @@ class FeatureStore:
         conn = self._conn()
         try:
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if not {"meta", "segments", "items", "stage_schemas", "views", "view_items", "leases"} <= tables:
+            if not {"meta", "segments", "items", "stage_schemas", "views", "view_items", "leases", "claims"} <= tables:
                 with _Tx(conn):  # first use (or a store from before a table was added): create tables
                     for stmt in _SCHEMA_SQL.split(";"):
                         if stmt.strip():
@@ -772,6 +789,7 @@ class FeatureStore:
                 try:
                     with _Tx(self._conn()) as c:
                         c.execute("UPDATE leases SET heartbeat=? WHERE id=?", (time.time(), lease_id))
+                        c.execute("UPDATE claims SET expires=? WHERE owner=?", (time.time() + _CLAIM_TTL_S, lease_id))
                 except StoreError as e:
                     log.warning("lease %s: heartbeat failed (%s)", lease_id, e)
 
@@ -787,6 +805,59 @@ class FeatureStore:
                     conn.execute("DELETE FROM leases WHERE id=?", (lease_id,))
             except StoreError as e:
                 log.warning("lease %s: not released (%s); it expires by itself", lease_id, e)
+
+    @_guard_sqlite
+    def claim(self, stage: str, fingerprint: str, keys: Iterable[str], owner: str | None = None) -> list[str]:
+        """Claim the still-missing `keys` for `owner` (default `claim_owner()`); returns those it
+        may compute (input order): not stored yet and not claimed by another live owner. Two
+        extract runs on one store thus split the work instead of both computing everything."""
+        owner = owner or claim_owner()
+        keys = list(dict.fromkeys(keys))
+        now = time.time()
+        conn = self._conn()
+        with _Tx(conn):
+            conn.execute("DELETE FROM claims WHERE expires < ?", (now,))
+            present = self._present(conn, stage, fingerprint, keys)
+            held: dict[str, str] = {}
+            for part in _chunks(keys):
+                held.update(conn.execute(
+                    "SELECT key, owner FROM claims WHERE stage=? AND fingerprint=? AND key IN "
+                    f"({','.join('?' * len(part))})", (stage, fingerprint, *part),
+                ).fetchall())
+            mine = [k for k in keys if k not in present and held.get(k, owner) == owner]
+            conn.executemany(
+                "INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?)",
+                [(stage, fingerprint, k, owner, now + _CLAIM_TTL_S) for k in mine],
+            )
+        return mine
+
+    @_guard_sqlite
+    def release(self, stage: str, fingerprint: str, keys: Iterable[str], owner: str | None = None) -> None:
+        """Drop `owner`'s claims on `keys` (after their chunk committed, or failed)."""
+        owner = owner or claim_owner()
+        keys = list(dict.fromkeys(keys))
+        conn = self._conn()
+        with _Tx(conn):
+            for part in _chunks(keys):
+                conn.execute(
+                    "DELETE FROM claims WHERE stage=? AND fingerprint=? AND owner=? AND key IN "
+                    f"({','.join('?' * len(part))})", (stage, fingerprint, owner, *part),
+                )
+
+    @_guard_sqlite
+    def claimed_by_others(self, stage: str, fingerprint: str, keys: Iterable[str],
+                          owner: str | None = None) -> dict[str, str]:
+        """key -> owner for `keys` a live other owner has claimed."""
+        owner = owner or claim_owner()
+        keys = list(dict.fromkeys(keys))
+        out: dict[str, str] = {}
+        conn = self._conn()
+        for part in _chunks(keys):
+            out.update(conn.execute(
+                "SELECT key, owner FROM claims WHERE stage=? AND fingerprint=? AND owner != ? AND expires >= ? "
+                f"AND key IN ({','.join('?' * len(part))})", (stage, fingerprint, owner, time.time(), *part),
+            ).fetchall())
+        return out
 
     @_guard_sqlite
     def live_leases(self) -> list[tuple[str, int, str, float]]:

@@ -257,3 +257,45 @@ def test_summaries_count_from_the_index_not_from_the_chunks(tmp_path):
     outcome = ChunkOutcome(stage="s", fingerprint="fp", keys=2, skipped=2)
     summary = finish_stage(work, store, "ds", [outcome], {})
     assert summary.done == 1 and summary.failures == {"b": "unreadable input"} and summary.view_written
+
+
+def _extract_in_child(root: str, barrier, queue) -> None:
+    from flows.synthetic import REGISTRY
+    from features.registry import build_stage
+    from pipeline.manifest import load_manifest
+    from pipeline.runner import run_stage
+
+    manifest = load_manifest(Path(root) / "data_manifest.yaml")
+    stage = build_stage(manifest, "syn", "synthetic", REGISTRY)
+    store = FeatureStore(manifest.roots.store)
+    barrier.wait(30)
+    s = run_stage(stage, store, "syn", chunk_size=3)
+    queue.put((s.done, s.failed, s.view_written))
+
+
+def test_two_concurrent_extracts_split_the_chunks_instead_of_both_computing_everything(tmp_path, monkeypatch):
+    import multiprocessing as mp
+    from collections import Counter
+
+    from flows.synthetic import write_project
+
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("MRHP_SYNTH_LOG", str(log))
+    monkeypatch.setenv("MRHP_SYNTH_DELAY", "0.03")
+    monkeypatch.delenv("MRHP_SYNTH_SALT", raising=False)
+    monkeypatch.delenv("MRHP_STORE_OWNER", raising=False)
+    manifest_path = write_project(tmp_path, 24, chunk_size=3)
+    ctx = mp.get_context("fork")
+    barrier, queue = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_extract_in_child, args=(str(manifest_path.parent), barrier, queue))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(60)
+    computed = Counter(line.split()[1] for line in log.read_text().splitlines()
+                       if line.split()[0] == "synthetic")
+    assert sum(computed.values()) == 24 and max(computed.values()) == 1  # every item once
+    assert all(view for _, _, view in results)  # each run waited for the other's keys
+    assert all(failed == 0 for _, failed, _ in results)

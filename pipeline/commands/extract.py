@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import sys
 
 from pipeline.errors import StageError, StoreError
@@ -68,13 +69,23 @@ def run(args: argparse.Namespace) -> int:
         store = FeatureStore(load_manifest(args.manifest, overrides=overrides).roots.store)
         # The lease tells a concurrent `mrhp gc` that this run's stage outputs, not yet in a
         # view, are work in progress (it would otherwise delete them as unreferenced).
-        with store.lease(f"mrhp extract {args.dataset or '(all datasets)'}"):
-            summaries = run_extraction(
-                args.manifest, dataset=args.dataset, stages=args.stages, force=args.force,
-                task_runner=args.task_runner, dask_address=args.dask_address,
-                chunk_size=args.chunk_size, progress=not args.no_progress,
-                overrides=overrides,
-            )
+        # Its id also owns this run's chunk claims (MRHP_STORE_OWNER, inherited by task workers):
+        # a second extract on the same store takes the other chunks and waits for these.
+        with store.lease(f"mrhp extract {args.dataset or '(all datasets)'}") as lease_id:
+            before = os.environ.get("MRHP_STORE_OWNER")
+            os.environ["MRHP_STORE_OWNER"] = lease_id
+            try:
+                summaries = run_extraction(
+                    args.manifest, dataset=args.dataset, stages=args.stages, force=args.force,
+                    task_runner=args.task_runner, dask_address=args.dask_address,
+                    chunk_size=args.chunk_size, progress=not args.no_progress,
+                    overrides=overrides,
+                )
+            finally:
+                if before is None:
+                    os.environ.pop("MRHP_STORE_OWNER", None)
+                else:
+                    os.environ["MRHP_STORE_OWNER"] = before
     except OSError as e:
         # A full disk (or another file-system error) outside the store's own commit path: one
         # line, exit 4; segments are only ever renamed into place complete, so nothing is
