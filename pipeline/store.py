@@ -65,10 +65,22 @@ _LEASE_TTL_S = 300.0  # ... and a lease not refreshed for this long belongs to a
 _CLAIM_TTL_S = 900.0  # a chunk claim lasts this long unless its owner's lease heartbeat renews it
 
 
+_OWNER_LOCKS: dict[tuple[str, str], int] = {}  # (store root, owner) -> fd holding its flock
+
+
 def claim_owner() -> str:
     """Who claims chunks: the running `mrhp extract` (MRHP_STORE_OWNER, its lease id, inherited
-    by its task workers), else this process (host:pid)."""
-    return os.environ.get("MRHP_STORE_OWNER") or f"{os.uname().nodename}:{os.getpid()}"
+    by its task workers), else this process (host-pid)."""
+    env = os.environ.get("MRHP_STORE_OWNER")
+    if env:
+        return env
+    host = "".join(c if c.isalnum() or c in "-." else "-" for c in os.uname().nodename)
+    return f"{host}-{os.getpid()}"
+
+
+def _owner_lock(root: Path, owner: str) -> Path:
+    """Held (flock) by a live claim owner: its claims die with it, whatever their expiry says."""
+    return root / "tmp" / f"claims-{owner}.lock"
 
 _STR = h5py.string_dtype("utf-8")
 log = logging.getLogger(__name__)
@@ -779,6 +791,8 @@ class FeatureStore:
 
         lease_id = uuid.uuid4().hex
         now = time.time()
+        owner_lock = _owner_lock(self.root, lease_id)
+        owner_fd = _acquire_lock(owner_lock, "")  # the lease id also owns the run's chunk claims
         with _Tx(self._conn()) as conn:
             conn.execute("INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?)",
                          (lease_id, holder, os.getpid(), socket.gethostname(), now, now))
@@ -803,8 +817,12 @@ class FeatureStore:
             try:
                 with _Tx(self._conn()) as conn:
                     conn.execute("DELETE FROM leases WHERE id=?", (lease_id,))
+                    conn.execute("DELETE FROM claims WHERE owner=?", (lease_id,))
             except StoreError as e:
                 log.warning("lease %s: not released (%s); it expires by itself", lease_id, e)
+            finally:
+                owner_lock.unlink(missing_ok=True)
+                os.close(owner_fd)
 
     @_guard_sqlite
     def claim(self, stage: str, fingerprint: str, keys: Iterable[str], owner: str | None = None) -> list[str]:
@@ -812,6 +830,8 @@ class FeatureStore:
         may compute (input order): not stored yet and not claimed by another live owner. Two
         extract runs on one store thus split the work instead of both computing everything."""
         owner = owner or claim_owner()
+        if owner == claim_owner() and not os.environ.get("MRHP_STORE_OWNER"):
+            self._hold_owner_lock(owner)  # a plain process owns its claims while it lives
         keys = list(dict.fromkeys(keys))
         now = time.time()
         conn = self._conn()
@@ -824,7 +844,9 @@ class FeatureStore:
                     "SELECT key, owner FROM claims WHERE stage=? AND fingerprint=? AND key IN "
                     f"({','.join('?' * len(part))})", (stage, fingerprint, *part),
                 ).fetchall())
-            mine = [k for k in keys if k not in present and held.get(k, owner) == owner]
+            alive = {o: self._owner_alive(o) for o in set(held.values()) if o != owner}
+            mine = [k for k in keys if k not in present
+                    and (k not in held or held[k] == owner or not alive[held[k]])]
             conn.executemany(
                 "INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?)",
                 [(stage, fingerprint, k, owner, now + _CLAIM_TTL_S) for k in mine],
@@ -857,7 +879,16 @@ class FeatureStore:
                 "SELECT key, owner FROM claims WHERE stage=? AND fingerprint=? AND owner != ? AND expires >= ? "
                 f"AND key IN ({','.join('?' * len(part))})", (stage, fingerprint, owner, time.time(), *part),
             ).fetchall())
-        return out
+        alive = {o: self._owner_alive(o) for o in set(out.values())}
+        return {k: o for k, o in out.items() if alive[o]}
+
+    def _owner_alive(self, owner: str) -> bool:
+        return _lock_is_held(_owner_lock(self.root, owner))
+
+    def _hold_owner_lock(self, owner: str) -> None:
+        key = (str(self.root), owner)
+        if key not in _OWNER_LOCKS:
+            _OWNER_LOCKS[key] = _acquire_lock(_owner_lock(self.root, owner), "")
 
     @_guard_sqlite
     def live_leases(self) -> list[tuple[str, int, str, float]]:

@@ -299,3 +299,22 @@ def test_two_concurrent_extracts_split_the_chunks_instead_of_both_computing_ever
     assert sum(computed.values()) == 24 and max(computed.values()) == 1  # every item once
     assert all(view for _, _, view in results)  # each run waited for the other's keys
     assert all(failed == 0 for _, failed, _ in results)
+
+
+def test_claims_of_a_live_owner_are_respected_and_a_dead_owners_are_taken_over(tmp_path):
+    import pipeline.store as store_mod
+
+    store = FeatureStore(tmp_path / "store")
+    write(store, [roi_record("done", 1)])
+    live_fd = _acquire_lock(store_mod._owner_lock(store.root, "other-run"), "")  # a live extract
+    try:
+        assert store.claim("rois", "fp1", ["a", "b", "done"], owner="other-run") == ["a", "b"]
+        assert store.claim("rois", "fp1", ["a", "b", "c"], owner="me") == ["c"]
+        assert store.claimed_by_others("rois", "fp1", ["a", "b", "c"], owner="me") == {
+            "a": "other-run", "b": "other-run"}
+    finally:
+        os.close(live_fd)  # the other run is SIGKILLed: its flock goes with it
+    assert store.claimed_by_others("rois", "fp1", ["a", "b"], owner="me") == {}
+    assert store.claim("rois", "fp1", ["a", "b", "c"], owner="me") == ["a", "b", "c"]
+    store.release("rois", "fp1", ["a", "b", "c"], owner="me")
+    assert store.claim("rois", "fp1", ["a"], owner="third") == ["a"]
