@@ -15,7 +15,7 @@ from pipeline.errors import ConfigError, DataError, ManifestError
 from pipeline.manifest import load_manifest
 
 BOMB = "\n".join(
-    [f'a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
     + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
 ) + "\n"
 

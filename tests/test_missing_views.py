@@ -8,7 +8,6 @@ import json
 import sqlite3
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from models.config import TrainConfig, train_config

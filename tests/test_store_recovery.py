@@ -190,7 +190,6 @@ def test_gc_leaves_a_running_flows_work_alone_while_it_holds_a_lease(tmp_path):
     the flow is gone and nothing references them."""
     import threading
 
-    import pipeline.store as store_mod
 
     root = tmp_path / "store"
     store = FeatureStore(root)
