@@ -66,6 +66,7 @@ _CLAIM_TTL_S = 900.0  # a chunk claim lasts this long unless its owner's lease h
 
 
 _OWNER_LOCKS: dict[tuple[str, str], int] = {}  # (store root, owner) -> fd holding its flock
+_OWNER_LOCKS_MUTEX = threading.Lock()
 
 
 def claim_owner() -> str:
@@ -886,9 +887,12 @@ class FeatureStore:
         return _lock_is_held(_owner_lock(self.root, owner))
 
     def _hold_owner_lock(self, owner: str) -> None:
+        # Under a process-wide mutex: two task threads taking the same flock through two file
+        # descriptors would block each other for good (flock conflicts between descriptors).
         key = (str(self.root), owner)
-        if key not in _OWNER_LOCKS:
-            _OWNER_LOCKS[key] = _acquire_lock(_owner_lock(self.root, owner), "")
+        with _OWNER_LOCKS_MUTEX:
+            if key not in _OWNER_LOCKS:
+                _OWNER_LOCKS[key] = _acquire_lock(_owner_lock(self.root, owner), "")
 
     @_guard_sqlite
     def live_leases(self) -> list[tuple[str, int, str, float]]:

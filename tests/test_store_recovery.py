@@ -317,3 +317,36 @@ def test_claims_of_a_live_owner_are_respected_and_a_dead_owners_are_taken_over(t
     assert store.claim("rois", "fp1", ["a", "b", "c"], owner="me") == ["a", "b", "c"]
     store.release("rois", "fp1", ["a", "b", "c"], owner="me")
     assert store.claim("rois", "fp1", ["a"], owner="third") == ["a"]
+
+
+def test_many_threads_claiming_at_once_do_not_block_each_other(tmp_path, monkeypatch):
+    """Task threads of one run claim concurrently: the owner lock is taken once per process
+    (two descriptors flock-ing the same file in one process would wait on each other forever)."""
+    import threading
+    import time as time_mod
+
+    import pipeline.store as store_mod
+
+    monkeypatch.delenv("MRHP_STORE_OWNER", raising=False)
+    real_acquire = store_mod._acquire_lock
+
+    def slow_acquire(path, content):  # widen the window between "not held yet" and "take it"
+        time_mod.sleep(0.05)
+        return real_acquire(path, content)
+
+    monkeypatch.setattr(store_mod, "_acquire_lock", slow_acquire)
+    store = FeatureStore(tmp_path / "store")
+    got: list[str] = []
+    start = threading.Barrier(8)
+
+    def claim(i: int) -> None:
+        start.wait(10)
+        got.extend(store.claim("s", "fp", [f"k{i}"]))
+
+    threads = [threading.Thread(target=claim, args=(i,), daemon=True) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert not any(t.is_alive() for t in threads), "claiming threads deadlocked on the owner lock"
+    assert sorted(got) == [f"k{i}" for i in range(8)]
