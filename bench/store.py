@@ -1,4 +1,5 @@
-"""Feature-store throughput: segment writes, shuffled per-item reads, batched reads.
+"""Feature-store throughput: segment writes, shuffled per-item reads, batched reads, and the cost
+of verifying every read (per-item CRC-32C; zlib's CRC-32 timed beside it for the choice).
 
 Items look like ROI features: `--boxes` boxes x 2048 float16 per image (ragged), plus, with
 `--schema rois`, the other fields of the rois stage (boxes, object/attribute ids and scores,
@@ -146,6 +147,20 @@ def main(argv: list[str] | None = None) -> int:
 
         t_get = best_of(args.repeat, pass_get)
         t_many = best_of(args.repeat, pass_many)
+        # The cost of verifying every read (per-item CRC-32 and key check): the same pass with
+        # the CRC comparison switched off, passes interleaved so both see the same machine load.
+        import pipeline.store as store_mod
+
+        real_crc_ok = store_mod._OpenSegment._crc_ok
+        t_on, t_off = [], []
+        for _ in range(max(1, args.repeat)):
+            t_on.append(best_of(1, pass_get))
+            store_mod._OpenSegment._crc_ok = lambda self, key, row, arrays: True
+            try:
+                t_off.append(best_of(1, pass_get))
+            finally:
+                store_mod._OpenSegment._crc_ok = real_crc_ok
+        t_on_best, t_off_best = min(t_on), min(t_off)
 
         store.write_view("bench", "rois", "bench", {f"img/{i}.jpg": k for i, k in enumerate(keys)})
         view = store.view("bench", "rois")
@@ -171,6 +186,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{f'shuffled get_many (batch {args.batch})':<36}{n / t_many:9.0f} items/s  "
               f"{n * mb_per_item / t_many:7.0f} MB/s")
         print(f"{'shuffled view.get':<36}{n / t_view:9.0f} items/s")
+        print(f"{'reader.get, CRC verified (interleaved)':<36}{n / t_on_best:9.0f} items/s")
+        print(f"{'reader.get, CRC check off':<36}{n / t_off_best:9.0f} items/s")
+        item = np.ascontiguousarray(make_records(1, args.boxes, args.schema)[0].arrays["features"])
+        import zlib
+
+        import crc32c
+
+        t_c = best_of(5, lambda: [crc32c.crc32c(item) for _ in range(500)]) / 500
+        t_z = best_of(5, lambda: [zlib.crc32(item) for _ in range(500)]) / 500
+        print(f"{'checksum of one item: crc32c':<36}{t_c * 1e6:9.1f} us  {item.nbytes / t_c / 1e9:7.1f} GB/s")
+        print(f"{'checksum of one item: zlib.crc32':<36}{t_z * 1e6:9.1f} us  {item.nbytes / t_z / 1e9:7.1f} GB/s")
+        print(f"{'CRC verification cost per item':<36}{(t_on_best - t_off_best) / n * 1e6:9.1f} us "
+              f"({(t_on_best / t_off_best - 1) * 100:+.0f}% read time)")
         print(f"{'fsck (checksums of all segments)':<36}{n * mb_per_item / t_fsck:9.0f} MB/s")
         if args.index_keys:
             bench_index(args.index_keys, tmp / "index-store")

@@ -6,6 +6,9 @@
 - `text-gru`: bidirectional GRU encoders over the frozen word-embedding matrices (one per
   vocabulary), masked mean pooling, product-review matching [r; p; r*p; |r-p|] -> MLP -> score,
   trained with the trainer's ranking loss. Text only: it ignores the images.
+
+Each reads only the tokens view (`required_views` -> {"tokens"}: `length` its raw token counts,
+`random` the review ids, `text-gru` the token ids).
 """
 from __future__ import annotations
 
@@ -36,6 +39,11 @@ class NoConfig:
 class LengthBaseline(nn.Module):
     """Longer reviews rank higher."""
 
+    @classmethod
+    def required_views(cls, model_cfg: Mapping[str, Any]) -> frozenset[str]:
+        """Text only: the tokens view (token ids, raw lengths); no image or probe view."""
+        return frozenset({"tokens"})
+
     def __init__(self) -> None:
         super().__init__()
 
@@ -51,6 +59,11 @@ class LengthBaseline(nn.Module):
 @register_model("random")
 class RandomBaseline(nn.Module):
     """A fixed pseudo-random score per (seed, review id)."""
+
+    @classmethod
+    def required_views(cls, model_cfg: Mapping[str, Any]) -> frozenset[str]:
+        """Text only: the tokens view (token ids, raw lengths); no image or probe view."""
+        return frozenset({"tokens"})
 
     def __init__(self, *, seed: int = 0) -> None:
         super().__init__()
@@ -106,6 +119,11 @@ class _Encoder(nn.Module):
 @register_model("text-gru")
 class TextGRU(nn.Module):
     """Text-only matching baseline."""
+
+    @classmethod
+    def required_views(cls, model_cfg: Mapping[str, Any]) -> frozenset[str]:
+        """Text only: the tokens view (token ids, raw lengths); no image or probe view."""
+        return frozenset({"tokens"})
 
     def __init__(self, *, prd_table: torch.Tensor, rvw_table: torch.Tensor, hidden: int = 128,
                  mlp_hidden: int = 128, dropout: float = 0.1, freeze_embeddings: bool = True) -> None:

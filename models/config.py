@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.config import deep_merge, from_mapping, parse_overrides, to_mapping
+from pipeline.config import deep_merge, from_mapping, load_yaml, parse_overrides, to_mapping
 from pipeline.errors import ConfigError
 
 
@@ -36,7 +36,8 @@ class DataConfig:
     zeros_rois: int = 16  # rows used by empty_rois="zeros"
     max_tokens: int | None = None  # cap on token ids per text (the tokens stage already cuts at 128)
     roi_dim: int = 2048  # ROI feature size; checked against the stored features
-    require_probes: bool = False  # error when the probes view is missing (SANCL); else masks of ones
+    # (`require_probes` is gone: the model's `required_views` says whether probes are needed and
+    # TrainConfig.allow_missing opts out; old run configs carrying it still load, see train_config)
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,13 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes (HDF5 opened lazily in each)
     threshold: float | None = None  # relevance threshold; None = the dataset's (manifest)
     ks: tuple[int, ...] = (3, 5)  # NDCG cut-offs
+    # Feature-store views the model needs but may train without (e.g. ["rois"]): by default a
+    # missing required view (models.data.required_views) stops the run; names among VIEW_NAMES.
+    allow_missing: tuple[str, ...] = ()
     data: DataConfig = DataConfig()
+
+
+VIEW_NAMES = ("tokens", "rois", "probes", "bert")  # the stage views a model can require
 
 
 def _check(cfg: TrainConfig) -> TrainConfig:
@@ -98,6 +105,13 @@ def _check(cfg: TrainConfig) -> TrainConfig:
     valid_metrics = ["MAP", "MRR", *[f"NDCG@{k}" for k in cfg.ks]]
     if cfg.metric not in valid_metrics:
         raise ConfigError(f"metric: expected one of {', '.join(valid_metrics)}, got {cfg.metric!r}")
+    unknown = [v for v in cfg.allow_missing if v not in VIEW_NAMES]
+    if unknown:
+        raise ConfigError(
+            f"allow_missing: unknown view(s) {', '.join(map(repr, unknown))}; valid: {', '.join(VIEW_NAMES)}"
+        )
+    if "tokens" in cfg.allow_missing:
+        raise ConfigError("allow_missing: 'tokens' cannot be missing (every model reads the token ids)")
     if cfg.data.max_boxes_per_image < 1 or cfg.data.max_rois < 1 or cfg.data.min_rois < 1:
         raise ConfigError("data.max_boxes_per_image, data.max_rois and data.min_rois must be >= 1")
     return cfg
@@ -129,8 +143,19 @@ DATA_DERIVED_FIELDS = ("embed_dim", "vocab_size")
 def train_config(mapping: Mapping[str, Any] | None = None) -> TrainConfig:
     """Validated TrainConfig from a plain mapping (unknown keys name the valid ones), model_cfg
     checked against the model's config record. No preset is applied here: a saved run config
-    already holds every resolved field."""
-    return _resolve_model_cfg(_check(from_mapping(TrainConfig, dict(mapping or {}), "")))
+    already holds every resolved field.
+
+    Backward compatibility: `data.require_probes` (run configs written before `allow_missing`)
+    is accepted and dropped; `true` is what required_views now does by default, and `false` had
+    only an effect when the probes view was missing, which now stops the run unless
+    `allow_missing` lists probes."""
+    mapping = dict(mapping or {})
+    data = mapping.get("data")
+    if isinstance(data, Mapping) and "require_probes" in data:
+        data = dict(data)
+        data.pop("require_probes")
+        mapping["data"] = data
+    return _resolve_model_cfg(_check(from_mapping(TrainConfig, mapping, "")))
 
 
 def apply_preset(explicit: Mapping[str, Any], *, category: str | None = None) -> dict[str, Any]:
@@ -160,9 +185,10 @@ def load_train_config(path: str | Path | None = None, overrides: Sequence[str] =
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: cannot read the config ({e})") from None
+        loaded = load_yaml(text, str(p)) or {}  # alias bombs and deep nesting refused in one line
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"{p}: expected a mapping of training settings, got {type(loaded).__name__}")
         data = deep_merge(data, loaded)

@@ -25,23 +25,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from models.batch import Batch
 from models.config import DataConfig
-from pipeline.errors import DataError, StoreError
+from pipeline.errors import DataError
 
 Unit = tuple[int, tuple[int, ...]]  # (product index, review indices within the product)
 # Failure reasons of the bert stage (features/text/bert.py) that mean "this text is empty".
 EMPTY_TEXT_FAILURES = ("empty text", "no word piece")
-
-
-def model_views(model: str, model_cfg: Mapping[str, Any] | None = None) -> frozenset[str]:
-    """The views a registered model reads: its `required_views(model_cfg)` classmethod, else
-    tokens only (a model class that does not declare more reads no other view by obligation)."""
-    from models.registry import model_class
-
-    cls = model_class(model)
-    probe = getattr(cls, "required_views", None)
-    if probe is None:
-        return frozenset({"tokens"})
-    return frozenset(probe(dict(model_cfg or {})))
 
 
 @dataclass
@@ -124,12 +112,62 @@ class _ProductRef:
     labels: tuple[float, ...]
 
 
+# Views a model needs when its class does not say (`required_views`): the multimodal models read
+# image features, SANCL its probe masks too; anything else is treated as multimodal (refusing a
+# run is recoverable, training in silence without a view is not).
+_FALLBACK_VIEWS = {"sancl": frozenset({"tokens", "rois", "probes"})}
+_MULTIMODAL_FALLBACK = frozenset({"tokens", "rois"})
+READ_VIEWS = ("tokens", "rois", "probes", "bert")  # the views StoreSource reads arrays from
+
+
+def required_views(model: str, model_cfg: Mapping[str, Any] | None = None) -> frozenset[str]:
+    """The stage views `model` needs with `model_cfg`: its class's `required_views(model_cfg)`,
+    else {"tokens", "rois", "probes"} for sancl and {"tokens", "rois"} for any other model."""
+    from models.registry import model_class
+
+    cls = model_class(model)
+    fn = getattr(cls, "required_views", None)
+    if callable(fn):
+        return frozenset(fn(dict(model_cfg or {})))
+    return _FALLBACK_VIEWS.get(model, _MULTIMODAL_FALLBACK)
+
+
+def check_views(store_root: str | Path, dataset: str, required: frozenset[str] | set[str] | None,
+                allow_missing: Sequence[str] = (), *, what: str = "the model") -> tuple[str, ...]:
+    """Refuse a missing required view unless `allow_missing` lists it; returns the views that
+    are missing and allowed (for the run's records). `required=None`: nothing is required.
+
+    Raises DataError naming the stage and the command that builds it; store errors (a damaged
+    index) propagate as StoreError, never read as "no view"."""
+    from pipeline.store import FeatureStore
+
+    if not required:
+        return ()
+    have = {v.stage for v in FeatureStore(Path(store_root)).views() if v.dataset == dataset}
+    missing = sorted(v for v in required if v not in have)
+    refused = [v for v in missing if v not in allow_missing]
+    if refused:
+        v = refused[0]
+        more = f" (also missing: {', '.join(refused[1:])})" if len(refused) > 1 else ""
+        raise DataError(
+            f"dataset {dataset!r}: {what} needs the {v} view, which the feature store at {store_root} "
+            f"does not have{more}: build it with `mrhp extract --dataset {dataset} --stage {v}` "
+            f"(or set allow_missing: [{v}] to run without it)"
+        )
+    return tuple(missing)
+
+
 class StoreSource:
     """Products of one split read from the feature store's views of `dataset`.
 
     Item ids (docs/design.md): tokens `prd:<id>` / `rvw:<id>`, rois by image path relative to the
-    image root, probes `rvw:<id>`. An image without features (failed or not extracted) adds no
-    ROIs; a text without tokens is a DataError naming the item and the stage to run."""
+    image root, probes `rvw:<id>`. `views` names the views to read (default: every one of
+    READ_VIEWS the dataset has); a view not read gives no ROIs / probe masks of ones, which
+    `check_views` allows only when the model does not need it or `allow_missing` says so.
+    Within a view read: an item recorded as failed (a broken image, a review whose mask could
+    not be computed) adds no ROIs / a mask of ones, as in the papers' preprocessing; an item the
+    view lacks (stale view) is a DataError naming the item and the extract command; a store
+    error (damaged segment or index) propagates as a StoreError, never as "no features"."""
 
     def __init__(self, *, store_root: str | Path, dataset: str, records, cfg: DataConfig,
                  split: str = "", views: Collection[str] | None = None) -> None:
@@ -154,6 +192,7 @@ class StoreSource:
         self.dataset = dataset
         self.split = split
         self.store_root = Path(store_root)
+        self.read_views = tuple(views) if views is not None else None
         self._views: dict[str, Any] | None = None
         self._pid: int | None = None
         self.text_features = "bert" in (views or ())  # read the bert view (model requires it)
@@ -171,46 +210,47 @@ class StoreSource:
             from pipeline.store import FeatureStore
 
             store = FeatureStore(self.store_root)
+            have = {v.stage for v in store.views() if v.dataset == self.dataset}
+            if "tokens" not in have:
+                raise DataError(
+                    f"dataset {self.dataset!r}: the feature store at {self.store_root} has no tokens view: "
+                    f"build it with `mrhp extract --dataset {self.dataset} --stage tokens`"
+                )
+            # tokens are always read (every model ranks text); the rest as asked
+            wanted = (set(self.read_views) | {"tokens"}) if self.read_views is not None else set(READ_VIEWS)
             views: dict[str, Any] = {}
-            for stage in ("tokens", "rois", "probes"):
-                try:
-                    views[stage] = store.view(self.dataset, stage)
-                except (StoreError, KeyError):
-                    views[stage] = None
-            if views["tokens"] is None:
-                raise StoreError(
-                    f"store {self.store_root}: no tokens view for dataset {self.dataset!r}; "
-                    f"run the tokens stage (mrhp extract) first"
-                )
-            if views["probes"] is None and self.cfg.require_probes:
-                raise StoreError(
-                    f"store {self.store_root}: no probes view for dataset {self.dataset!r} "
-                    f"(data.require_probes is set); run the probes stage first"
-                )
+            for stage in READ_VIEWS:
+                # Store errors (damaged index or segment) propagate: never "no view".
+                views[stage] = store.view(self.dataset, stage) if stage in wanted and stage in have else None
             self._views = views
             self._pid = os.getpid()
         return self._views
 
-    @staticmethod
-    def _get(view, item_id: str) -> dict[str, np.ndarray] | None:
+    def _get(self, view, item_id: str) -> dict[str, np.ndarray] | None:
+        """The item's arrays; None when the view is not read or the item is a recorded failure."""
         if view is None:
             return None
-        try:
-            return view.get(item_id)
-        except (StoreError, KeyError):
+        if item_id not in view:
+            raise DataError(
+                f"dataset {self.dataset!r}: the {view.stage} view has no item {item_id!r} (the view is "
+                f"older than the data): rerun `mrhp extract --dataset {self.dataset} --stage {view.stage}`"
+            )
+        if view.failure(item_id) is not None:
             return None
+        return view.get(item_id)  # StoreError (corrupt, missing segment) propagates
 
     def labels(self, index: int) -> np.ndarray:
         return np.array(self._refs[index].labels, dtype=np.float64)
 
     def _tokens(self, item_id: str) -> dict[str, np.ndarray]:
-        got = self._get(self._open()["tokens"], item_id)
-        if got is None:
+        view = self._open()["tokens"]
+        if item_id not in view or view.failure(item_id) is not None:
             raise DataError(
                 f"dataset {self.dataset!r}: no tokens for {item_id!r} in the store "
-                f"(tokens stage not run for it, or recorded as a failure)"
+                f"(tokens stage not run for it, or recorded as a failure: {view.failure(item_id) if item_id in view else 'not in the view'}); "
+                f"rerun `mrhp extract --dataset {self.dataset} --stage tokens`"
             )
-        return got
+        return view.get(item_id)
 
     def _rois(self, paths: Sequence[str]) -> np.ndarray:
         view = self._open()["rois"]
@@ -260,15 +300,15 @@ class StoreSource:
         if self._bert_view is None or self._bert_view[0] != os.getpid():
             from pipeline.store import FeatureStore
 
-            try:
-                view = FeatureStore(self.store_root).view(self.dataset, "bert")
-            except (StoreError, KeyError):
+            store = FeatureStore(self.store_root)
+            # only an absent view is "no view": a damaged store raises its own StoreError
+            if not any(v.dataset == self.dataset and v.stage == "bert" for v in store.views()):
                 raise DataError(
                     f"dataset {self.dataset!r}: the model reads text-encoder features and the store "
                     f"has no bert view; run `mrhp extract --dataset {self.dataset} --stage bert` "
                     f"(needs datasets.{self.dataset}.text_encoder in the manifest)"
-                ) from None
-            self._bert_view = (os.getpid(), view)
+                )
+            self._bert_view = (os.getpid(), store.view(self.dataset, "bert"))
         return self._bert_view[1]
 
     def _text_features(self, item_id: str) -> tuple[np.ndarray, np.ndarray]:
@@ -482,6 +522,7 @@ class DataBundle:
     threshold: float
     train_labels: list[float] = field(default_factory=list)  # for negative weights
     records: Any = None  # the DatasetRecords the bundle was built from, when read from a dataset
+    missing_views: tuple[str, ...] = ()  # required views absent and allowed by allow_missing (recorded)
 
     def split(self, name: str) -> ProductSource:
         if name not in self.splits:
@@ -496,47 +537,59 @@ def store_embeddings(store_root: str | Path, dataset: str) -> dict[str, np.ndarr
     from pipeline.store import FeatureStore
 
     store = FeatureStore(Path(store_root))
-    try:
-        view = store.view(dataset, "embeddings")
-        return {
-            "prd": np.asarray(view.get("prd_vocab")["matrix"], dtype=np.float32),
-            "rvw": np.asarray(view.get("rvw_vocab")["matrix"], dtype=np.float32),
-        }
-    except (StoreError, KeyError) as e:
-        raise StoreError(
-            f"store {store_root}: no embeddings for dataset {dataset!r} ({e}); run the "
-            f"embeddings stage first"
-        ) from None
+    if not any(v.dataset == dataset and v.stage == "embeddings" for v in store.views()):
+        raise DataError(
+            f"dataset {dataset!r}: the feature store at {store_root} has no embeddings view: build it "
+            f"with `mrhp extract --dataset {dataset} --stage embeddings`"
+        )
+    view = store.view(dataset, "embeddings")  # store errors (damage) propagate as themselves
+    out = {}
+    for name, item in (("prd", "prd_vocab"), ("rvw", "rvw_vocab")):
+        if item not in view or view.failure(item) is not None:
+            raise DataError(
+                f"dataset {dataset!r}: the embeddings view has no {item} matrix: rerun "
+                f"`mrhp extract --dataset {dataset} --stage embeddings`"
+            )
+        out[name] = np.asarray(view.get(item)["matrix"], dtype=np.float32)
+    return out
 
 
 def bundle_from_records(records, *, store_root: str | Path, dataset: str, cfg: DataConfig,
                         threshold: float, splits: Sequence[str] = ("train", "dev", "test"),
                         embeddings: Mapping[str, np.ndarray] | None = None,
-                        views: Collection[str] | None = None) -> DataBundle:
-    """A DataBundle over store views for already-loaded DatasetRecords."""
+                        required: frozenset[str] | set[str] | None = None,
+                        allow_missing: Sequence[str] = ()) -> DataBundle:
+    """A DataBundle over store views for already-loaded DatasetRecords.
+
+    `required` (models.data.required_views of the model): those views are checked first
+    (`check_views`: a missing one is a DataError unless `allow_missing` lists it) and only the
+    required ones are read. None: read whatever views the dataset has (no model known)."""
+    missing = check_views(store_root, dataset, required, allow_missing)
+    read = None if required is None else tuple(v for v in READ_VIEWS if v in required and v not in missing)
     sources: dict[str, ProductSource] = {}
     for s in splits:
         part = records.split(s)
         if part.reviews:
             sources[s] = StoreSource(store_root=store_root, dataset=dataset, records=part, cfg=cfg, split=s,
-                                     views=views)
+                                     views=read)
     emb = dict(embeddings) if embeddings is not None else store_embeddings(store_root, dataset)
     return DataBundle(
         name=dataset, splits=sources, embeddings=emb, threshold=float(threshold),
         train_labels=[float(r.label) for r in records.reviews if r.split == "train"],
-        records=records,
+        records=records, missing_views=missing,
     )
 
 
 def build_datasets(manifest, dataset_name: str, cfg: DataConfig | None = None, *,
-                   views: Collection[str] | None = None) -> DataBundle:
+                   required: frozenset[str] | set[str] | None = None,
+                   allow_missing: Sequence[str] = ()) -> DataBundle:
     """Labels and grouping from the dataset reader, arrays from the store views (the CLI and
-    the training flow call this)."""
+    the training flow call this); `required`/`allow_missing` as in `bundle_from_records`."""
     from pipeline.datasets.mrhp import load_dataset
 
     spec = manifest.dataset(dataset_name)
     records = load_dataset(spec)
     return bundle_from_records(
         records, store_root=manifest.store_root, dataset=dataset_name, cfg=cfg or DataConfig(),
-        threshold=spec.threshold, splits=spec.splits, views=views,
+        threshold=spec.threshold, splits=spec.splits, required=required, allow_missing=allow_missing,
     )

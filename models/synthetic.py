@@ -47,12 +47,13 @@ class SyntheticData:
     data_cfg: DataConfig  # DataConfig matching the generated shapes (roi_dim)
 
     def store_bundle(self, views=None) -> DataBundle:
-        """The same data read back through the feature store views (StoreSource); `views` as
-        `models.data.bundle_from_records` (e.g. {"tokens", "bert"} to read the text features)."""
+        """The same data read back through the feature store views (StoreSource); `views` are the
+        required views of `models.data.bundle_from_records` (e.g. {"tokens", "bert"} to read the
+        text features); None reads every view the store has."""
         if self.store_root is None:
             raise ValueError("this synthetic dataset was not written to a store")
         return bundle_from_records(self.records, store_root=self.store_root, dataset=self.dataset,
-                                   cfg=self.data_cfg, threshold=self.bundle.threshold, views=views)
+                                   cfg=self.data_cfg, threshold=self.bundle.threshold, required=views)
 
 
 def _label(z: np.ndarray) -> np.ndarray:

@@ -45,7 +45,7 @@ from models.runs import (
     write_seed_plots,
 )
 from models.samplers import PairwiseSampler, label_frequency_weights, no_instance_message
-from pipeline.errors import TrainingError
+from pipeline.errors import ConfigError, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -368,6 +368,9 @@ class Trainer:
             "threshold": self.threshold, "seed": self.cfg.seed, "status": status,
             "best_epoch": self.best_epoch, "best_dev": self.best_dev, "epochs_done": self.epoch,
             "trainable_parameters": sum(p.numel() for p in self.params),
+            # views the model needs that were absent and allowed (TrainConfig.allow_missing)
+            "allow_missing": list(self.cfg.allow_missing),
+            "missing_views": list(getattr(self.data, "missing_views", ())),
             **self._provenance,
             "finished_at": utc_now() if status in ("done", "failed") else None,
         }
@@ -424,8 +427,11 @@ class Trainer:
                             save_checkpoint(paths.best, self._state(with_optimizer=False))
                         else:
                             self.bad_epochs += 1
-                    save_checkpoint(paths.last, self._state())
+                    # The epoch's record first, then last.pt: a crash between the two leaves a
+                    # record for an epoch that --resume reruns (truncate_metrics drops records past
+                    # the checkpoint's epoch), never a checkpoint whose record is lost for good.
                     append_jsonl(paths.metrics, rec)
+                    save_checkpoint(paths.last, self._state())
                     history.append(rec)
                     self._log_epoch(writer, rec)
                     if cfg.patience and self.bad_epochs >= cfg.patience:
@@ -498,14 +504,18 @@ class Trainer:
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
-    import yaml
+    from pipeline.config import load_yaml
 
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise TrainingError(f"{path}: not found") from None
-    except yaml.YAMLError as e:
-        raise TrainingError(f"{path}: not valid YAML ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TrainingError(f"{path}: unreadable ({e})") from None
+    try:
+        return load_yaml(text, str(path)) or {}
+    except ConfigError as e:
+        raise TrainingError(str(e)) from None
 
 
 def train(cfg: TrainConfig, data: DataBundle, run_dir: str | Path, *, resume: bool = False,
@@ -588,7 +598,7 @@ def train_seeds(manifest, cfg: TrainConfig, *, seeds: int = 1, first_seed: int =
     fingerprint, threshold) for `mrhp predict`. `overwrite` deletes an existing seed folder first
     (only a folder that looks like a run: config.yaml or checkpoints/ inside). The CLI and the
     training flow call this."""
-    from models.data import build_datasets, model_views
+    from models.data import build_datasets, required_views
     from models.runs import write_json_atomic
 
     if seeds < 1:
@@ -598,9 +608,9 @@ def train_seeds(manifest, cfg: TrainConfig, *, seeds: int = 1, first_seed: int =
     name = name or f"{cfg.model}-{cfg.dataset}"
     root = Path(manifest.roots.runs) / name
     cfg = _text_encoder_fallback(cfg, manifest, say)
-    views = model_views(cfg.model, cfg.model_cfg)
-    data = build_datasets(manifest, cfg.dataset, cfg.data, views=views)
-    if "bert" in views:
+    views = required_views(cfg.model, cfg.model_cfg)
+    data = build_datasets(manifest, cfg.dataset, cfg.data, required=views, allow_missing=cfg.allow_missing)
+    if "bert" in views and "bert" not in data.missing_views:
         cfg = _text_feature_width(cfg, data, say)
     vfp = _vocab_fingerprint(manifest, cfg.dataset, data.records)
     results = []

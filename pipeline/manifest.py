@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 
 from features.params import STAGE_PARAMS, FlowParams
-from pipeline.config import deep_merge, from_mapping
+from pipeline.config import deep_merge, from_mapping, load_yaml
 from pipeline.errors import ManifestError
 
 DEFAULT_MANIFEST = "data_manifest.yaml"
@@ -195,12 +194,12 @@ def load_manifest(path: str | Path | None = None, *,
     if not mpath.is_file():
         raise ManifestError(f"{mpath}: manifest file not found")
     try:
-        with open(mpath, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ManifestError(f"{mpath}: not valid YAML: {e}") from None
+        text = mpath.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ManifestError(f"{mpath}: not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise ManifestError(f"{mpath}: cannot read the manifest ({e.strerror or e})") from None
+    data = load_yaml(text, str(mpath), error=ManifestError)  # alias bombs and deep nesting refused
     if overrides:
         if data is not None and not isinstance(data, Mapping):
             raise ManifestError(f"{mpath}: expected a mapping at the top level")

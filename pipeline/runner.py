@@ -5,9 +5,11 @@ a plain script. The runner asks the store which keys are missing for the stage's
 splits them into chunks, runs each chunk through `stage.run` into a segment writer, and writes
 the dataset view once every planned key is either computed or recorded as a failure.
 
-Counting (the summary every flow returns):
+Counting (the summary every flow returns), from the index once the chunks are done:
 - `reused`: planned keys whose result the store already held before the run;
-- `done`: keys computed by this run with a result;
+- `done`: keys missing when the run planned that now have a stored result (computed by this
+  run, or by a concurrent run that had claimed them: chunks claim their keys in the index, so
+  two runs on one store split the work, and a run waits for the keys another run holds);
 - `failed`: planned keys with a failure record (bad input: recorded by this run or an earlier
   one, so a rerun still reports them) plus keys whose chunk raised after its retries (`errors`;
   not stored, so a later run tries them again).
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -133,6 +136,9 @@ def stage_params(stage: Any) -> dict[str, Any]:
     return json.loads(json.dumps(value if isinstance(value, dict) else {"params": value}, default=str))
 
 
+CLAIM_POLL_S = 1.0  # finish_stage polls this often for keys a concurrent run is computing
+
+
 def plan_stage(stage: Stage, store: Any, *, force: bool = False) -> StageWork:
     """Plan `stage` and find the keys to compute: the missing ones, or all of them with `force`
     (which first makes the store forget this fingerprint's results and failures for them)."""
@@ -166,13 +172,20 @@ def run_chunk(
     """
     fp = fingerprint or stage.fingerprint()
     given = [it.key for it in items]
-    todo_keys = set(store.missing(stage.name, fp, given))
+    # Claim the missing keys in the index: keys another live run is computing are left to it.
+    claim = getattr(store, "claim", None)
+    todo_keys = set(claim(stage.name, fp, given) if claim else store.missing(stage.name, fp, given))
     todo = [it for it in items if it.key in todo_keys]
     out = ChunkOutcome(stage=stage.name, fingerprint=fp, keys=len(given), skipped=len(given) - len(todo))
     if not todo:
         return out
     seen: set[str] = set()
-    writer = store.writer(stage.name, fp, stage.schema, attrs=stage_params(stage), chunk_size=commit_every)
+    try:
+        writer = store.writer(stage.name, fp, stage.schema, attrs=stage_params(stage), chunk_size=commit_every)
+    except BaseException:
+        if claim:
+            store.release(stage.name, fp, sorted(todo_keys))
+        raise
     try:
         for rec in stage.run(todo):
             if rec.key not in todo_keys:
@@ -186,7 +199,11 @@ def run_chunk(
             else:
                 out.failures[rec.key] = str(rec.failure)
     finally:
-        writer.close()  # commits what was produced, even when the stage raised
+        try:
+            writer.close()  # commits what was produced, even when the stage raised
+        finally:
+            if claim:
+                store.release(stage.name, fp, sorted(todo_keys))
     lost = todo_keys - seen
     if lost:
         raise StageError(
@@ -230,22 +247,35 @@ def finish_stage(
         random_init=random_init, total=work.total, reused=work.reused - len(earlier),
         failures=earlier, chunks=chunks, note=stage_note(work.stage),
     )
-    for o in outcomes:
-        # Skipped keys were missing when planned: an earlier attempt of the same chunk made them.
-        summary.done += o.done + o.skipped
-        summary.failures.update(o.failures)
+    for _ in outcomes:
+        pass  # the chunks' own counts are not trusted: see below
     still_missing = set(store.missing(work.stage.name, work.fingerprint, sorted(work.plan.items)))
+    others = getattr(store, "claimed_by_others", None)
+    waited = 0.0
+    while still_missing and others:
+        # Keys a concurrent run claimed: wait for it to commit them (its claims expire if it died).
+        held = others(work.stage.name, work.fingerprint, sorted(still_missing))
+        if not held:
+            break
+        if waited == 0.0:
+            log.info("%s/%s: waiting for %d key(s) another run is computing (%s)", dataset,
+                     work.stage.name, len(held), sorted(set(held.values()))[0])
+        time.sleep(CLAIM_POLL_S)
+        waited += CLAIM_POLL_S
+        still_missing = set(store.missing(work.stage.name, work.fingerprint, sorted(still_missing)))
     for key in sorted(still_missing):
         summary.errors[key] = errors.get(key, "not computed (no chunk reported it)")
-    # Keys an erroring chunk committed before raising (its records are kept): count them.
-    committed = [k for k in errors if k not in still_missing and k not in summary.failures]
-    if committed:
-        stored_failures = store.failures(work.stage.name, work.fingerprint)
-        for key in committed:
-            if key in stored_failures:
-                summary.failures[key] = stored_failures[key]
-            else:
-                summary.done += 1
+    # Count from the index, not from what the chunks said: every key this run had to compute is
+    # now stored as a result (done) or a failure record, whoever committed it (a retried chunk,
+    # an erroring chunk before it raised, or a concurrent run), so a stored failure is never
+    # reported as done.
+    settled = [k for k in work.todo if k not in still_missing]
+    stored_failures = store.failures(work.stage.name, work.fingerprint) if settled else {}
+    for key in settled:
+        if key in stored_failures:
+            summary.failures[key] = stored_failures[key]
+        else:
+            summary.done += 1
     summary.failed_items = item_ids_by_key(work.plan.view, [*summary.failures, *summary.errors])
     if not still_missing:
         store.write_view(dataset, work.stage.name, work.fingerprint, dict(work.plan.view))

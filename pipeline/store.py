@@ -12,7 +12,17 @@ transaction. A crash loses at most the chunk in flight; whatever it left behind 
 its lock file (held with flock while the writer lives) and cleaned by the next `FeatureStore()`.
 
 Segments are self-describing (stage, fingerprint, schema, keys, failures and a sha256 checksum in
-the file), so `rebuild_index()` can recover the index from the files alone. Nothing is pickled.
+the file), so `rebuild_index()` / `rebuild_index_file()` (`mrhp fsck --rebuild-index`) can recover
+the index from the files alone. Nothing is pickled.
+
+Every read is verified: a segment stores, per successful item, a CRC-32C (Castagnoli, hardware
+instruction through the `crc32c` package; zlib's CRC-32 was 10x slower, see docs/benchmarks.md)
+over its key and the bytes of each of its fields (`row_crc32c`, written at commit); `get()` checks that the row it
+read holds the key it was asked for and that the CRC matches. A mismatch is a `StoreError` naming
+the segment; the corrupt items of that segment are dropped from the index on the spot, so
+`store.missing()` reports them and the next `mrhp extract` recomputes them. (Segments written
+before per-item checksums existed, layout version 1, are verified whole, sha256, when first
+opened.) Every SQLite error becomes a one-line `StoreError` naming `mrhp fsck --rebuild-index`.
 Readers keep the key -> (segment, row) map in memory and read rows with `pread` at the file
 offsets of contiguous datasets; they hold no HDF5 handle, so they are safe to use across fork.
 """
@@ -24,27 +34,55 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import threading
 import time
 import uuid
+from contextlib import contextmanager
+from contextvars import ContextVar
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import crc32c
 import h5py
 import numpy as np
 
 from pipeline.errors import StoreError
 from pipeline.stage import FieldSpec, Record
 
-SCHEMA_VERSION = 1  # segment file layout version (attribute `schema_version`)
+SCHEMA_VERSION = 2  # segment file layout version (attribute `schema_version`); 2 adds `row_crc32c`
+READABLE_SCHEMA_VERSIONS = (1, 2)  # version 1 segments (no per-item checksums) are verified whole on open
 INDEX_VERSION = 1  # index.sqlite table layout version
 _SQL_CHUNK = 900  # keys per `IN (...)` query, below SQLite's bound-parameter limit
 _BUSY_TIMEOUT_MS = 60_000
 _PRELOAD_BYTES = 1 << 20  # per segment, fields this small are read whole on open (boxes, ids, sizes)
 _MAX_OPEN_FILES = 128  # per reader: segment file descriptors kept open (LRU)
+_LEASE_BEAT_S = 30.0  # a lease holder refreshes its heartbeat this often ...
+_LEASE_TTL_S = 300.0  # ... and a lease not refreshed for this long belongs to a dead process
+_CLAIM_TTL_S = 900.0  # a chunk claim lasts this long unless its owner's lease heartbeat renews it
+
+
+_OWNER_LOCKS: dict[tuple[str, str], int] = {}  # (store root, owner) -> fd holding its flock
+_OWNER_LOCKS_MUTEX = threading.Lock()
+
+
+def claim_owner() -> str:
+    """Who claims chunks: the running `mrhp extract` (MRHP_STORE_OWNER, its lease id, inherited
+    by its task workers), else this process (host-pid)."""
+    env = os.environ.get("MRHP_STORE_OWNER")
+    if env:
+        return env
+    host = "".join(c if c.isalnum() or c in "-." else "-" for c in os.uname().nodename)
+    return f"{host}-{os.getpid()}"
+
+
+def _owner_lock(root: Path, owner: str) -> Path:
+    """Held (flock) by a live claim owner: its claims die with it, whatever their expiry says."""
+    return root / "tmp" / f"claims-{owner}.lock"
+
 _STR = h5py.string_dtype("utf-8")
 log = logging.getLogger(__name__)
 _INHERITED_CONNECTIONS: list[sqlite3.Connection] = []  # SQLite handles a forked child must not close
@@ -89,6 +127,23 @@ CREATE TABLE IF NOT EXISTS views (
     created REAL NOT NULL,
     PRIMARY KEY (dataset, stage)
 );
+CREATE TABLE IF NOT EXISTS leases (
+    id TEXT PRIMARY KEY,              -- a running flow (mrhp extract): gc leaves its work alone
+    holder TEXT NOT NULL,             -- what holds it, for messages
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    started REAL NOT NULL,
+    heartbeat REAL NOT NULL           -- refreshed every _LEASE_BEAT_S, stale after _LEASE_TTL_S
+);
+CREATE TABLE IF NOT EXISTS claims (
+    stage TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    key TEXT NOT NULL,
+    owner TEXT NOT NULL,              -- claim_owner() of the run computing it
+    expires REAL NOT NULL,            -- renewed by the owner's lease heartbeat
+    PRIMARY KEY (stage, fingerprint, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS claims_by_owner ON claims (owner);
 CREATE TABLE IF NOT EXISTS view_items (
     dataset TEXT NOT NULL,
     stage TEXT NOT NULL,
@@ -97,6 +152,28 @@ CREATE TABLE IF NOT EXISTS view_items (
     PRIMARY KEY (dataset, stage, item_id)
 ) WITHOUT ROWID;
 """
+
+
+# --------------------------------------------------------------------------------------------
+# read-only mode: commands that only look (`mrhp status`) must not write into the store
+
+_READ_ONLY: ContextVar[bool] = ContextVar("mrhp_store_read_only", default=False)
+
+
+@contextmanager
+def read_only() -> Iterator[None]:
+    """Within this block nothing may be written under a store root: caches beside the store
+    (word-vector hashes, vocabulary fits) are computed but not saved; see `writes_allowed`."""
+    token = _READ_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _READ_ONLY.reset(token)
+
+
+def writes_allowed() -> bool:
+    """False inside `read_only()`: code that would save a cache under the store skips it."""
+    return not _READ_ONLY.get()
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,6 +281,54 @@ def _checksum(datasets: Mapping[str, np.ndarray | list[str]]) -> str:
     return h.hexdigest()
 
 
+def _row_crc(key: str, fields: Sequence[tuple[np.ndarray, bool]]) -> int:
+    """CRC-32C of one item: its key (utf-8), then per field (schema names sorted) the item's row
+    count when ragged (8 bytes little-endian) and the bytes of its C-contiguous array. Written at
+    commit, checked on every read."""
+    crc = crc32c.crc32c(key.encode("utf-8"))
+    for arr, ragged in fields:
+        if ragged:
+            crc = crc32c.crc32c(arr.shape[0].to_bytes(8, "little"), crc)
+        # numpy arrays are read through the buffer protocol (no copy when already C-contiguous)
+        crc = crc32c.crc32c(arr if arr.flags.c_contiguous else np.ascontiguousarray(arr), crc)
+    return crc
+
+
+class _IndexConnection(sqlite3.Connection):
+    """A connection that knows its file, so SQLite errors can name it."""
+
+    mrhp_path: str = "index.sqlite"
+
+
+def _index_error(path: Any, e: BaseException, doing: str = "") -> StoreError:
+    """One line for an SQLite error: a busy index says so; anything else points at the rebuild."""
+    msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+    where = f"store index {path}" + (f" ({doing})" if doing else "")
+    if isinstance(e, sqlite3.OperationalError) and ("locked" in msg or "busy" in msg):
+        return StoreError(f"{where}: {msg}; another process holds the index, retry when it is done")
+    if "disk is full" in msg or "SQLITE_FULL" in msg:
+        return StoreError(f"{where}: {msg}; free some space and rerun (nothing was half-written)")
+    return StoreError(
+        f"{where}: {msg}; the index is damaged: run `mrhp fsck --rebuild-index` to rebuild it from the "
+        "segment files"
+    )
+
+
+def _guard_sqlite(fn: Any) -> Any:
+    """Decorator for store methods: a stray sqlite3.Error becomes `_index_error` (one line)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except sqlite3.Error as e:
+            store = getattr(self, "store", self)
+            raise _index_error(store.root / "index.sqlite", e) from None
+
+    return wrapper
+
+
 def _read_segment_datasets(f: h5py.File) -> dict[str, np.ndarray | list[str]]:
     """Every dataset of an open segment, strings decoded: the input of `_checksum`."""
     out: dict[str, np.ndarray | list[str]] = {}
@@ -301,14 +426,19 @@ class GcReport:
     orphans_removed: list[str] = field(default_factory=list)  # files not in the index
     items_dropped: int = 0  # index rows (successes and failures) dropped
     bytes_freed: int = 0
+    held_by: list[str] = field(default_factory=list)  # live leases: unreferenced work left alone
 
     def format(self) -> str:
         verb = "would remove" if self.dry_run else "removed"
-        return (
+        line = (
             f"{verb} {len(self.segments_removed)} unreferenced segments and "
             f"{len(self.orphans_removed)} orphan files ({self.bytes_freed / 1e6:.1f} MB), "
             f"{'would drop' if self.dry_run else 'dropped'} {self.items_dropped} index rows"
         )
+        if self.held_by:
+            line += (f"\n  flows are running ({'; '.join(self.held_by)}): stage outputs no view references "
+                     "yet were kept; rerun gc when they are done")
+        return line
 
 
 class ViewInfo(NamedTuple):
@@ -325,31 +455,64 @@ class ViewInfo(NamedTuple):
 class FeatureStore:
     """Open (creating if needed) the store at `root`; safe to construct in many processes at once."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, *, allow_unindexed: bool = False) -> None:
+        """`allow_unindexed`: open even when the index is empty while segment files exist (only
+        for `fsck`, which reports that and points at `--rebuild-index`)."""
         self.root = Path(root).resolve()
         self.segments_dir = self.root / "segments"
         self.tmp_dir = self.root / "tmp"
+        index = self.root / "index.sqlite"
+        # Inside `read_only()` (mrhp status) the store is opened without creating or cleaning
+        # anything: the index read-only, or an empty in-memory one when there is no store yet.
+        self.read_only = not writes_allowed()
+        self._memory = self.read_only and not index.is_file()
+        self._local = threading.local()
+        if self.read_only:
+            conn = self._conn()
+            try:
+                self._refuse_unindexed(conn)  # an absent index is empty too
+            except sqlite3.Error as e:
+                raise _index_error(index, e, "opening") from None
+            return
         try:
             for d in (self.root, self.segments_dir, self.tmp_dir):
                 _makedirs_durable(d)
         except OSError as e:
             raise StoreError(f"cannot create the feature store at {self.root}: {e}") from e
-        self._local = threading.local()
         conn = self._conn()
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if not {"meta", "segments", "items", "stage_schemas", "views", "view_items"} <= tables:
-            with _Tx(conn):  # first use (or a store from before a table was added): create tables
-                for stmt in _SCHEMA_SQL.split(";"):
-                    if stmt.strip():
-                        conn.execute(stmt)
-                conn.execute("INSERT OR IGNORE INTO meta VALUES ('index_version', ?)", (str(INDEX_VERSION),))
-        row = conn.execute("SELECT value FROM meta WHERE name='index_version'").fetchone()
-        version = row[0] if row else "(missing)"
-        if version != str(INDEX_VERSION):
+        try:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if not {"meta", "segments", "items", "stage_schemas", "views", "view_items", "leases", "claims"} <= tables:
+                with _Tx(conn):  # first use (or a store from before a table was added): create tables
+                    for stmt in _SCHEMA_SQL.split(";"):
+                        if stmt.strip():
+                            conn.execute(stmt)
+                    conn.execute("INSERT OR IGNORE INTO meta VALUES ('index_version', ?)", (str(INDEX_VERSION),))
+            row = conn.execute("SELECT value FROM meta WHERE name='index_version'").fetchone()
+            version = row[0] if row else "(missing)"
+            if version != str(INDEX_VERSION):
+                raise StoreError(f"{index}: index version {version}, this code reads version {INDEX_VERSION}")
+            self.clean_tmp()
+            if not allow_unindexed:
+                self._refuse_unindexed(conn)
+        except sqlite3.Error as e:
+            raise _index_error(index, e, "opening") from None
+
+    def _refuse_unindexed(self, conn: sqlite3.Connection) -> None:
+        """An index without segments while segment files exist (deleted, emptied or replaced
+        index.sqlite) would make every stage look missing and be recomputed in silence: refuse."""
+        if conn.execute("SELECT 1 FROM segments LIMIT 1").fetchone() is not None:
+            return
+        files = [
+            p for p in self.segments_dir.glob("*/*/*.h5")
+            if not _lock_is_held(_lock_path(self.root, p.stem))  # a live writer's first commit
+        ]
+        if files:
             raise StoreError(
-                f"{self.root / 'index.sqlite'}: index version {version}, this code reads version {INDEX_VERSION}"
+                f"store index {self.root / 'index.sqlite'} lists no segment, but {len(files)} segment files "
+                f"exist under {self.segments_dir} (the index was deleted, emptied or replaced): run "
+                "`mrhp fsck --rebuild-index` to index them again (or delete segments/ to start over)"
             )
-        self.clean_tmp()
 
     def __repr__(self) -> str:
         return f"FeatureStore({str(self.root)!r})"
@@ -370,13 +533,29 @@ class FeatureStore:
                 _INHERITED_CONNECTIONS.append(conn)
             path = self.root / "index.sqlite"
             try:
-                conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+                if getattr(self, "_memory", False):
+                    conn = sqlite3.connect(":memory:", isolation_level=None, factory=_IndexConnection)
+                    conn.executescript(_SCHEMA_SQL)
+                    conn.mrhp_path = str(path)
+                    self._local.conn, self._local.pid = conn, os.getpid()
+                    return conn
+                if getattr(self, "read_only", False):
+                    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=_BUSY_TIMEOUT_MS / 1000,
+                                           isolation_level=None, factory=_IndexConnection)
+                    conn.mrhp_path = str(path)
+                    conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+                    self._local.conn, self._local.pid = conn, os.getpid()
+                    return conn
+                conn = sqlite3.connect(
+                    path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None, factory=_IndexConnection
+                )
+                conn.mrhp_path = str(path)
                 conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.execute("PRAGMA temp_store=MEMORY")
             except sqlite3.Error as e:
-                raise StoreError(f"cannot open the store index {path}: {e}") from e
+                raise _index_error(path, e, "opening") from None
             self._local.conn = conn
             self._local.pid = os.getpid()
         return conn
@@ -394,6 +573,7 @@ class FeatureStore:
 
     # -- writing -------------------------------------------------------------------------------
 
+    @_guard_sqlite
     def writer(
         self,
         stage: str,
@@ -408,6 +588,7 @@ class FeatureStore:
         `attrs` (JSON-able stage parameters) are stored in each segment's `params` attribute."""
         return SegmentWriter(self, stage, fingerprint, schema, attrs=attrs, chunk_size=chunk_size)
 
+    @_guard_sqlite
     def forget(self, stage: str, fingerprint: str, keys: Iterable[str]) -> int:
         """Drop the index rows of `keys` so they count as missing again (--force). Returns rows dropped.
 
@@ -427,12 +608,14 @@ class FeatureStore:
 
     # -- queries -------------------------------------------------------------------------------
 
+    @_guard_sqlite
     def missing(self, stage: str, fingerprint: str, keys: Iterable[str]) -> list[str]:
         """Keys (deduplicated, in input order) with neither a committed row nor a recorded failure."""
         keys = list(dict.fromkeys(keys))
         present = self._present(self._conn(), stage, fingerprint, keys)
         return [k for k in keys if k not in present]
 
+    @_guard_sqlite
     def done_keys(self, stage: str, fingerprint: str, keys: Iterable[str] | None = None) -> list[str]:
         """Keys with a successful committed row: all of them, or those among `keys` (input order)."""
         conn = self._conn()
@@ -451,6 +634,7 @@ class FeatureStore:
             done.update(r[0] for r in conn.execute(q, (stage, fingerprint, *part)))
         return [k for k in keys if k in done]
 
+    @_guard_sqlite
     def failures(self, stage: str, fingerprint: str) -> dict[str, str]:
         """Recorded failures of (stage, fingerprint): key -> reason."""
         rows = self._conn().execute(
@@ -459,6 +643,7 @@ class FeatureStore:
         )
         return dict(rows.fetchall())
 
+    @_guard_sqlite
     def counts(self, stage: str, fingerprint: str) -> dict[str, int]:
         """{"done": successes, "failed": recorded failures} for (stage, fingerprint)."""
         done, failed = self._conn().execute(
@@ -468,10 +653,12 @@ class FeatureStore:
         ).fetchone()
         return {"done": int(done), "failed": int(failed)}
 
+    @_guard_sqlite
     def stages(self) -> list[str]:
         """Stage names that have at least one committed segment."""
         return [r[0] for r in self._conn().execute("SELECT DISTINCT stage FROM segments ORDER BY stage")]
 
+    @_guard_sqlite
     def fingerprints(self, stage: str) -> list[str]:
         """Fingerprints of `stage` that have at least one committed segment, sorted."""
         rows = self._conn().execute(
@@ -481,6 +668,7 @@ class FeatureStore:
 
     # -- reading -------------------------------------------------------------------------------
 
+    @_guard_sqlite
     def reader(self, stage: str, fingerprint: str) -> StageReader:
         """A reader over everything committed for (stage, fingerprint) at this moment."""
         conn = self._conn()
@@ -520,6 +708,7 @@ class FeatureStore:
 
     # -- views ---------------------------------------------------------------------------------
 
+    @_guard_sqlite
     def write_view(self, dataset: str, stage: str, fingerprint: str, mapping: Mapping[str, str]) -> None:
         """Replace the view of (dataset, stage) by `mapping` (item id -> key), atomically.
 
@@ -554,6 +743,7 @@ class FeatureStore:
             )
             conn.execute("DELETE FROM new_view")
 
+    @_guard_sqlite
     def drop_view(self, dataset: str, stage: str) -> bool:
         """Remove the view of (dataset, stage); True when there was one."""
         conn = self._conn()
@@ -561,6 +751,7 @@ class FeatureStore:
             conn.execute("DELETE FROM view_items WHERE dataset=? AND stage=?", (dataset, stage))
             return conn.execute("DELETE FROM views WHERE dataset=? AND stage=?", (dataset, stage)).rowcount > 0
 
+    @_guard_sqlite
     def view(self, dataset: str, stage: str) -> View:
         """The current view of (dataset, stage): item id -> stored arrays."""
         conn = self._conn()
@@ -584,13 +775,136 @@ class FeatureStore:
             keys=[p[1] for p in pairs], reader=reader,
         )
 
+    @_guard_sqlite
     def views(self) -> list[ViewInfo]:
         """Every view: (dataset, stage, fingerprint, n_items)."""
         rows = self._conn().execute("SELECT dataset, stage, fingerprint, n_items FROM views ORDER BY 1, 2")
         return [ViewInfo(*r) for r in rows]
 
+    # -- leases: running flows ------------------------------------------------------------------
+
+    @contextmanager
+    def lease(self, holder: str) -> Iterator[str]:
+        """Hold a lease in the index while a flow runs (`mrhp extract`): `gc` then leaves every
+        stage fingerprint no view references yet alone (the flow is about to reference it). A
+        thread refreshes the heartbeat; a killed holder's lease expires after _LEASE_TTL_S."""
+        import socket
+
+        lease_id = uuid.uuid4().hex
+        now = time.time()
+        owner_lock = _owner_lock(self.root, lease_id)
+        owner_fd = _acquire_lock(owner_lock, "")  # the lease id also owns the run's chunk claims
+        with _Tx(self._conn()) as conn:
+            conn.execute("INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?)",
+                         (lease_id, holder, os.getpid(), socket.gethostname(), now, now))
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(_LEASE_BEAT_S):
+                try:
+                    with _Tx(self._conn()) as c:
+                        c.execute("UPDATE leases SET heartbeat=? WHERE id=?", (time.time(), lease_id))
+                        c.execute("UPDATE claims SET expires=? WHERE owner=?", (time.time() + _CLAIM_TTL_S, lease_id))
+                except StoreError as e:
+                    log.warning("lease %s: heartbeat failed (%s)", lease_id, e)
+
+        thread = threading.Thread(target=beat, name=f"store-lease-{lease_id[:8]}", daemon=True)
+        thread.start()
+        try:
+            yield lease_id
+        finally:
+            stop.set()
+            thread.join()
+            try:
+                with _Tx(self._conn()) as conn:
+                    conn.execute("DELETE FROM leases WHERE id=?", (lease_id,))
+                    conn.execute("DELETE FROM claims WHERE owner=?", (lease_id,))
+            except StoreError as e:
+                log.warning("lease %s: not released (%s); it expires by itself", lease_id, e)
+            finally:
+                owner_lock.unlink(missing_ok=True)
+                os.close(owner_fd)
+
+    @_guard_sqlite
+    def claim(self, stage: str, fingerprint: str, keys: Iterable[str], owner: str | None = None) -> list[str]:
+        """Claim the still-missing `keys` for `owner` (default `claim_owner()`); returns those it
+        may compute (input order): not stored yet and not claimed by another live owner. Two
+        extract runs on one store thus split the work instead of both computing everything."""
+        owner = owner or claim_owner()
+        if owner == claim_owner() and not os.environ.get("MRHP_STORE_OWNER"):
+            self._hold_owner_lock(owner)  # a plain process owns its claims while it lives
+        keys = list(dict.fromkeys(keys))
+        now = time.time()
+        conn = self._conn()
+        with _Tx(conn):
+            conn.execute("DELETE FROM claims WHERE expires < ?", (now,))
+            present = self._present(conn, stage, fingerprint, keys)
+            held: dict[str, str] = {}
+            for part in _chunks(keys):
+                held.update(conn.execute(
+                    "SELECT key, owner FROM claims WHERE stage=? AND fingerprint=? AND key IN "
+                    f"({','.join('?' * len(part))})", (stage, fingerprint, *part),
+                ).fetchall())
+            alive = {o: self._owner_alive(o) for o in set(held.values()) if o != owner}
+            mine = [k for k in keys if k not in present
+                    and (k not in held or held[k] == owner or not alive[held[k]])]
+            conn.executemany(
+                "INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?)",
+                [(stage, fingerprint, k, owner, now + _CLAIM_TTL_S) for k in mine],
+            )
+        return mine
+
+    @_guard_sqlite
+    def release(self, stage: str, fingerprint: str, keys: Iterable[str], owner: str | None = None) -> None:
+        """Drop `owner`'s claims on `keys` (after their chunk committed, or failed)."""
+        owner = owner or claim_owner()
+        keys = list(dict.fromkeys(keys))
+        conn = self._conn()
+        with _Tx(conn):
+            for part in _chunks(keys):
+                conn.execute(
+                    "DELETE FROM claims WHERE stage=? AND fingerprint=? AND owner=? AND key IN "
+                    f"({','.join('?' * len(part))})", (stage, fingerprint, owner, *part),
+                )
+
+    @_guard_sqlite
+    def claimed_by_others(self, stage: str, fingerprint: str, keys: Iterable[str],
+                          owner: str | None = None) -> dict[str, str]:
+        """key -> owner for `keys` a live other owner has claimed."""
+        owner = owner or claim_owner()
+        keys = list(dict.fromkeys(keys))
+        out: dict[str, str] = {}
+        conn = self._conn()
+        for part in _chunks(keys):
+            out.update(conn.execute(
+                "SELECT key, owner FROM claims WHERE stage=? AND fingerprint=? AND owner != ? AND expires >= ? "
+                f"AND key IN ({','.join('?' * len(part))})", (stage, fingerprint, owner, time.time(), *part),
+            ).fetchall())
+        alive = {o: self._owner_alive(o) for o in set(out.values())}
+        return {k: o for k, o in out.items() if alive[o]}
+
+    def _owner_alive(self, owner: str) -> bool:
+        return _lock_is_held(_owner_lock(self.root, owner))
+
+    def _hold_owner_lock(self, owner: str) -> None:
+        # Under a process-wide mutex: two task threads taking the same flock through two file
+        # descriptors would block each other for good (flock conflicts between descriptors).
+        key = (str(self.root), owner)
+        with _OWNER_LOCKS_MUTEX:
+            if key not in _OWNER_LOCKS:
+                _OWNER_LOCKS[key] = _acquire_lock(_owner_lock(self.root, owner), "")
+
+    @_guard_sqlite
+    def live_leases(self) -> list[tuple[str, int, str, float]]:
+        """(holder, pid, host, started) of every lease refreshed within _LEASE_TTL_S."""
+        return self._conn().execute(
+            "SELECT holder, pid, host, started FROM leases WHERE heartbeat >= ? ORDER BY started",
+            (time.time() - _LEASE_TTL_S,),
+        ).fetchall()
+
     # -- maintenance ---------------------------------------------------------------------------
 
+    @_guard_sqlite
     def clean_tmp(self) -> list[str]:
         """Remove what dead writers left: their tmp files and any segment renamed but never indexed.
 
@@ -610,6 +924,11 @@ class FeatureStore:
                     removed.append(str(p.relative_to(self.root)))
                 except FileNotFoundError:
                     pass
+        for p in entries:
+            # Work folders (word-vector conversion): owned while their `<name>.lock` is flock-ed.
+            if p.is_dir() and not _lock_is_held(self.tmp_dir / f"{p.name}.lock"):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(str(p.relative_to(self.root)))
         return removed
 
     def _clean_abandoned(self, seg_id: str) -> list[str]:
@@ -653,26 +972,44 @@ class FeatureStore:
             return False
         return self._conn().execute("SELECT 1 FROM segments WHERE id=?", (seg_id,)).fetchone() is None
 
+    @_guard_sqlite
     def gc(self, dry_run: bool = False) -> GcReport:
         """Delete segments of (stage, fingerprint)s no view references, segments none of whose rows
         are indexed any more (after `forget` or a lost race), and orphan files.
 
-        Run it when no flow is writing: a stage whose view is not written yet counts as unreferenced."""
+        While a flow holds a lease (`lease()`, taken by `mrhp extract`), stage fingerprints no view
+        references yet are the flow's work in progress: gc leaves them alone, removes only
+        segments whose items were all forgotten before the oldest lease began, and says so."""
         report = GcReport(dry_run=dry_run)
         conn = self._conn()
         with _Tx(conn):
             referenced = "(SELECT DISTINCT stage, fingerprint FROM views)"
-            garbage = conn.execute(
-                f"SELECT id, path FROM segments s WHERE (stage, fingerprint) NOT IN {referenced} "
-                "OR NOT EXISTS (SELECT 1 FROM items i WHERE i.segment = s.id)"
+            leases = conn.execute(
+                "SELECT holder, pid, host, started FROM leases WHERE heartbeat >= ? ORDER BY started",
+                (time.time() - _LEASE_TTL_S,),
             ).fetchall()
-            report.items_dropped = conn.execute(
-                f"SELECT COUNT(*) FROM items WHERE (stage, fingerprint) NOT IN {referenced}"
-            ).fetchone()[0]
-            if not dry_run:
-                conn.execute(f"DELETE FROM items WHERE (stage, fingerprint) NOT IN {referenced}")
-                conn.execute(f"DELETE FROM stage_schemas WHERE (stage, fingerprint) NOT IN {referenced}")
-                conn.executemany("DELETE FROM segments WHERE id=?", [(g[0],) for g in garbage])
+            if leases:
+                report.held_by = [f"{h} (pid {p} on {host}, since {time.strftime('%H:%M:%S', time.localtime(t))})"
+                                  for h, p, host, t in leases]
+                garbage = conn.execute(
+                    "SELECT id, path FROM segments s WHERE created < ? "
+                    "AND NOT EXISTS (SELECT 1 FROM items i WHERE i.segment = s.id)",
+                    (leases[0][3],),
+                ).fetchall()
+                if not dry_run:
+                    conn.executemany("DELETE FROM segments WHERE id=?", [(g[0],) for g in garbage])
+            else:
+                garbage = conn.execute(
+                    f"SELECT id, path FROM segments s WHERE (stage, fingerprint) NOT IN {referenced} "
+                    "OR NOT EXISTS (SELECT 1 FROM items i WHERE i.segment = s.id)"
+                ).fetchall()
+                report.items_dropped = conn.execute(
+                    f"SELECT COUNT(*) FROM items WHERE (stage, fingerprint) NOT IN {referenced}"
+                ).fetchone()[0]
+                if not dry_run:
+                    conn.execute(f"DELETE FROM items WHERE (stage, fingerprint) NOT IN {referenced}")
+                    conn.execute(f"DELETE FROM stage_schemas WHERE (stage, fingerprint) NOT IN {referenced}")
+                    conn.executemany("DELETE FROM segments WHERE id=?", [(g[0],) for g in garbage])
         for _, rel in garbage:
             path = self.root / rel
             report.segments_removed.append(rel)
@@ -701,6 +1038,8 @@ class FeatureStore:
         for p in sorted(self.tmp_dir.iterdir()):
             if p.suffix in (".lock", ".part") and not _lock_is_held(_lock_path(self.root, p.stem)):
                 out.append(str(p.relative_to(self.root)))
+            elif p.is_dir() and not _lock_is_held(self.tmp_dir / f"{p.name}.lock"):
+                out.append(str(p.relative_to(self.root)))
         return out
 
     def _remove_empty_dirs(self) -> None:
@@ -710,6 +1049,7 @@ class FeatureStore:
             except OSError:
                 pass
 
+    @_guard_sqlite
     def fsck(self, repair: bool = False, *, checksums: bool = True) -> FsckReport:
         """Verify every segment's checksum, that every index row names an existing segment row,
         that every view entry resolves, and that no file lies outside the index.
@@ -815,6 +1155,7 @@ class FeatureStore:
             conn.executemany("INSERT OR IGNORE INTO items VALUES (?, ?, ?, ?, ?, ?)", item_rows)
             return conn.total_changes - before
 
+    @_guard_sqlite
     def rebuild_index(self) -> FsckReport:
         """Disaster recovery: rebuild the segments and items tables from the segment files alone
         (oldest segment wins for a key found twice). Views are kept; fsck then shows whether they resolve."""
@@ -843,6 +1184,82 @@ class FeatureStore:
         return report
 
 
+def rebuild_index_file(root: Path | str) -> FsckReport:
+    """`mrhp fsck --rebuild-index`: a new index.sqlite built from the segment files alone.
+
+    Works when the old index is unreadable, emptied or deleted. The new index is written beside
+    the old one and renamed into place; the old file (with its -wal/-shm) is kept as
+    `index.sqlite.damaged-<time>`. Views are copied from the old index when it still reads; else
+    they are lost and the report says to rerun `mrhp extract` (which then only rewrites them).
+    Items found in two segments: the oldest segment wins. Run it while nothing uses the store."""
+    root = Path(root).resolve()
+    index = root / "index.sqlite"
+    report = FsckReport()
+    described = []
+    for path in sorted((root / "segments").glob("*/*/*.h5")):
+        report.segments_checked += 1
+        try:
+            described.append(_describe_segment(path, root))
+        except StoreError as e:
+            report.problems.append(f"{path.relative_to(root)}: skipped, {e}")
+    described.sort(key=lambda d: d[0][7])  # created
+    views: list[tuple] = []
+    view_items: list[tuple] = []
+    view_note = "no index to take views from"
+    if index.exists():
+        try:
+            old = sqlite3.connect(f"file:{index}?mode=ro", uri=True, timeout=_BUSY_TIMEOUT_MS / 1000)
+            try:
+                views = old.execute("SELECT dataset, stage, fingerprint, n_items, created FROM views").fetchall()
+                view_items = old.execute("SELECT dataset, stage, item_id, key FROM view_items").fetchall()
+                view_note = f"kept {len(views)} views from the old index"
+            finally:
+                old.close()
+        except sqlite3.Error as e:
+            views, view_items = [], []
+            view_note = f"the old index's views are unreadable ({str(e)[:120]}): rerun `mrhp extract` to rewrite them"
+    new = root / "tmp" / f"index-rebuild-{uuid.uuid4().hex}.sqlite"
+    _makedirs_durable(new.parent)
+    try:
+        conn = sqlite3.connect(new, isolation_level=None)
+        try:
+            conn.execute("BEGIN")
+            for stmt in _SCHEMA_SQL.split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
+            conn.execute("INSERT INTO meta VALUES ('index_version', ?)", (str(INDEX_VERSION),))
+            for seg_row, item_rows, schema in described:
+                conn.execute("INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?)", seg_row)
+                conn.execute("INSERT OR IGNORE INTO stage_schemas VALUES (?, ?, ?)", (seg_row[1], seg_row[2], schema))
+                before = conn.total_changes
+                conn.executemany("INSERT OR IGNORE INTO items VALUES (?, ?, ?, ?, ?, ?)", item_rows)
+                report.items_checked += conn.total_changes - before
+            conn.executemany("INSERT OR REPLACE INTO views VALUES (?, ?, ?, ?, ?)", views)
+            conn.executemany("INSERT OR REPLACE INTO view_items VALUES (?, ?, ?, ?)", view_items)
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        fd = os.open(new, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for suffix in ("", "-wal", "-shm"):
+            old_file = root / f"index.sqlite{suffix}"
+            if old_file.exists():
+                os.replace(old_file, root / f"index.sqlite.damaged-{stamp}{suffix}")
+        os.replace(new, index)
+        _fsync_dir(root)
+    except (OSError, sqlite3.Error) as e:
+        new.unlink(missing_ok=True)
+        raise StoreError(f"rebuilding the store index {index}: {e}") from None
+    report.repaired.append(
+        f"rebuilt {index.name} from {len(described)} segments ({report.items_checked} items); {view_note}"
+    )
+    return report
+
+
 class _Tx:
     """BEGIN [IMMEDIATE] ... COMMIT, rolling back on error; SQLite errors become StoreError."""
 
@@ -854,22 +1271,30 @@ class _Tx:
         try:
             self.conn.execute("BEGIN IMMEDIATE" if self.immediate else "BEGIN")
         except sqlite3.Error as e:
-            raise StoreError(f"store index: cannot start a transaction: {e}") from e
+            raise _index_error(self._path(), e, "starting a transaction") from None
         return self.conn
+
+    def _path(self) -> str:
+        return getattr(self.conn, "mrhp_path", "index.sqlite")
+
+    def _rollback(self) -> None:
+        try:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # the original error is the one to report
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
             try:
                 self.conn.execute("COMMIT")
             except sqlite3.Error as e:
-                if self.conn.in_transaction:
-                    self.conn.execute("ROLLBACK")
-                raise StoreError(f"store index: commit failed: {e}") from e
+                self._rollback()
+                raise _index_error(self._path(), e, "commit failed") from None
         else:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
+            self._rollback()
             if isinstance(exc, sqlite3.Error):
-                raise StoreError(f"store index: {exc}") from exc
+                raise _index_error(self._path(), exc) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -888,8 +1313,8 @@ def _describe_segment(path: Path, root: Path) -> tuple[tuple, list[tuple], str]:
     for a in ("schema_version", "stage", "fingerprint", "schema", "checksum", "created"):
         if a not in attrs:
             raise StoreError(f"not a segment: attribute {a!r} missing")
-    if int(attrs["schema_version"]) != SCHEMA_VERSION:
-        raise StoreError(f"segment layout version {attrs['schema_version']}, this code reads {SCHEMA_VERSION}")
+    if int(attrs["schema_version"]) not in READABLE_SCHEMA_VERSIONS:
+        raise StoreError(f"segment layout version {attrs['schema_version']}, this code reads {READABLE_SCHEMA_VERSIONS}")
     if _checksum(datasets) != attrs["checksum"]:
         raise StoreError("checksum mismatch (the file is corrupt)")
     stage, fingerprint = str(attrs["stage"]), str(attrs["fingerprint"])
@@ -960,34 +1385,79 @@ class _Field:
     cached: np.ndarray | None  # the whole flat data when small (sliced instead of pread per item)
 
 
+class CorruptItemError(StoreError):
+    """Items of a segment whose bytes no longer match the checksum recorded at commit."""
+
+    def __init__(self, message: str, *, path: Path, rows: Sequence[tuple[str, int]]) -> None:
+        super().__init__(message)
+        self.path = path
+        self.rows = list(rows)  # (key, row) of every corrupt item found in the segment
+
+
 class _OpenSegment:
-    """A segment opened for reading in this process: a file descriptor and each field's layout."""
+    """A segment opened for reading in this process: a file descriptor, each field's layout, the
+    keys by row and the per-item CRCs (version 1 segments: verified whole here instead)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.fd = -1
         fields: list[_Field] = []
+        hint = "run `mrhp fsck --repair` (then `mrhp extract` recomputes what it drops)"
         try:
             with h5py.File(path, "r") as f:
+                version = int(f.attrs.get("schema_version", -1))
+                if version not in READABLE_SCHEMA_VERSIONS:
+                    raise StoreError(
+                        f"segment {path}: layout version {version}, this code reads "
+                        f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}; {hint}"
+                    )
                 schema = _schema_from_json(str(f.attrs["schema"]))
+                keys = [k for k in f["keys"].asstr()[()]] if f["keys"].shape[0] else []
+                n = len(keys)
                 for name, spec in schema.items():
                     ds = f[f"fields/{name}/data"]
                     offset = ds.id.get_offset()
                     if offset is None and ds.size:
-                        raise StoreError(f"segment {path}: field {name!r} is not stored contiguously")
-                    offsets = f[f"fields/{name}/offsets"][()].tolist() if spec.ragged else None
+                        raise StoreError(f"segment {path}: field {name!r} is not stored contiguously; {hint}")
                     dtype = ds.dtype
                     row_bytes = dtype.itemsize * int(np.prod(spec.shape, dtype=np.int64))
+                    offsets = None
+                    if spec.ragged:
+                        off = f[f"fields/{name}/offsets"][()]
+                        if (len(off) != n + 1 or (n and (off[0] != 0 or np.any(np.diff(off) < 0)))
+                                or off[-1] != ds.shape[0]):
+                            raise StoreError(f"segment {path}: field {name!r} has damaged row offsets; {hint}")
+                        offsets = off.tolist()
+                    elif ds.shape[:1] != (n,):
+                        raise StoreError(
+                            f"segment {path}: field {name!r} has {ds.shape[:1]} rows for {n} keys; {hint}"
+                        )
                     cached = ds[()] if ds.size * dtype.itemsize <= _PRELOAD_BYTES else None
                     fields.append(
                         _Field(name, spec.ragged, spec.shape, dtype, offset or 0, row_bytes, offsets, cached)
                     )
+                if version >= 2:
+                    crcs = f["row_crc32c"][()]
+                    if crcs.shape != (n,):
+                        raise StoreError(f"segment {path}: {crcs.shape} row checksums for {n} keys; {hint}")
+                    self.crcs: np.ndarray | None = crcs.astype(np.uint32)
+                else:
+                    self.crcs = None
+                    if _checksum(_read_segment_datasets(f)) != f.attrs["checksum"]:
+                        raise CorruptItemError(
+                            f"segment {path}: checksum mismatch (the file is corrupt)",
+                            path=path, rows=[(k, i) for i, k in enumerate(keys)],
+                        )
             self.fd = os.open(path, os.O_RDONLY)
-        except (OSError, KeyError) as e:
-            raise StoreError(f"cannot read segment {path}: {e}") from e
-        self.fields = fields
+        except StoreError:
+            raise
+        except (OSError, KeyError, ValueError, TypeError) as e:
+            msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise StoreError(f"cannot read segment {path}: {msg}; {hint}") from None
+        self.keys = keys
+        self.fields = sorted(fields, key=lambda fl: fl.name)  # the CRC's field order
 
-    def read(self, row: int) -> dict[str, np.ndarray]:
+    def _read_row(self, row: int) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         for f in self.fields:
             if f.cached is not None:
@@ -1007,6 +1477,41 @@ class _OpenSegment:
                 self._pread_into(arr, start)
             out[f.name] = arr
         return out
+
+    def _crc_ok(self, key: str, row: int, arrays: Mapping[str, np.ndarray]) -> bool:
+        if self.crcs is None:
+            return True  # version 1: verified whole on open
+        return _row_crc(key, [(arrays[f.name], f.ragged) for f in self.fields]) == int(self.crcs[row])
+
+    def read(self, row: int, key: str) -> dict[str, np.ndarray]:
+        """The arrays of `key` at `row`, verified: the row holds `key` and its CRC matches."""
+        if not 0 <= row < len(self.keys) or self.keys[row] != key:
+            held = self.keys[row] if 0 <= row < len(self.keys) else "nothing"
+            raise StoreError(
+                f"segment {self.path}: the index maps {key} to row {row}, which holds {held} (the index "
+                "is damaged): run `mrhp fsck --rebuild-index`"
+            )
+        out = self._read_row(row)
+        if not self._crc_ok(key, row, out):
+            bad = self.scan()
+            raise CorruptItemError(
+                f"segment {self.path}: {len(bad)} item(s) fail the checksum recorded at commit "
+                f"(e.g. {key} at row {row}; the file is corrupt)",
+                path=self.path, rows=bad,
+            )
+        return out
+
+    def scan(self) -> list[tuple[str, int]]:
+        """(key, row) of every item whose CRC does not match (reads the whole segment)."""
+        bad = []
+        for row, key in enumerate(self.keys):
+            try:
+                ok = self._crc_ok(key, row, self._read_row(row))
+            except StoreError:
+                ok = False
+            if not ok:
+                bad.append((key, row))
+        return bad
 
     def _pread_into(self, arr: np.ndarray, start: int) -> None:
         view = memoryview(arr.reshape(-1)).cast("B")
@@ -1157,6 +1662,7 @@ class SegmentWriter:
             done += self.add(r)
         return done
 
+    @_guard_sqlite
     def commit(self) -> list[str]:
         """Write the buffered records as one segment and index them; returns the keys recorded."""
         if not self._buffer:
@@ -1187,6 +1693,7 @@ class SegmentWriter:
             os.rename(part, target)
             renamed = True
             _fsync_dir(target.parent)
+            rows = []
             with _Tx(conn):
                 # Another process may have committed some of these keys meanwhile: the first wins.
                 again = store._present(conn, self.stage, self.fingerprint, list(buffer))
@@ -1206,7 +1713,9 @@ class SegmentWriter:
                         (seg_id, self.stage, self.fingerprint, rel, len(ok_keys), n_failed, checksum, created),
                     )
                     conn.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?)", rows)
-                    indexed = True
+            # Only once COMMIT returned does the index own the file: a failed COMMIT (disk full)
+            # raises above and the `finally` removes the renamed file instead of leaving an orphan.
+            indexed = bool(rows)
             self.n_skipped += len(buffer) - len(rows)
         except OSError as e:
             raise StoreError(f"writing segment {rel} of stage {self.stage!r}: {e}") from e
@@ -1245,6 +1754,11 @@ class SegmentWriter:
                     np.stack(arrays) if arrays else np.empty((0, *spec.shape), dtype=dtype)
                 )
         ok_keys = [k for k, _, _ in ok]
+        names = sorted(self.schema)
+        datasets["row_crc32c"] = np.fromiter(
+            (_row_crc(k, [(a[n], self.schema[n].ragged) for n in names]) for k, a, _ in ok),
+            dtype=np.uint32, count=len(ok),
+        )
         datasets["keys"] = ok_keys
         datasets["meta"] = [m for _, _, m in ok]
         datasets["failed_keys"] = [k for k, _ in failed]
@@ -1397,10 +1911,46 @@ class StageReader:
             raise StoreError(f"{self.stage} item {key} is not in the store for fingerprint {self.fingerprint}")
         return int(self._segs[i]), int(self._rows[i])
 
+    def _read(self, seg: int, row: int, key: str) -> dict[str, np.ndarray]:
+        try:
+            return self._segment(seg).read(row, key)
+        except CorruptItemError as e:
+            self._open.pop(seg, None)
+            raise StoreError(f"{e}; {self._drop_corrupt(e)}") from None
+
+    def _drop_corrupt(self, err: CorruptItemError) -> str:
+        """Drop the corrupt items' index rows so `missing()` reports them and `mrhp extract`
+        recomputes them; returns what to tell the user."""
+        seg_id = Path(err.path).stem
+        index = self.root / "index.sqlite"
+        if not writes_allowed():
+            return "run `mrhp fsck --repair`, then `mrhp extract`, to recompute them"
+        try:
+            conn = sqlite3.connect(index, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                n = 0
+                for key, row in err.rows:
+                    n += conn.execute(
+                        "DELETE FROM items WHERE stage=? AND fingerprint=? AND key=? AND segment=? AND row=?",
+                        (self.stage, self.fingerprint, key, seg_id, row),
+                    ).rowcount
+                conn.execute("COMMIT")
+            finally:
+                conn.close()
+        except sqlite3.Error as e:
+            return f"they could not be dropped from the index ({e}): run `mrhp fsck --repair`, then `mrhp extract`"
+        log.error("dropped %d corrupt %s item(s) of %s from the index", n, self.stage, err.path)
+        return (
+            f"dropped {n} of them from the index: rerun `mrhp extract` (stage {self.stage}) to recompute "
+            "them"
+        )
+
     def get(self, key: str) -> dict[str, np.ndarray]:
-        """The arrays of `key` (field -> array); StoreError if unknown or failed (with its reason)."""
+        """The arrays of `key` (field -> array), verified against the CRC recorded at commit;
+        StoreError if unknown, failed (with its reason) or corrupt (naming the segment)."""
         seg, row = self._locate(key)
-        return self._segment(seg).read(row)
+        return self._read(seg, row, key)
 
     def get_many(self, keys: Sequence[str]) -> list[dict[str, np.ndarray]]:
         """`get` for several keys, read in file order; results in the order of `keys`."""
@@ -1408,7 +1958,7 @@ class StageReader:
         out: list[dict[str, np.ndarray] | None] = [None] * len(locs)
         for i in sorted(range(len(locs)), key=locs.__getitem__):
             seg, row = locs[i]
-            out[i] = self._segment(seg).read(row)
+            out[i] = self._read(seg, row, keys[i])
         return out  # type: ignore[return-value]
 
     def meta(self, key: str) -> dict[str, Any]:

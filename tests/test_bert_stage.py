@@ -239,7 +239,7 @@ def _tokens_view(store, dataset, recs):
 
 def test_the_store_source_reads_the_bert_view_when_the_model_requires_it(tmp_path, enc):
     from models.config import DataConfig
-    from models.data import StoreSource, model_views
+    from models.data import StoreSource, required_views
     from pipeline.errors import DataError
 
     recs = records(("great pan!", "", "handles hot"))
@@ -261,7 +261,7 @@ def test_the_store_source_reads_the_bert_view_when_the_model_requires_it(tmp_pat
     plain = StoreSource(store_root=tmp_path / "store", dataset="toy", records=recs, cfg=DataConfig(roi_dim=4))
     assert plain.load(0).text_feats is None
     # a model class that does not declare required_views reads tokens only
-    assert "bert" not in model_views("length")
+    assert "bert" not in required_views("length")
 
 
 def test_the_fine_tuning_encoder_reproduces_the_stage_rows_and_trains(tmp_path, enc):
@@ -336,7 +336,7 @@ def test_the_bundle_threads_the_views_to_every_split(tmp_path, enc):
     run_stage(build_stage(manifest(tmp_path, enc), "toy", records=recs), store, "toy")
     emb = {"prd": np.zeros((4, 2), np.float32), "rvw": np.zeros((4, 2), np.float32)}
     bundle = bundle_from_records(recs, store_root=tmp_path / "store", dataset="toy", cfg=DataConfig(roi_dim=4),
-                                 threshold=1.0, splits=("train",), embeddings=emb, views={"tokens", "bert"})
+                                 threshold=1.0, splits=("train",), embeddings=emb, required={"tokens", "bert"})
     src = bundle.split("train")
     (batch,) = list(make_loader(src, eval_plan(src, batch_products=4, max_reviews=8), DataConfig(roi_dim=4)))
     view = store.view("toy", "bert")

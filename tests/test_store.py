@@ -108,7 +108,8 @@ def test_segment_file_layout_is_self_describing(store):
     assert path.parent.relative_to(store.root) == Path("segments/rois/fp1")
     with h5py.File(path, "r") as f:
         assert f.attrs["stage"] == "rois" and f.attrs["fingerprint"] == "fp1"
-        assert f.attrs["schema_version"] == 1 and len(f.attrs["checksum"]) == 64
+        assert f.attrs["schema_version"] == 2 and len(f.attrs["checksum"]) == 64
+        assert f["row_crc32c"].dtype == np.uint32 and f["row_crc32c"].shape == (2,)
         assert '"features"' in f.attrs["schema"] and f.attrs["params"] == '{"p": 1}'
         assert list(f["keys"].asstr()[()]) == ["a", "b"]
         assert list(f["failed_keys"].asstr()[()]) == ["c"]

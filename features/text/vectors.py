@@ -13,6 +13,7 @@ rebuilds `KeyedVectors` / `FastTextKeyedVectors` around the memory-mapped arrays
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -229,50 +230,98 @@ def _parse_kumo(vectors_path: Path, index_path: Path) -> Any:
 
 
 def _write_cache(kv: Any, folder: Path, *, spec: Any, sha: str) -> None:
-    """Write the converted arrays into a temporary folder, then rename it into place."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{sha[:12]}-"))
+    """Write the converted arrays into a temporary folder, then rename it into place.
+
+    The temporary folder lives in the feature store's `tmp/` (`<cache root>/tmp/vectors-*`),
+    flock-ed through its `.lock` twin while the conversion runs, so what a killed conversion
+    leaves is removed by the next `FeatureStore()` (`clean_tmp`) like a dead writer's segment.
+    A full disk is a one-line StoreError (exit 4) and leaves nothing behind."""
+    from pipeline.store import _acquire_lock
+
+    tmp_root = folder.parent.parent / "tmp"  # <cache root>/vectors/<sha> -> <cache root>/tmp
+    name = f"vectors-{sha[:12]}-{os.getpid()}-{time.time_ns()}"
+    tmp, lock = tmp_root / name, tmp_root / f"{name}.lock"
+    lock_fd = -1
     try:
-        np.save(tmp / "vectors.npy", np.ascontiguousarray(kv.vectors, dtype=np.float32), allow_pickle=False)
-        meta: dict[str, Any] = {
-            "cache_version": CACHE_VERSION, "format": spec.format, "name": spec.name, "sha256": sha,
-            "dim": int(kv.vector_size), "count": len(kv.index_to_key),
-        }
-        bucket = int(getattr(kv, "bucket", 0) or 0)
-        if bucket:
-            np.save(tmp / "ngrams.npy", np.ascontiguousarray(kv.vectors_ngrams, dtype=np.float32), allow_pickle=False)
-            meta.update(bucket=bucket, min_n=int(kv.min_n), max_n=int(kv.max_n))
-        (tmp / "words.json").write_text(json.dumps(list(kv.index_to_key), ensure_ascii=False), encoding="utf-8")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not (folder / "meta.json").is_file():  # not a concurrent converter that won the race
-                raise
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp_root.mkdir(parents=True, exist_ok=True)
+        lock_fd = _acquire_lock(lock, "")
+        tmp.mkdir()
+        _write_converted(kv, tmp, folder, spec=spec, sha=sha)
+    except OSError as e:
+        raise _disk_error(e, f"converting word vectors {spec.name!r} into {folder}") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if lock_fd >= 0:
+            lock.unlink(missing_ok=True)
+            os.close(lock_fd)
+
+
+def _disk_error(e: OSError, doing: str) -> Exception:
+    """ENOSPC and other file-system errors while writing the cache: one line, exit 4."""
+    from pipeline.errors import StoreError
+
+    reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    return StoreError(f"{doing}: {reason} ({getattr(e, 'filename', None) or 'write'}); nothing was kept, "
+                      "free some space and rerun")
+
+
+def _write_converted(kv: Any, tmp: Path, folder: Path, *, spec: Any, sha: str) -> None:
+    np.save(tmp / "vectors.npy", np.ascontiguousarray(kv.vectors, dtype=np.float32), allow_pickle=False)
+    meta: dict[str, Any] = {
+        "cache_version": CACHE_VERSION, "format": spec.format, "name": spec.name, "sha256": sha,
+        "dim": int(kv.vector_size), "count": len(kv.index_to_key),
+    }
+    bucket = int(getattr(kv, "bucket", 0) or 0)
+    if bucket:
+        np.save(tmp / "ngrams.npy", np.ascontiguousarray(kv.vectors_ngrams, dtype=np.float32), allow_pickle=False)
+        meta.update(bucket=bucket, min_n=int(kv.min_n), max_n=int(kv.max_n))
+    (tmp / "words.json").write_text(json.dumps(list(kv.index_to_key), ensure_ascii=False), encoding="utf-8")
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    try:
+        os.rename(tmp, folder)
+    except OSError:
+        if not (folder / "meta.json").is_file():  # not a concurrent converter that won the race
+            raise
 
 
 def _file_sha256(path: Path, cache_root: Path | None) -> str:
+    """sha256 of `path`, remembered under `<cache_root>/vectors/sha256-cache.json`.
+
+    A cache hit needs the same (device, inode, size, mtime, ctime): a same-size edit whose mtime
+    was restored still changes the ctime (which user space cannot set back), and a file replaced
+    by another changes the inode. The cache is not written in read-only mode (`mrhp status`,
+    `pipeline.store.read_only`); a full disk while writing it is a one-line StoreError."""
+    from pipeline.store import writes_allowed
+
     st = path.stat()
-    entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+             "inode": st.st_ino, "device": st.st_dev}
     cache_file = Path(cache_root) / "vectors" / "sha256-cache.json" if cache_root is not None else None
     cache: dict[str, Any] = {}
     if cache_file is not None:
         try:
             cache = json.loads(cache_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
+            cache = {}
+        if not isinstance(cache, dict):
             cache = {}
         hit = cache.get(str(path.resolve()))
-        if hit and hit.get("size") == entry["size"] and hit.get("mtime_ns") == entry["mtime_ns"]:
+        if isinstance(hit, dict) and all(hit.get(k) == v for k, v in entry.items()) and "sha256" in hit:
             return hit["sha256"]
     sha = sha256_file(path)
-    if cache_file is not None:
+    if cache_file is not None and writes_allowed():
         cache[str(path.resolve())] = {**entry, "sha256": sha}
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=".sha256-cache.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(cache, f)
-        os.replace(tmp, cache_file)
+        tmp = None
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=".sha256-cache.", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(cache, f)
+            os.replace(tmp, cache_file)
+        except OSError as e:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            raise _disk_error(e, f"writing the word-vector hash cache {cache_file}") from None
     return sha

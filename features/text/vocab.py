@@ -187,7 +187,9 @@ def fit_vocabularies(
         "vocabularies %s (%s mode) fit on %d product and %d review train texts: %d / %d words",
         fp, params.mode, len(prd_texts), len(rvw_texts), len(prd), len(rvw),
     )
-    if store_root is not None:
+    from pipeline.store import writes_allowed
+
+    if store_root is not None and writes_allowed():  # not in read-only mode (`mrhp status`)
         meta = {
             "mode": params.mode, "min_freq": params.min_freq, "max_len": params.max_len,
             "max_vocab": params.max_vocab, "language": language, "dataset": dataset,

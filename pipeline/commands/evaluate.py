@@ -41,7 +41,7 @@ def random_init_note(dirs) -> str:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from models.data import build_datasets, model_views
+    from models.data import build_datasets, required_views
     from models.metrics import metric_names
     from models.runs import RunPaths, resolve_run, seed_dirs, write_json_atomic
     from models.trainer import evaluate, load_run, run_config
@@ -53,10 +53,12 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for d in dirs:
         cfg = run_config(d)
-        views = model_views(cfg.model, cfg.model_cfg)
+        views = required_views(cfg.model, cfg.model_cfg)
         key = (cfg.dataset, tuple(sorted(views)))
         if key not in bundles:
-            bundles[key] = build_datasets(manifest, cfg.dataset, cfg.data, views=views)
+            bundles[key] = build_datasets(manifest, cfg.dataset, cfg.data,
+                                          required=required_views(cfg.model, cfg.model_cfg),
+                                          allow_missing=cfg.allow_missing)
         data = bundles[key]
         model, cfg = load_run(d, embeddings=data.embeddings, checkpoint=args.checkpoint)
         threshold = cfg.threshold if cfg.threshold is not None else data.threshold

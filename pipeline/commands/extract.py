@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
 
-from pipeline.errors import StageError
+from pipeline.errors import MRHPError, StageError, StoreError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,6 +42,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def disk_error(e: OSError, command: str) -> StoreError:
+    """An OSError that reached a command: one line (exit 4) naming the file and the cause."""
+    reason = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e).splitlines()[0])
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    return StoreError(f"{command}: {reason}{where}; free some space or fix the file, then rerun")
+
+
 def random_init_overrides(random_init: bool) -> dict | None:
     """Manifest overrides for `--random-init` (None when not asked)."""
     return {"stages": {"rois": {"random_init": True}}} if random_init else None
@@ -61,13 +70,37 @@ def run(args: argparse.Namespace) -> int:
 
         quiet_task_states()
 
+    from pipeline.store import FeatureStore
+
+    overrides = random_init_overrides(args.random_init)
     try:
-        summaries = run_extraction(
-            args.manifest, dataset=args.dataset, stages=args.stages, force=args.force,
-            task_runner=args.task_runner, dask_address=args.dask_address,
-            chunk_size=args.chunk_size, progress=not args.no_progress,
-            overrides=random_init_overrides(args.random_init),
-        )
+        store = FeatureStore(load_manifest(args.manifest, overrides=overrides).roots.store)
+        # The lease tells a concurrent `mrhp gc` that this run's stage outputs, not yet in a
+        # view, are work in progress (it would otherwise delete them as unreferenced).
+        # Its id also owns this run's chunk claims (MRHP_STORE_OWNER, inherited by task workers):
+        # a second extract on the same store takes the other chunks and waits for these.
+        with store.lease(f"mrhp extract {args.dataset or '(all datasets)'}") as lease_id:
+            before = os.environ.get("MRHP_STORE_OWNER")
+            os.environ["MRHP_STORE_OWNER"] = lease_id
+            try:
+                summaries = run_extraction(
+                    args.manifest, dataset=args.dataset, stages=args.stages, force=args.force,
+                    task_runner=args.task_runner, dask_address=args.dask_address,
+                    chunk_size=args.chunk_size, progress=not args.no_progress,
+                    overrides=overrides,
+                )
+            finally:
+                if before is None:
+                    os.environ.pop("MRHP_STORE_OWNER", None)
+                else:
+                    os.environ["MRHP_STORE_OWNER"] = before
+    except OSError as e:
+        # A full disk (or another file-system error) outside the store's own commit path: one
+        # line, exit 4; segments are only ever renamed into place complete, so nothing is
+        # half-written and a rerun continues where this one stopped.
+        raise disk_error(e, "mrhp extract") from None
+    except MRHPError:
+        raise
     except Exception as exc:
         mapped = orchestration_error(exc)
         if mapped is None:

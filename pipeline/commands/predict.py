@@ -3,14 +3,20 @@
 Input: products in the MRHP format, either a folder holding `<category>.prd.<split>` and
 `<category>.rvw.<split>` tables or the path of one `.prd.` table (its `.rvw.` sibling is used).
 A `.rel.` sibling is optional; when present its labels are reported next to the scores.
+Product and review ids must be non-empty strings (or integers) without path separators, as
+`validate` requires; image files are `<images>/<split>/{prd,rvw}/<id>/pic_*` and may not
+resolve (symlinks) outside the image root.
 Texts are tokenized exactly as the tokens stage does (`features.text.tokens.encode_texts`) in
 the vocabulary the run was trained with (its `data.json`). Images are looked up in the feature
-store by the sha256 of their bytes under the run dataset's rois fingerprint: an image already
-extracted contributes its ROI features, any other image is counted and left out (run the rois
-stage on a dataset holding it to include it). When the run's dataset has a probes view (the
-model was trained with probe masks), new reviews get probe masks computed the way the probes
-stage does (`features.text.probes.ProbeMasker` with the manifest's probes parameters); a
-review whose mask cannot be computed, or a dataset without probes, gets a mask of ones.
+store by the sha256 of their bytes under the run dataset's rois fingerprint. A model that needs
+image features (`required_views` includes rois) is not run text-only in silence: when the
+image folder is absent, holds no image for the input, or some image has no stored features,
+predict stops with a one-line DataError naming `mrhp extract --stage rois`, unless the run's
+`allow_missing` or `--allow-missing rois` says so (then those images are left out and counted).
+An image whose extraction was recorded as failed adds no ROIs, as in training. When the model
+needs probe masks, new reviews get masks computed the way the probes stage does
+(`features.text.probes.ProbeMasker` with the manifest's probes parameters); a review whose mask
+cannot be computed gets a mask of ones; a dataset without a probes view is refused likewise.
 
 Scores: by default the mean of the scores of every seed of the run (seed<k>/ folders; each
 seed's model scores every review); `--seed K` uses seed K alone.
@@ -32,6 +38,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
+from pipeline.config import short_repr
 from pipeline.errors import DataError, StoreError, TrainingError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,6 +62,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default=None, help="write JSON lines here (default stdout)")
     p.add_argument("--format", choices=("jsonl", "table"), default="jsonl",
                    help="JSON lines (default) or a readable table")
+    p.add_argument("--allow-missing", dest="allow_missing", action="extend", nargs="+", default=[],
+                   metavar="VIEW", choices=("rois", "probes", "bert"),
+                   help="rank even though these features are missing for the input (default: refuse "
+                        "when the model needs them)")
     p.set_defaults(func=run)
 
 
@@ -81,28 +92,56 @@ def _table_sets(path: Path) -> list[tuple[Path, Path, Path | None, str, str]]:
     return out
 
 
+def check_id(value, path: Path, row: str, column: str) -> str:
+    """An id cell as `validate` accepts it: a non-empty string or an integer, no path parts."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DataError(f"{path}: row {short_repr(row)} column {column!r}: expected an id string, "
+                        f"got {short_repr(value)}")
+    text = str(value)
+    if not text.strip() or "/" in text or "\\" in text or text in (".", "..") or "\0" in text:
+        raise DataError(f"{path}: row {short_repr(row)} column {column!r}: id {short_repr(text)} is empty "
+                        "or holds a path separator")
+    return text
+
+
 def _image_files(root: Path | None, split: str, kind: str, item_id: str) -> list[Path]:
+    """`<root>/<split>/<kind>/<id>/pic_*` files, each resolving inside the image root."""
     if root is None:
         return []
     folder = root / split / kind / item_id
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.name.startswith("pic_") and p.is_file())
+    base = root.resolve()
+    out = []
+    for p in sorted(folder.iterdir()):
+        if not p.name.startswith("pic_"):
+            continue
+        try:
+            full = p.resolve(strict=True)
+        except (OSError, RuntimeError) as e:  # dangling link, loop
+            raise DataError(f"image {p} cannot be resolved ({e})") from None
+        if not full.is_relative_to(base):
+            raise DataError(f"image {p} resolves to {full}, outside the image root {base}")
+        if full.is_file():
+            out.append(full)
+    return out
 
 
 class _Rois:
-    """ROI features of image files already in the store (by content hash)."""
+    """ROI features of image files already in the store (by content hash).
+
+    Counts `found` (features stored), `failed` (extraction recorded as failed: no ROIs, as in
+    training) and `missing` (never extracted). Store errors (damage) propagate."""
 
     def __init__(self, store_root: Path, dataset: str, cfg: "DataConfig") -> None:
         from pipeline.store import FeatureStore
 
         self.cfg = cfg
-        self.found = self.missing = 0
-        try:
-            fp = FeatureStore(store_root).view(dataset, "rois").fingerprint
-            self.reader = FeatureStore(store_root).reader("rois", fp)
-        except StoreError:
-            self.reader = None
+        self.found = self.missing = self.failed = self.files = 0
+        self.missing_examples: list[str] = []
+        store = FeatureStore(store_root)
+        self.has_view = any(v.dataset == dataset and v.stage == "rois" for v in store.views())
+        self.reader = store.reader("rois", store.view(dataset, "rois").fingerprint) if self.has_view else None
 
     def __call__(self, files: list[Path]) -> "np.ndarray":
         import numpy as np
@@ -112,16 +151,40 @@ class _Rois:
 
         per = []
         for f in files:
-            try:
-                got = self.reader.get(sha256_file(f)) if self.reader is not None else None
-            except (StoreError, KeyError):
-                got = None
-            if got is None:
+            self.files += 1
+            key = sha256_file(f) if self.reader is not None else None
+            if key is None or key not in self.reader:
+                if key is not None and self.reader.failure(key) is not None:
+                    self.failed += 1
+                    continue
                 self.missing += 1
+                if len(self.missing_examples) < 3:
+                    self.missing_examples.append(str(f))
                 continue
             self.found += 1
-            per.append(np.asarray(got["features"], dtype=np.float32))
+            per.append(np.asarray(self.reader.get(key)["features"], dtype=np.float32))
         return concat_rois(per, self.cfg)
+
+    def check(self, *, needed: bool, images: Path | None, dataset: str) -> None:
+        """Refuse to rank without image features the model needs (see the module docstring)."""
+        if not needed:
+            return
+        fix = (f"run `mrhp extract --dataset <a dataset holding these images> --stage rois` (the run's "
+               f"dataset is {dataset!r}) or pass --allow-missing rois to rank without them")
+        if not self.has_view:
+            raise DataError(f"the model needs image features, but dataset {dataset!r} has no rois view: "
+                            f"build it with `mrhp extract --dataset {dataset} --stage rois` "
+                            "(or pass --allow-missing rois)")
+        if images is None:
+            raise DataError("the model needs image features, but the image folder (--images, default "
+                            "<input folder>/pictures) does not exist: pass --images, or --allow-missing rois")
+        if self.files == 0:
+            raise DataError(f"the model needs image features, but --images {images} holds no "
+                            "<split>/{prd,rvw}/<id>/pic_* file for any input item: check --images, or pass "
+                            "--allow-missing rois")
+        if self.missing:
+            raise DataError(f"{self.missing} of {self.files} input images have no features in the store "
+                            f"(e.g. {self.missing_examples[0]}): {fix}")
 
 
 def rel_labels(values: dict[str, float], mode: str, where: str) -> tuple[dict[str, float], dict[str, float]]:
@@ -148,7 +211,8 @@ def rel_labels(values: dict[str, float], mode: str, where: str) -> tuple[dict[st
 
 
 def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, manifest, cfg: "DataConfig",
-               dataset: str, labels_mode: str | None = None) -> tuple["InMemorySource", _Rois]:
+               dataset: str, labels_mode: str | None = None,
+               probes_needed: bool = False) -> tuple["InMemorySource", _Rois]:
     """Read the MRHP tables named by `path` into an in-memory source in the run's vocabulary;
     each review's `label` is its 0-4 label (NaN without one), raw votes in `source.votes`."""
     import numpy as np
@@ -176,10 +240,16 @@ def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, m
         labels: dict[str, float] = {}
         if rel_path is not None:
             lkeys, lt = read_column_table(rel_path, REL_COLUMNS)
-            raw = {str(lt["review_id"][k]): float(lt["upvotes"][k]) for k in lkeys}
+            raw: dict[str, float] = {}
+            for k in lkeys:
+                value = lt["upvotes"][k]
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise DataError(f"{rel_path}: row {short_repr(k)} column 'upvotes': expected a number, "
+                                    f"got {short_repr(value)}")
+                raw[check_id(lt["review_id"][k], rel_path, k, "review_id")] = float(value)
             labels, got = rel_labels(raw, labels_mode or spec.labels, str(rel_path))
             votes.update(got)
-        pids = [str(pt["product_id"][k]) for k in pkeys]
+        pids = [check_id(pt["product_id"][k], prd_path, k, "product_id") for k in pkeys]
         ptexts = [product_text(spec, category, str(pt["name"][k] or ""), str(pt["description"][k] or ""))
                   for k in pkeys]
         penc = encode_texts(ptexts, prd_vocab, language=spec.language, max_len=max_len)
@@ -194,9 +264,10 @@ def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, m
         renc = encode_texts(rtexts, rvw_vocab, language=spec.language, max_len=max_len)
         names = {pid: str(pt["name"][k] or "") for k, pid in zip(pkeys, pids)}
         masks = probe_masks(manifest, spec, dataset, rtexts,
-                            [names.get(str(rt["product_id"][k]), "") for k in rkeys])
+                            [names.get(str(rt["product_id"][k]), "") for k in rkeys], needed=probes_needed)
         for k, enc, mask in zip(rkeys, renc, masks):
-            rid, pid = str(rt["review_id"][k]), str(rt["product_id"][k])
+            rid = check_id(rt["review_id"][k], rvw_path, k, "review_id")
+            pid = check_id(rt["product_id"][k], rvw_path, k, "product_id")
             if pid not in by_pid:
                 raise DataError(f"{rvw_path}: row {k!r}: review {rid!r} names product {pid!r}, not in {prd_path.name}")
             by_pid[pid].reviews.append(ReviewItem(
@@ -212,14 +283,18 @@ def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, m
     return source, rois
 
 
-def probe_masks(manifest, spec, dataset: str, reviews: list[str], names: list[str]) -> list:
+def probe_masks(manifest, spec, dataset: str, reviews: list[str], names: list[str], *,
+                needed: bool = False) -> list:
     """Probe masks over the raw tokens of new reviews, as the probes stage computes them, or
-    Nones when the run's dataset has no probes view (its models saw masks of ones)."""
+    Nones when the model does not need them and the run's dataset has no probes view."""
     from pipeline.store import FeatureStore
 
-    try:
-        FeatureStore(manifest.store_root).view(dataset, "probes")
-    except StoreError:
+    if not any(v.dataset == dataset and v.stage == "probes" for v in FeatureStore(manifest.store_root).views()):
+        if needed:
+            raise DataError(
+                f"the model needs probe masks, but dataset {dataset!r} has no probes view: build it with "
+                f"`mrhp extract --dataset {dataset} --stage probes` (or pass --allow-missing probes)"
+            )
         return [None] * len(reviews)
     from features.text.probes import ProbeMasker, ProbeResult
 
@@ -275,7 +350,7 @@ def ranked(preds: list[dict], votes: dict[str, float] | None = None) -> list[dic
 
 
 def run(args: argparse.Namespace) -> int:
-    from models.data import store_embeddings
+    from models.data import required_views, store_embeddings
     from models.runs import read_json, resolve_run, seed_dirs
     from models.trainer import load_run, score_source
     from pipeline.manifest import load_manifest
@@ -301,9 +376,14 @@ def run(args: argparse.Namespace) -> int:
     cfg = models[0][1]
     inp = Path(args.input)
     images = Path(args.images) if args.images else (inp if inp.is_dir() else inp.parent) / "pictures"
-    source, rois = load_input(inp, images if images.is_dir() else None, spec=spec,
+    allowed = set(cfg.allow_missing) | set(args.allow_missing or ())
+    needed = required_views(cfg.model, cfg.model_cfg) - allowed
+    image_root = images if images.is_dir() else None
+    source, rois = load_input(inp, image_root, spec=spec,
                               vocab_fp=meta.get("vocab_fingerprint"), manifest=manifest, cfg=cfg.data,
-                              dataset=dataset, labels_mode=meta.get("labels"))
+                              dataset=dataset, labels_mode=meta.get("labels"),
+                              probes_needed="probes" in needed)
+    rois.check(needed="rois" in needed, images=image_root, dataset=dataset)
     per_seed = [score_source(model, source, cfg=c) for model, c in models]
     rows = ranked(average_seeds(per_seed), getattr(source, "votes", None))
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
@@ -321,5 +401,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"predict: {len(source.product_ids)} products, {len(rows)} reviews ranked "
           f"(mean score of {len(chosen)} seed{'s' if len(chosen) > 1 else ''}: "
           f"{', '.join(d.name for d in chosen)}); images with "
-          f"stored features {rois.found}, without {rois.missing}", file=sys.stderr)
+          f"stored features {rois.found}, without {rois.missing}, failed {rois.failed}"
+          + (f"; allowed missing: {', '.join(sorted(allowed))}" if allowed else ""), file=sys.stderr)
     return 0

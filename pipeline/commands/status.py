@@ -123,18 +123,24 @@ def status_table(rows: list[StageStatus]) -> str:
 def run(args: argparse.Namespace) -> int:
     from features.registry import stage_order
     from pipeline.manifest import load_manifest
-    from pipeline.store import FeatureStore
+    from pipeline.store import FeatureStore, read_only
 
-    from pipeline.commands.extract import random_init_overrides
+    from pipeline.commands.extract import disk_error, random_init_overrides
 
     manifest = load_manifest(args.manifest, overrides=random_init_overrides(args.random_init))
     datasets = [manifest.dataset(args.dataset).name] if args.dataset else list(manifest.datasets)
-    store = FeatureStore(manifest.roots.store)
-    rows = [
-        stage_status(manifest, store, ds, name)
-        for ds in datasets
-        for name in stage_order(args.stages, with_dependencies=False)
-    ]
+    # Status only looks: nothing is written under the store (no index created, no vocabulary
+    # fit or word-vector hash saved; read_only() makes those caches compute in memory).
+    with read_only():
+        store = FeatureStore(manifest.roots.store)
+        try:
+            rows = [
+                stage_status(manifest, store, ds, name)
+                for ds in datasets
+                for name in stage_order(args.stages, with_dependencies=False)
+            ]
+        except OSError as e:
+            raise disk_error(e, "mrhp status") from None
     print(status_table(rows))
     for r in rows:  # e.g. which coreference backend the probes stage uses (coref: auto)
         if r.note:

@@ -181,6 +181,8 @@ def parse_img_urls(value: Any, path: Path, key: str) -> list[str]:
             value = json.loads(s)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: row {key!r} column 'img_url': malformed JSON string ({e.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}: row {key!r} column 'img_url': JSON string nested too deeply") from None
     if not isinstance(value, list):
         raise DataError(
             f"{path}: row {key!r} column 'img_url': expected a list of URLs, got {type(value).__name__}"

@@ -29,7 +29,7 @@ def _locate_bad_utf8(text: str) -> str:
     """Name the row and column holding the first undecodable byte (text decoded with surrogateescape)."""
     try:
         table = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return ""
     if not isinstance(table, dict):
         return ""
@@ -86,6 +86,8 @@ def read_column_table(
         table = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to be a table (arrays/objects inside each other)") from None
     del text
     if not isinstance(table, dict):
         raise DataError(
