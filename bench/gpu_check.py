@@ -194,6 +194,9 @@ def model_rows(args, dev: torch.device, deadline: float) -> list[str]:
             try:
                 torch.manual_seed(0)
                 model = build_model(name, {}, data.embeddings).to(dev)
+                hook = getattr(model, "set_dataset_threshold", None)  # as the trainer does (MCL)
+                if hook is not None:
+                    hook(data.threshold)
                 params = trainable_parameters(model)
                 opt = torch.optim.Adam(params, lr=1e-4)
                 rng = np.random.default_rng(0)
