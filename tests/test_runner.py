@@ -146,7 +146,7 @@ def broken_stage(manifest, dataset_name):
 
 
 def test_status_counts_done_failed_missing_stale_and_reports_planning_errors(project):
-    from pipeline.commands.status import stage_status, status_table
+    from mrhp.commands.status import stage_status, status_table
 
     root, manifest, store, _ = project
     text_file(root, 1).write_text("BAD input", encoding="utf-8")

@@ -166,7 +166,7 @@ def test_enospc_writing_a_segment_is_one_line_and_leaves_no_file(tmp_path, monke
 
 def test_enospc_reaching_extract_and_status_is_one_line_exit_4(tmp_path, monkeypatch, capsys):
     import flows.extract as flows_extract
-    from pipeline.cli import main
+    from mrhp.cli import main
 
     manifest = tmp_path / "m.yaml"
     manifest.write_text("version: 1\nroots:\n  store: store\ndatasets: {}\n", encoding="utf-8")

@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.manifest import load_manifest
     from pipeline.store import FeatureStore, read_only
 
-    from pipeline.commands.extract import disk_error, random_init_overrides
+    from mrhp.commands.extract import disk_error, random_init_overrides
 
     manifest = load_manifest(args.manifest, overrides=random_init_overrides(args.random_init))
     datasets = [manifest.dataset(args.dataset).name] if args.dataset else list(manifest.datasets)
