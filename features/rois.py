@@ -46,7 +46,7 @@ from features.detector.preprocess import (
 )
 from features.detector.selection import max_class_confidence_batch, select_boxes_batch
 from features.images import ImageHashCache, decode_image
-from features.params import RoisParams
+from pipeline.params import RoisParams
 from features.schema import rois_schema
 from pipeline.errors import DataError, StageError
 from pipeline.hashing import fingerprint as hash_fingerprint

@@ -11,7 +11,7 @@ import torch
 
 from features.detector import build_detector, tiny_config
 from features.detector.model import fold_frozen_norms
-from features.params import RoisParams
+from pipeline.params import RoisParams
 from features.rois import RoisStage, build_stage, extract_features, is_random_init
 from features.images import decode_image
 from pipeline.errors import ResourceError

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from features.params import BertParams
+from pipeline.params import BertParams
 from features.text.tokens import records_loader
 from pipeline.errors import ResourceError, StageError
 from pipeline.hashing import fingerprint as stage_fingerprint
