@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.errors import StageError
-from pipeline.stage import Plan, Stage, WorkItem
+from pipeline.stage import Plan, Stage, WorkItem, is_random_init  # noqa: F401 (flows and status import it from here)
 
 log = logging.getLogger(__name__)
 
@@ -105,24 +105,6 @@ class StageSummary:
         d = dict(data)
         d.pop("failed", None)
         return cls(**d)
-
-
-def is_random_init(stage: Any, manifest: Any = None) -> bool:
-    """Whether a stage computes with random-init weights: the stage's own answer when it gives
-    one (`is_random_init()` or a `random_init` attribute), else its manifest parameters."""
-    probe = getattr(stage, "is_random_init", None)
-    if callable(probe):
-        return bool(probe())
-    if probe is not None:
-        return bool(probe)
-    for holder in (stage, getattr(stage, "params", None)):
-        value = getattr(holder, "random_init", None)
-        if isinstance(value, bool):
-            return value
-    if manifest is not None:
-        params = getattr(manifest, "stages", {}).get(getattr(stage, "name", ""))
-        return bool(getattr(params, "random_init", False))
-    return False
 
 
 def stage_params(stage: Any) -> dict[str, Any]:

@@ -109,7 +109,7 @@ def status_table(rows: list[StageStatus]) -> str:
         note = ""
         if r.view_fingerprint and r.view_fingerprint != r.fingerprint:
             note = f"view built with {r.view_fingerprint}"
-            from features.rois import is_random_init
+            from pipeline.stage import is_random_init
 
             if is_random_init(r.view_fingerprint):
                 note += " (random-init)"
