@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.synthetic import REGISTRY, write_project
+from tests.support.synthetic import REGISTRY, write_project
 from features.registry import build_stage, stage_order
 from pipeline.manifest import load_manifest
 from pipeline.runner import run_stage
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = textwrap.dedent("""
     import sys
     from features import registry
-    from flows.synthetic import REGISTRY
+    from tests.support.synthetic import REGISTRY
     from mrhp.cli import main
 
     registry.STAGES.update(REGISTRY)

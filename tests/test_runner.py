@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from features.registry import STAGES, StageEntry, build_stage, stage_order
-from flows.synthetic import REGISTRY, text_file, vec_of, write_project
+from tests.support.synthetic import REGISTRY, text_file, vec_of, write_project
 from pipeline.errors import ConfigError, StageError
 from pipeline.manifest import load_manifest
 from pipeline.runner import plan_stage, run_chunk, run_stage, summary_table
