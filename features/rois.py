@@ -49,7 +49,7 @@ from pipeline.params import RoisParams
 from features.schema import rois_schema
 from pipeline.errors import DataError, StageError
 from pipeline.hashing import fingerprint as hash_fingerprint
-from pipeline.stage import RANDOM_INIT_PREFIX, Plan, Record, WorkItem, is_random_init  # noqa: F401 (re-exported)
+from pipeline.stage import RANDOM_INIT_PREFIX, Plan, Record, WorkItem
 
 CODE_VERSION = "rois-1"  # bump when extraction code changes its outputs
 # Not fingerprinted: they do not change the numbers beyond floating-point rounding (as the
