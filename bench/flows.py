@@ -7,7 +7,7 @@ Measures, through `flows.extract.run_extraction` against one Prefect server star
 - rerun after changing 1% of the items;
 - Prefect overhead per chunk: the same zero-cost stage with many small chunks vs few large ones.
 
-The stage is `flows.synthetic` with a simulated per-item cost (`--item-ms`, default 5 ms: cheap
+The stage is `tests.support.synthetic` with a simulated per-item cost (`--item-ms`, default 5 ms: cheap
 next to ROI extraction's ~50-100 ms per image on a GPU). Usage:
 
     .venv/bin/python bench/flows.py [--items 3000] [--item-ms 5] [--chunk-size 500]
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     t_server = time.perf_counter() - t
 
     from flows.extract import run_extraction
-    from flows.synthetic import ENTRY, text_file, write_project
+    from tests.support.synthetic import ENTRY, text_file, write_project
 
     registry = {"synthetic": ENTRY}
 

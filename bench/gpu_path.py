@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     from features import rois as R
     from features.detector import build_detector, bua_caffe_r101, prepare_image
     from features.images import decode_image
-    from features.params import RoisParams
+    from pipeline.params import RoisParams
 
     torch.set_num_threads(1)
     paths = sorted(args.images_dir.glob("*.jpg"))

@@ -10,7 +10,6 @@ than min_boxes (or fixed_k) it is a failure record (a tiny image), never a short
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import queue
 import threading
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from features.device import resolve_device
+from features.device import autocast, resolve_device
 from features.detector.checkpoint import load_state, read_checkpoint, verify_weights
 from features.detector.model import (
     BUADetector,
@@ -46,14 +45,13 @@ from features.detector.preprocess import (
 )
 from features.detector.selection import max_class_confidence_batch, select_boxes_batch
 from features.images import ImageHashCache, decode_image
-from features.params import RoisParams
+from pipeline.params import RoisParams
 from features.schema import rois_schema
 from pipeline.errors import DataError, StageError
 from pipeline.hashing import fingerprint as hash_fingerprint
-from pipeline.stage import Plan, Record, WorkItem
+from pipeline.stage import RANDOM_INIT_PREFIX, Plan, Record, WorkItem
 
 CODE_VERSION = "rois-1"  # bump when extraction code changes its outputs
-RANDOM_INIT_PREFIX = "random-init-"
 # Not fingerprinted: they do not change the numbers beyond floating-point rounding (as the
 # device and thread count do not). autocast_dtype is fingerprinted unless "auto" (see fingerprint()).
 _OPERATIONAL = ("num_workers", "device", "fold_bn", "channels_last", "cudnn_benchmark", "pad_bucket",
@@ -62,31 +60,7 @@ _BUCKET = 4  # aspect-ratio bucketing window, in batches
 _HASH_THREADS = 8  # concurrent file hashes in plan()
 
 
-
-
-def is_random_init(fingerprint_or_params: Any) -> bool:
-    """True for a rois fingerprint computed with random weights, or params with random_init set."""
-    if isinstance(fingerprint_or_params, str):
-        return fingerprint_or_params.startswith(RANDOM_INIT_PREFIX)
-    if isinstance(fingerprint_or_params, Mapping):
-        return bool(fingerprint_or_params.get("random_init", False))
-    return bool(getattr(fingerprint_or_params, "random_init", False))
-
-
-
-
 # --------------------------------------------------------------------------- extraction
-
-
-def _autocast(device: torch.device, enabled: bool, dtype: str = "auto"):
-    """bf16/fp16 autocast context; "auto" is fp16 on CUDA, bf16 on CPU (the earlier behaviour)."""
-    if not enabled:
-        return contextlib.nullcontext()
-    if dtype == "auto":
-        dt = torch.float16 if device.type == "cuda" else torch.bfloat16
-    else:
-        dt = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    return torch.autocast(device_type=device.type, dtype=dt)
 
 
 def pack_batch(dets: Sequence[Detections], params: RoisParams, cfg: DetectorConfig) -> list[dict[str, np.ndarray]]:
@@ -183,7 +157,7 @@ def detect_batch(model: BUADetector, images: Sequence[PreparedImage | RawImage],
             batch = F.pad(batch, (0, w - batch.shape[3], 0, h - batch.shape[2]))
         if params.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-    with _autocast(device, params.autocast, params.autocast_dtype):
+    with autocast(device, params.autocast, params.autocast_dtype):
         return model(batch, [p.size for p in images], [p.scale for p in images],
                      [p.orig_hw for p in images], pre_nms_top_n=params.rpn_pre_nms_top_n,
                      post_nms_top_n=params.rpn_post_nms_top_n)

@@ -36,7 +36,7 @@ from pipeline.errors import ConfigError, DataError, ResourceError, StageError
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.runner import (
     ChunkOutcome, StageSummary, finish_stage, is_random_init, item_ids_by_key, plan_stage,
-    prior_failures, run_chunk,
+    run_chunk, stage_state,
 )
 from pipeline.stage import WorkItem
 
@@ -506,16 +506,6 @@ def make_task_runner(kind: str, *, dask_address: str | None = None, dask_workers
     })
 
 
-def view_is_current(store: Any, dataset: str, stage: str, fingerprint: str, view: Mapping[str, str]) -> bool:
-    """The stored view of (dataset, stage) maps exactly `view` under `fingerprint`."""
-    if not any(v.dataset == dataset and v.stage == stage and v.fingerprint == fingerprint for v in store.views()):
-        return False
-    current = store.view(dataset, stage)
-    return len(current) == len(view) and all(
-        item_id in current and current.key(item_id) == key for item_id, key in view.items()
-    )
-
-
 def up_to_date(
     manifest: Manifest, datasets: Sequence[str], order: Sequence[str], registry: Mapping[str, StageEntry],
 ) -> list[StageSummary] | None:
@@ -531,9 +521,12 @@ def up_to_date(
             work = plan_stage(stage, store)
             with _lock:  # the flow reuses these plans (later stages may depend on this one: stop)
                 _planned[(str(manifest.path), ds, name)] = (stage, work)
-            if work.todo or not view_is_current(store, ds, name, work.fingerprint, work.plan.view):
+            if work.todo:
                 return None
-            earlier = prior_failures(work, store)
+            state = stage_state(store, ds, name, work.fingerprint, work.plan, missing=())
+            if not state.current:
+                return None
+            earlier = state.failures
             out.append(StageSummary(
                 dataset=ds, stage=name, fingerprint=work.fingerprint,
                 random_init=is_random_init(stage, manifest), total=work.total,

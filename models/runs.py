@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import TrainingError
+from pipeline.stage import is_random_init
 
 # Packages whose versions every run records (those installed).
 RECORDED_PACKAGES: tuple[str, ...] = (
@@ -39,7 +40,6 @@ RECORDED_PACKAGES: tuple[str, ...] = (
 )
 # Stages whose views of the dataset a training run reads (when present in the store).
 READ_STAGES: tuple[str, ...] = ("tokens", "embeddings", "rois", "probes", "bert")
-RANDOM_INIT_PREFIX = "random-init"  # fingerprints of features from random-init weights start so
 
 
 @dataclass(frozen=True)
@@ -322,10 +322,6 @@ def package_versions(names: Sequence[str] = RECORDED_PACKAGES) -> dict[str, str]
     return out
 
 
-def is_random_init_fingerprint(fingerprint: str | None) -> bool:
-    return bool(fingerprint) and str(fingerprint).startswith(RANDOM_INIT_PREFIX)
-
-
 def view_fingerprints(store_root: str | Path, dataset: str,
                       stages: Sequence[str] = READ_STAGES) -> dict[str, dict[str, Any]]:
     """stage -> {"fingerprint", "items", "random_init"} for every view of `dataset` among
@@ -336,7 +332,7 @@ def view_fingerprints(store_root: str | Path, dataset: str,
     for v in FeatureStore(Path(store_root)).views():
         if v.dataset == dataset and v.stage in stages:
             out[v.stage] = {"fingerprint": v.fingerprint, "items": int(v.n_items),
-                            "random_init": is_random_init_fingerprint(v.fingerprint)}
+                            "random_init": is_random_init(v.fingerprint)}
     return out
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from features.device import resolve_device
+from features.device import autocast, resolve_device
 from models.config import TrainConfig, config_to_yaml, train_config
 from models.data import DataBundle, ProductSource, eval_plan, make_loader, train_plan
 from models.losses import ranking_loss
@@ -91,12 +91,6 @@ def _parameter_groups(model: nn.Module, params: list[nn.Parameter], lr: float) -
     return groups
 
 
-def _autocast(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
 @torch.no_grad()
 def score_source(model: nn.Module, source: ProductSource, *, cfg: TrainConfig,
                  device: torch.device | None = None) -> list[dict[str, Any]]:
@@ -110,7 +104,7 @@ def score_source(model: nn.Module, source: ProductSource, *, cfg: TrainConfig,
     preds: list[dict[str, Any]] = []
     for batch in loader:
         b = batch.to(device, non_blocking=cuda)
-        with _autocast(device, cfg.autocast):
+        with autocast(device, cfg.autocast and device.type == "cuda", "bfloat16"):
             scores = model(b).scores.float().cpu().numpy()
         if scores.shape != (batch.num_reviews,):
             raise TrainingError(f"model returned scores of shape {scores.shape}, expected ({batch.num_reviews},)")
@@ -268,7 +262,7 @@ class Trainer:
             batch.instances = torch.from_numpy(inst.index)
             batch.instance_weights = torch.from_numpy(inst.weights)
             b = batch.to(self.device, non_blocking=cuda)
-            with _autocast(self.device, cfg.autocast):
+            with autocast(self.device, cfg.autocast and self.device.type == "cuda", "bfloat16"):
                 out = self.model(b)
             rank = ranking_loss(out.scores.float(), b.labels, b.instances, b.instance_weights,
                                 margin=cfg.margin, fixed_margin=cfg.fixed_margin,

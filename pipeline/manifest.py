@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 
-from features.params import STAGE_PARAMS, FlowParams
+from pipeline.params import STAGE_PARAMS, FlowParams
 from pipeline.config import deep_merge, from_mapping, load_yaml
 from pipeline.errors import ManifestError
 
@@ -113,7 +113,7 @@ class Manifest:
     roots: Roots
     datasets: Mapping[str, DatasetSpec]
     resources: Resources
-    stages: Mapping[str, Any]  # stage name -> its params record (features.params)
+    stages: Mapping[str, Any]  # stage name -> its params record (pipeline.params)
     flows: FlowParams
 
     @property

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.errors import StageError
-from pipeline.stage import Plan, Stage, WorkItem
+from pipeline.stage import Plan, Stage, WorkItem, is_random_init  # noqa: F401 (flows and status import it from here)
 
 log = logging.getLogger(__name__)
 
@@ -105,24 +105,6 @@ class StageSummary:
         d = dict(data)
         d.pop("failed", None)
         return cls(**d)
-
-
-def is_random_init(stage: Any, manifest: Any = None) -> bool:
-    """Whether a stage computes with random-init weights: the stage's own answer when it gives
-    one (`is_random_init()` or a `random_init` attribute), else its manifest parameters."""
-    probe = getattr(stage, "is_random_init", None)
-    if callable(probe):
-        return bool(probe())
-    if probe is not None:
-        return bool(probe)
-    for holder in (stage, getattr(stage, "params", None)):
-        value = getattr(holder, "random_init", None)
-        if isinstance(value, bool):
-            return value
-    if manifest is not None:
-        params = getattr(manifest, "stages", {}).get(getattr(stage, "name", ""))
-        return bool(getattr(params, "random_init", False))
-    return False
 
 
 def stage_params(stage: Any) -> dict[str, Any]:
@@ -232,6 +214,59 @@ def prior_failures(work: StageWork, store: Any) -> dict[str, str]:
             if k in work.plan.items and k not in todo}
 
 
+@dataclass
+class StageState:
+    """What the store holds for one planned stage of one dataset, counted from the index.
+
+    The one computation behind `mrhp status`, the flows' up-to-date check and `finish_stage`."""
+
+    fingerprint: str
+    missing: set[str]  # planned keys with neither a stored result nor a failure record
+    failures: dict[str, str]  # planned keys stored as failures -> reason (the store's order)
+    done: int  # planned keys with a stored result
+    view_fingerprint: str | None = None  # fingerprint of the (dataset, stage) view; None: no view
+    stale: int | None = None  # view item ids out of date (see count_stale); None: no view
+
+    @property
+    def current(self) -> bool:
+        """Nothing left to compute and the view maps exactly the plan under this fingerprint."""
+        return not self.missing and self.view_fingerprint == self.fingerprint and self.stale == 0
+
+
+def count_stale(plan_view: Mapping[str, str], fingerprint: str, view: Any) -> int | None:
+    """View item ids out of date: the view was written under another fingerprint (all of them),
+    maps an id to another key or holds an id the plan lacks, plus planned ids the view lacks.
+    0 when the view matches the plan exactly; None when there is no view."""
+    if view is None:
+        return None
+    mapping = {item_id: view.key(item_id) for item_id in view.item_ids()}
+    if view.fingerprint != fingerprint:
+        return len(set(mapping) | set(plan_view))
+    changed = sum(1 for item_id, key in mapping.items() if plan_view.get(item_id) != key)
+    absent = sum(1 for item_id in plan_view if item_id not in mapping)
+    return changed + absent
+
+
+def stage_state(
+    store: Any, dataset: str, stage: str, fingerprint: str, plan: Plan, *,
+    missing: Iterable[str] | None = None, with_view: bool = True,
+) -> StageState:
+    """Compare a stage's plan with the store. `missing`: the planned keys already found missing
+    (saves asking the index again); `with_view=False` skips reading the dataset's view."""
+    keys = sorted(plan.items)
+    gone = set(store.missing(stage, fingerprint, keys) if missing is None else missing)
+    present = [k for k in keys if k not in gone]
+    present_set = set(present)
+    failures = ({k: r for k, r in store.failures(stage, fingerprint).items() if k in present_set}
+                if present else {})
+    state = StageState(fingerprint=fingerprint, missing=gone, failures=failures, done=len(present) - len(failures))
+    if with_view and any(v.dataset == dataset and v.stage == stage for v in store.views()):
+        view = store.view(dataset, stage)
+        state.view_fingerprint = view.fingerprint
+        state.stale = count_stale(plan.view, fingerprint, view)
+    return state
+
+
 def finish_stage(
     work: StageWork, store: Any, dataset: str, outcomes: Iterable[ChunkOutcome],
     errors: Mapping[str, str], *, random_init: bool = False, chunks: int = 0,
@@ -270,10 +305,11 @@ def finish_stage(
     # an erroring chunk before it raised, or a concurrent run), so a stored failure is never
     # reported as done.
     settled = [k for k in work.todo if k not in still_missing]
-    stored_failures = store.failures(work.stage.name, work.fingerprint) if settled else {}
+    state = stage_state(store, dataset, work.stage.name, work.fingerprint, work.plan,
+                        missing=still_missing, with_view=False) if settled else None
     for key in settled:
-        if key in stored_failures:
-            summary.failures[key] = stored_failures[key]
+        if key in state.failures:
+            summary.failures[key] = state.failures[key]
         else:
             summary.done += 1
     summary.failed_items = item_ids_by_key(work.plan.view, [*summary.failures, *summary.errors])

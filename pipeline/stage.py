@@ -68,3 +68,39 @@ class Stage(Protocol):
 
     def run(self, items: Sequence[WorkItem]) -> Iterator[Record]:
         """Compute records for a chunk of items, one Record per item, in any order."""
+
+
+# Fingerprints of outputs computed with random-init weights (demos/tests) start so; `mrhp status`,
+# the run records and the comparison tables flag them.
+RANDOM_INIT_PREFIX = "random-init-"
+
+
+def is_random_init(subject: Any, manifest: Any = None) -> bool:
+    """The one answer to "was this computed with random-init weights?", for any of:
+
+    - a view or stage fingerprint (str): it starts with RANDOM_INIT_PREFIX; None: False;
+    - a mapping of parameters: its `random_init` key;
+    - a stage: its own answer (`is_random_init()` or a `random_init` attribute), else a boolean
+      `random_init` on the stage or its `params` record, else the manifest's parameters for
+      the stage's name when `manifest` is given;
+    - a parameter record (e.g. RoisParams): its boolean `random_init`.
+    """
+    if subject is None:
+        return False
+    if isinstance(subject, str):
+        return subject.startswith(RANDOM_INIT_PREFIX)
+    if isinstance(subject, Mapping):
+        return bool(subject.get("random_init", False))
+    probe = getattr(subject, "is_random_init", None)
+    if callable(probe):
+        return bool(probe())
+    if probe is not None:
+        return bool(probe)
+    for holder in (subject, getattr(subject, "params", None)):
+        value = getattr(holder, "random_init", None)
+        if isinstance(value, bool):
+            return value
+    if manifest is not None:
+        params = getattr(manifest, "stages", {}).get(getattr(subject, "name", ""))
+        return bool(getattr(params, "random_init", False))
+    return False

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from models.config import load_train_config
-from pipeline.cli import main
+from mrhp.cli import main
 from pipeline.config import MAX_YAML_NODES, load_yaml, parse_overrides, short_repr
 from pipeline.errors import ConfigError, DataError, ManifestError
 from pipeline.manifest import load_manifest

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
+from mrhp.cli import main
 from pipeline.datasets import tables
 from pipeline.datasets.amazon2018 import parse_vote
 from pipeline.datasets.build import BuildConfig, split_products

@@ -10,7 +10,7 @@ import torch
 
 from features.detector import build_detector, load_into, pad_batch, prepare_image, tiny_config, verify_weights
 from features.detector.checkpoint import caffe2_to_d2, read_checkpoint, safe_unpickle
-from features.rois import is_random_init
+from pipeline.stage import is_random_init
 from pipeline.errors import ResourceError, StageError
 
 

@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 
 from models.registry import MODEL_NAMES
-from pipeline.cli import build_parser
+from mrhp.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 
 PROBE = r"""
 import contextlib, io, json, sys
-from pipeline.cli import main
+from mrhp.cli import main
 helps = {}
 for argv in (["--help"], ["train", "--help"], ["compare", "--help"], ["evaluate", "--help"], ["predict", "--help"]):
     buf = io.StringIO()

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from models.reported import load_reported, parse_reported
-from pipeline.cli import main
-from pipeline.commands.compare import build_comparison, load_run_evals, render, reported_table
+from mrhp.cli import main
+from mrhp.commands.compare import build_comparison, load_run_evals, render, reported_table
 from pipeline.errors import ConfigError
 
 MANIFEST = """\
@@ -170,7 +170,7 @@ def test_the_shipped_reported_files_validate():
 
 def test_evaluate_marks_a_run_on_random_init_features(runs):
     from models.runs import seed_dirs
-    from pipeline.commands.evaluate import random_init_note
+    from mrhp.commands.evaluate import random_init_note
 
     assert random_init_note(seed_dirs(runs / "runs" / "D")) == " [random-init]"
     assert random_init_note(seed_dirs(runs / "runs" / "B")) == ""

@@ -255,7 +255,7 @@ def test_fetch_config_rejects_nonsense():
 def test_cli_fetches_an_mrhp_dataset_into_the_canonical_layout(server, tmp_path, capsys):
     import yaml
 
-    from pipeline.cli import main
+    from mrhp.cli import main
 
     def table(rows):
         return json.dumps({c: {str(i): r[c] for i, r in enumerate(rows)} for c in rows[0]})

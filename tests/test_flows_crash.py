@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.synthetic import REGISTRY, write_project
+from tests.support.synthetic import REGISTRY, write_project
 from features.registry import build_stage, stage_order
 from pipeline.manifest import load_manifest
 from pipeline.runner import run_stage
@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = textwrap.dedent("""
     import sys
     from features import registry
-    from flows.synthetic import REGISTRY
-    from pipeline.cli import main
+    from tests.support.synthetic import REGISTRY
+    from mrhp.cli import main
 
     registry.STAGES.update(REGISTRY)
     sys.exit(main(["--manifest", sys.argv[1], "extract", "--stage", "synthetic_sum", "--no-progress"]))
@@ -130,7 +130,7 @@ def test_sigkill_during_rois_then_rerun_equals_an_uninterrupted_run(tmp_path, ap
     store_root = load_manifest(crashed).roots.store
     env = {**os.environ, "PREFECT_API_URL": api_url, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "--manifest", str(crashed), "extract", "--dataset", "demo",
+        [sys.executable, "-m", "mrhp", "--manifest", str(crashed), "extract", "--dataset", "demo",
          "--stage", "rois", "--chunk-size", "3", "--no-progress"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -165,7 +165,7 @@ def test_extract_random_init_flag_runs_rois_end_to_end_and_status_flags_it(tmp_p
     weights it does not have: the flag gives seeded random weights, and status says so."""
     import yaml
 
-    from pipeline.cli import main
+    from mrhp.cli import main
 
     if not (ROOT / "demo_data" / "pictures").is_dir():
         pytest.skip("embedded demo dataset not found")

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from flows.synthetic import REGISTRY, write_project
+from tests.support.synthetic import REGISTRY, write_project
 from pipeline.manifest import load_manifest
 from pipeline.store import FeatureStore
 

@@ -22,7 +22,7 @@ from features.importers import (
     import_features,
     rois_schema,
 )
-from pipeline.cli import main
+from mrhp.cli import main
 from pipeline.errors import DataError
 from pipeline.hashing import sha256_file
 from pipeline.records import DatasetRecords, ImageRef, Product

@@ -527,7 +527,7 @@ def test_learning_check_beats_length_and_random_on_held_out_products():
 
 def test_distances_command_over_a_trained_run(tmp_path, capsys):
     from models.synthetic import make_synthetic, train_and_evaluate
-    from pipeline.commands.distances import distances_for_run, format_table
+    from mrhp.commands.distances import distances_for_run, format_table
 
     torch.set_num_threads(1)
     data = make_synthetic(n_products=8, seed=1)

@@ -186,7 +186,7 @@ def test_a_crash_between_the_epoch_record_and_last_pt_loses_no_record(tmp_path, 
 
 def test_mrhp_train_refuses_a_multimodal_model_without_rois_in_one_line(tmp_path, capsys):
     from models.synthetic import write_mrhp_tables
-    from pipeline.cli import main
+    from mrhp.cli import main
 
     data = make_synthetic(tmp_path / "store", "synth", n_products=6, reviews_per_product=(3, 4),
                           vocab_size=40, embed_dim=8, roi_dim=2048, max_boxes=2, seed=5)

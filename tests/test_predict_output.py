@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from pipeline.commands.predict import average_seeds, ranked, rel_labels
+from mrhp.commands.predict import average_seeds, ranked, rel_labels
 from pipeline.errors import DataError, TrainingError
 
 

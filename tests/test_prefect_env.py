@@ -46,7 +46,7 @@ def test_cli_extract_maps_a_server_that_never_starts(tmp_path):
     env.update(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0", PYTHONPATH=str(root),
                PREFECT_HOME=str(tmp_path / "ph"))
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "--manifest", str(manifest), "extract", "--dataset", "syn",
+        [sys.executable, "-m", "mrhp", "--manifest", str(manifest), "extract", "--dataset", "syn",
          "--stage", "tokens", "--force", "--no-progress"],
         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )

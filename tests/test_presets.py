@@ -17,7 +17,7 @@ from models.config import config_to_yaml, load_train_config, train_config
 from models.registry import (
     MODEL_NAMES, available_models, model_config, model_preset, preset_names, register_model,
 )
-from pipeline.cli import main
+from mrhp.cli import main
 from pipeline.config import from_mapping
 from pipeline.errors import ConfigError
 

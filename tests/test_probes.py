@@ -421,7 +421,7 @@ def test_keywords_substring_test_is_on_the_joined_lowercased_sentence():
 
 
 def test_status_and_the_run_summary_say_which_coreference_backend_is_used(tmp_path, monkeypatch):
-    from pipeline.commands.status import stage_status
+    from mrhp.commands.status import stage_status
     from pipeline.runner import StageSummary, summary_table
     from pipeline.store import FeatureStore
 

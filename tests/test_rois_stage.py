@@ -11,8 +11,9 @@ import torch
 
 from features.detector import build_detector, tiny_config
 from features.detector.model import fold_frozen_norms
-from features.params import RoisParams
-from features.rois import RoisStage, build_stage, extract_features, is_random_init
+from pipeline.params import RoisParams
+from features.rois import RoisStage, build_stage, extract_features
+from pipeline.stage import is_random_init
 from features.images import decode_image
 from pipeline.errors import ResourceError
 from pipeline.hashing import sha256_file

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from features.registry import STAGES, StageEntry, build_stage, stage_order
-from flows.synthetic import REGISTRY, text_file, vec_of, write_project
+from tests.support.synthetic import REGISTRY, text_file, vec_of, write_project
 from pipeline.errors import ConfigError, StageError
 from pipeline.manifest import load_manifest
 from pipeline.runner import plan_stage, run_chunk, run_stage, summary_table
@@ -146,7 +146,7 @@ def broken_stage(manifest, dataset_name):
 
 
 def test_status_counts_done_failed_missing_stale_and_reports_planning_errors(project):
-    from pipeline.commands.status import stage_status, status_table
+    from mrhp.commands.status import stage_status, status_table
 
     root, manifest, store, _ = project
     text_file(root, 1).write_text("BAD input", encoding="utf-8")

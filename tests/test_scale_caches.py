@@ -138,7 +138,7 @@ def test_tokenizing_over_two_processes_gives_the_same_tokens_in_order(monkeypatc
 
 
 def test_n_process_is_validated_and_not_fingerprinted():
-    from features.params import TokensParams
+    from pipeline.params import TokensParams
     from features.text.tokens import TokensStage
     from pipeline.errors import StageError
 

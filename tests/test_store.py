@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.cli import main
+from mrhp.cli import main
 from pipeline.errors import StoreError
 from pipeline.stage import FieldSpec, Record
 from pipeline.store import FeatureStore, StageReader, View

@@ -205,7 +205,7 @@ def test_a_failed_commit_leaves_no_orphan_segment(store, monkeypatch):
 
 
 def test_cli_fsck_rebuild_index(tmp_path, capsys):
-    from pipeline.cli import main
+    from mrhp.cli import main
 
     root, _ = _closed_store_with_view(tmp_path)
     manifest = tmp_path / "m.yaml"

@@ -166,7 +166,7 @@ def test_enospc_writing_a_segment_is_one_line_and_leaves_no_file(tmp_path, monke
 
 def test_enospc_reaching_extract_and_status_is_one_line_exit_4(tmp_path, monkeypatch, capsys):
     import flows.extract as flows_extract
-    from pipeline.cli import main
+    from mrhp.cli import main
 
     manifest = tmp_path / "m.yaml"
     manifest.write_text("version: 1\nroots:\n  store: store\ndatasets: {}\n", encoding="utf-8")
@@ -259,7 +259,7 @@ def test_summaries_count_from_the_index_not_from_the_chunks(tmp_path):
 
 
 def _extract_in_child(root: str, barrier, queue) -> None:
-    from flows.synthetic import REGISTRY
+    from tests.support.synthetic import REGISTRY
     from features.registry import build_stage
     from pipeline.manifest import load_manifest
     from pipeline.runner import run_stage
@@ -276,7 +276,7 @@ def test_two_concurrent_extracts_split_the_chunks_instead_of_both_computing_ever
     import multiprocessing as mp
     from collections import Counter
 
-    from flows.synthetic import write_project
+    from tests.support.synthetic import write_project
 
     log = tmp_path / "calls.log"
     monkeypatch.setenv("MRHP_SYNTH_LOG", str(log))

@@ -9,7 +9,7 @@ import pytest
 from models.data import build_datasets, make_loader, eval_plan
 from models.config import DataConfig
 from models.synthetic import make_synthetic, write_mrhp_tables
-from pipeline.cli import main
+from mrhp.cli import main
 from pipeline.manifest import load_manifest
 
 MANIFEST = """\
@@ -140,7 +140,7 @@ def test_train_refuses_to_clobber_a_run_unless_overwrite(workspace, capsys):
 def test_predict_computes_probe_masks_for_new_reviews_like_the_probes_stage(workspace):
     from types import SimpleNamespace
 
-    from pipeline.commands.predict import _aligned_probe, probe_masks
+    from mrhp.commands.predict import _aligned_probe, probe_masks
 
     root, _ = workspace
     manifest = load_manifest(root / "data_manifest.yaml")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
+from mrhp.cli import main
 from pipeline.errors import DataError, ManifestError
 
 ROOT = Path(__file__).resolve().parent.parent

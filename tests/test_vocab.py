@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from features.params import TokensParams
+from pipeline.params import TokensParams
 from features.text import tokens as tokens_mod
 from features.text import vocab as vocab_mod
 from features.text.tokens import build_stage, encode_texts, load_vocabularies

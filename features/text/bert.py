@@ -42,17 +42,16 @@ from typing import Any
 
 import numpy as np
 
-from features.params import BertParams
+from pipeline.params import BertParams
 from features.text.tokens import records_loader
 from pipeline.errors import ResourceError, StageError
 from pipeline.hashing import fingerprint as stage_fingerprint
 from pipeline.hashing import normalize_text, sha256_file, text_key
-from pipeline.stage import FieldSpec, Plan, Record, WorkItem
+from pipeline.stage import RANDOM_INIT_PREFIX, FieldSpec, Plan, Record, WorkItem  # the flag `mrhp status` reads
 
 log = logging.getLogger(__name__)
 
 CODE_VERSION = "bert-1"
-RANDOM_INIT_PREFIX = "random-init-"  # same flag as features.rois: `mrhp status` reads it
 _OPERATIONAL = ("batch_size", "device")  # do not change the numbers, so not fingerprinted
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",

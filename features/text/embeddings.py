@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from features.params import EmbeddingsParams
+from pipeline.params import EmbeddingsParams
 from features.text.tokens import records_loader
 from features.text.vectors import LoadedVectors, build_matrix, load_vectors, source_sha256
 from features.text.vocab import FIELDS, Vocabularies, fit_vocabularies, read_vocabularies, train_texts

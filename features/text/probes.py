@@ -58,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from features.params import ProbesParams
+from pipeline.params import ProbesParams
 from features.text.coref import BACKENDS, Cluster, get_backend, resolve
 from features.text.keywords import Keywords, english_keywords, indonesian_keywords, name_head, name_text
 from features.text.tokenize import check_language, clean_text, load_english, tokenizer_pipeline

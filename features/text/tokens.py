@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from features.params import TokensParams
+from pipeline.params import TokensParams
 from features.text.tokenize import check_language, clean_text, tokenize, tokenizer_id
 from features.text.vocab import FIELDS, Vocabularies, Vocabulary, fit_vocabularies, read_vocabularies, train_texts
 from pipeline.errors import StageError

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from features.params import TokensParams
+from pipeline.params import TokensParams
 from features.text.tokenize import clean_text, tokenize, tokenizer_id
 from pipeline.errors import StageError, StoreError
 

@@ -54,22 +54,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def count_stale(plan_view: dict[str, str], fingerprint: str, view: Any) -> int | None:
-    """Item ids whose view entry differs from the plan (see module docstring); None: no view."""
-    if view is None:
-        return None
-    mapping = {item_id: view.key(item_id) for item_id in view.item_ids()}
-    if view.fingerprint != fingerprint:
-        return len(set(mapping) | set(plan_view))
-    changed = sum(1 for item_id, key in mapping.items() if plan_view.get(item_id) != key)
-    absent = sum(1 for item_id in plan_view if item_id not in mapping)
-    return changed + absent
-
-
 def stage_status(manifest: Any, store: Any, dataset: str, name: str, registry: Any = None) -> StageStatus:
     """Plan the stage and compare with the store; planning errors become the row's `error`."""
     from features.registry import build_stage
-    from pipeline.runner import is_random_init
+    from pipeline.runner import is_random_init, stage_state
 
     row = StageStatus(dataset=dataset, stage=name)
     try:
@@ -82,18 +70,13 @@ def stage_status(manifest: Any, store: Any, dataset: str, name: str, registry: A
     except MRHPError as e:
         row.error = str(e)
         return row
-    keys = sorted(plan.items)
-    row.total = len(keys)
-    missing = set(store.missing(name, row.fingerprint, keys))
-    row.missing = len(missing)
-    present = [k for k in keys if k not in missing]
-    failures = store.failures(name, row.fingerprint) if present else {}
-    row.failed = sum(1 for k in present if k in failures)
-    row.done = len(present) - row.failed
-    has_view = any(v.dataset == dataset and v.stage == name for v in store.views())
-    view = store.view(dataset, name) if has_view else None
-    row.view_fingerprint = view.fingerprint if view is not None else None
-    row.stale = count_stale(plan.view, row.fingerprint, view)
+    state = stage_state(store, dataset, name, row.fingerprint, plan)
+    row.total = len(plan.items)
+    row.missing = len(state.missing)
+    row.failed = len(state.failures)
+    row.done = state.done
+    row.view_fingerprint = state.view_fingerprint
+    row.stale = state.stale
     return row
 
 
@@ -109,7 +92,7 @@ def status_table(rows: list[StageStatus]) -> str:
         note = ""
         if r.view_fingerprint and r.view_fingerprint != r.fingerprint:
             note = f"view built with {r.view_fingerprint}"
-            from features.rois import is_random_init
+            from pipeline.stage import is_random_init
 
             if is_random_init(r.view_fingerprint):
                 note += " (random-init)"
@@ -125,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.manifest import load_manifest
     from pipeline.store import FeatureStore, read_only
 
-    from pipeline.commands.extract import disk_error, random_init_overrides
+    from mrhp.commands.extract import disk_error, random_init_overrides
 
     manifest = load_manifest(args.manifest, overrides=random_init_overrides(args.random_init))
     datasets = [manifest.dataset(args.dataset).name] if args.dataset else list(manifest.datasets)

@@ -3,13 +3,13 @@
 They follow the stage contract exactly, so the flows run them like the real stages, but they
 cost microseconds per item:
 
-- `synthetic` (module `flows.synthetic`): one item per `*.txt` file under the dataset's
+- `synthetic` (module `tests.support.synthetic`): one item per `*.txt` file under the dataset's
   `raw_root`, keyed by the sha256 of its bytes (view item id: the path relative to raw_root).
   Outputs `vec` float32 (8,) derived from the bytes and `codes` int32 ragged (the bytes).
   A file starting with `BAD` yields a failure record; one starting with `RAISE` makes `run`
   raise (a chunk that fails after its retries); one starting with `CONFIG` raises a ConfigError
   (deterministic: the flow must not retry it).
-- `synthetic_sum` (`flows.synthetic:build_sum_stage`): depends on `synthetic`
+- `synthetic_sum` (`tests.support.synthetic:build_sum_stage`): depends on `synthetic`
   and reads its outputs from the store; its key is derived from the upstream key, so it
   recomputes exactly the items whose upstream changed.
 
@@ -35,8 +35,8 @@ from pipeline.hashing import fingerprint, sha256_file, text_key
 from pipeline.stage import FieldSpec, Plan, Record, WorkItem
 
 CODE_VERSION = "1"
-ENTRY = StageEntry(module="flows.synthetic")
-SUM_ENTRY = StageEntry(module="flows.synthetic:build_sum_stage", depends_on=("synthetic",))
+ENTRY = StageEntry(module="tests.support.synthetic")
+SUM_ENTRY = StageEntry(module="tests.support.synthetic:build_sum_stage", depends_on=("synthetic",))
 REGISTRY = {"synthetic": ENTRY, "synthetic_sum": SUM_ENTRY}
 
 
