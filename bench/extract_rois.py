@@ -34,12 +34,19 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from features.detector import build_detector, bua_caffe_r101, load_into, pad_batch, prepare_image, tiny_config  # noqa: E402
+from features.detector import (  # noqa: E402
+    bua_caffe_r101,
+    build_detector,
+    load_into,
+    pad_batch,
+    prepare_image,
+    tiny_config,
+)
 from features.detector.selection import box_iou  # noqa: E402
-from features.images import decode_image  # noqa: E402
-from pipeline.params import RoisParams  # noqa: E402
 from features.device import autocast as _autocast  # noqa: E402
+from features.images import decode_image  # noqa: E402
 from features.rois import detect_batch, pack_batch  # noqa: E402
+from pipeline.params import RoisParams  # noqa: E402
 
 
 def load_images(n: int, source: str) -> list[np.ndarray]:

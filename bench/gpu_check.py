@@ -91,11 +91,11 @@ def decode_cost(folder: Path, quick: bool, min_size: int, max_size: int, pixel_m
 
 
 def roi_rows(args, dev: torch.device, deadline: float) -> list[str]:
-    from features.detector import build_detector, bua_caffe_r101, tiny_config
+    from features.detector import bua_caffe_r101, build_detector, tiny_config
     from features.detector.preprocess import prepare_batch, raw_image
-    from pipeline.params import RoisParams
     from features.device import autocast as _autocast
     from features.rois import detect_batch, optimise_for_inference, pack_batch
+    from pipeline.params import RoisParams
 
     cfg = tiny_config() if args.quick else bua_caffe_r101()
     params = RoisParams(min_size=args.min_size, max_size=args.max_size, rpn_post_nms_top_n=args.proposals,

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import platform
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -36,14 +36,13 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args(argv)
     sys.path.insert(0, str(args.code_root))
-    import numpy as np
     import torch
 
     spec = importlib.util.spec_from_file_location("_syncs", HERE / "features" / "detector" / "syncs.py")
     syncs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(syncs)
     from features import rois as R
-    from features.detector import build_detector, bua_caffe_r101, prepare_image
+    from features.detector import bua_caffe_r101, build_detector, prepare_image
     from features.images import decode_image
     from pipeline.params import RoisParams
 

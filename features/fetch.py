@@ -14,7 +14,6 @@ import http.client
 import json
 import logging
 import os
-import socket
 import time
 import urllib.error
 import urllib.parse
@@ -321,7 +320,7 @@ def _download(url: str, part: Path, config: FetchConfig) -> tuple[int, int]:
         raise _Transient(f"connection error: {e.reason}") from None
     except (http.client.InvalidURL, ValueError) as e:
         raise _Permanent(f"invalid URL: {e}") from None
-    except (TimeoutError, socket.timeout) as e:
+    except TimeoutError as e:
         raise _Transient(f"timed out waiting for the response ({e})") from None
     except (OSError, http.client.HTTPException) as e:
         raise _Transient(f"connection error: {type(e).__name__}: {e}") from None
@@ -339,7 +338,7 @@ def _download(url: str, part: Path, config: FetchConfig) -> tuple[int, int]:
                     chunk = resp.read(_CHUNK)
                 except http.client.IncompleteRead as e:
                     raise _Transient(f"truncated body: got {written + len(e.partial)} of {expected} bytes", status) from None
-                except (TimeoutError, socket.timeout):
+                except TimeoutError:
                     raise _Transient(f"timed out reading the body after {written} bytes", status) from None
                 except (OSError, http.client.HTTPException) as e:
                     raise _Transient(f"connection error while reading: {type(e).__name__}: {e}", status) from None

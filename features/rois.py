@@ -22,17 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from features.device import autocast, resolve_device
 from features.detector.checkpoint import load_state, read_checkpoint, verify_weights
 from features.detector.model import (
     BUADetector,
-    DetectorConfig,
     Detections,
-    build_detector,
+    DetectorConfig,
     bua_caffe_r101,
+    build_detector,
     d2_r101_c4,
+    fold_frozen_norms,
 )
-from features.detector.model import fold_frozen_norms
 from features.detector.preprocess import (
     MIN_SIDE,
     PreparedImage,
@@ -44,11 +43,12 @@ from features.detector.preprocess import (
     raw_image,
 )
 from features.detector.selection import max_class_confidence_batch, select_boxes_batch
+from features.device import autocast, resolve_device
 from features.images import ImageHashCache, decode_image
-from pipeline.params import RoisParams
 from features.schema import rois_schema
 from pipeline.errors import DataError, StageError
 from pipeline.hashing import fingerprint as hash_fingerprint
+from pipeline.params import RoisParams
 from pipeline.stage import RANDOM_INIT_PREFIX, Plan, Record, WorkItem
 
 CODE_VERSION = "rois-1"  # bump when extraction code changes its outputs

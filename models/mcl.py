@@ -81,8 +81,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.batch import Batch, ModelOutput
-from models.layers import NEG_INF, MaskedMultiheadAttention, RNNEncoder, embedding_pair, masked_mean, \
-    with_embed_dim
+from models.layers import NEG_INF, MaskedMultiheadAttention, RNNEncoder, embedding_pair, masked_mean, with_embed_dim
 from models.registry import register_model
 from pipeline.config import from_mapping
 from pipeline.errors import ConfigError, TrainingError
@@ -381,7 +380,7 @@ class MCL(nn.Module):
 
     # ---- contracts ----------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, cfg: Mapping, embeddings: Mapping[str, np.ndarray] | None = None) -> "MCL":
+    def from_config(cls, cfg: Mapping, embeddings: Mapping[str, np.ndarray] | None = None) -> MCL:
         cfg = with_embed_dim(cfg, embeddings)  # embed_dim defaults to the matrices' width
         return cls(config=from_mapping(MCLConfig, cfg, "model.mcl"), embeddings=embeddings)
 

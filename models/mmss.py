@@ -97,8 +97,7 @@ import torch
 import torch.nn as nn
 
 from models.batch import Batch, ModelOutput
-from models.layers import (CrossModalBlock, ROIEncoder, RNNEncoder, embedding_pair, masked_softmax,
-                           with_embed_dim)
+from models.layers import CrossModalBlock, RNNEncoder, ROIEncoder, embedding_pair, masked_softmax, with_embed_dim
 from models.layers import SoftPooling as AttentionPooling
 from models.registry import register_model
 from pipeline.config import from_mapping
@@ -400,7 +399,7 @@ class MMSS(nn.Module):
         return frozenset(views)
 
     @classmethod
-    def from_config(cls, cfg: Mapping, embeddings: Mapping[str, np.ndarray] | None = None) -> "MMSS":
+    def from_config(cls, cfg: Mapping, embeddings: Mapping[str, np.ndarray] | None = None) -> MMSS:
         cfg = dict(cfg)
         if cfg.get("text_features", "glove") == "glove":
             cfg = with_embed_dim(cfg, embeddings)  # embed_dim defaults to the matrices' width

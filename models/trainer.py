@@ -27,7 +27,7 @@ from features.device import autocast, resolve_device
 from models.config import TrainConfig, config_to_yaml, train_config
 from models.data import DataBundle, ProductSource, eval_plan, make_loader, train_plan
 from models.losses import ranking_loss
-from models.metrics import per_product_metrics, metric_names
+from models.metrics import metric_names, per_product_metrics
 from models.registry import build_model
 from models.runs import (
     RunPaths,

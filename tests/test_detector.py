@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from features.detector import (
-    build_detector,
     bua_caffe_r101,
+    build_detector,
     d2_r101_c4,
     pad_batch,
     prepare_image,

@@ -20,10 +20,10 @@ from features.detector.model import ConvNorm, fold_frozen_norms
 from features.detector.preprocess import prepare_batch, raw_image
 from features.detector.selection import select_boxes, select_boxes_batch
 from features.detector.syncs import count_host_syncs
-from pipeline.params import RoisParams
 from features.rois import RoisStage, detect_batch, extract_features, optimise_for_inference, pack_batch
 from pipeline.errors import StageError
 from pipeline.manifest import load_manifest
+from pipeline.params import RoisParams
 
 ROOT = Path(__file__).resolve().parent.parent
 

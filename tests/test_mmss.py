@@ -10,11 +10,21 @@ import math
 
 import pytest
 import torch
-
-from models.mmss import (MMSS, TABLE4_SWITCHES, JointInteraction, anchor, ewma_update, mahalanobis,
-                         mahalanobis_full, soft_pool, ssp_label, subtask_loss)
-from pipeline.errors import ConfigError, TrainingError
 from test_models_common import TINY, learning_check, make_batch
+
+from models.mmss import (
+    MMSS,
+    TABLE4_SWITCHES,
+    JointInteraction,
+    anchor,
+    ewma_update,
+    mahalanobis,
+    mahalanobis_full,
+    soft_pool,
+    ssp_label,
+    subtask_loss,
+)
+from pipeline.errors import ConfigError, TrainingError
 
 LN3 = math.log(3.0)  # sigmoid(ln 3) = 3/4, sigmoid(-ln 3) = 1/4, sigmoid(0) = 1/2
 
@@ -396,8 +406,9 @@ def test_table4_subtask_switches():
 
 
 def test_reported_numbers_and_every_table4_row_has_a_switch():
-    import yaml
     from pathlib import Path
+
+    import yaml
 
     doc = yaml.safe_load((Path(__file__).parents[1] / "models/reported/mmss.yaml").read_text())
     assert doc["model"] == "mmss"

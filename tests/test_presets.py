@@ -15,7 +15,12 @@ import yaml
 from models.batch import ModelOutput
 from models.config import config_to_yaml, load_train_config, train_config
 from models.registry import (
-    MODEL_NAMES, available_models, model_config, model_preset, preset_names, register_model,
+    MODEL_NAMES,
+    available_models,
+    model_config,
+    model_preset,
+    preset_names,
+    register_model,
 )
 from mrhp.cli import main
 from pipeline.config import from_mapping

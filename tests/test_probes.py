@@ -10,7 +10,13 @@ import pytest
 from features.text import probes as probes_mod
 from features.text.keywords import Keywords, strip_clitics
 from features.text.probes import (
-    ID_COREF, ProbeMasker, algorithm1, build_stage, script_rule, script_sentence_starts, sentence_index,
+    ID_COREF,
+    ProbeMasker,
+    algorithm1,
+    build_stage,
+    script_rule,
+    script_sentence_starts,
+    sentence_index,
 )
 from features.text.tokens import encode_texts
 from features.text.vocab import OOV, PAD, Vocabulary

@@ -14,7 +14,12 @@ import torch
 
 from models.data import DataBundle, InMemorySource, ProductItem, ReviewItem, bundle_from_records
 from models.runs import (
-    RunPaths, _loss_series, _mean_band, load_checkpoint, run_is_random_init, view_fingerprints,
+    RunPaths,
+    _loss_series,
+    _mean_band,
+    load_checkpoint,
+    run_is_random_init,
+    view_fingerprints,
     write_seed_plots,
 )
 from models.samplers import no_instance_message

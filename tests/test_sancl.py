@@ -9,13 +9,12 @@ import math
 
 import pytest
 import torch
+from test_models_common import TINY, learning_check, make_batch
 
 from models.batch import Batch
 from models.layers import count_parameters
-from models.sancl import (SANCL, SelectiveSelfAttention, TextGRU, selective_attention_weights,
-                          weighted_pool)
+from models.sancl import SANCL, SelectiveSelfAttention, TextGRU, selective_attention_weights, weighted_pool
 from pipeline.errors import ConfigError, DataError
-from test_models_common import TINY, learning_check, make_batch
 
 E = math.exp
 

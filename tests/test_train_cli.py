@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from models.data import build_datasets, make_loader, eval_plan
 from models.config import DataConfig
+from models.data import build_datasets, eval_plan, make_loader
 from models.synthetic import make_synthetic, write_mrhp_tables
 from mrhp.cli import main
 from pipeline.manifest import load_manifest

@@ -6,13 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.params import TokensParams
-from features.text import tokens as tokens_mod
 from features.text import vocab as vocab_mod
 from features.text.tokens import build_stage, encode_texts, load_vocabularies
 from features.text.vocab import OOV, OOV_ID, PAD, Vocabulary, fit_vocabularies, fit_vocabulary, read_vocabularies
 from pipeline.errors import StageError, StoreError
 from pipeline.manifest import manifest_from_mapping
+from pipeline.params import TokensParams
 from pipeline.records import DatasetRecords, Product, Review
 
 

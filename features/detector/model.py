@@ -134,7 +134,7 @@ class PadSizes(tuple):
         obj.cache = {} if cache is None else cache
         return obj
 
-    def derive(self, sizes) -> "PadSizes":
+    def derive(self, sizes) -> PadSizes:
         return PadSizes(sizes, self.cache)
 
 

@@ -74,7 +74,7 @@ class RawImage:
     def orig_hw(self) -> tuple[int, int]:
         return int(self.rgb.shape[0]), int(self.rgb.shape[1])
 
-    def pin_memory(self) -> "RawImage":
+    def pin_memory(self) -> RawImage:
         return RawImage(rgb=self.rgb.pin_memory(), scale=self.scale, size=self.size)
 
 

@@ -58,13 +58,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.params import ProbesParams
 from features.text.coref import BACKENDS, Cluster, get_backend, resolve
 from features.text.keywords import Keywords, english_keywords, indonesian_keywords, name_head, name_text
 from features.text.tokenize import check_language, clean_text, load_english, tokenizer_pipeline
 from pipeline.errors import StageError
 from pipeline.hashing import fingerprint as stage_fingerprint
 from pipeline.hashing import text_key
+from pipeline.params import ProbesParams
 from pipeline.stage import FieldSpec, Plan, Record, WorkItem
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ class ProbeMasker:
         self._names: dict[tuple[str, tuple[str, ...]], Keywords] = {}
 
     @classmethod
-    def from_params(cls, params: ProbesParams, language: str, **overrides: Any) -> "ProbeMasker":
+    def from_params(cls, params: ProbesParams, language: str, **overrides: Any) -> ProbeMasker:
         kw = dict(
             language=language, mode=params.mode, coref=params.coref, near_root=params.near_root,
             keyword_test=params.keyword_test, batch_size=params.batch_size, n_process=params.n_process,

@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.params import TokensParams
 from features.text.tokenize import check_language, clean_text, tokenize, tokenizer_id
 from features.text.vocab import FIELDS, Vocabularies, Vocabulary, fit_vocabularies, read_vocabularies, train_texts
 from pipeline.errors import StageError
 from pipeline.hashing import fingerprint as stage_fingerprint
 from pipeline.hashing import text_key
+from pipeline.params import TokensParams
 from pipeline.stage import FieldSpec, Plan, Record, WorkItem
 
 log = logging.getLogger(__name__)

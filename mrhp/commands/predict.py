@@ -35,11 +35,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from pipeline.config import short_repr
-from pipeline.errors import DataError, StoreError, TrainingError
+from pipeline.errors import DataError, TrainingError
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -133,7 +132,7 @@ class _Rois:
     Counts `found` (features stored), `failed` (extraction recorded as failed: no ROIs, as in
     training) and `missing` (never extracted). Store errors (damage) propagate."""
 
-    def __init__(self, store_root: Path, dataset: str, cfg: "DataConfig") -> None:
+    def __init__(self, store_root: Path, dataset: str, cfg: DataConfig) -> None:
         from pipeline.store import FeatureStore
 
         self.cfg = cfg
@@ -143,7 +142,7 @@ class _Rois:
         self.has_view = any(v.dataset == dataset and v.stage == "rois" for v in store.views())
         self.reader = store.reader("rois", store.view(dataset, "rois").fingerprint) if self.has_view else None
 
-    def __call__(self, files: list[Path]) -> "np.ndarray":
+    def __call__(self, files: list[Path]) -> np.ndarray:
         import numpy as np
 
         from models.data import concat_rois
@@ -210,16 +209,22 @@ def rel_labels(values: dict[str, float], mode: str, where: str) -> tuple[dict[st
     return labels, dict(values)
 
 
-def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, manifest, cfg: "DataConfig",
+def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, manifest, cfg: DataConfig,
                dataset: str, labels_mode: str | None = None,
-               probes_needed: bool = False) -> tuple["InMemorySource", _Rois]:
+               probes_needed: bool = False) -> tuple[InMemorySource, _Rois]:
     """Read the MRHP tables named by `path` into an in-memory source in the run's vocabulary;
     each review's `label` is its 0-4 label (NaN without one), raw votes in `source.votes`."""
     import numpy as np
 
     from models.data import InMemorySource, ProductItem, ReviewItem
     from pipeline.datasets.mrhp import (
-        PRD_COLUMNS, PRD_OPTIONAL, REL_COLUMNS, RVW_COLUMNS, RVW_OPTIONAL, parse_img_urls, product_text,
+        PRD_COLUMNS,
+        PRD_OPTIONAL,
+        REL_COLUMNS,
+        RVW_COLUMNS,
+        RVW_OPTIONAL,
+        parse_img_urls,
+        product_text,
     )
     from pipeline.datasets.tables import read_column_table
 
@@ -303,7 +308,7 @@ def probe_masks(manifest, spec, dataset: str, reviews: list[str], names: list[st
     return [r.mask if isinstance(r, ProbeResult) else None for r in masker.masks(reviews, names)]
 
 
-def _aligned_probe(mask: "np.ndarray | None", enc) -> "np.ndarray":
+def _aligned_probe(mask: np.ndarray | None, enc) -> np.ndarray:
     """The probe mask at the kept token positions (`mask[pos]`, as models.data aligns it)."""
     import numpy as np
 

