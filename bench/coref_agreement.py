@@ -60,7 +60,11 @@ def pseudo_names(reviews: list[dict]) -> dict[str, str]:
     for asin, texts in by_asin.items():
         counts: Counter[str] = Counter()
         for doc in nlp.pipe(dict.fromkeys(texts), batch_size=256):
-            counts.update(t.lemma_.lower() for t in doc if t.pos_ == "NOUN" and t.is_alpha and t.lemma_.lower() not in GENERIC_NOUNS)
+            counts.update(
+                t.lemma_.lower()
+                for t in doc
+                if t.pos_ == "NOUN" and t.is_alpha and t.lemma_.lower() not in GENERIC_NOUNS
+            )
         names[asin] = counts.most_common(1)[0][0] if counts else ""
     return names
 

@@ -112,7 +112,9 @@ def run_config(args) -> dict:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     # features on fixed boxes (the reference run's), this run's batching and precision
     if args.ref_boxes and Path(args.ref_boxes).exists():
-        ref_boxes = [torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for b in json.loads(Path(args.ref_boxes).read_text())]
+        ref_boxes = [
+            torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for b in json.loads(Path(args.ref_boxes).read_text())
+        ]
     else:
         ref_boxes = [torch.from_numpy(results[i]["boxes"]) for i in range(len(images))]
         if args.ref_boxes:
@@ -194,14 +196,26 @@ def main(argv=None) -> int:
         out.unlink()
     ref_boxes.unlink(missing_ok=True)
 
-    dev = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{platform.machine()} CPU, {args.threads} thread(s)"
-    print(f"# ROI extraction: {args.arch}, {'weights ' + args.weights if args.weights else 'random-init weights'}, "
-          f"resize {args.min_size}/{args.max_size}, {args.post_nms} proposals/image, {args.images} {args.source} images x{args.repeat}, {dev}")
+    dev = (
+        torch.cuda.get_device_name(0)
+        if args.device.startswith("cuda")
+        else f"{platform.machine()} CPU, {args.threads} thread(s)"
+    )
+    print(
+        f"# ROI extraction: {args.arch}, {'weights ' + args.weights if args.weights else 'random-init weights'}, "
+        f"resize {args.min_size}/{args.max_size}, {args.post_nms} proposals/image, "
+        f"{args.images} {args.source} images x{args.repeat}, {dev}"
+    )
     base = {r["amp"]: r for r in runs if r["batch_size"] == min(args.batch_sizes)}
     ref = base[False]
-    ref_fixed = np.concatenate([np.asarray(f, dtype=np.float32).reshape(len(f), -1) for f in ref["fixed_features"] if f])
+    ref_fixed = np.concatenate(
+        [np.asarray(f, dtype=np.float32).reshape(len(f), -1) for f in ref["fixed_features"] if f]
+    )
     scale = float(np.abs(ref_fixed).max())
-    print("| batch | precision | images/s | speedup vs batch 1 | peak memory (MiB) | max abs feature diff on fixed boxes (relative) | selected boxes shared with batch-1 fp32 |")
+    print(
+        "| batch | precision | images/s | speedup vs batch 1 | peak memory (MiB) "
+        "| max abs feature diff on fixed boxes (relative) | selected boxes shared with batch-1 fp32 |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in runs:
         _, frac = matched_feature_error(ref["outputs"], r["outputs"])
@@ -211,12 +225,19 @@ def main(argv=None) -> int:
         speed = r["images_per_s"] / base[r["amp"]]["images_per_s"]
         print(f"| {r['batch_size']} | {prec} | {r['images_per_s']:.2f} | {speed:.2f}x | {r['peak_mb']:.0f} | "
               f"{err:.3g} ({err / scale:.2g}) | {100 * frac:.0f}% |")
-    feats = np.concatenate([np.asarray(o["features"], dtype=np.float32).reshape(-1, len(o["features"][0]) if o["features"] else 1)
-                            for o in ref["outputs"] if o["features"]])
+    feats = np.concatenate(
+        [
+            np.asarray(o["features"], dtype=np.float32).reshape(-1, len(o["features"][0]) if o["features"] else 1)
+            for o in ref["outputs"]
+            if o["features"]
+        ]
+    )
     f16_err = float(np.abs(feats.astype(np.float16).astype(np.float32) - feats).max())
     rel = f16_err / float(np.abs(feats).max())
-    print(f"\nfloat16 storage: max abs error {f16_err:.3g} (feature max {np.abs(feats).max():.3g}, relative {rel:.2g}); "
-          f"decode+resize done once per image: {ref['prepare_ms_per_image']:.1f} ms/image on this host")
+    print(
+        f"\nfloat16 storage: max abs error {f16_err:.3g} (feature max {np.abs(feats).max():.3g}, relative {rel:.2g}); "
+        f"decode+resize done once per image: {ref['prepare_ms_per_image']:.1f} ms/image on this host"
+    )
     return 0
 
 

@@ -157,7 +157,9 @@ class ImageHashCache:
         try:
             con = self._connect()
             try:
-                return {r[0]: r[1:] for r in con.execute("SELECT path, size, mtime_ns, ino, ctime_ns, sha256 FROM hashes")}
+                return {
+                    r[0]: r[1:] for r in con.execute("SELECT path, size, mtime_ns, ino, ctime_ns, sha256 FROM hashes")
+                }
             finally:
                 con.close()
         except sqlite3.DatabaseError:  # damaged cache: start over (it only ever saves work)

@@ -445,7 +445,9 @@ class RoisStage:
         if not items:
             return
         self.model()  # weights errors surface here, in the caller's thread
-        yield from _in_background(self._records(items), maxsize=max(2, self.params.queue_depth, 2 * self.params.batch_size))
+        yield from _in_background(
+            self._records(items), maxsize=max(2, self.params.queue_depth, 2 * self.params.batch_size)
+        )
 
     def _new_loader(self, *, persistent: bool) -> tuple[DataLoader, _ItemSampler]:
         p = self.params

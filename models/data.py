@@ -245,9 +245,10 @@ class StoreSource:
     def _tokens(self, item_id: str) -> dict[str, np.ndarray]:
         view = self._open()["tokens"]
         if item_id not in view or view.failure(item_id) is not None:
+            why = view.failure(item_id) if item_id in view else "not in the view"
             raise DataError(
                 f"dataset {self.dataset!r}: no tokens for {item_id!r} in the store "
-                f"(tokens stage not run for it, or recorded as a failure: {view.failure(item_id) if item_id in view else 'not in the view'}); "
+                f"(tokens stage not run for it, or recorded as a failure: {why}); "
                 f"rerun `mrhp extract --dataset {self.dataset} --stage tokens`"
             )
         return view.get(item_id)

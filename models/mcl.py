@@ -392,8 +392,9 @@ class MCL(nn.Module):
         Eq. 34 prints it (like the sums of Eq. 32-33, so Eq. 35 weighs them as written),
         negatives any review with a lower label drawn uniformly ("random reviews"). `code`:
         the public release's readable trainer and configs, with the shipped hinge averaged
-        over instances (REFERENCE.md section 4; the trainer's default). The three ablation presets are Table 6's rows. `category` is
-        accepted for the shared contract; MCL's presets are the same for every category."""
+        over instances (REFERENCE.md section 4; the trainer's default). The three ablation presets
+        are Table 6's rows. `category` is accepted for the shared contract; MCL's presets are the
+        same for every category."""
         paper_train = {"batch_products": 32, "margin": "fixed", "fixed_margin": 1.0,
                        "negative_weights": "none", "min_gap": 1.0, "ranking_reduction": "sum"}
         # every model field spelled out (so a run's saved config shows them), except the sizes

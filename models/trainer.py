@@ -588,7 +588,8 @@ def train_seeds(manifest, cfg: TrainConfig, *, seeds: int = 1, first_seed: int =
                 resume: bool = False, overwrite: bool = False, progress: Callable[[str], None] | None = None,
                 progress_bar: bool | None = None) -> list[TrainResult]:
     """Train `cfg.model` on `cfg.dataset` of the manifest once per seed index k in
-    first_seed .. first_seed + seeds - 1 (seed cfg.seed + k), into `<roots.runs>/<name>/seed<k>/`; each run folder also gets `data.json` (dataset, vocabulary
+    first_seed .. first_seed + seeds - 1 (seed cfg.seed + k), into `<roots.runs>/<name>/seed<k>/`;
+    each run folder also gets `data.json` (dataset, vocabulary
     fingerprint, threshold) for `mrhp predict`. `overwrite` deletes an existing seed folder first
     (only a folder that looks like a run: config.yaml or checkpoints/ inside). The CLI and the
     training flow call this."""

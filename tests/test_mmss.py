@@ -175,7 +175,9 @@ def _model(**extra):
 def _capture_f_star(model):
     """Forward hooks that record f*_g and f*_s (GELU of the projections; dropout is 0)."""
     got = {}
-    hooks = [model.fuse.register_forward_hook(lambda m, i, o: got.__setitem__("g", torch.nn.functional.gelu(o).detach()))]
+    hooks = [
+        model.fuse.register_forward_hook(lambda m, i, o: got.__setitem__("g", torch.nn.functional.gelu(o).detach()))
+    ]
     for s in model.subtasks:
         hooks.append(model.sub_proj[s].register_forward_hook(
             lambda m, i, o, s=s: got.__setitem__(s, torch.nn.functional.gelu(o).detach())))
@@ -418,7 +420,7 @@ def test_reported_numbers_and_every_table4_row_has_a_switch():
     assert rows[("Table 4", "amazon", "clothing", "w/o module(b)")]["MAP"] == 63.97
     settings = {r["setting"] for r in doc["results"] if r["table"] == "Table 4"}
     assert len(settings) == 8 and settings == set(TABLE4_SWITCHES)
-    for setting, switch in TABLE4_SWITCHES.items():
+    for switch in TABLE4_SWITCHES.values():
         _model(**switch)(make_batch())  # each row builds and runs
 
 

@@ -50,7 +50,10 @@ class FakePresetModel(nn.Module):
     def preset(cls, name: str, *, category: str | None = None) -> dict:
         cls.calls.append((name, category))
         if name == "paper":
-            return {"model_cfg": {"hidden": 64, "style": f"paper-{category}"}, "train": {"lr": 5e-4, "batch_products": 4}}
+            return {
+                "model_cfg": {"hidden": 64, "style": f"paper-{category}"},
+                "train": {"lr": 5e-4, "batch_products": 4},
+            }
         if name == "code":
             return {"model_cfg": {"hidden": 128, "dropout": 0.5}, "train": {"lr": 1e-3, "margin": "fixed"}}
         raise AssertionError(name)

@@ -20,7 +20,7 @@ def test_positives_are_above_lowest_and_negatives_at_least_two_lower():
     positives = [p for p, _, _ in rows]
     # label 1 has nothing >= 2 lower (lowest is 0): skipped; 2, 3, 4 are positives
     assert positives == [2, 3, 4]
-    for p, negs, w in rows:
+    for p, negs, _w in rows:
         assert len(negs) == 7
         assert np.all(labels[negs] <= labels[p] - 2)
     # label 2's only candidates are the two zeros

@@ -34,7 +34,9 @@ def manifest(tmp_path: Path, tokens: dict | None = None, language: str = "en"):
 
 def records(extra_review: str = "") -> DatasetRecords:
     prd = {
-        "p1": Product(id="p1", name="Steel Pan", description="a steel pan", text="Steel Pan a steel pan", split="train"),
+        "p1": Product(
+            id="p1", name="Steel Pan", description="a steel pan", text="Steel Pan a steel pan", split="train"
+        ),
         "p2": Product(id="p2", name="Steel Pot", description="steel", text="Steel Pot steel", split="train"),
         "p3": Product(id="p3", name="Wok", description="unseen words", text="Wok unseen words", split="test"),
     }
