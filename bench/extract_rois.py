@@ -104,7 +104,7 @@ def run_config(args) -> dict:
     for _ in range(args.repeat):
         for b in batches:
             dets = detect_batch(model, [prepared[i] for i in b], params, device)
-            for i, arrays in zip(b, pack_batch(dets, params, model.cfg)):
+            for i, arrays in zip(b, pack_batch(dets, params, model.cfg), strict=True):
                 results[i] = arrays
     sync(args.device)
     elapsed = time.perf_counter() - t0
@@ -125,7 +125,7 @@ def run_config(args) -> dict:
         with _autocast(device, args.amp):
             dets = model.forward_boxes(batch, [prepared[i].scale for i in b], [prepared[i].orig_hw for i in b],
                                        [ref_boxes[i] for i in b])
-        for i, det in zip(b, dets):
+        for i, det in zip(b, dets, strict=True):
             fixed[i] = det.features.float().cpu().tolist()
     return {
         "batch_size": bs, "amp": args.amp, "images": len(images) * args.repeat,
@@ -139,7 +139,7 @@ def run_config(args) -> dict:
 def matched_feature_error(a: list[dict], b: list[dict], iou: float = 0.99) -> tuple[float, float]:
     """Max |feature difference| over boxes present in both runs (IoU >= iou), and matched fraction."""
     worst, matched, total = 0.0, 0, 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         bx, by = torch.tensor(x["boxes"]).reshape(-1, 4), torch.tensor(y["boxes"]).reshape(-1, 4)
         fx, fy = np.asarray(x["features"], dtype=np.float32), np.asarray(y["features"], dtype=np.float32)
         total += len(bx)

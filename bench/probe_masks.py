@@ -118,7 +118,7 @@ def old_indonesian_rule(names: list[str], reviews: list[list[str]]) -> list[bool
 
     nlp = spacy.blank("id")
     out = []
-    for name, rvs in zip(names, reviews):
+    for name, rvs in zip(names, reviews, strict=True):
         words = [t.lower_ for t in nlp(clean_text(name)) if t.is_alpha and not t.is_stop]
         kw = words[0] if words else None
         out += [kw is not None and any(t.lower_ == kw for t in nlp(clean_text(r))) for r in rvs]

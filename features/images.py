@@ -202,7 +202,7 @@ class ImageHashCache:
         self.hashed = len(todo)
         settled = started - int(self.racy_s * 1e9)
         new = []
-        for (p, st), digest in zip(todo, digests):
+        for (p, st), digest in zip(todo, digests, strict=True):
             out[p] = digest
             if st.st_mtime_ns < settled and st.st_ctime_ns < settled:
                 new.append((str(p), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, digest))

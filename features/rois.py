@@ -433,7 +433,7 @@ class RoisStage:
                 keys.append(digests[full] or f"missing:{rel}")
         items: dict[str, WorkItem] = {}
         view: dict[str, str] = {}
-        for (rel, full), key in zip(paths.items(), keys):
+        for (rel, full), key in zip(paths.items(), keys, strict=True):
             items.setdefault(key, WorkItem(key=key, source=str(full) if full is not None else ""))
             view[rel] = key
         return Plan(items=items, view=view)
@@ -512,7 +512,7 @@ class RoisStage:
             dets = self._detect_fitting([prep for _, prep in chunk])
             start += len(chunk)
             need = self.params.fixed_k if self.params.fixed_k is not None else self.params.min_boxes
-            for (key, prep), arrays in zip(chunk, pack_batch(dets, self.params, self._model.cfg)):
+            for (key, prep), arrays in zip(chunk, pack_batch(dets, self.params, self._model.cfg), strict=True):
                 n_boxes = int(arrays["boxes"].shape[0])
                 if n_boxes < need:  # e.g. a 1-pixel image: every proposal collapsed; never store short
                     h, w = prep.orig_hw

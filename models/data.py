@@ -473,7 +473,7 @@ class Collator:
         np_dtype = np.float16 if half else np.float32
         out = torch.zeros((len(items), width, cfg.roi_dim), dtype=torch.float16 if half else torch.float32)
         mask = torch.zeros((len(items), width), dtype=torch.bool)
-        for i, (a, n) in enumerate(zip(arrays, real)):
+        for i, (a, n) in enumerate(zip(arrays, real, strict=True)):
             if n:
                 out[i, :n] = torch.from_numpy(np.ascontiguousarray(a, dtype=np_dtype))
                 mask[i, :n] = True

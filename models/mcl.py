@@ -170,7 +170,7 @@ def hyperspherical_form(t1: torch.Tensor, t2: torch.Tensor, o_p: float = 2.0,
 def pack(parts: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """[x_1, x_2, ...]: concatenation along the token axis, each x (B, L_i, H) with mask (B, L_i);
     real positions are moved to the front (stable, so their order is kept) -> (B, sum L_i, H)."""
-    xs, ms = zip(*parts)
+    xs, ms = zip(*parts, strict=True)
     x, m = torch.cat(xs, dim=1), torch.cat(ms, dim=1)
     order = torch.argsort((~m).to(torch.int8), dim=1, stable=True)  # real first
     return x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1])), m.gather(1, order)

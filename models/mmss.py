@@ -487,7 +487,7 @@ class MMSS(nn.Module):
         pt_r, pmt_r, pv_r, pmv_r = pt[idx], pm_t[idx], pv[idx], pm_v[idx]
         if not self.config.interaction_module:  # Table 4 "-w/o module(b)"
             parts = [(pt_r, pmt_r), (rt, rm_t), (pv_r, pmv_r), (rv, rm_v)]
-            flat = torch.cat([pool(x, m) for pool, (x, m) in zip(self.item_pool, parts)], dim=-1)
+            flat = torch.cat([pool(x, m) for pool, (x, m) in zip(self.item_pool, parts, strict=True)], dim=-1)
             return ModelOutput(scores=self.flat_mlp(flat).squeeze(-1))
         it = self.interactions
         f = {  # each (R, H)

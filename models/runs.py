@@ -239,7 +239,7 @@ def _mean_band(runs: Sequence[tuple[list[int], list[float | None]]]):
     common = sorted(set.intersection(*(set(x) for x, _ in runs))) if runs else []
     rows = []
     for x, ys in runs:
-        at = dict(zip(x, ys))
+        at = dict(zip(x, ys, strict=True))
         rows.append([np.nan if at[e] is None else at[e] for e in common])
     arr = np.asarray(rows, dtype=np.float64)
     return common, np.nanmean(arr, axis=0), np.nanstd(arr, axis=0)

@@ -275,7 +275,7 @@ class ImageEncoder(nn.Module):
     def forward(self, rois: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         keep = mask.unsqueeze(-1).to(rois.dtype)
         x = self.drop(self.map(rois))
-        for att, ln1, ffn, ln2 in zip(self.att, self.ln1, self.ffn, self.ln2):
+        for att, ln1, ffn, ln2 in zip(self.att, self.ln1, self.ffn, self.ln2, strict=True):
             x = ln1(x + self.drop(att(x, x, mask)))
             x = ln2(x + self.drop(ffn(x)))
         return x * keep

@@ -272,7 +272,7 @@ class Trainer:
             # one host sync for every logged value of the step (was one per value plus the check)
             vals = torch.stack([loss.detach(), rank.detach(), *(v.detach() for v in aux.values())]).tolist()
             if not math.isfinite(vals[0]):
-                parts = ", ".join(f"{k}={v:.4g}" for k, v in zip(aux, vals[2:]))
+                parts = ", ".join(f"{k}={v:.4g}" for k, v in zip(aux, vals[2:], strict=True))
                 raise TrainingError(
                     f"non-finite loss at epoch {self.epoch + 1} step {step + 1} (ranking="
                     f"{vals[1]:.4g}{', ' + parts if parts else ''}); lower lr, enable grad_clip "
@@ -290,7 +290,7 @@ class Trainer:
             self.optimizer.step()
             totals["loss"] += vals[0]
             totals["rank"] += vals[1]
-            for k, v in zip(aux, vals[2:]):
+            for k, v in zip(aux, vals[2:], strict=True):
                 aux_totals[k] = aux_totals.get(k, 0.0) + v
             steps += 1
             reviews += batch.num_reviews

@@ -38,7 +38,7 @@ def _outputs(model, probe):
 
 
 def _assert_same(a, b):
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
 
 

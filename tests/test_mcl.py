@@ -160,7 +160,7 @@ def test_interaction_module_keeps_x_eta_fixed_and_uses_the_other_three_streams()
     torch.manual_seed(0)
     mod = InteractionModule(hidden=4, heads=1, layers=2, dropout=0.0)
     x = {s: (torch.randn(1, n, 4), torch.ones(1, n, dtype=torch.bool))
-         for s, n in zip(STREAMS, (2, 3, 1, 2))}
+         for s, n in zip(STREAMS, (2, 3, 1, 2), strict=True)}
     out = mod(x)
     # K_r's eta is [K_p, A_p, A_r] (encoder outputs), the same in both layers
     eta = torch.cat([x["kp"][0], x["ap"][0], x["ar"][0]], dim=1)

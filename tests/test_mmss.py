@@ -258,7 +258,7 @@ def test_epoch_3_anchors_weigh_each_subtask_by_its_own_pseudo_labels_and_ewma_us
     labels = [y_g] + [y2[:, j] for j in range(5)]
     names = ("g",) + model.subtasks
     A, V = [], []
-    for k, (name, y) in enumerate(zip(names, labels)):
+    for k, (name, y) in enumerate(zip(names, labels, strict=True)):
         w, f = torch.sigmoid(y), got2[name].double()
         a = (w[:, None] * f).sum(0) / w.sum()
         v = ((w[:, None] * (f - a) ** 2).sum(0) / w.sum()).clamp(min=1e-6)

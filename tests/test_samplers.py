@@ -97,8 +97,8 @@ def test_listwise_pairs_each_positive_with_every_lower_review_and_pads():
     labels = np.array([4, 0, 1, 2])
     inst = PairwiseSampler(mode="listwise").sample(labels, np.zeros(4, dtype=np.int64),
                                                     np.random.default_rng(0))
-    got = {int(r[0]): sorted(int(n) for n, w in zip(r[1:], ws) if w > 0)
-           for r, ws in zip(inst.index, inst.weights)}
+    got = {int(r[0]): sorted(int(n) for n, w in zip(r[1:], ws, strict=True) if w > 0)
+           for r, ws in zip(inst.index, inst.weights, strict=True)}
     assert got == {0: [1, 2, 3], 3: [1]}
     assert inst.index.shape == (2, 4)
     row3 = [i for i, r in enumerate(inst.index) if r[0] == 3][0]

@@ -171,7 +171,7 @@ class TokensStage:
         texts = [it.source[1] for it in items]
         toks_iter = tokenize_parallel(texts, self.language, batch_size=self.params.batch_size,
                                       n_process=self.params.n_process)
-        for it, toks in zip(items, toks_iter):
+        for it, toks in zip(items, toks_iter, strict=True):
             fld, _, vfp = it.source
             vocabs = self._vocabularies_for(vfp)
             ids, pos = vocabs.field(fld).encode(toks, self.params.max_len)

@@ -259,7 +259,7 @@ def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, m
                   for k in pkeys]
         penc = encode_texts(ptexts, prd_vocab, language=spec.language, max_len=max_len)
         by_pid: dict[str, ProductItem] = {}
-        for k, pid, enc in zip(pkeys, pids, penc):
+        for k, pid, enc in zip(pkeys, pids, penc, strict=True):
             parse_img_urls(pt["img_url"][k], prd_path, k)  # validates the cell
             item = ProductItem(id=pid, tokens=enc.ids.astype(np.int64),
                                rois=rois(_image_files(images, split, "prd", pid)))
@@ -267,10 +267,10 @@ def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, m
             products.append(item)
         rtexts = [str(rt["content"][k] or "") for k in rkeys]
         renc = encode_texts(rtexts, rvw_vocab, language=spec.language, max_len=max_len)
-        names = {pid: str(pt["name"][k] or "") for k, pid in zip(pkeys, pids)}
+        names = {pid: str(pt["name"][k] or "") for k, pid in zip(pkeys, pids, strict=True)}
         masks = probe_masks(manifest, spec, dataset, rtexts,
                             [names.get(str(rt["product_id"][k]), "") for k in rkeys], needed=probes_needed)
-        for k, enc, mask in zip(rkeys, renc, masks):
+        for k, enc, mask in zip(rkeys, renc, masks, strict=True):
             rid = check_id(rt["review_id"][k], rvw_path, k, "review_id")
             pid = check_id(rt["product_id"][k], rvw_path, k, "product_id")
             if pid not in by_pid:
@@ -327,7 +327,7 @@ def average_seeds(per_seed: list[list[dict]]) -> list[dict]:
         if [p["review_id"] for p in preds] != [p["review_id"] for p in first]:
             raise TrainingError(f"seed {k} scored different reviews than seed 0")
     scores = np.mean([[p["score"] for p in preds] for preds in per_seed], axis=0)
-    return [{**p, "score": float(s)} for p, s in zip(first, scores)]
+    return [{**p, "score": float(s)} for p, s in zip(first, scores, strict=True)]
 
 
 def ranked(preds: list[dict], votes: dict[str, float] | None = None) -> list[dict]:
@@ -370,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
         raise TrainingError(f"run {args.run!r} has no seed{args.seed}; found {', '.join(d.name for d in dirs)}")
     metas = [read_json(d / "data.json") for d in chosen]
     meta = metas[0]
-    for d, m in zip(chosen[1:], metas[1:]):
+    for d, m in zip(chosen[1:], metas[1:], strict=True):
         if (m.get("dataset"), m.get("vocab_fingerprint")) != (meta.get("dataset"), meta.get("vocab_fingerprint")):
             raise TrainingError(f"{d}: trained on other data ({m.get('dataset')}) than {chosen[0].name}; "
                                 f"pick one with --seed")
