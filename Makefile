@@ -26,7 +26,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 # ruff (rules and line length in pyproject.toml) over the whole tree, then mypy over the five
-# packages, held at its baseline by the per-module overrides in pyproject.toml. Seconds, not minutes.
+# packages, held at its baseline by the per-module overrides in pyproject.toml (about 45 s cold on
+# the 2-core VM, 2 s with .mypy_cache).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
