@@ -92,7 +92,10 @@ def main() -> int:
             finally:
                 bert.length_batches = original
             assert all(r.ok for r in recs), [r.failure for r in recs if not r.ok][:3]
-            print(f"| {bs} | {'yes' if sort else 'no'} | {len(items) / dt:.1f} | {sum(pieces) / dt:.0f} | {dt:.1f} | {len(items) / dc:.1f} |")
+            print(
+                f"| {bs} | {'yes' if sort else 'no'} | {len(items) / dt:.1f} | {sum(pieces) / dt:.0f} | "
+                f"{dt:.1f} | {len(items) / dc:.1f} |"
+            )
             if ref is None:
                 ref = {r.key: r.arrays["features"] for r in recs}
             else:

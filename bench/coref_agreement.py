@@ -60,7 +60,11 @@ def pseudo_names(reviews: list[dict]) -> dict[str, str]:
     for asin, texts in by_asin.items():
         counts: Counter[str] = Counter()
         for doc in nlp.pipe(dict.fromkeys(texts), batch_size=256):
-            counts.update(t.lemma_.lower() for t in doc if t.pos_ == "NOUN" and t.is_alpha and t.lemma_.lower() not in GENERIC_NOUNS)
+            counts.update(
+                t.lemma_.lower()
+                for t in doc
+                if t.pos_ == "NOUN" and t.is_alpha and t.lemma_.lower() not in GENERIC_NOUNS
+            )
         names[asin] = counts.most_common(1)[0][0] if counts else ""
     return names
 
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         t_neural = time.perf_counter() - t0
         failed = sum(c is None for c in cl_neural)
         a_all, b_all, same, chosen_r, chosen_n = [], [], 0, 0, 0
-        for doc, kw, cr, cn in zip(docs, kws, cl_rules, cl_neural):
+        for doc, kw, cr, cn in zip(docs, kws, cl_rules, cl_neural, strict=True):
             ra = sentence_mask(doc, kw, cr, mode=mode, coref="rules")
             rb = sentence_mask(doc, kw, cn or [], mode=mode, coref="neuralcoref")
             a_all.append(ra.mask)

@@ -34,12 +34,19 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from features.detector import build_detector, bua_caffe_r101, load_into, pad_batch, prepare_image, tiny_config  # noqa: E402
+from features.detector import (  # noqa: E402
+    bua_caffe_r101,
+    build_detector,
+    load_into,
+    pad_batch,
+    prepare_image,
+    tiny_config,
+)
 from features.detector.selection import box_iou  # noqa: E402
-from features.images import decode_image  # noqa: E402
-from pipeline.params import RoisParams  # noqa: E402
 from features.device import autocast as _autocast  # noqa: E402
+from features.images import decode_image  # noqa: E402
 from features.rois import detect_batch, pack_batch  # noqa: E402
+from pipeline.params import RoisParams  # noqa: E402
 
 
 def load_images(n: int, source: str) -> list[np.ndarray]:
@@ -97,7 +104,7 @@ def run_config(args) -> dict:
     for _ in range(args.repeat):
         for b in batches:
             dets = detect_batch(model, [prepared[i] for i in b], params, device)
-            for i, arrays in zip(b, pack_batch(dets, params, model.cfg)):
+            for i, arrays in zip(b, pack_batch(dets, params, model.cfg), strict=True):
                 results[i] = arrays
     sync(args.device)
     elapsed = time.perf_counter() - t0
@@ -105,7 +112,9 @@ def run_config(args) -> dict:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     # features on fixed boxes (the reference run's), this run's batching and precision
     if args.ref_boxes and Path(args.ref_boxes).exists():
-        ref_boxes = [torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for b in json.loads(Path(args.ref_boxes).read_text())]
+        ref_boxes = [
+            torch.tensor(b, dtype=torch.float32).reshape(-1, 4) for b in json.loads(Path(args.ref_boxes).read_text())
+        ]
     else:
         ref_boxes = [torch.from_numpy(results[i]["boxes"]) for i in range(len(images))]
         if args.ref_boxes:
@@ -116,7 +125,7 @@ def run_config(args) -> dict:
         with _autocast(device, args.amp):
             dets = model.forward_boxes(batch, [prepared[i].scale for i in b], [prepared[i].orig_hw for i in b],
                                        [ref_boxes[i] for i in b])
-        for i, det in zip(b, dets):
+        for i, det in zip(b, dets, strict=True):
             fixed[i] = det.features.float().cpu().tolist()
     return {
         "batch_size": bs, "amp": args.amp, "images": len(images) * args.repeat,
@@ -130,7 +139,7 @@ def run_config(args) -> dict:
 def matched_feature_error(a: list[dict], b: list[dict], iou: float = 0.99) -> tuple[float, float]:
     """Max |feature difference| over boxes present in both runs (IoU >= iou), and matched fraction."""
     worst, matched, total = 0.0, 0, 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         bx, by = torch.tensor(x["boxes"]).reshape(-1, 4), torch.tensor(y["boxes"]).reshape(-1, 4)
         fx, fy = np.asarray(x["features"], dtype=np.float32), np.asarray(y["features"], dtype=np.float32)
         total += len(bx)
@@ -187,14 +196,26 @@ def main(argv=None) -> int:
         out.unlink()
     ref_boxes.unlink(missing_ok=True)
 
-    dev = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"{platform.machine()} CPU, {args.threads} thread(s)"
-    print(f"# ROI extraction: {args.arch}, {'weights ' + args.weights if args.weights else 'random-init weights'}, "
-          f"resize {args.min_size}/{args.max_size}, {args.post_nms} proposals/image, {args.images} {args.source} images x{args.repeat}, {dev}")
+    dev = (
+        torch.cuda.get_device_name(0)
+        if args.device.startswith("cuda")
+        else f"{platform.machine()} CPU, {args.threads} thread(s)"
+    )
+    print(
+        f"# ROI extraction: {args.arch}, {'weights ' + args.weights if args.weights else 'random-init weights'}, "
+        f"resize {args.min_size}/{args.max_size}, {args.post_nms} proposals/image, "
+        f"{args.images} {args.source} images x{args.repeat}, {dev}"
+    )
     base = {r["amp"]: r for r in runs if r["batch_size"] == min(args.batch_sizes)}
     ref = base[False]
-    ref_fixed = np.concatenate([np.asarray(f, dtype=np.float32).reshape(len(f), -1) for f in ref["fixed_features"] if f])
+    ref_fixed = np.concatenate(
+        [np.asarray(f, dtype=np.float32).reshape(len(f), -1) for f in ref["fixed_features"] if f]
+    )
     scale = float(np.abs(ref_fixed).max())
-    print("| batch | precision | images/s | speedup vs batch 1 | peak memory (MiB) | max abs feature diff on fixed boxes (relative) | selected boxes shared with batch-1 fp32 |")
+    print(
+        "| batch | precision | images/s | speedup vs batch 1 | peak memory (MiB) "
+        "| max abs feature diff on fixed boxes (relative) | selected boxes shared with batch-1 fp32 |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in runs:
         _, frac = matched_feature_error(ref["outputs"], r["outputs"])
@@ -204,12 +225,19 @@ def main(argv=None) -> int:
         speed = r["images_per_s"] / base[r["amp"]]["images_per_s"]
         print(f"| {r['batch_size']} | {prec} | {r['images_per_s']:.2f} | {speed:.2f}x | {r['peak_mb']:.0f} | "
               f"{err:.3g} ({err / scale:.2g}) | {100 * frac:.0f}% |")
-    feats = np.concatenate([np.asarray(o["features"], dtype=np.float32).reshape(-1, len(o["features"][0]) if o["features"] else 1)
-                            for o in ref["outputs"] if o["features"]])
+    feats = np.concatenate(
+        [
+            np.asarray(o["features"], dtype=np.float32).reshape(-1, len(o["features"][0]) if o["features"] else 1)
+            for o in ref["outputs"]
+            if o["features"]
+        ]
+    )
     f16_err = float(np.abs(feats.astype(np.float16).astype(np.float32) - feats).max())
     rel = f16_err / float(np.abs(feats).max())
-    print(f"\nfloat16 storage: max abs error {f16_err:.3g} (feature max {np.abs(feats).max():.3g}, relative {rel:.2g}); "
-          f"decode+resize done once per image: {ref['prepare_ms_per_image']:.1f} ms/image on this host")
+    print(
+        f"\nfloat16 storage: max abs error {f16_err:.3g} (feature max {np.abs(feats).max():.3g}, relative {rel:.2g}); "
+        f"decode+resize done once per image: {ref['prepare_ms_per_image']:.1f} ms/image on this host"
+    )
     return 0
 
 

@@ -68,7 +68,9 @@ def load_photos(folder: Path, quick: bool) -> list[np.ndarray]:
     return rgbs
 
 
-def decode_cost(folder: Path, quick: bool, min_size: int, max_size: int, pixel_mean) -> tuple[float, float, float, float]:
+def decode_cost(
+    folder: Path, quick: bool, min_size: int, max_size: int, pixel_mean
+) -> tuple[float, float, float, float]:
     """(decode ms, decode+uint8 ms, decode+resize+normalise ms, MB shipped uint8 / float32 per image)."""
     from features.detector.preprocess import prepare_image, raw_image
     from features.images import decode_image
@@ -91,11 +93,11 @@ def decode_cost(folder: Path, quick: bool, min_size: int, max_size: int, pixel_m
 
 
 def roi_rows(args, dev: torch.device, deadline: float) -> list[str]:
-    from features.detector import build_detector, bua_caffe_r101, tiny_config
+    from features.detector import bua_caffe_r101, build_detector, tiny_config
     from features.detector.preprocess import prepare_batch, raw_image
-    from pipeline.params import RoisParams
     from features.device import autocast as _autocast
     from features.rois import detect_batch, optimise_for_inference, pack_batch
+    from pipeline.params import RoisParams
 
     cfg = tiny_config() if args.quick else bua_caffe_r101()
     params = RoisParams(min_size=args.min_size, max_size=args.max_size, rpn_post_nms_top_n=args.proposals,
@@ -224,9 +226,11 @@ def model_rows(args, dev: torch.device, deadline: float) -> list[str]:
                         times.append(time.perf_counter() - t0)
                         revs += b.num_reviews
                 ms = 1000 * float(np.mean(times))
-                rows.append(f"| {name} train step | {'bf16 autocast' if dev.type == 'cuda' else 'fp32'} | {bp} products | "
-                            f"{ms:.1f} ms/step ({revs / (sum(times)):.0f} reviews/s, {len(times)} steps) | "
-                            f"{_peak_mib(dev)} | |")
+                rows.append(
+                    f"| {name} train step | {'bf16 autocast' if dev.type == 'cuda' else 'fp32'} | {bp} products | "
+                    f"{ms:.1f} ms/step ({revs / (sum(times)):.0f} reviews/s, {len(times)} steps) | "
+                    f"{_peak_mib(dev)} | |"
+                )
             except Exception as e:  # report and go on with the other models
                 rows.append(f"| {name} train step | | {bp} products | failed: {type(e).__name__}: {e} | | |")
             print(rows[-1], flush=True)
@@ -258,7 +262,9 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("gpu_check: --device cuda asked for, but CUDA is not available (use --device cpu --quick)")
     dev = torch.device(args.device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    name = (
+        torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    )
     tf32 = f", fp32 convolutions in TF32: {torch.backends.cudnn.allow_tf32}" if dev.type == "cuda" else ""
     print(f"# GPU check: {name}; torch {torch.__version__}, CUDA {torch.version.cuda}{tf32}; "
           f"{'QUICK (tiny net, not the real figures)' if q else 'R-101 C4, random-init weights'}", flush=True)

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import platform
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -36,14 +36,13 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args(argv)
     sys.path.insert(0, str(args.code_root))
-    import numpy as np
     import torch
 
     spec = importlib.util.spec_from_file_location("_syncs", HERE / "features" / "detector" / "syncs.py")
     syncs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(syncs)
     from features import rois as R
-    from features.detector import build_detector, bua_caffe_r101, prepare_image
+    from features.detector import bua_caffe_r101, build_detector, prepare_image
     from features.images import decode_image
     from pipeline.params import RoisParams
 
@@ -72,11 +71,17 @@ def main(argv=None) -> int:
                 raw += time.perf_counter() - t3
                 mb_u8 += ri.rgb.numel() / 1e6
     n = args.repeat * len(paths)
-    print(f"\n| input preparation per image, 1 worker thread ({len(paths)} COCO photos, 600/1000) | ms/image | MB shipped/image |")
+    print(
+        f"\n| input preparation per image, 1 worker thread ({len(paths)} COCO photos, 600/1000) "
+        "| ms/image | MB shipped/image |"
+    )
     print("|---|---|---|")
     print(f"| CPU path: decode + resize + normalise, float32 | {1000 * (dec + prep) / n:.1f} | {mb_f32 / n:.2f} |")
     if has_raw:
-        print(f"| GPU path: decode + uint8 tensor (resize/normalise on the device) | {1000 * (dec + raw) / n:.1f} | {mb_u8 / n:.2f} |")
+        print(
+            "| GPU path: decode + uint8 tensor (resize/normalise on the device) "
+            f"| {1000 * (dec + raw) / n:.1f} | {mb_u8 / n:.2f} |"
+        )
     else:
         print("| GPU path | (not in this checkout) | |")
 
@@ -84,7 +89,9 @@ def main(argv=None) -> int:
     model = build_detector(cfg, seed=0)
     params = RoisParams(min_size=128, max_size=200, rpn_post_nms_top_n=300, feature_dtype="float32")
     rgbs = [decode_image(p).rgb for p in paths[:4]]
-    print("\n| host syncs (R-101 C4, 300 proposals) | images | per forward | per packing (selection + copies) | kinds |")
+    print(
+        "\n| host syncs (R-101 C4, 300 proposals) | images | per forward | per packing (selection + copies) | kinds |"
+    )
     print("|---|---|---|---|---|")
     for k in (1, 4):
         preps = [prepare_image(r, min_size=128, max_size=200, pixel_mean=cfg.pixel_mean) for r in rgbs[:k]]

@@ -36,7 +36,7 @@ def write_tsv(path: Path, rows: int, boxes: int, seed: int = 0) -> None:
                 f"img{i:07d}", "480", "640",
                 b64(rng.integers(0, 1600, n).astype("<i8")), b64(rng.random(n, dtype=np.float32)),
                 b64(rng.integers(0, 400, n).astype("<i8")), b64(rng.random(n, dtype=np.float32)),
-                str(n), b64((rng.random((n, 4), dtype=np.float32) * 600)),
+                str(n), b64(rng.random((n, 4), dtype=np.float32) * 600),
                 b64(rng.random((n, 2048), dtype=np.float32)),
             ]) + "\r\n")
 

@@ -174,8 +174,11 @@ def main(argv=None) -> int:
         print(f"synthetic Amazon-home-shaped data: {args.products} products, {len(data.records.reviews)} "
               f"reviews, store written in {time.perf_counter() - t0:.1f} s")
         del data
-        print(f"\n| MCL preset (train step, {args.batch_products} products per batch) | D | step s | reviews/s | "
-              f"params w/o embeddings | trainable | peak RSS MiB | RSS growth in steps MiB | step CPU s | eval forward CPU s |")
+        print(
+            f"\n| MCL preset (train step, {args.batch_products} products per batch) | D | step s | reviews/s | "
+            "params w/o embeddings | trainable | peak RSS MiB | RSS growth in steps MiB | step CPU s | "
+            "eval forward CPU s |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|")
         for preset in args.presets.split(","):
             r = run_child(tmp, args.products, preset, args.steps, args.batch_products)

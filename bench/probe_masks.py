@@ -118,7 +118,7 @@ def old_indonesian_rule(names: list[str], reviews: list[list[str]]) -> list[bool
 
     nlp = spacy.blank("id")
     out = []
-    for name, rvs in zip(names, reviews):
+    for name, rvs in zip(names, reviews, strict=True):
         words = [t.lower_ for t in nlp(clean_text(name)) if t.is_alpha and not t.is_stop]
         kw = words[0] if words else None
         out += [kw is not None and any(t.lower_ == kw for t in nlp(clean_text(r))) for r in rvs]
@@ -175,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--synthetic", type=int, default=0, help="use N synthetic reviews instead of the fixture")
     ap.add_argument("--share", action="store_true", help="share of non-empty masks per mode (no timing)")
-    ap.add_argument("--indonesian", action="store_true", help="share of non-empty masks on the hand-written Indonesian sample")
+    ap.add_argument(
+        "--indonesian", action="store_true", help="share of non-empty masks on the hand-written Indonesian sample"
+    )
     args = ap.parse_args(argv)
 
     if args.indonesian:
@@ -193,15 +195,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     for n_process in (1, 2):
-        masker = ProbeMasker(language="en", mode="paper", coref="rules", batch_size=args.batch_size, n_process=n_process)
+        masker = ProbeMasker(
+            language="en", mode="paper", coref="rules", batch_size=args.batch_size, n_process=n_process
+        )
         nlp = masker.nlp
         list(nlp.pipe(texts[:50]))  # warm up
 
-        def bare() -> None:
+        def bare(nlp=nlp, n_process=n_process) -> None:
             for _ in nlp.pipe(texts, batch_size=args.batch_size, n_process=n_process):
                 pass
 
-        def stage() -> None:
+        def stage(masker=masker) -> None:
             masker._names.clear()  # product names are parsed again in every run
             masker.masks(texts, names)
 
@@ -210,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((n_process, t_bare, t_stage))
         cpu = f" | CPU time stage/bare {c_stage / c_bare:.3f}" if n_process == 1 else ""
         print(
-            f"n_process={n_process}: bare nlp.pipe {len(texts) / t_bare:8.1f} reviews/s {words / t_bare:9.0f} words/s | "
+            f"n_process={n_process}: bare nlp.pipe {len(texts) / t_bare:8.1f} reviews/s "
+            f"{words / t_bare:9.0f} words/s | "
             f"stage {len(texts) / t_stage:8.1f} reviews/s {words / t_stage:9.0f} words/s | "
             f"wall stage/bare {t_stage / t_bare:.3f}{cpu}"
         )

@@ -144,7 +144,11 @@ def main(argv=None) -> int:
 
     from models.registry import available_models
 
-    models = ([] if args.models == "none" else args.models.split(",")) if args.models else [m for m in available_models() if not m.startswith("test-")]
+    models = (
+        ([] if args.models == "none" else args.models.split(","))
+        if args.models
+        else [m for m in available_models() if not m.startswith("test-")]
+    )
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads from OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, python {platform.python_version()}, "
           f"load average at start {os.getloadavg()[0]:.1f}")

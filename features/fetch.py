@@ -14,7 +14,6 @@ import http.client
 import json
 import logging
 import os
-import socket
 import time
 import urllib.error
 import urllib.parse
@@ -153,7 +152,7 @@ def target_path(image_root: Path, rel: str) -> Path:
 def fetch_images(
     jobs: Iterable[FetchJob],
     image_root: str | Path,
-    config: FetchConfig = FetchConfig(),
+    config: FetchConfig | None = None,
     *,
     failures_path: str | Path | None = None,
     sleep: Callable[[float], None] = time.sleep,
@@ -169,10 +168,12 @@ def fetch_images(
     wait (tests pass a fake). `keep_results`: keep every FetchResult in the summary (failures are
     always kept); off by default so a crawl of millions of images holds only counts.
     `progress_bar`: a tqdm bar on stderr (count, rate, ETA; failures in its postfix); default:
-    when stderr is a terminal.
+    when stderr is a terminal. `config`: default `FetchConfig()`.
     """
     import sys
 
+    if config is None:
+        config = FetchConfig()
     if progress_bar is None:
         progress_bar = sys.stderr.isatty()
     bar = None
@@ -275,14 +276,17 @@ def _fetch_one(job: FetchJob, root: Path, config: FetchConfig, sleep: Callable[[
             log.debug("fetch %s attempt %d: %s", job.url, attempts, e.reason)
         except _Permanent as e:
             part.unlink(missing_ok=True)
-            return FetchResult(job.url, job.path, "failed", attempts=attempts, reason=e.reason, http_status=e.http_status)
+            return FetchResult(
+                job.url, job.path, "failed", attempts=attempts, reason=e.reason, http_status=e.http_status
+            )
         except OSError as e:  # network errors are _Transient by now: this is local disk trouble
             part.unlink(missing_ok=True)
             return FetchResult(job.url, job.path, "failed", attempts=attempts, reason=f"cannot write {dest}: {e}")
         except Exception as e:  # one odd URL must not end a crawl of millions: record it
             part.unlink(missing_ok=True)
-            return FetchResult(job.url, job.path, "failed", attempts=attempts,
-                               reason=f"unexpected error: {type(e).__name__}: {e}")
+            return FetchResult(
+                job.url, job.path, "failed", attempts=attempts, reason=f"unexpected error: {type(e).__name__}: {e}"
+            )
     part.unlink(missing_ok=True)
     assert last is not None
     return FetchResult(job.url, job.path, "failed", attempts=attempts,
@@ -321,7 +325,7 @@ def _download(url: str, part: Path, config: FetchConfig) -> tuple[int, int]:
         raise _Transient(f"connection error: {e.reason}") from None
     except (http.client.InvalidURL, ValueError) as e:
         raise _Permanent(f"invalid URL: {e}") from None
-    except (TimeoutError, socket.timeout) as e:
+    except TimeoutError as e:
         raise _Transient(f"timed out waiting for the response ({e})") from None
     except (OSError, http.client.HTTPException) as e:
         raise _Transient(f"connection error: {type(e).__name__}: {e}") from None
@@ -338,8 +342,10 @@ def _download(url: str, part: Path, config: FetchConfig) -> tuple[int, int]:
                 try:
                     chunk = resp.read(_CHUNK)
                 except http.client.IncompleteRead as e:
-                    raise _Transient(f"truncated body: got {written + len(e.partial)} of {expected} bytes", status) from None
-                except (TimeoutError, socket.timeout):
+                    raise _Transient(
+                        f"truncated body: got {written + len(e.partial)} of {expected} bytes", status
+                    ) from None
+                except TimeoutError:
                     raise _Transient(f"timed out reading the body after {written} bytes", status) from None
                 except (OSError, http.client.HTTPException) as e:
                     raise _Transient(f"connection error while reading: {type(e).__name__}: {e}", status) from None

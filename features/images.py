@@ -157,7 +157,9 @@ class ImageHashCache:
         try:
             con = self._connect()
             try:
-                return {r[0]: r[1:] for r in con.execute("SELECT path, size, mtime_ns, ino, ctime_ns, sha256 FROM hashes")}
+                return {
+                    r[0]: r[1:] for r in con.execute("SELECT path, size, mtime_ns, ino, ctime_ns, sha256 FROM hashes")
+                }
             finally:
                 con.close()
         except sqlite3.DatabaseError:  # damaged cache: start over (it only ever saves work)
@@ -200,7 +202,7 @@ class ImageHashCache:
         self.hashed = len(todo)
         settled = started - int(self.racy_s * 1e9)
         new = []
-        for (p, st), digest in zip(todo, digests):
+        for (p, st), digest in zip(todo, digests, strict=True):
             out[p] = digest
             if st.st_mtime_ns < settled and st.st_ctime_ns < settled:
                 new.append((str(p), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, digest))

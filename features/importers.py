@@ -529,7 +529,9 @@ def read_mcr_pth_file(path: str | Path, img_id: str, *, feature_dim: int = 2048)
     try:
         value = _torch_load(path)
     except Exception as e:  # torch raises UnpicklingError/RuntimeError/EOFError for bad files
-        return SourceItem(img_id=img_id, where=str(path), failure=f"{path}: cannot load safely ({type(e).__name__}: {e})")
+        return SourceItem(
+            img_id=img_id, where=str(path), failure=f"{path}: cannot load safely ({type(e).__name__}: {e})"
+        )
     return pth_item(value, img_id, str(path), feature_dim=feature_dim)
 
 
@@ -684,7 +686,9 @@ def import_features(
     return report
 
 
-def export_view_tsv(store: FeatureStore, dataset: str, out: str | Path, *, item_ids: Sequence[str] | None = None) -> int:
+def export_view_tsv(
+    store: FeatureStore, dataset: str, out: str | Path, *, item_ids: Sequence[str] | None = None
+) -> int:
     """Write a dataset's rois view (or the given item ids of it, in that order) as an LXMERT TSV.
 
     Failed items are left out. img_id is the one recorded at import (`meta["img_id"]`), else the

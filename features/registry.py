@@ -25,7 +25,7 @@ class StageEntry:
         return [self.module, list(self.depends_on), self.gpu]
 
     @classmethod
-    def from_json(cls, value: Sequence[Any]) -> "StageEntry":
+    def from_json(cls, value: Sequence[Any]) -> StageEntry:
         module, deps, gpu = value
         return cls(module=str(module), depends_on=tuple(deps), gpu=bool(gpu))
 

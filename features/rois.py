@@ -22,17 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from features.device import autocast, resolve_device
 from features.detector.checkpoint import load_state, read_checkpoint, verify_weights
 from features.detector.model import (
     BUADetector,
-    DetectorConfig,
     Detections,
-    build_detector,
+    DetectorConfig,
     bua_caffe_r101,
+    build_detector,
     d2_r101_c4,
+    fold_frozen_norms,
 )
-from features.detector.model import fold_frozen_norms
 from features.detector.preprocess import (
     MIN_SIDE,
     PreparedImage,
@@ -44,11 +43,12 @@ from features.detector.preprocess import (
     raw_image,
 )
 from features.detector.selection import max_class_confidence_batch, select_boxes_batch
+from features.device import autocast, resolve_device
 from features.images import ImageHashCache, decode_image
-from pipeline.params import RoisParams
 from features.schema import rois_schema
 from pipeline.errors import DataError, StageError
 from pipeline.hashing import fingerprint as hash_fingerprint
+from pipeline.params import RoisParams
 from pipeline.stage import RANDOM_INIT_PREFIX, Plan, Record, WorkItem
 
 CODE_VERSION = "rois-1"  # bump when extraction code changes its outputs
@@ -433,7 +433,7 @@ class RoisStage:
                 keys.append(digests[full] or f"missing:{rel}")
         items: dict[str, WorkItem] = {}
         view: dict[str, str] = {}
-        for (rel, full), key in zip(paths.items(), keys):
+        for (rel, full), key in zip(paths.items(), keys, strict=True):
             items.setdefault(key, WorkItem(key=key, source=str(full) if full is not None else ""))
             view[rel] = key
         return Plan(items=items, view=view)
@@ -445,7 +445,9 @@ class RoisStage:
         if not items:
             return
         self.model()  # weights errors surface here, in the caller's thread
-        yield from _in_background(self._records(items), maxsize=max(2, self.params.queue_depth, 2 * self.params.batch_size))
+        yield from _in_background(
+            self._records(items), maxsize=max(2, self.params.queue_depth, 2 * self.params.batch_size)
+        )
 
     def _new_loader(self, *, persistent: bool) -> tuple[DataLoader, _ItemSampler]:
         p = self.params
@@ -510,7 +512,7 @@ class RoisStage:
             dets = self._detect_fitting([prep for _, prep in chunk])
             start += len(chunk)
             need = self.params.fixed_k if self.params.fixed_k is not None else self.params.min_boxes
-            for (key, prep), arrays in zip(chunk, pack_batch(dets, self.params, self._model.cfg)):
+            for (key, prep), arrays in zip(chunk, pack_batch(dets, self.params, self._model.cfg), strict=True):
                 n_boxes = int(arrays["boxes"].shape[0])
                 if n_boxes < need:  # e.g. a 1-pixel image: every proposal collapsed; never store short
                     h, w = prep.orig_hw

@@ -79,9 +79,9 @@ def require_api_url(command: str) -> str:
 
 def build_deployments(spec: DeploySpec, *, for_work_pool: bool = True) -> list[Any]:
     """RunnerDeployment objects of the extraction flows (all, then one per stage) (nothing is sent to the API)."""
-    from flows.extract import STAGE_FLOWS, extract_flow
-
     from prefect.deployments.runner import EntrypointType
+
+    from flows.extract import STAGE_FLOWS, extract_flow
 
     params = {"manifest_path": spec.manifest_path, "gpu_limit": spec.gpu_limit, "progress": False,
               "on_dask": spec.on_dask}

@@ -48,7 +48,7 @@ class LengthBaseline(nn.Module):
         super().__init__()
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], embeddings: Mapping[str, np.ndarray] | None = None) -> "LengthBaseline":
+    def from_config(cls, cfg: Mapping[str, Any], embeddings: Mapping[str, np.ndarray] | None = None) -> LengthBaseline:
         from_mapping(NoConfig, cfg, "model_cfg")
         return cls()
 
@@ -70,11 +70,11 @@ class RandomBaseline(nn.Module):
         self.seed = seed
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], embeddings: Mapping[str, np.ndarray] | None = None) -> "RandomBaseline":
+    def from_config(cls, cfg: Mapping[str, Any], embeddings: Mapping[str, np.ndarray] | None = None) -> RandomBaseline:
         return cls(seed=from_mapping(NoConfig, cfg, "model_cfg").seed)
 
     def _score(self, review_id: str) -> float:
-        h = hashlib.blake2b(f"{self.seed}:{review_id}".encode("utf-8"), digest_size=8).digest()
+        h = hashlib.blake2b(f"{self.seed}:{review_id}".encode(), digest_size=8).digest()
         return int.from_bytes(h, "little") / 2.0**64
 
     def forward(self, batch: Batch) -> ModelOutput:
@@ -150,7 +150,7 @@ class TextGRU(nn.Module):
         return from_mapping(TextGRUConfig, data, "model_cfg")
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], embeddings: Mapping[str, np.ndarray] | None = None) -> "TextGRU":
+    def from_config(cls, cfg: Mapping[str, Any], embeddings: Mapping[str, np.ndarray] | None = None) -> TextGRU:
         c = cls.config_record(cfg)
         if embeddings is not None:
             prd = torch.as_tensor(np.asarray(embeddings["prd"], dtype=np.float32))

@@ -43,7 +43,7 @@ class Batch:
     rev_text_feats: torch.Tensor | None = None  # (R, Lr', H) float32
     rev_text_feat_mask: torch.Tensor | None = None  # (R, Lr') bool, True = real token
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """The batch on `device`. float16 tensors (ROI features stored as float16, carried so by
         a loader with `half_rois`) are upcast to float32 there, after the copy: half the bytes
         over the bus and no float32 conversion pass on the host."""
@@ -57,7 +57,7 @@ class Batch:
             kw[f.name] = v
         return Batch(**kw)
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         """The batch in page-locked memory (called by a DataLoader with pin_memory=True), so
         that `to(cuda, non_blocking=True)` copies asynchronously."""
         kw = {}

@@ -59,7 +59,8 @@ class TrainConfig:
     sampler: Literal["pairwise", "listwise"] = "pairwise"
     num_negatives: int = 7  # K negatives per positive (pairwise)
     min_gap: float = 2.0  # a negative's label is at least this much below the positive's
-    negative_weights: Literal["loss", "sampling", "none"] = "sampling"  # 1 - label frequency: sampling probability (MCR) or hinge weight
+    # 1 - label frequency: sampling probability (MCR) or hinge weight
+    negative_weights: Literal["loss", "sampling", "none"] = "sampling"
     margin: Literal["label", "fixed"] = "label"  # hinge margin: label difference or fixed_margin
     fixed_margin: float = 1.0
     ranking_reduction: Literal["mean", "sum"] = "mean"  # hinge over instances: mean, or sum (MCL Eq. 34 as printed)

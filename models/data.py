@@ -245,9 +245,10 @@ class StoreSource:
     def _tokens(self, item_id: str) -> dict[str, np.ndarray]:
         view = self._open()["tokens"]
         if item_id not in view or view.failure(item_id) is not None:
+            why = view.failure(item_id) if item_id in view else "not in the view"
             raise DataError(
                 f"dataset {self.dataset!r}: no tokens for {item_id!r} in the store "
-                f"(tokens stage not run for it, or recorded as a failure: {view.failure(item_id) if item_id in view else 'not in the view'}); "
+                f"(tokens stage not run for it, or recorded as a failure: {why}); "
                 f"rerun `mrhp extract --dataset {self.dataset} --stage tokens`"
             )
         return view.get(item_id)
@@ -472,7 +473,7 @@ class Collator:
         np_dtype = np.float16 if half else np.float32
         out = torch.zeros((len(items), width, cfg.roi_dim), dtype=torch.float16 if half else torch.float32)
         mask = torch.zeros((len(items), width), dtype=torch.bool)
-        for i, (a, n) in enumerate(zip(arrays, real)):
+        for i, (a, n) in enumerate(zip(arrays, real, strict=True)):
             if n:
                 out[i, :n] = torch.from_numpy(np.ascontiguousarray(a, dtype=np_dtype))
                 mask[i, :n] = True

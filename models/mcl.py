@@ -81,8 +81,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.batch import Batch, ModelOutput
-from models.layers import NEG_INF, MaskedMultiheadAttention, RNNEncoder, embedding_pair, masked_mean, \
-    with_embed_dim
+from models.layers import NEG_INF, MaskedMultiheadAttention, RNNEncoder, embedding_pair, masked_mean, with_embed_dim
 from models.registry import register_model
 from pipeline.config import from_mapping
 from pipeline.errors import ConfigError, TrainingError
@@ -171,7 +170,7 @@ def hyperspherical_form(t1: torch.Tensor, t2: torch.Tensor, o_p: float = 2.0,
 def pack(parts: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """[x_1, x_2, ...]: concatenation along the token axis, each x (B, L_i, H) with mask (B, L_i);
     real positions are moved to the front (stable, so their order is kept) -> (B, sum L_i, H)."""
-    xs, ms = zip(*parts)
+    xs, ms = zip(*parts, strict=True)
     x, m = torch.cat(xs, dim=1), torch.cat(ms, dim=1)
     order = torch.argsort((~m).to(torch.int8), dim=1, stable=True)  # real first
     return x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1])), m.gather(1, order)
@@ -381,7 +380,7 @@ class MCL(nn.Module):
 
     # ---- contracts ----------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, cfg: Mapping, embeddings: Mapping[str, np.ndarray] | None = None) -> "MCL":
+    def from_config(cls, cfg: Mapping, embeddings: Mapping[str, np.ndarray] | None = None) -> MCL:
         cfg = with_embed_dim(cfg, embeddings)  # embed_dim defaults to the matrices' width
         return cls(config=from_mapping(MCLConfig, cfg, "model.mcl"), embeddings=embeddings)
 
@@ -393,8 +392,9 @@ class MCL(nn.Module):
         Eq. 34 prints it (like the sums of Eq. 32-33, so Eq. 35 weighs them as written),
         negatives any review with a lower label drawn uniformly ("random reviews"). `code`:
         the public release's readable trainer and configs, with the shipped hinge averaged
-        over instances (REFERENCE.md section 4; the trainer's default). The three ablation presets are Table 6's rows. `category` is
-        accepted for the shared contract; MCL's presets are the same for every category."""
+        over instances (REFERENCE.md section 4; the trainer's default). The three ablation presets
+        are Table 6's rows. `category` is accepted for the shared contract; MCL's presets are the
+        same for every category."""
         paper_train = {"batch_products": 32, "margin": "fixed", "fixed_margin": 1.0,
                        "negative_weights": "none", "min_gap": 1.0, "ranking_reduction": "sum"}
         # every model field spelled out (so a run's saved config shows them), except the sizes

@@ -97,8 +97,7 @@ import torch
 import torch.nn as nn
 
 from models.batch import Batch, ModelOutput
-from models.layers import (CrossModalBlock, ROIEncoder, RNNEncoder, embedding_pair, masked_softmax,
-                           with_embed_dim)
+from models.layers import CrossModalBlock, RNNEncoder, ROIEncoder, embedding_pair, masked_softmax, with_embed_dim
 from models.layers import SoftPooling as AttentionPooling
 from models.registry import register_model
 from pipeline.config import from_mapping
@@ -400,7 +399,7 @@ class MMSS(nn.Module):
         return frozenset(views)
 
     @classmethod
-    def from_config(cls, cfg: Mapping, embeddings: Mapping[str, np.ndarray] | None = None) -> "MMSS":
+    def from_config(cls, cfg: Mapping, embeddings: Mapping[str, np.ndarray] | None = None) -> MMSS:
         cfg = dict(cfg)
         if cfg.get("text_features", "glove") == "glove":
             cfg = with_embed_dim(cfg, embeddings)  # embed_dim defaults to the matrices' width
@@ -488,7 +487,7 @@ class MMSS(nn.Module):
         pt_r, pmt_r, pv_r, pmv_r = pt[idx], pm_t[idx], pv[idx], pm_v[idx]
         if not self.config.interaction_module:  # Table 4 "-w/o module(b)"
             parts = [(pt_r, pmt_r), (rt, rm_t), (pv_r, pmv_r), (rv, rm_v)]
-            flat = torch.cat([pool(x, m) for pool, (x, m) in zip(self.item_pool, parts)], dim=-1)
+            flat = torch.cat([pool(x, m) for pool, (x, m) in zip(self.item_pool, parts, strict=True)], dim=-1)
             return ModelOutput(scores=self.flat_mlp(flat).squeeze(-1))
         it = self.interactions
         f = {  # each (R, H)

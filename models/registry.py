@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
     import torch.nn as nn
 
-_REGISTRY: dict[str, Callable[..., "nn.Module"]] = {}
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 # Modules that register models when imported; listed here so build_model finds every name.
 MODEL_MODULES: tuple[str, ...] = ("models.baselines", "models.mcl", "models.mmss", "models.sancl")
@@ -137,6 +137,6 @@ def model_preset(name: str, preset: str, *, category: str | None = None) -> dict
 
 
 def build_model(name: str, cfg: Mapping[str, Any] | None = None,
-                embeddings: Mapping[str, "np.ndarray"] | None = None) -> "nn.Module":
+                embeddings: Mapping[str, np.ndarray] | None = None) -> nn.Module:
     """Build the model registered as `name` from a plain config mapping (validated by the model)."""
     return model_class(name).from_config(dict(cfg or {}), embeddings)

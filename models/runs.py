@@ -26,7 +26,7 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +81,7 @@ class RunPaths:
     def eval_file(self, split: str) -> Path:
         return self.root / f"eval_{split}.json"
 
-    def make(self) -> "RunPaths":
+    def make(self) -> RunPaths:
         for d in (self.root, self.checkpoints, self.tensorboard, self.plots):
             d.mkdir(parents=True, exist_ok=True)
         return self
@@ -239,7 +239,7 @@ def _mean_band(runs: Sequence[tuple[list[int], list[float | None]]]):
     common = sorted(set.intersection(*(set(x) for x, _ in runs))) if runs else []
     rows = []
     for x, ys in runs:
-        at = dict(zip(x, ys))
+        at = dict(zip(x, ys, strict=True))
         rows.append([np.nan if at[e] is None else at[e] for e in common])
     arr = np.asarray(rows, dtype=np.float64)
     return common, np.nanmean(arr, axis=0), np.nanstd(arr, axis=0)
@@ -290,7 +290,7 @@ def _mark_best(ax, best_epochs: Sequence[int]) -> None:
 # ---- provenance recorded in run.json ------------------------------------------------------------
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def git_state(where: Path | None = None) -> dict[str, Any]:

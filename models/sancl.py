@@ -89,8 +89,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from models.batch import Batch, ModelOutput
-from models.layers import (NEG_INF, MaskedMultiheadAttention, embedding_pair, masked_mean,
-                           masked_softmax, with_embed_dim)
+from models.layers import NEG_INF, MaskedMultiheadAttention, embedding_pair, masked_mean, masked_softmax, with_embed_dim
 from models.registry import register_model
 from pipeline.config import from_mapping
 from pipeline.errors import ConfigError, DataError
@@ -276,7 +275,7 @@ class ImageEncoder(nn.Module):
     def forward(self, rois: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         keep = mask.unsqueeze(-1).to(rois.dtype)
         x = self.drop(self.map(rois))
-        for att, ln1, ffn, ln2 in zip(self.att, self.ln1, self.ffn, self.ln2):
+        for att, ln1, ffn, ln2 in zip(self.att, self.ln1, self.ffn, self.ln2, strict=True):
             x = ln1(x + self.drop(att(x, x, mask)))
             x = ln2(x + self.drop(ffn(x)))
         return x * keep
@@ -383,7 +382,7 @@ class SANCL(nn.Module):
 
     # ---- configuration helpers (shared contracts) -----------------------------------------
     @classmethod
-    def from_config(cls, cfg: Mapping, embeddings: Mapping[str, np.ndarray] | None = None) -> "SANCL":
+    def from_config(cls, cfg: Mapping, embeddings: Mapping[str, np.ndarray] | None = None) -> SANCL:
         cfg = with_embed_dim(cfg, embeddings)  # embed_dim defaults to the matrices' width
         return cls(config=from_mapping(SANCLConfig, cfg, "model.sancl"), embeddings=embeddings)
 

@@ -61,12 +61,26 @@ def _label(z: np.ndarray) -> np.ndarray:
     return np.digitize(z, [0.25, 0.45, 0.62, 0.8]).astype(np.int64)
 
 
-def make_synthetic(store_root: str | Path | None = None, dataset: str = "synth", *,
-                   n_products: int = 60, reviews_per_product: tuple[int, int] = (6, 12),
-                   vocab_size: int = 200, embed_dim: int = 16, n_topics: int = 8, roi_dim: int = 32,
-                   max_boxes: int = 4, image_prob: float = 0.7, review_len: tuple[int, int] = (8, 40),
-                   product_len: int = 24, noise: float = 0.08, split_shares: tuple[float, float, float] = (0.6, 0.2, 0.2),
-                   threshold: float = 1.0, seed: int = 0, text_feat_dim: int | None = None) -> SyntheticData:
+def make_synthetic(
+    store_root: str | Path | None = None,
+    dataset: str = "synth",
+    *,
+    n_products: int = 60,
+    reviews_per_product: tuple[int, int] = (6, 12),
+    vocab_size: int = 200,
+    embed_dim: int = 16,
+    n_topics: int = 8,
+    roi_dim: int = 32,
+    max_boxes: int = 4,
+    image_prob: float = 0.7,
+    review_len: tuple[int, int] = (8, 40),
+    product_len: int = 24,
+    noise: float = 0.08,
+    split_shares: tuple[float, float, float] = (0.6, 0.2, 0.2),
+    threshold: float = 1.0,
+    seed: int = 0,
+    text_feat_dim: int | None = None,
+) -> SyntheticData:
     """Generate a planted-signal dataset; see the module docstring. Sizes are per item ranges."""
     if vocab_size < n_topics + 2:
         raise ValueError(f"vocab_size {vocab_size} must exceed n_topics + 2 = {n_topics + 2}")
@@ -136,9 +150,17 @@ def make_synthetic(store_root: str | Path | None = None, dataset: str = "synth",
                 path = f"{split}/rvw/{rid}/pic_0_0.jpg"
                 rois[path] = boxes(topic, float(a_img[j]), int(rng.integers(1, max_boxes + 1)))
                 rimgs.append(path)
-            records.reviews.append(Review(id=rid, product_id=pid, text=" ".join(f"w{t}" for t in tok),
-                                          label=int(labels[j]), category="home", split=split,
-                                          images=tuple(ImageRef(p, url=f"http://synthetic.invalid/{p}") for p in rimgs)))
+            records.reviews.append(
+                Review(
+                    id=rid,
+                    product_id=pid,
+                    text=" ".join(f"w{t}" for t in tok),
+                    label=int(labels[j]),
+                    category="home",
+                    split=split,
+                    images=tuple(ImageRef(p, url=f"http://synthetic.invalid/{p}") for p in rimgs),
+                )
+            )
             arrays[f"rvw:{rid}"] = {"ids": tok.astype(np.int32), "pos": np.arange(n_tok, dtype=np.int32),
                                     "n_raw": np.int32(n_tok), "mask": probe}
             revs.append(ReviewItem(id=rid, tokens=tok, rois=concat_rois([rois[p] for p in rimgs], cfg),

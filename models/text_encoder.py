@@ -46,7 +46,7 @@ class TextEncoder(nn.Module):
 
     @classmethod
     def from_resource(cls, name: str, *, manifest: Any = None, random_init: bool = False, seed: int = 0,
-                      keep_sep: bool = False) -> "TextEncoder":
+                      keep_sep: bool = False) -> TextEncoder:
         """Load `resources.text_encoders.<name>` of `manifest` (a Manifest, a path, or None for
         the default manifest): the verified weights, or seeded random ones with `random_init`."""
         from features.text.bert import load_encoder

@@ -27,7 +27,7 @@ from features.device import autocast, resolve_device
 from models.config import TrainConfig, config_to_yaml, train_config
 from models.data import DataBundle, ProductSource, eval_plan, make_loader, train_plan
 from models.losses import ranking_loss
-from models.metrics import per_product_metrics, metric_names
+from models.metrics import metric_names, per_product_metrics
 from models.registry import build_model
 from models.runs import (
     RunPaths,
@@ -272,7 +272,7 @@ class Trainer:
             # one host sync for every logged value of the step (was one per value plus the check)
             vals = torch.stack([loss.detach(), rank.detach(), *(v.detach() for v in aux.values())]).tolist()
             if not math.isfinite(vals[0]):
-                parts = ", ".join(f"{k}={v:.4g}" for k, v in zip(aux, vals[2:]))
+                parts = ", ".join(f"{k}={v:.4g}" for k, v in zip(aux, vals[2:], strict=True))
                 raise TrainingError(
                     f"non-finite loss at epoch {self.epoch + 1} step {step + 1} (ranking="
                     f"{vals[1]:.4g}{', ' + parts if parts else ''}); lower lr, enable grad_clip "
@@ -290,7 +290,7 @@ class Trainer:
             self.optimizer.step()
             totals["loss"] += vals[0]
             totals["rank"] += vals[1]
-            for k, v in zip(aux, vals[2:]):
+            for k, v in zip(aux, vals[2:], strict=True):
                 aux_totals[k] = aux_totals.get(k, 0.0) + v
             steps += 1
             reviews += batch.num_reviews
@@ -588,7 +588,8 @@ def train_seeds(manifest, cfg: TrainConfig, *, seeds: int = 1, first_seed: int =
                 resume: bool = False, overwrite: bool = False, progress: Callable[[str], None] | None = None,
                 progress_bar: bool | None = None) -> list[TrainResult]:
     """Train `cfg.model` on `cfg.dataset` of the manifest once per seed index k in
-    first_seed .. first_seed + seeds - 1 (seed cfg.seed + k), into `<roots.runs>/<name>/seed<k>/`; each run folder also gets `data.json` (dataset, vocabulary
+    first_seed .. first_seed + seeds - 1 (seed cfg.seed + k), into `<roots.runs>/<name>/seed<k>/`;
+    each run folder also gets `data.json` (dataset, vocabulary
     fingerprint, threshold) for `mrhp predict`. `overwrite` deletes an existing seed folder first
     (only a folder that looks like a run: config.yaml or checkpoints/ inside). The CLI and the
     training flow call this."""

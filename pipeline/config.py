@@ -144,7 +144,7 @@ def _convert(tp: Any, value: Any, keypath: str) -> Any:
             return tuple(_convert(args[0], v, f"{keypath}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise ConfigError(f"{keypath}: expected a list of {len(args)} items, got {short_repr(value)}")
-        return tuple(_convert(a, v, f"{keypath}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(_convert(a, v, f"{keypath}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if origin in (dict, Mapping) or tp in (dict, Mapping):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{keypath}: expected a mapping, got {short_repr(value)}")

@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-
-from pipeline.params import STAGE_PARAMS, FlowParams
 from pipeline.config import deep_merge, from_mapping, load_yaml
 from pipeline.errors import ManifestError
+from pipeline.params import STAGE_PARAMS, FlowParams
 
 DEFAULT_MANIFEST = "data_manifest.yaml"
 SCHEMA_VERSION = 1

@@ -53,7 +53,7 @@ class DatasetRecords:
             out.setdefault(r.product_id, []).append(r)
         return out
 
-    def split(self, split: str) -> "DatasetRecords":
+    def split(self, split: str) -> DatasetRecords:
         """The products and reviews of one split (products are split-disjoint in MRHP)."""
         reviews = [r for r in self.reviews if r.split == split]
         pids = {r.product_id for r in reviews}

@@ -328,7 +328,7 @@ def test_the_demo_encoder_is_the_published_minilm():
 
 def test_the_bundle_threads_the_views_to_every_split(tmp_path, enc):
     from models.config import DataConfig
-    from models.data import bundle_from_records, make_loader, eval_plan
+    from models.data import bundle_from_records, eval_plan, make_loader
 
     recs = records()
     store = FeatureStore(tmp_path / "store")
@@ -367,7 +367,7 @@ def test_a_max_length_beyond_the_encoder_positions_is_refused(tmp_path, enc):
 
 
 def test_synthetic_data_carries_text_features_in_memory_and_in_the_store(tmp_path):
-    from models.data import Collator, eval_plan, make_loader
+    from models.data import eval_plan, make_loader
     from models.synthetic import make_synthetic
 
     data = make_synthetic(tmp_path / "store", n_products=6, reviews_per_product=(2, 3), text_feat_dim=8)

@@ -36,7 +36,7 @@ def test_batched_confidences_equal_per_image_ones_for_different_box_counts():
         boxes.append(torch.cat([xy, xy + torch.rand(r, 2, generator=g) * 30 + 1], dim=1))
         probs.append(torch.softmax(torch.randn(r, 6, generator=g) * 2, dim=1))
     together = max_class_confidence_batch(boxes, probs, 0.3, legacy=True)
-    for b, p, conf in zip(boxes, probs, together):
+    for b, p, conf in zip(boxes, probs, together, strict=True):
         assert torch.equal(conf, max_class_confidence(b, p, 0.3, legacy=True))
         assert conf.shape == (b.shape[0],)
 

@@ -129,7 +129,9 @@ def test_real_2018_fixture_slice_with_lowered_thresholds(shared_fixtures, tmp_pa
         o, pos = dec.raw_decode(text, pos)
         objs.append(o)
     assert len(objs) == 3176
-    q = [o for o in objs if int(o.get("vote", "0").replace(",", "")) >= 1 and len(o.get("reviewText", "").strip()) >= 32]
+    q = [
+        o for o in objs if int(o.get("vote", "0").replace(",", "")) >= 1 and len(o.get("reviewText", "").strip()) >= 32
+    ]
     per = Counter(o["asin"] for o in q)
     top = {a: max(int(o["vote"].replace(",", "")) for o in q if o["asin"] == a) for a in per}
     expected = {a for a, n in per.items() if n >= 5 and top[a] >= 2}
@@ -144,10 +146,20 @@ def test_amazon2023_groups_by_parent_asin_and_reads_image_objects(tmp_path, caps
     reviews, meta = [], []
     for p in range(4):
         for i in range(3):
-            reviews.append({"rating": 5.0, "title": "t", "text": LONG, "asin": f"C{p}-{i}", "parent_asin": f"P{p}",
-                            "user_id": "U", "timestamp": 1_700_000_000_000, "helpful_vote": 3 if i == 0 else 1,
-                            "images": [{"small_image_url": "s", "medium_image_url": "m", "large_image_url": f"L{p}{i}"}],
-                            "verified_purchase": True})
+            reviews.append(
+                {
+                    "rating": 5.0,
+                    "title": "t",
+                    "text": LONG,
+                    "asin": f"C{p}-{i}",
+                    "parent_asin": f"P{p}",
+                    "user_id": "U",
+                    "timestamp": 1_700_000_000_000,
+                    "helpful_vote": 3 if i == 0 else 1,
+                    "images": [{"small_image_url": "s", "medium_image_url": "m", "large_image_url": f"L{p}{i}"}],
+                    "verified_purchase": True,
+                }
+            )
         meta.append({"parent_asin": f"P{p}", "title": f"Lamp {p}", "description": ["Warm light."],
                      "features": ["LED", "Dimmable"], "images": [{"thumb": "t", "large": "l", "hi_res": f"H{p}"}],
                      "store": "S", "main_category": "Home"})
@@ -180,7 +192,9 @@ def test_dedupe_drops_repeated_reviews(tmp_path):
 
 def test_malformed_line_names_file_and_line(tmp_path, capsys):
     p = tmp_path / "r.json"
-    p.write_text(json.dumps(review18("A", "3")) + "\n" + '{"asin": "A", "vote": \n' + json.dumps(review18("A", "3")) + "\n")
+    p.write_text(
+        json.dumps(review18("A", "3")) + "\n" + '{"asin": "A", "vote": \n' + json.dumps(review18("A", "3")) + "\n"
+    )
     rc = main(["build-dataset", "amazon2018", "--reviews", str(p), "--out", str(tmp_path / "o")])
     assert rc == DataError.exit_code
     err = capsys.readouterr().err

@@ -10,8 +10,8 @@ import torch
 
 from features.detector import build_detector, load_into, pad_batch, prepare_image, tiny_config, verify_weights
 from features.detector.checkpoint import caffe2_to_d2, read_checkpoint, safe_unpickle
-from pipeline.stage import is_random_init
 from pipeline.errors import ResourceError, StageError
+from pipeline.stage import is_random_init
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def _outputs(model, probe):
 
 
 def _assert_same(a, b):
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
 
 

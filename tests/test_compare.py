@@ -150,15 +150,24 @@ def test_reported_numbers_load_validate_and_print_beside_the_run(runs, tmp_path)
     assert "no reported numbers for model 'length' on amazon/home" in text
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"results": [{**REPORTED["results"][0], "dataset": "ebay"}]}, r"results\[0\].dataset: expected one of amazon, lazada"),
-    ({"results": [{**REPORTED["results"][0], "MAP": "70"}]}, r"results\[0\].MAP: expected a number"),
-    ({"results": [{**REPORTED["results"][0], "MAP": 0.7, "map": 1}]}, r"results\[0\]: unknown key 'map'"),
-    ({"results": [{k: v for k, v in REPORTED["results"][0].items() if k != "category"}]}, r"results\[0\].category: required"),
-    ({"results": [{**REPORTED["results"][0], "MAP": 140}]}, r"results\[0\].MAP: expected a value in 0..100"),
-    ({"modle": "x"}, r"unknown key\(s\) modle"),
-    ({"results": []}, r"results: expected a non-empty list"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"results": [{**REPORTED["results"][0], "dataset": "ebay"}]},
+            r"results\[0\].dataset: expected one of amazon, lazada",
+        ),
+        ({"results": [{**REPORTED["results"][0], "MAP": "70"}]}, r"results\[0\].MAP: expected a number"),
+        ({"results": [{**REPORTED["results"][0], "MAP": 0.7, "map": 1}]}, r"results\[0\]: unknown key 'map'"),
+        (
+            {"results": [{k: v for k, v in REPORTED["results"][0].items() if k != "category"}]},
+            r"results\[0\].category: required",
+        ),
+        ({"results": [{**REPORTED["results"][0], "MAP": 140}]}, r"results\[0\].MAP: expected a value in 0..100"),
+        ({"modle": "x"}, r"unknown key\(s\) modle"),
+        ({"results": []}, r"results: expected a non-empty list"),
+    ],
+)
 def test_reported_schema_errors_name_the_file_and_key(change, message):
     with pytest.raises(ConfigError, match=message):
         parse_reported({**REPORTED, **change}, "x.yaml")

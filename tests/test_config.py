@@ -1,9 +1,10 @@
 """pipeline.config: typed records from mappings, with key paths in every error."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Literal
 
 import pytest
 

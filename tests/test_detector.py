@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from features.detector import (
-    build_detector,
     bua_caffe_r101,
+    build_detector,
     d2_r101_c4,
     pad_batch,
     prepare_image,
@@ -119,7 +119,7 @@ def test_detections_have_one_row_per_proposal_in_original_pixels(tiny):
     imgs = [_img(96, 128, 0), _img(70, 50, 1)]
     dets = _run(tiny, imgs)
     assert len(dets) == 2
-    for det, im in zip(dets, imgs):
+    for det, im in zip(dets, imgs, strict=True):
         r = det.boxes.shape[0]
         assert 0 < r <= 20
         assert det.features.shape == (r, tiny.cfg.res5_channels)
@@ -136,7 +136,7 @@ def test_batched_inference_equals_one_image_at_a_time(tiny, sizes):
     """Padding is masked layer by layer, so a batch computes what each image alone would."""
     imgs = [_img(h, w, i) for i, (h, w) in enumerate(sizes)]
     together = _run(tiny, imgs)
-    for im, det in zip(imgs, together):
+    for im, det in zip(imgs, together, strict=True):
         alone = _run(tiny, [im])[0]
         assert torch.allclose(alone.boxes, det.boxes, atol=1e-4)
         assert torch.allclose(alone.features, det.features, atol=1e-4)
@@ -158,7 +158,7 @@ def test_given_boxes_reproduce_the_features_of_the_same_proposals(tiny):
     batch = pad_batch([p.tensor for p in preps], 32)
     again = tiny.forward_boxes(batch, [p.scale for p in preps], [p.orig_hw for p in preps],
                                [d.boxes for d in dets])
-    for a, b in zip(dets, again):
+    for a, b in zip(dets, again, strict=True):
         assert torch.allclose(a.features, b.features, atol=1e-4)
         assert torch.allclose(a.cls_probs, b.cls_probs, atol=1e-5)
 

@@ -102,7 +102,9 @@ def test_text_stages_write_to_the_store_and_a_rerun_recomputes_only_changed_text
     m = manifest(tmp_path, vectors={"format": "glove", "path": "glove.txt"})
     store = FeatureStore(m.store_root)
     recs = records()
-    recs.reviews.append(Review(id="r2", product_id="p1", text="It is a steel pan. It heats fast.", label=0, split="test"))
+    recs.reviews.append(
+        Review(id="r2", product_id="p1", text="It is a steel pan. It heats fast.", label=0, split="test")
+    )
     builders = {"tokens": tokens.build_stage, "embeddings": build_stage, "probes": probes.build_stage}
     first = {name: run_stage(b(m, "toy", records=recs), store, "toy", chunk_size=2) for name, b in builders.items()}
     assert {n: (s.done, s.reused, s.failed, s.view_written) for n, s in first.items()} == {

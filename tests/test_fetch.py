@@ -241,7 +241,10 @@ def test_dataset_jobs_cover_products_and_reviews_once_per_path():
         ],
     )
     jobs, no_url = dataset_jobs(records)
-    assert jobs == [FetchJob("http://x/1.jpg", "train/prd/p1/pic_0_0.jpg"), FetchJob("http://x/2.jpg", "train/rvw/r1/pic_0_0.jpg")]
+    assert jobs == [
+        FetchJob("http://x/1.jpg", "train/prd/p1/pic_0_0.jpg"),
+        FetchJob("http://x/2.jpg", "train/rvw/r1/pic_0_0.jpg"),
+    ]
     assert no_url == 1
 
 
@@ -269,8 +272,14 @@ def test_cli_fetches_an_mrhp_dataset_into_the_canonical_layout(server, tmp_path,
         {"product_id": "P1", "review_id": "P1-0", "content": "good pan", "img_url": [server.url("/ok/2.jpg")]},
         {"product_id": "P1", "review_id": "P1-1", "content": "bad pan", "img_url": [server.url("/missing.jpg")]},
     ]))
-    (raw / "home.rel.train").write_text(table([
-        {"product_id": "P1", "review_id": "P1-0", "upvotes": 3}, {"product_id": "P1", "review_id": "P1-1", "upvotes": 1}]))
+    (raw / "home.rel.train").write_text(
+        table(
+            [
+                {"product_id": "P1", "review_id": "P1-0", "upvotes": 3},
+                {"product_id": "P1", "review_id": "P1-1", "upvotes": 1},
+            ]
+        )
+    )
     manifest = tmp_path / "data_manifest.yaml"
     manifest.write_text(yaml.safe_dump({
         "version": 1,

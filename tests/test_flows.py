@@ -11,10 +11,10 @@ import pytest
 
 from features import registry as stage_registry
 from flows.caching import chunk_cache_key, results_dir
-from tests.support.synthetic import REGISTRY, text_file, write_project
 from mrhp.cli import main
 from pipeline.manifest import load_manifest
 from pipeline.store import FeatureStore
+from tests.support.synthetic import REGISTRY, text_file, write_project
 
 pytestmark = pytest.mark.timeout(300)
 

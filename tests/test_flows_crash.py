@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.support.synthetic import REGISTRY, write_project
 from features.registry import build_stage, stage_order
 from pipeline.manifest import load_manifest
 from pipeline.runner import run_stage
 from pipeline.store import FeatureStore
+from tests.support.synthetic import REGISTRY, write_project
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,10 +20,10 @@ from features.detector.model import ConvNorm, fold_frozen_norms
 from features.detector.preprocess import prepare_batch, raw_image
 from features.detector.selection import select_boxes, select_boxes_batch
 from features.detector.syncs import count_host_syncs
-from pipeline.params import RoisParams
 from features.rois import RoisStage, detect_batch, extract_features, optimise_for_inference, pack_batch
 from pipeline.errors import StageError
 from pipeline.manifest import load_manifest
+from pipeline.params import RoisParams
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,7 +62,7 @@ def test_folded_detector_extracts_the_same_boxes_and_features():
     assert fold_frozen_norms(folded) > 0
     a = extract_features(plain, IMGS, PARAMS)
     b = extract_features(folded, IMGS, PARAMS)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         np.testing.assert_allclose(x["boxes"], y["boxes"], atol=1e-3)
         np.testing.assert_allclose(x["features"], y["features"], atol=1e-4, rtol=1e-4)
 
@@ -81,7 +81,7 @@ def test_uint8_images_resized_on_the_device_equal_the_worker_prepared_batch_bitw
     assert sum(r.rgb.numel() for r in raws) * 1 < sum(p.tensor.numel() * 4 for p in preps) / 3
     a = extract_features(model, preps, PARAMS)
     b = extract_features(model, raws, PARAMS)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert all(np.array_equal(x[k], y[k]) for k in x)
 
 
@@ -132,7 +132,7 @@ def test_channels_last_and_bucketed_padding_keep_the_features():
     dets = model(batch, [r.size for r in raws], [r.scale for r in raws], [r.orig_hw for r in raws],
                  pre_nms_top_n=PARAMS.rpn_pre_nms_top_n, post_nms_top_n=PARAMS.rpn_post_nms_top_n)
     for out in (extract_features(nhwc, IMGS, p), pack_batch(dets, PARAMS, model.cfg)):
-        for x, y in zip(base, out):
+        for x, y in zip(base, out, strict=True):
             np.testing.assert_allclose(x["boxes"], y["boxes"], atol=1e-3)
             np.testing.assert_allclose(x["features"], y["features"], atol=1e-4, rtol=1e-4)
 
@@ -234,7 +234,7 @@ def test_on_cuda_batched_equals_single_and_fp32_matches_cpu():
     ref = [f for i in range(len(raws)) for f in fixed(cpu_model, torch.device("cpu"), [i])]
     single = [f for i in range(len(raws)) for f in fixed(gpu_model, dev, [i])]
     batched = fixed(gpu_model, dev, list(range(len(raws))))
-    for r, s1, b in zip(ref, single, batched):
+    for r, s1, b in zip(ref, single, batched, strict=True):
         torch.testing.assert_close(b, s1, atol=1e-4, rtol=1e-4)
         # cuDNN convolutions use TF32 by default (torch.backends.cudnn.allow_tf32): ~1e-3 relative
         torch.testing.assert_close(s1, r, atol=1e-2, rtol=1e-2)

@@ -338,7 +338,11 @@ def test_stem_matching_refuses_ambiguous_mrhp_names():
     with pytest.raises(DataError, match="matches 2 dataset images by file stem.*--match path"):
         index.lookup("pic_0_0")
     by_path = RefIndex(_records(["train/prd/P1/pic_0_0.jpg"]), "path")
-    assert by_path.lookup("train/prd/P1/pic_0_0") == by_path.lookup("train/prd/P1/pic_0_0.jpg") == ["train/prd/P1/pic_0_0.jpg"]
+    assert (
+        by_path.lookup("train/prd/P1/pic_0_0")
+        == by_path.lookup("train/prd/P1/pic_0_0.jpg")
+        == ["train/prd/P1/pic_0_0.jpg"]
+    )
     assert by_path.lookup("pic_0_0") == []
 
 

@@ -114,12 +114,18 @@ def test_errors_name_the_manifest_file(tmp_path):
         load_manifest(p)
 
 
-@pytest.mark.parametrize("edits, pattern", [
-    ({"datasets__d__raw_root": "../../etc"}, r"datasets\.d\.raw_root: path '\.\./\.\./etc' resolves to .* outside its declared root"),
-    ({"datasets__d__image_root": "mrhp/../../pictures"}, r"datasets\.d\.image_root: .*outside its declared root"),
-    ({"resources__word_vectors__wv__path": "../x.txt"}, r"resources\.word_vectors\.wv\.path: .*outside"),
-    ({"resources__detectors__det__path": "/etc/passwd"}, r"resources\.detectors\.det\.path: .*outside"),
-])
+@pytest.mark.parametrize(
+    "edits, pattern",
+    [
+        (
+            {"datasets__d__raw_root": "../../etc"},
+            r"datasets\.d\.raw_root: path '\.\./\.\./etc' resolves to .* outside its declared root",
+        ),
+        ({"datasets__d__image_root": "mrhp/../../pictures"}, r"datasets\.d\.image_root: .*outside its declared root"),
+        ({"resources__word_vectors__wv__path": "../x.txt"}, r"resources\.word_vectors\.wv\.path: .*outside"),
+        ({"resources__detectors__det__path": "/etc/passwd"}, r"resources\.detectors\.det\.path: .*outside"),
+    ],
+)
 def test_paths_escaping_their_root_via_dotdot_or_absolute_are_refused(tmp_path, edits, pattern):
     with pytest.raises(ManifestError, match=pattern):
         load_manifest(write_manifest(tmp_path, variant(**edits)))
@@ -141,11 +147,19 @@ def test_symlink_staying_inside_the_root_is_fine(tmp_path):
     assert m.dataset("d").raw_root == (tmp_path / "data" / "real").resolve()
 
 
-@pytest.mark.parametrize("edits, pattern", [
-    ({"datasets__d__word_vectors": "glove-300"},
-     r"datasets\.d\.word_vectors: 'glove-300' is not declared under resources\.word_vectors \(wv\)"),
-    ({"datasets__d__detector": "frcnn"}, r"datasets\.d\.detector: 'frcnn' is not declared under resources\.detectors \(det\)"),
-])
+@pytest.mark.parametrize(
+    "edits, pattern",
+    [
+        (
+            {"datasets__d__word_vectors": "glove-300"},
+            r"datasets\.d\.word_vectors: 'glove-300' is not declared under resources\.word_vectors \(wv\)",
+        ),
+        (
+            {"datasets__d__detector": "frcnn"},
+            r"datasets\.d\.detector: 'frcnn' is not declared under resources\.detectors \(det\)",
+        ),
+    ],
+)
 def test_dataset_referencing_an_undeclared_resource_is_an_error(tmp_path, edits, pattern):
     with pytest.raises(ManifestError, match=pattern):
         load_manifest(write_manifest(tmp_path, variant(**edits)))

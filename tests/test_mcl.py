@@ -10,13 +10,22 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_models_common import TINY, learning_check, make_batch
 
 from models.config import train_config
 from models.losses import ranking_loss
-from models.mcl import (MCL, STREAMS, Fusion, InteractionLayer, InteractionModule,
-                        adaptive_contrastive_loss, hyperspherical_form, pack, relation_distances)
+from models.mcl import (
+    MCL,
+    STREAMS,
+    Fusion,
+    InteractionLayer,
+    InteractionModule,
+    adaptive_contrastive_loss,
+    hyperspherical_form,
+    pack,
+    relation_distances,
+)
 from pipeline.errors import ConfigError, TrainingError
-from test_models_common import TINY, learning_check, make_batch
 
 T1 = torch.tensor([[2.0, 0.0], [0.0, 3.0]])  # unit directions (1,0), (0,1)
 T2 = torch.tensor([[0.6, 0.8], [0.8, 0.6]])
@@ -151,7 +160,7 @@ def test_interaction_module_keeps_x_eta_fixed_and_uses_the_other_three_streams()
     torch.manual_seed(0)
     mod = InteractionModule(hidden=4, heads=1, layers=2, dropout=0.0)
     x = {s: (torch.randn(1, n, 4), torch.ones(1, n, dtype=torch.bool))
-         for s, n in zip(STREAMS, (2, 3, 1, 2))}
+         for s, n in zip(STREAMS, (2, 3, 1, 2), strict=True)}
     out = mod(x)
     # K_r's eta is [K_p, A_p, A_r] (encoder outputs), the same in both layers
     eta = torch.cat([x["kp"][0], x["ap"][0], x["ar"][0]], dim=1)

@@ -10,11 +10,21 @@ import math
 
 import pytest
 import torch
-
-from models.mmss import (MMSS, TABLE4_SWITCHES, JointInteraction, anchor, ewma_update, mahalanobis,
-                         mahalanobis_full, soft_pool, ssp_label, subtask_loss)
-from pipeline.errors import ConfigError, TrainingError
 from test_models_common import TINY, learning_check, make_batch
+
+from models.mmss import (
+    MMSS,
+    TABLE4_SWITCHES,
+    JointInteraction,
+    anchor,
+    ewma_update,
+    mahalanobis,
+    mahalanobis_full,
+    soft_pool,
+    ssp_label,
+    subtask_loss,
+)
+from pipeline.errors import ConfigError, TrainingError
 
 LN3 = math.log(3.0)  # sigmoid(ln 3) = 3/4, sigmoid(-ln 3) = 1/4, sigmoid(0) = 1/2
 
@@ -165,7 +175,9 @@ def _model(**extra):
 def _capture_f_star(model):
     """Forward hooks that record f*_g and f*_s (GELU of the projections; dropout is 0)."""
     got = {}
-    hooks = [model.fuse.register_forward_hook(lambda m, i, o: got.__setitem__("g", torch.nn.functional.gelu(o).detach()))]
+    hooks = [
+        model.fuse.register_forward_hook(lambda m, i, o: got.__setitem__("g", torch.nn.functional.gelu(o).detach()))
+    ]
     for s in model.subtasks:
         hooks.append(model.sub_proj[s].register_forward_hook(
             lambda m, i, o, s=s: got.__setitem__(s, torch.nn.functional.gelu(o).detach())))
@@ -246,7 +258,7 @@ def test_epoch_3_anchors_weigh_each_subtask_by_its_own_pseudo_labels_and_ewma_us
     labels = [y_g] + [y2[:, j] for j in range(5)]
     names = ("g",) + model.subtasks
     A, V = [], []
-    for k, (name, y) in enumerate(zip(names, labels)):
+    for k, (name, y) in enumerate(zip(names, labels, strict=True)):
         w, f = torch.sigmoid(y), got2[name].double()
         a = (w[:, None] * f).sum(0) / w.sum()
         v = ((w[:, None] * (f - a) ** 2).sum(0) / w.sum()).clamp(min=1e-6)
@@ -396,8 +408,9 @@ def test_table4_subtask_switches():
 
 
 def test_reported_numbers_and_every_table4_row_has_a_switch():
-    import yaml
     from pathlib import Path
+
+    import yaml
 
     doc = yaml.safe_load((Path(__file__).parents[1] / "models/reported/mmss.yaml").read_text())
     assert doc["model"] == "mmss"
@@ -407,7 +420,7 @@ def test_reported_numbers_and_every_table4_row_has_a_switch():
     assert rows[("Table 4", "amazon", "clothing", "w/o module(b)")]["MAP"] == 63.97
     settings = {r["setting"] for r in doc["results"] if r["table"] == "Table 4"}
     assert len(settings) == 8 and settings == set(TABLE4_SWITCHES)
-    for setting, switch in TABLE4_SWITCHES.items():
+    for switch in TABLE4_SWITCHES.values():
         _model(**switch)(make_batch())  # each row builds and runs
 
 

@@ -62,8 +62,12 @@ def test_task_completion_lines_are_demoted_to_debug():
     from pipeline.prefect_env import QuietTaskStates
 
     f = QuietTaskStates()
-    done = logging.LogRecord("prefect.task_runs", logging.INFO, __file__, 1, "Finished in state Completed()", None, None)
-    failed = logging.LogRecord("prefect.task_runs", logging.ERROR, __file__, 1, "Finished in state Failed('x')", None, None)
+    done = logging.LogRecord(
+        "prefect.task_runs", logging.INFO, __file__, 1, "Finished in state Completed()", None, None
+    )
+    failed = logging.LogRecord(
+        "prefect.task_runs", logging.ERROR, __file__, 1, "Finished in state Failed('x')", None, None
+    )
     mine = logging.LogRecord("prefect.task_runs", logging.INFO, __file__, 1, "demo/rois: 3 images", None, None)
     root_level = logging.root.level
     try:

@@ -15,7 +15,12 @@ import yaml
 from models.batch import ModelOutput
 from models.config import config_to_yaml, load_train_config, train_config
 from models.registry import (
-    MODEL_NAMES, available_models, model_config, model_preset, preset_names, register_model,
+    MODEL_NAMES,
+    available_models,
+    model_config,
+    model_preset,
+    preset_names,
+    register_model,
 )
 from mrhp.cli import main
 from pipeline.config import from_mapping
@@ -45,7 +50,10 @@ class FakePresetModel(nn.Module):
     def preset(cls, name: str, *, category: str | None = None) -> dict:
         cls.calls.append((name, category))
         if name == "paper":
-            return {"model_cfg": {"hidden": 64, "style": f"paper-{category}"}, "train": {"lr": 5e-4, "batch_products": 4}}
+            return {
+                "model_cfg": {"hidden": 64, "style": f"paper-{category}"},
+                "train": {"lr": 5e-4, "batch_products": 4},
+            }
         if name == "code":
             return {"model_cfg": {"hidden": 128, "dropout": 0.5}, "train": {"lr": 1e-3, "margin": "fixed"}}
         raise AssertionError(name)

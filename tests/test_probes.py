@@ -10,7 +10,13 @@ import pytest
 from features.text import probes as probes_mod
 from features.text.keywords import Keywords, strip_clitics
 from features.text.probes import (
-    ID_COREF, ProbeMasker, algorithm1, build_stage, script_rule, script_sentence_starts, sentence_index,
+    ID_COREF,
+    ProbeMasker,
+    algorithm1,
+    build_stage,
+    script_rule,
+    script_sentence_starts,
+    sentence_index,
 )
 from features.text.tokens import encode_texts
 from features.text.vocab import OOV, PAD, Vocabulary
@@ -211,7 +217,10 @@ def test_a_100k_character_review_of_real_sentences_is_masked_whole(request, mode
 def test_mask_aligns_with_token_positions(paper):
     review = "Love this pan!  Heats   evenly.\nIt was cheap."
     res = one(paper, review)
-    assert len(res.mask) == encode_texts([review], Vocabulary(words=(PAD, OOV), drop_unknown=False), language="en")[0].n_raw
+    assert (
+        len(res.mask)
+        == encode_texts([review], Vocabulary(words=(PAD, OOV), drop_unknown=False), language="en")[0].n_raw
+    )
 
 
 class FlakyNlp:
@@ -356,8 +365,16 @@ def manifest(tmp_path: Path, probes: dict | None = None, language: str = "en"):
 def records() -> DatasetRecords:
     prd = {"p1": Product(id="p1", name=PAN, description="", text=PAN, split="train"),
            "p2": Product(id="p2", name="Cast Iron Skillet", description="", text="Cast Iron Skillet", split="test")}
-    rv = [Review(id=f"r{i}", product_id="p1", text=PAN_REVIEW if i == 0 else f"Review {i} of this pan.", label=0, split="train")
-          for i in range(5)]
+    rv = [
+        Review(
+            id=f"r{i}",
+            product_id="p1",
+            text=PAN_REVIEW if i == 0 else f"Review {i} of this pan.",
+            label=0,
+            split="train",
+        )
+        for i in range(5)
+    ]
     rv.append(Review(id="s1", product_id="p2", text=PAN_REVIEW, label=0, split="test"))  # same text, other product
     rv.append(Review(id="x1", product_id="gone", text="Orphan review.", label=0, split="test"))
     return DatasetRecords(name="toy", products=prd, reviews=rv)
@@ -371,7 +388,9 @@ def test_stage_plans_one_item_per_review_and_product_pair_and_writes_masks(tmp_p
     assert plan.view["rvw:s1"] != plan.view["rvw:r0"]  # the product name is part of the key
     parsed = []
     real = probes_mod.english_keywords
-    monkeypatch.setattr(probes_mod, "english_keywords", lambda doc, *a, **k: parsed.append(doc.text) or real(doc, *a, **k))
+    monkeypatch.setattr(
+        probes_mod, "english_keywords", lambda doc, *a, **k: parsed.append(doc.text) or real(doc, *a, **k)
+    )
     items = list(plan.items.values())
     recs = {r.key: r for r in stage.run(items[:4])} | {r.key: r for r in stage.run(items[4:])}
     assert sorted(parsed) == ["", "Cast Iron Skillet.", f"{PAN}."]  # each distinct name parsed once

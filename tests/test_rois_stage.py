@@ -11,14 +11,13 @@ import torch
 
 from features.detector import build_detector, tiny_config
 from features.detector.model import fold_frozen_norms
-from pipeline.params import RoisParams
-from features.rois import RoisStage, build_stage, extract_features
-from pipeline.stage import is_random_init
 from features.images import decode_image
+from features.rois import RoisStage, build_stage, extract_features
 from pipeline.errors import ResourceError
 from pipeline.hashing import sha256_file
 from pipeline.manifest import load_manifest
-from pipeline.stage import Stage, WorkItem
+from pipeline.params import RoisParams
+from pipeline.stage import Stage, WorkItem, is_random_init
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -275,8 +274,9 @@ def test_a_single_image_that_does_not_fit_is_a_stage_error_naming_the_knobs(demo
 
 
 def test_fewer_boxes_than_min_boxes_is_a_failure_never_a_short_record(demo, tmp_path, monkeypatch):
-    import features.rois as rois
     from PIL import Image
+
+    import features.rois as rois
 
     tiny = tmp_path / "one_pixel.png"
     Image.new("RGB", (1, 1), (200, 10, 10)).save(tiny)

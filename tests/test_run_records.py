@@ -14,7 +14,12 @@ import torch
 
 from models.data import DataBundle, InMemorySource, ProductItem, ReviewItem, bundle_from_records
 from models.runs import (
-    RunPaths, _loss_series, _mean_band, load_checkpoint, run_is_random_init, view_fingerprints,
+    RunPaths,
+    _loss_series,
+    _mean_band,
+    load_checkpoint,
+    run_is_random_init,
+    view_fingerprints,
     write_seed_plots,
 )
 from models.samplers import no_instance_message
@@ -49,7 +54,9 @@ def test_run_json_records_provenance_and_view_fingerprints(stored, tmp_path):
     assert set(meta["word_vectors"]) == {"prd", "rvw"} and len(meta["word_vectors"]["rvw"]) == 2
     assert meta["git"]["commit"] is None or re.fullmatch(r"[0-9a-f]{40}", meta["git"]["commit"])
     assert meta["git"]["dirty"] in (True, False, None)
-    assert meta["packages"]["torch"] == torch.__version__.split("+")[0] or meta["packages"]["torch"] == torch.__version__
+    assert (
+        meta["packages"]["torch"] == torch.__version__.split("+")[0] or meta["packages"]["torch"] == torch.__version__
+    )
     assert "python" in meta["packages"] and "numpy" in meta["packages"]
     t0, t1 = datetime.fromisoformat(meta["started_at"]), datetime.fromisoformat(meta["finished_at"])
     assert t0 <= t1

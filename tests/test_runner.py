@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from features.registry import STAGES, StageEntry, build_stage, stage_order
-from tests.support.synthetic import REGISTRY, text_file, vec_of, write_project
 from pipeline.errors import ConfigError, StageError
 from pipeline.manifest import load_manifest
 from pipeline.runner import plan_stage, run_chunk, run_stage, summary_table
 from pipeline.store import FeatureStore
+from tests.support.synthetic import REGISTRY, text_file, vec_of, write_project
 
 
 def calls(log: Path) -> Counter:

@@ -20,7 +20,7 @@ def test_positives_are_above_lowest_and_negatives_at_least_two_lower():
     positives = [p for p, _, _ in rows]
     # label 1 has nothing >= 2 lower (lowest is 0): skipped; 2, 3, 4 are positives
     assert positives == [2, 3, 4]
-    for p, negs, w in rows:
+    for p, negs, _w in rows:
         assert len(negs) == 7
         assert np.all(labels[negs] <= labels[p] - 2)
     # label 2's only candidates are the two zeros
@@ -97,8 +97,8 @@ def test_listwise_pairs_each_positive_with_every_lower_review_and_pads():
     labels = np.array([4, 0, 1, 2])
     inst = PairwiseSampler(mode="listwise").sample(labels, np.zeros(4, dtype=np.int64),
                                                     np.random.default_rng(0))
-    got = {int(r[0]): sorted(int(n) for n, w in zip(r[1:], ws) if w > 0)
-           for r, ws in zip(inst.index, inst.weights)}
+    got = {int(r[0]): sorted(int(n) for n, w in zip(r[1:], ws, strict=True) if w > 0)
+           for r, ws in zip(inst.index, inst.weights, strict=True)}
     assert got == {0: [1, 2, 3], 3: [1]}
     assert inst.index.shape == (2, 4)
     row3 = [i for i, r in enumerate(inst.index) if r[0] == 3][0]

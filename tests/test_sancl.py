@@ -9,13 +9,12 @@ import math
 
 import pytest
 import torch
+from test_models_common import TINY, learning_check, make_batch
 
 from models.batch import Batch
 from models.layers import count_parameters
-from models.sancl import (SANCL, SelectiveSelfAttention, TextGRU, selective_attention_weights,
-                          weighted_pool)
+from models.sancl import SANCL, SelectiveSelfAttention, TextGRU, selective_attention_weights, weighted_pool
 from pipeline.errors import ConfigError, DataError
-from test_models_common import TINY, learning_check, make_batch
 
 E = math.exp
 
@@ -426,7 +425,11 @@ def test_reported_numbers_are_data_and_consistent():
     rows = {(r["table"], r["method"], r["setting"], r["category"]): r for r in d["results"]}
     # Table 2's full-model row is Table 1's multimodal SANCL on electronics
     t1, t2 = rows["Table 1", "SANCL", "", "electronics"], rows["Table 2", "SANCL", "", "electronics"]
-    assert [t1[k] for k in ("MAP", "NDCG@3", "NDCG@5")] == [t2[k] for k in ("MAP", "NDCG@3", "NDCG@5")] == [56.19, 46.98, 49.92]
+    assert (
+        [t1[k] for k in ("MAP", "NDCG@3", "NDCG@5")]
+        == [t2[k] for k in ("MAP", "NDCG@3", "NDCG@5")]
+        == [56.19, 46.98, 49.92]
+    )
     assert rows["Table 1", "SANCL", "text-only", "home"]["MAP"] == 58.03
     assert len([r for r in d["results"] if r["table"] == "Table 2"]) == 6
 

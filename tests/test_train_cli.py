@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from models.data import build_datasets, make_loader, eval_plan
 from models.config import DataConfig
+from models.data import build_datasets, eval_plan, make_loader
 from models.synthetic import make_synthetic, write_mrhp_tables
 from mrhp.cli import main
 from pipeline.manifest import load_manifest
@@ -54,7 +54,7 @@ def test_build_datasets_reads_store_views_like_the_in_memory_copy(workspace):
         assert a.product_ids == b.product_ids
         x, y = a.load(0), b.load(0)
         assert np.array_equal(x.rois, y.rois) and len(x.reviews) == len(y.reviews)
-        for r1, r2 in zip(x.reviews, y.reviews):
+        for r1, r2 in zip(x.reviews, y.reviews, strict=True):
             assert r1.id == r2.id and r1.label == r2.label and r1.length == r2.length
             assert np.array_equal(r1.tokens, r2.tokens) and np.array_equal(r1.rois, r2.rois)
             assert np.array_equal(r1.probe, r2.probe)
@@ -99,7 +99,7 @@ def test_train_evaluate_compare_predict_end_to_end(workspace, capsys):
         by_p.setdefault(r["product_id"], []).append(r)
     for rs in by_p.values():
         assert [r["rank"] for r in rs] == list(range(1, len(rs) + 1))
-        assert all(a["score"] >= b["score"] for a, b in zip(rs, rs[1:]))
+        assert all(a["score"] >= b["score"] for a, b in zip(rs, rs[1:], strict=False))
         assert all("label" in r for r in rs)
 
 

@@ -47,10 +47,19 @@ def _edit_table(path: Path, fn) -> None:
 BREAKERS = {
     "malformed JSON": ("home.rvw.dev", lambda p: p.write_text(p.read_text(encoding="utf-8")[:200], encoding="utf-8")),
     "missing column": ("home.prd.test", lambda p: _edit_table(p, lambda t: t.pop("name"))),
-    "duplicate ids": ("home.rvw.train", lambda p: _edit_table(p, lambda t: t["review_id"].update({"3": t["review_id"]["2"]}))),
-    "unknown review in rel": ("home.rel.dev", lambda p: _edit_table(p, lambda t: t["review_id"].update({"4": "B0GHOST-1"}))),
+    "duplicate ids": (
+        "home.rvw.train",
+        lambda p: _edit_table(p, lambda t: t["review_id"].update({"3": t["review_id"]["2"]})),
+    ),
+    "unknown review in rel": (
+        "home.rel.dev",
+        lambda p: _edit_table(p, lambda t: t["review_id"].update({"4": "B0GHOST-1"})),
+    ),
     "label out of range": ("home.rel.test", lambda p: _edit_table(p, lambda t: t["upvotes"].update({"1": -2}))),
-    "non-UTF-8": ("home.rvw.test", lambda p: p.write_bytes(p.read_bytes().replace(b"Easy to clean", b"Easy to \xe9clean"))),
+    "non-UTF-8": (
+        "home.rvw.test",
+        lambda p: p.write_bytes(p.read_bytes().replace(b"Easy to clean", b"Easy to \xe9clean")),
+    ),
     "missing file": ("home.rel.train", lambda p: p.unlink()),
 }
 

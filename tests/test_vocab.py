@@ -6,13 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.params import TokensParams
-from features.text import tokens as tokens_mod
 from features.text import vocab as vocab_mod
 from features.text.tokens import build_stage, encode_texts, load_vocabularies
 from features.text.vocab import OOV, OOV_ID, PAD, Vocabulary, fit_vocabularies, fit_vocabulary, read_vocabularies
 from pipeline.errors import StageError, StoreError
 from pipeline.manifest import manifest_from_mapping
+from pipeline.params import TokensParams
 from pipeline.records import DatasetRecords, Product, Review
 
 
@@ -35,7 +34,9 @@ def manifest(tmp_path: Path, tokens: dict | None = None, language: str = "en"):
 
 def records(extra_review: str = "") -> DatasetRecords:
     prd = {
-        "p1": Product(id="p1", name="Steel Pan", description="a steel pan", text="Steel Pan a steel pan", split="train"),
+        "p1": Product(
+            id="p1", name="Steel Pan", description="a steel pan", text="Steel Pan a steel pan", split="train"
+        ),
         "p2": Product(id="p2", name="Steel Pot", description="steel", text="Steel Pot steel", split="train"),
         "p3": Product(id="p3", name="Wok", description="unseen words", text="Wok unseen words", split="test"),
     }

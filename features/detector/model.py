@@ -134,7 +134,7 @@ class PadSizes(tuple):
         obj.cache = {} if cache is None else cache
         return obj
 
-    def derive(self, sizes) -> "PadSizes":
+    def derive(self, sizes) -> PadSizes:
         return PadSizes(sizes, self.cache)
 
 
@@ -436,8 +436,10 @@ class ProposalGenerator(nn.Module):
                     valid[i, :vh, :vw].fill_(True)
         valid = valid.view(n, k_all)
         # one small host-to-device copy: each image's clip limits and minimum proposal side
-        lim = torch.tensor([[h - one, w - one, cfg.min_proposal_size * sc] for (h, w), sc in zip(image_sizes, scales)],
-                           dtype=torch.float32).to(dev, non_blocking=True)
+        lim = torch.tensor(
+            [[h - one, w - one, cfg.min_proposal_size * sc] for (h, w), sc in zip(image_sizes, scales, strict=True)],
+            dtype=torch.float32,
+        ).to(dev, non_blocking=True)
         neg_inf = torch.tensor(float("-inf"), device=dev)
 
         def clip_and_filter(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -582,9 +584,9 @@ class BUADetector(nn.Module):
                       boxes: list[torch.Tensor]) -> list[Detections]:
         """Features and predictions for given boxes (x1,y1,x2,y2 in original pixels) instead of
         RPN proposals: extraction for known regions, and precision checks on fixed boxes."""
-        sizes = [(int(round(h * s)), int(round(w * s))) for (h, w), s in zip(orig_sizes, scales)]
+        sizes = [(int(round(h * s)), int(round(w * s))) for (h, w), s in zip(orig_sizes, scales, strict=True)]
         feats, _ = self.backbone(images, _padded_sizes(images, sizes))
-        props = [b.to(device=images.device, dtype=torch.float32) * s for b, s in zip(boxes, scales)]
+        props = [b.to(device=images.device, dtype=torch.float32) * s for b, s in zip(boxes, scales, strict=True)]
         return self._heads(feats, props, scales, orig_sizes)
 
     def _heads(self, feats: torch.Tensor, proposals: list[torch.Tensor], scales: list[float],

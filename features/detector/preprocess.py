@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MIN_SIDE = 16  # resized images need at least one stride-16 feature cell per side
-
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+MIN_SIDE = 16  # resized images need at least one stride-16 feature cell per side
 
 
 def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float:
@@ -74,7 +74,7 @@ class RawImage:
     def orig_hw(self) -> tuple[int, int]:
         return int(self.rgb.shape[0]), int(self.rgb.shape[1])
 
-    def pin_memory(self) -> "RawImage":
+    def pin_memory(self) -> RawImage:
         return RawImage(rgb=self.rgb.pin_memory(), scale=self.scale, size=self.size)
 
 

@@ -46,12 +46,12 @@ def max_class_confidence_batch(boxes: list[torch.Tensor], class_probs: list[torc
     counts = [int(b.shape[0]) for b in boxes]
     r = max(counts, default=0)
     if n == 0 or r == 0:
-        return [p.new_zeros(c) for p, c in zip(class_probs, counts)]
+        return [p.new_zeros(c) for p, c in zip(class_probs, counts, strict=True)]
     c = int(class_probs[0].shape[1])
     dev = class_probs[0].device
     probs = torch.full((n, c, r), -1.0, dtype=torch.float32, device=dev)
     overlap = torch.zeros((n, r, r), dtype=torch.bool, device=dev)
-    for i, (b, p) in enumerate(zip(boxes, class_probs)):
+    for i, (b, p) in enumerate(zip(boxes, class_probs, strict=True)):
         k = counts[i]
         if k:
             probs[i, :, :k] = p.t().float()

@@ -42,11 +42,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.params import BertParams
 from features.text.tokens import records_loader
 from pipeline.errors import ResourceError, StageError
 from pipeline.hashing import fingerprint as stage_fingerprint
 from pipeline.hashing import normalize_text, sha256_file, text_key
+from pipeline.params import BertParams
 from pipeline.stage import RANDOM_INIT_PREFIX, FieldSpec, Plan, Record, WorkItem  # the flag `mrhp status` reads
 
 log = logging.getLogger(__name__)

@@ -17,12 +17,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.params import EmbeddingsParams
 from features.text.tokens import records_loader
 from features.text.vectors import LoadedVectors, build_matrix, load_vectors, source_sha256
 from features.text.vocab import FIELDS, Vocabularies, fit_vocabularies, read_vocabularies, train_texts
 from pipeline.errors import StageError
 from pipeline.hashing import fingerprint as stage_fingerprint
+from pipeline.params import EmbeddingsParams
 from pipeline.stage import FieldSpec, Plan, Record, WorkItem
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,8 @@ product-noun lexicon `ID_PRODUCT_NOUNS` (clitics stripped), skipping brand-like 
 product's own brand words when the caller passes them, and capitalised words found in no
 lexicon (`ID_PRODUCT_NOUNS`, `ID_MODIFIERS`, spaCy's Indonesian stop words). With no lexicon
 noun, the first word that is neither brand-like nor a modifier (a lowercase unknown word); with
-none of those either, the first content word (the rule used is recorded in the meta). `paper` mode adds the lexicon nouns among the `near_root` words
+none of those either, the first content word (the rule used is recorded in the meta). `paper`
+mode adds the lexicon nouns among the `near_root` words
 that follow the head (its dependents in a head-initial phrase). The released script parsed
 Indonesian names with the *English* pipeline; that rule is not reproduced (it picks brands and
 model numbers: the fault this rule fixes).

@@ -58,13 +58,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.params import ProbesParams
 from features.text.coref import BACKENDS, Cluster, get_backend, resolve
 from features.text.keywords import Keywords, english_keywords, indonesian_keywords, name_head, name_text
 from features.text.tokenize import check_language, clean_text, load_english, tokenizer_pipeline
 from pipeline.errors import StageError
 from pipeline.hashing import fingerprint as stage_fingerprint
 from pipeline.hashing import text_key
+from pipeline.params import ProbesParams
 from pipeline.stage import FieldSpec, Plan, Record, WorkItem
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def script_sentence_starts(words: Sequence[str], is_punct: Sequence[bool]) -> li
     is neither punctuation nor one of those starts a sentence."""
     starts = [0] if words else []
     seen_end = False
-    for i, (w, punct) in enumerate(zip(words, is_punct)):
+    for i, (w, punct) in enumerate(zip(words, is_punct, strict=True)):
         if seen_end and not punct and w not in SCRIPT_SENT_PUNCT:
             starts.append(i)
             seen_end = False
@@ -200,7 +200,7 @@ class ProbeMasker:
         self._names: dict[tuple[str, tuple[str, ...]], Keywords] = {}
 
     @classmethod
-    def from_params(cls, params: ProbesParams, language: str, **overrides: Any) -> "ProbeMasker":
+    def from_params(cls, params: ProbesParams, language: str, **overrides: Any) -> ProbeMasker:
         kw = dict(
             language=language, mode=params.mode, coref=params.coref, near_root=params.near_root,
             keyword_test=params.keyword_test, batch_size=params.batch_size, n_process=params.n_process,
@@ -256,13 +256,13 @@ class ProbeMasker:
         brand_keys = [tuple(sorted(b)) for b in brands] if brands is not None else [()] * len(names)
         if len(brand_keys) != len(names):
             raise StageError(f"probes: {len(names)} product names but {len(brand_keys)} brand lists")
-        keys = [(clean_text(n), b if self.language != "en" else ()) for n, b in zip(names, brand_keys)]
+        keys = [(clean_text(n), b if self.language != "en" else ()) for n, b in zip(names, brand_keys, strict=True)]
         todo = [k for k in dict.fromkeys(keys) if k not in self._names]
         if todo:
             if len(self._names) + len(todo) > NAME_CACHE_MAX:
                 self._names.clear()
             texts = [name_text(n, self.mode) if self.language == "en" else n for n, _ in todo]
-            for (n, b), doc in zip(todo, self.nlp.pipe(texts, batch_size=self.batch_size)):
+            for (n, b), doc in zip(todo, self.nlp.pipe(texts, batch_size=self.batch_size), strict=True):
                 if self.language == "en":
                     kw = english_keywords(
                         doc, len(name_head(n)), mode=self.mode, near_root=self.near_root, noun_lemma=self._noun_lemma
@@ -303,7 +303,7 @@ class ProbeMasker:
         backend = self.backend()
         if backend is None or getattr(backend, "streaming", False):
             # Coreference per doc as it arrives (the rules backend, keyword mentions, or none).
-            for text, doc in zip(unique, self.parse(unique)):
+            for text, doc in zip(unique, self.parse(unique), strict=True):
                 for i in by_text[text]:
                     if isinstance(doc, Exception):
                         out[i] = doc
@@ -312,7 +312,7 @@ class ProbeMasker:
             return out  # type: ignore[return-value]
         # Batch backends (neuralcoref's side process): every doc of the chunk at once.
         pairs = []
-        for text, doc in zip(unique, self.parse(unique)):
+        for text, doc in zip(unique, self.parse(unique), strict=True):
             for i in by_text[text]:
                 if isinstance(doc, Exception):
                     out[i] = doc
@@ -320,7 +320,7 @@ class ProbeMasker:
                     pairs.append((i, doc))
         found = backend.clusters([d for _, d in pairs], [kws[i] for i, _ in pairs]) if pairs else []
         errors = getattr(backend, "errors", {})
-        for j, ((i, doc), clusters) in enumerate(zip(pairs, found)):
+        for j, ((i, doc), clusters) in enumerate(zip(pairs, found, strict=True)):
             if clusters is None:  # this review alone: a failure record, never a silent fallback
                 out[i] = StageError(f"{backend.name} failed on this review: {errors.get(j, 'no result')}")
             else:
@@ -484,7 +484,7 @@ class ProbesStage:
             [it.source[0] for it in items], [it.source[1] for it in items],
             [it.source[2] if len(it.source) > 2 else () for it in items],
         )
-        for it, res in zip(items, results):
+        for it, res in zip(items, results, strict=True):
             if isinstance(res, Exception):
                 yield Record(key=it.key, failure=f"probe mask failed: {type(res).__name__}: {res}")
             else:

@@ -72,7 +72,7 @@ def check_language(language: str) -> None:
         raise StageError(f"text stages support languages {', '.join(LANGUAGES)}; got {language!r}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tokenizer_pipeline(language: str):
     """A spaCy Language for tokenizing: English with every trained component excluded;
     Indonesian `spacy.blank("id")` plus a rule sentencizer (the probes stage's whole pipeline;
@@ -156,7 +156,7 @@ class IndonesianTokenizer:
             yield self(t)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def spacy_model_version() -> str:
     from importlib.metadata import version
 

@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.params import TokensParams
 from features.text.tokenize import check_language, clean_text, tokenize, tokenizer_id
 from features.text.vocab import FIELDS, Vocabularies, Vocabulary, fit_vocabularies, read_vocabularies, train_texts
 from pipeline.errors import StageError
 from pipeline.hashing import fingerprint as stage_fingerprint
 from pipeline.hashing import text_key
+from pipeline.params import TokensParams
 from pipeline.stage import FieldSpec, Plan, Record, WorkItem
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ class TokensStage:
         texts = [it.source[1] for it in items]
         toks_iter = tokenize_parallel(texts, self.language, batch_size=self.params.batch_size,
                                       n_process=self.params.n_process)
-        for it, toks in zip(items, toks_iter):
+        for it, toks in zip(items, toks_iter, strict=True):
             fld, _, vfp = it.source
             vocabs = self._vocabularies_for(vfp)
             ids, pos = vocabs.field(fld).encode(toks, self.params.max_len)

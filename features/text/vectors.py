@@ -126,7 +126,9 @@ def read_cache(folder: Path, *, sha: str = "") -> LoadedVectors:
             if meta.get("bucket") else None
         )
     except (OSError, ValueError, KeyError) as e:
-        raise ResourceError(f"converted word vectors under {folder} unreadable ({e}); delete the folder to convert again") from None
+        raise ResourceError(
+            f"converted word vectors under {folder} unreadable ({e}); delete the folder to convert again"
+        ) from None
     if vectors.shape != (len(words), meta["dim"]):
         raise ResourceError(
             f"converted word vectors under {folder}: vectors.npy has shape {vectors.shape}, "

@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.params import TokensParams
 from features.text.tokenize import clean_text, tokenize, tokenizer_id
 from pipeline.errors import StageError, StoreError
+from pipeline.params import TokensParams
 
 log = logging.getLogger(__name__)
 

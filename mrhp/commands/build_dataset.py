@@ -38,13 +38,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder (the dataset's raw_root)")
     p.add_argument("--category", default=None,
                    help="output file prefix (default: the reviews file name before its first dot, lowercased)")
-    p.add_argument("--min-votes", type=int, default=d.min_votes, help=f"review needs >= this many votes ({d.min_votes})")
-    p.add_argument("--min-chars", type=int, default=d.min_chars, help=f"review needs >= this many characters ({d.min_chars})")
+    p.add_argument(
+        "--min-votes", type=int, default=d.min_votes, help=f"review needs >= this many votes ({d.min_votes})"
+    )
+    p.add_argument(
+        "--min-chars", type=int, default=d.min_chars, help=f"review needs >= this many characters ({d.min_chars})"
+    )
     p.add_argument("--min-reviews", type=int, default=d.min_reviews,
                    help=f"product needs >= this many qualifying reviews ({d.min_reviews})")
     p.add_argument("--min-top-votes", type=int, default=d.min_top_votes,
                    help=f"... one of them with >= this many votes ({d.min_top_votes}, i.e. vote > 2)")
-    p.add_argument("--test-fraction", type=float, default=d.test_fraction, help=f"share of products in test ({d.test_fraction})")
+    p.add_argument(
+        "--test-fraction", type=float, default=d.test_fraction, help=f"share of products in test ({d.test_fraction})"
+    )
     p.add_argument("--dev-fraction", type=float, default=d.dev_fraction,
                    help=f"share of the remaining products in dev ({d.dev_fraction})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"random_state of the splits ({d.seed})")

@@ -292,9 +292,13 @@ def _render_grid(header: list[str], body: list[list[str]], fmt: str, *,
             parts.append(g.center(w))
             i += span
         lines.append("  ".join(parts).rstrip())
-    lines.append("  ".join([header[0].ljust(widths[0]), *(h.rjust(w) for h, w in zip(header[1:], widths[1:]))]))
+    lines.append(
+        "  ".join([header[0].ljust(widths[0]), *(h.rjust(w) for h, w in zip(header[1:], widths[1:], strict=True))])
+    )
     for row in body:
-        lines.append("  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:]))]))
+        lines.append(
+            "  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True))])
+        )
     return "\n".join(lines)
 
 

@@ -35,11 +35,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from pipeline.config import short_repr
-from pipeline.errors import DataError, StoreError, TrainingError
+from pipeline.errors import DataError, TrainingError
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -133,7 +132,7 @@ class _Rois:
     Counts `found` (features stored), `failed` (extraction recorded as failed: no ROIs, as in
     training) and `missing` (never extracted). Store errors (damage) propagate."""
 
-    def __init__(self, store_root: Path, dataset: str, cfg: "DataConfig") -> None:
+    def __init__(self, store_root: Path, dataset: str, cfg: DataConfig) -> None:
         from pipeline.store import FeatureStore
 
         self.cfg = cfg
@@ -143,7 +142,7 @@ class _Rois:
         self.has_view = any(v.dataset == dataset and v.stage == "rois" for v in store.views())
         self.reader = store.reader("rois", store.view(dataset, "rois").fingerprint) if self.has_view else None
 
-    def __call__(self, files: list[Path]) -> "np.ndarray":
+    def __call__(self, files: list[Path]) -> np.ndarray:
         import numpy as np
 
         from models.data import concat_rois
@@ -210,16 +209,22 @@ def rel_labels(values: dict[str, float], mode: str, where: str) -> tuple[dict[st
     return labels, dict(values)
 
 
-def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, manifest, cfg: "DataConfig",
+def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, manifest, cfg: DataConfig,
                dataset: str, labels_mode: str | None = None,
-               probes_needed: bool = False) -> tuple["InMemorySource", _Rois]:
+               probes_needed: bool = False) -> tuple[InMemorySource, _Rois]:
     """Read the MRHP tables named by `path` into an in-memory source in the run's vocabulary;
     each review's `label` is its 0-4 label (NaN without one), raw votes in `source.votes`."""
     import numpy as np
 
     from models.data import InMemorySource, ProductItem, ReviewItem
     from pipeline.datasets.mrhp import (
-        PRD_COLUMNS, PRD_OPTIONAL, REL_COLUMNS, RVW_COLUMNS, RVW_OPTIONAL, parse_img_urls, product_text,
+        PRD_COLUMNS,
+        PRD_OPTIONAL,
+        REL_COLUMNS,
+        RVW_COLUMNS,
+        RVW_OPTIONAL,
+        parse_img_urls,
+        product_text,
     )
     from pipeline.datasets.tables import read_column_table
 
@@ -254,7 +259,7 @@ def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, m
                   for k in pkeys]
         penc = encode_texts(ptexts, prd_vocab, language=spec.language, max_len=max_len)
         by_pid: dict[str, ProductItem] = {}
-        for k, pid, enc in zip(pkeys, pids, penc):
+        for k, pid, enc in zip(pkeys, pids, penc, strict=True):
             parse_img_urls(pt["img_url"][k], prd_path, k)  # validates the cell
             item = ProductItem(id=pid, tokens=enc.ids.astype(np.int64),
                                rois=rois(_image_files(images, split, "prd", pid)))
@@ -262,10 +267,10 @@ def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, m
             products.append(item)
         rtexts = [str(rt["content"][k] or "") for k in rkeys]
         renc = encode_texts(rtexts, rvw_vocab, language=spec.language, max_len=max_len)
-        names = {pid: str(pt["name"][k] or "") for k, pid in zip(pkeys, pids)}
+        names = {pid: str(pt["name"][k] or "") for k, pid in zip(pkeys, pids, strict=True)}
         masks = probe_masks(manifest, spec, dataset, rtexts,
                             [names.get(str(rt["product_id"][k]), "") for k in rkeys], needed=probes_needed)
-        for k, enc, mask in zip(rkeys, renc, masks):
+        for k, enc, mask in zip(rkeys, renc, masks, strict=True):
             rid = check_id(rt["review_id"][k], rvw_path, k, "review_id")
             pid = check_id(rt["product_id"][k], rvw_path, k, "product_id")
             if pid not in by_pid:
@@ -303,7 +308,7 @@ def probe_masks(manifest, spec, dataset: str, reviews: list[str], names: list[st
     return [r.mask if isinstance(r, ProbeResult) else None for r in masker.masks(reviews, names)]
 
 
-def _aligned_probe(mask: "np.ndarray | None", enc) -> "np.ndarray":
+def _aligned_probe(mask: np.ndarray | None, enc) -> np.ndarray:
     """The probe mask at the kept token positions (`mask[pos]`, as models.data aligns it)."""
     import numpy as np
 
@@ -322,7 +327,7 @@ def average_seeds(per_seed: list[list[dict]]) -> list[dict]:
         if [p["review_id"] for p in preds] != [p["review_id"] for p in first]:
             raise TrainingError(f"seed {k} scored different reviews than seed 0")
     scores = np.mean([[p["score"] for p in preds] for preds in per_seed], axis=0)
-    return [{**p, "score": float(s)} for p, s in zip(first, scores)]
+    return [{**p, "score": float(s)} for p, s in zip(first, scores, strict=True)]
 
 
 def ranked(preds: list[dict], votes: dict[str, float] | None = None) -> list[dict]:
@@ -365,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
         raise TrainingError(f"run {args.run!r} has no seed{args.seed}; found {', '.join(d.name for d in dirs)}")
     metas = [read_json(d / "data.json") for d in chosen]
     meta = metas[0]
-    for d, m in zip(chosen[1:], metas[1:]):
+    for d, m in zip(chosen[1:], metas[1:], strict=True):
         if (m.get("dataset"), m.get("vocab_fingerprint")) != (meta.get("dataset"), meta.get("vocab_fingerprint")):
             raise TrainingError(f"{d}: trained on other data ({m.get('dataset')}) than {chosen[0].name}; "
                                 f"pick one with --seed")

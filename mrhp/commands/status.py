@@ -105,10 +105,9 @@ def status_table(rows: list[StageStatus]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from features.registry import stage_order
+    from mrhp.commands.extract import disk_error, random_init_overrides
     from pipeline.manifest import load_manifest
     from pipeline.store import FeatureStore, read_only
-
-    from mrhp.commands.extract import disk_error, random_init_overrides
 
     manifest = load_manifest(args.manifest, overrides=random_init_overrides(args.random_init))
     datasets = [manifest.dataset(args.dataset).name] if args.dataset else list(manifest.datasets)

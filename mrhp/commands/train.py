@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def resolve(args: argparse.Namespace, manifest) -> "object":
+def resolve(args: argparse.Namespace, manifest) -> object:
     """The TrainConfig the command line asks for (preset, YAML, overrides), validated."""
     from models.config import load_train_config
     from pipeline.errors import ConfigError

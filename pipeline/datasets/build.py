@@ -271,7 +271,7 @@ def build_mrhp(
             )
             for p in missing:
                 writers[("prd", split_of[p])].add(_product_row(SourceProduct(p, p, "", [], "", "")))
-        for p, s in split_of.items():
+        for s in split_of.values():
             summary.products[s] = summary.products.get(s, 0) + 1
         if summary.records_skipped > _MAX_LISTED:
             summary.warnings.append(f"{summary.records_skipped:,} records skipped in all")

