@@ -689,8 +689,9 @@ class FeatureStore:
         new_rel = str(target.relative_to(self.root))
         lock = _lock_path(self.root, seg_id)
         # Held while the file sits under segments/ unindexed, so gc and fsck do not take it for an
-        # orphan; no target in it: if this process dies here, the file stays for fsck --repair.
-        lock_fd = _acquire_lock(lock, "")
+        # orphan; it names the file: if this process dies here, the next open removes it (as for
+        # an attached writer) and its keys, still missing, are recomputed.
+        lock_fd = _acquire_lock(lock, new_rel)
         try:
             return self._move_and_index(source, target, rel, new_rel, seg_id, stage, fingerprint,
                                         seg_row, item_rows, schema, conn)
@@ -703,9 +704,8 @@ class FeatureStore:
                         conn: sqlite3.Connection) -> list[str]:
         try:
             _makedirs_durable(target.parent)
-            os.rename(source, target)
+            os.rename(source, target)  # one directory operation: the file is in pending/ or in segments/
             _fsync_dir(target.parent)
-            _fsync_dir(source.parent)
         except OSError as e:
             raise StoreError(f"moving pending segment {rel} into {new_rel}: {e}") from e
         rows: list[tuple] = []
