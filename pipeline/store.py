@@ -762,9 +762,13 @@ class FeatureStore:
                 problems.append(f"{path.relative_to(self.root)}: {self._quarantine_reason(path)}")
                 continue
             try:
-                added += len(self.commit_segment(desc))
+                n = len(self.commit_segment(desc))
             except StoreError as e:
                 problems.append(str(e))
+                continue
+            added += n
+            log.info("pending segment %s (%s/%s) verified: %d new item rows%s", path.relative_to(self.root),
+                     desc["stage"], desc["fingerprint"], n, "" if n else ", its keys were already stored: removed")
         return added, problems
 
     def adopt_abandoned(self) -> tuple[int, list[str]]:

@@ -69,6 +69,14 @@ def test_workers_write_pending_segments_the_flow_commits_them_a_killed_worker_lo
 ):
     from flows.extract import run_extraction
 
+    swept: list[str] = []  # the pending files the flow's end-of-stage sweeps found
+    real_commit_pending = FeatureStore.commit_pending
+
+    def commit_pending(self, owner=None):
+        swept.extend(p.name for p in self.pending_segments(owner))
+        return real_commit_pending(self, owner)
+
+    monkeypatch.setattr(FeatureStore, "commit_pending", commit_pending)
     single = write_project(tmp_path / "single", 40, chunk_size=8)
     scaled = write_project(tmp_path / "dask", 40, chunk_size=8)
     run_extraction(single, dataset="syn", registry=REGISTRY, task_runner="thread", progress=False)
@@ -84,6 +92,10 @@ def test_workers_write_pending_segments_the_flow_commits_them_a_killed_worker_lo
                                    dask_address=address, progress=False)
 
     assert marker.exists(), "no worker was killed"
+    # The killed attempt had written one segment (3 records) it never reported: the flow's sweep
+    # found it and verified it (its keys, recomputed by the rescheduled chunk, were already
+    # stored, so it was removed: `pending_segments()` is empty below and fsck is clean).
+    assert len(swept) == 1, swept
     assert [(s.stage, s.done, s.failed, s.view_written) for s in summaries] == [
         ("synthetic", 40, 0, True), ("synthetic_sum", 40, 0, True)]
     a, b = store_content(single), store_content(scaled)
