@@ -1527,6 +1527,8 @@ class _Tx:
         self.immediate = immediate
 
     def __enter__(self) -> sqlite3.Connection:
+        if self.immediate:  # every index write runs in an immediate transaction
+            _refuse_in_worker(f"write the store index {self._path()}")
         try:
             self.conn.execute("BEGIN IMMEDIATE" if self.immediate else "BEGIN")
         except sqlite3.Error as e:

@@ -67,9 +67,9 @@ def test_a_worker_process_opens_the_index_read_only_and_refuses_every_write(tmp_
     assert worker_view.missing("s", "fp", ["k0"]) == ["k0"]  # reading works
     with pytest.raises(StoreError, match="task worker"):
         worker_view.commit_segment(descs[0])
-    with pytest.raises(StoreError, match="readonly|read-only|task worker"):
+    with pytest.raises(StoreError, match="task worker"):
         worker_view.forget("s", "fp", ["k0"])
-    with pytest.raises(StoreError, match="readonly|read-only|task worker"):
+    with pytest.raises(StoreError, match="task worker"):
         worker_view.claim("s", "fp", ["k0"], owner="x")
 
 
