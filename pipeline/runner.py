@@ -1,7 +1,10 @@
 """Run a stage against the feature store, without any orchestrator.
 
 The flows (`flows/extract.py`) call these functions from Prefect tasks; they work the same from
-a plain script. The runner asks the store which keys are missing for the stage's fingerprint,
+a plain script. Single-process (`run_chunk`, `run_stage`): the chunk claims, computes, commits
+and releases in this process. Flows (`compute_chunk`): the flow process claims the keys before
+submitting, the task only writes pending segments and returns their descriptors, and the flow
+commits them (it is the index's only writer; task workers never open it for writing). The runner asks the store which keys are missing for the stage's fingerprint,
 splits them into chunks, runs each chunk through `stage.run` into a segment writer, and writes
 the dataset view once every planned key is either computed or recorded as a failure.
 
