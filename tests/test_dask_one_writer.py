@@ -14,7 +14,10 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from flows.synthetic import REGISTRY, write_project
+try:  # the synthetic test stages moved to tests/support/ on main (floorplan)
+    from tests.support.synthetic import REGISTRY, write_project
+except ImportError:
+    from flows.synthetic import REGISTRY, write_project
 from pipeline.manifest import load_manifest
 from pipeline.store import FeatureStore
 
