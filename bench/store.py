@@ -8,6 +8,11 @@ as a DataLoader worker sees them.
 
     .venv/bin/python bench/store.py --items 8000 --schema features
     .venv/bin/python bench/store.py --items 8000 --schema rois
+    .venv/bin/python bench/store.py --items 8000 --compare --flow-commit   # LMDB / npz / .pth beside it
+    .venv/bin/python bench/store.py --items 2000 --index-keys 1000000      # the index at 1M keys
+
+`--compare` needs `lmdb` for its LMDB row (not a project dependency; skipped with a message
+when absent).
 """
 from __future__ import annotations
 
@@ -102,6 +107,109 @@ def bench_index(n_keys: int, root: Path) -> None:
     print(f"{'shuffled view.get, tiny items':<36}{n / t_get:9.0f} items/s")
 
 
+def bench_compare(records: list[Record], root: Path, repeat: int, max_files: int) -> None:
+    """The same items in LMDB (one value per item), one .npz per item and one .pth per item
+    (torch.load weights_only=True), read in the same shuffled order as the store."""
+    n = len(records)
+    order = np.random.default_rng(1).permutation(n)
+    names = sorted(records[0].arrays)
+
+    def encode(r: Record) -> bytes:  # header: per field dtype, shape; then the raw bytes
+        head, body = [], []
+        for name in names:
+            a = np.ascontiguousarray(r.arrays[name])
+            head.append(f"{name}:{a.dtype.str}:{','.join(map(str, a.shape))}")
+            body.append(a.tobytes())
+        h = ";".join(head).encode()
+        return len(h).to_bytes(4, "little") + h + b"".join(body)
+
+    def decode(buf: bytes) -> dict[str, np.ndarray]:
+        hl = int.from_bytes(buf[:4], "little")
+        pos = 4 + hl
+        out = {}
+        for spec in buf[4:pos].decode().split(";"):
+            name, dt, shape = spec.split(":")
+            dims = tuple(int(x) for x in shape.split(",") if x)
+            dtype = np.dtype(dt)
+            size = dtype.itemsize * int(np.prod(dims, dtype=np.int64))
+            out[name] = np.frombuffer(buf, dtype=dtype, count=size // dtype.itemsize, offset=pos).reshape(dims)
+            pos += size
+        return out
+
+    try:
+        import lmdb
+    except ImportError:
+        print("lmdb not installed: LMDB skipped (pip install lmdb, for this bench only)")
+    else:
+        env = lmdb.open(str(root / "lmdb"), map_size=1 << 36, subdir=True, lock=True, readahead=False)
+        with env.begin(write=True) as txn:
+            for r in records:
+                txn.put(r.key.encode(), encode(r))
+        env.sync()
+        keys = [records[i].key.encode() for i in order]
+
+        def pass_lmdb() -> None:
+            with env.begin(buffers=False) as txn:
+                for k in keys:
+                    decode(txn.get(k))
+
+        t = best_of(repeat, pass_lmdb)
+        print(f"{'shuffled LMDB get + decode':<36}{n / t:9.0f} items/s")
+        env.close()
+    m = min(n, max_files)
+    sub = [records[i] for i in order[:m]]
+    (root / "npz").mkdir()
+    for r in sub:
+        np.savez(root / "npz" / f"{r.key}.npz", **r.arrays)
+
+    def pass_npz() -> None:
+        for r in sub:
+            with np.load(root / "npz" / f"{r.key}.npz") as z:
+                {k: z[k] for k in z.files}
+
+    t = best_of(repeat, pass_npz)
+    print(f"{f'npz per item ({m} files)':<36}{m / t:9.0f} items/s")
+    try:
+        import torch
+    except ImportError:
+        print("torch not installed: .pth skipped")
+        return
+    (root / "pth").mkdir()
+    for r in sub:
+        torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in r.arrays.items()},
+                   root / "pth" / f"{r.key}.pth")
+
+    def pass_pth() -> None:
+        for r in sub:
+            torch.load(root / "pth" / f"{r.key}.pth", weights_only=True)
+
+    t = best_of(repeat, pass_pth)
+    print(f"{f'.pth per item ({m} files)':<36}{m / t:9.0f} items/s")
+
+
+def bench_flow_commit(records: list[Record], schema: str, chunk_size: int, root: Path) -> None:
+    """Issue 16 s.1: a worker writes pending segments (no index), the flow verifies (sha256 of
+    the whole file) and commits them; against the single-process writer that indexes directly."""
+    from pipeline.store import pending_writer
+
+    store = FeatureStore(root)
+    n = len(records)
+    mb = n * sum(a.nbytes for a in records[0].arrays.values()) / 1e6
+    t0 = time.perf_counter()
+    w = pending_writer(root, "rois", "bench", SCHEMAS[schema], owner="bench", chunk_size=chunk_size)
+    for r in records:
+        w.add(r)
+    w.close()
+    t_worker = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for desc in w.descriptors:
+        store.commit_segment(desc)
+    t_commit = time.perf_counter() - t0
+    print(f"{'worker: pending segments (no index)':<36}{n / t_worker:9.0f} items/s  {mb / t_worker:7.0f} MB/s")
+    print(f"{'flow: verify + move + index':<36}{n / t_commit:9.0f} items/s  {mb / t_commit:7.0f} MB/s  "
+          f"({t_commit / len(w.descriptors) * 1e3:.0f} ms per {chunk_size}-item segment)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--items", type=int, default=8000, help="items (images) to write and read")
@@ -112,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="read passes; the best is reported (shared CPUs)")
     ap.add_argument("--index-keys", type=int, default=0,
                     help="also time missing()/reader/view over this many keys (e.g. 200000)")
+    ap.add_argument("--compare", action="store_true",
+                    help="also read the same items from LMDB, one .npz and one .pth per item")
+    ap.add_argument("--max-files", type=int, default=2000, help="items written as .npz / .pth files")
+    ap.add_argument("--flow-commit", action="store_true",
+                    help="also time worker pending writes and the flow's verified commit")
     ap.add_argument("--dir", default=None, help="store folder (default: a fresh temp folder, removed after)")
     args = ap.parse_args(argv)
 
@@ -125,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
             for r in records:
                 w.add(r)
         t_write = time.perf_counter() - t0
+        if args.flow_commit:
+            bench_flow_commit(records, args.schema, args.chunk_size, tmp / "flow-store")
+        if args.compare:
+            bench_compare(records, tmp, args.repeat, args.max_files)
         del records
 
         t0 = time.perf_counter()

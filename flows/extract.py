@@ -3,9 +3,12 @@
 - `extract_flow` (flow `mrhp-extract`) runs the requested stages (all by default) of one or every
   dataset, dependencies first; `extract_rois`, `extract_tokens`, `extract_embeddings`,
   `extract_probes` and `extract_bert` run one stage each (plus its dependencies, a no-op when they are up to date).
-- Each stage is planned in the flow (content keys, cheap), the keys the store lacks are split
-  into chunks of `chunk_size` items, and one task per chunk computes and commits them
-  (`pipeline.runner.run_chunk`). Task retries cover transient errors; bad inputs are failure
+- Each stage is planned in the flow (content keys, cheap); the flow claims the keys the store
+  lacks, splits them into chunks of `chunk_size` items, and one task per chunk computes them into
+  segment files under `<store>/pending/` (`pipeline.runner.compute_chunk`). The flow process is the
+  index's only writer: it verifies and commits the segments each task reports
+  (`FeatureStore.commit_segment`), sweeps the pending segments of attempts that raised or were
+  killed (`commit_pending`) and releases its claims; task workers never open the index for writing. Task retries cover transient errors; bad inputs are failure
   records, stored once and not retried; a chunk that still raises after its retries is reported
   in the summary with its keys and item ids, and the other chunks' results are kept.
 - Every flow returns (and logs) one summary per dataset and stage (`StageSummary.to_json()`).
@@ -35,9 +38,10 @@ from flows.caching import ContentChunkCache, forget_stage_results, result_storag
 from pipeline.errors import ConfigError, DataError, ResourceError, StageError
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.runner import (
-    ChunkOutcome, StageSummary, finish_stage, is_random_init, item_ids_by_key, plan_stage,
-    run_chunk, stage_state,
+    ChunkOutcome, StageSummary, compute_chunk, finish_stage, is_random_init, item_ids_by_key, plan_stage,
+    stage_state,
 )
+from pipeline.store import claim_owner
 from pipeline.stage import WorkItem
 
 GPU_LIMIT_TAG = "mrhp-gpu"  # task tag of GPU chunks (a tag concurrency limit can target it)
@@ -137,9 +141,17 @@ def _stage_lock(ref: StageRef, stage: Any):
     result_serializer="json",
 )
 def extract_chunk(
-    ref: StageRef, items: list[WorkItem], fingerprint: str, gpu_limit: str | None = None
+    ref: StageRef, items: list[WorkItem], fingerprint: str, gpu_limit: str | None = None, owner: str = "",
+    commit_every: int = 500,
 ) -> dict[str, Any]:
-    """Compute and commit one chunk of a stage; returns its `ChunkOutcome` as JSON."""
+    """Compute one chunk of a stage into segments under `<store>/pending/<owner>/`; returns its
+    `ChunkOutcome` as JSON, with the segments' descriptors, which the flow commits into the
+    index. In a Dask worker the process is flagged a task worker first: it never opens the index
+    for writing (any attempt is a StoreError)."""
+    if _in_dask_worker():
+        from pipeline.store import mark_worker_process
+
+        mark_worker_process()
     stage = resolve_stage(ref)
     actual = stage.fingerprint()
     if actual != fingerprint:
@@ -148,7 +160,32 @@ def extract_chunk(
             f"{fingerprint} (different code, parameters or resources on this host?)"
         )
     with _gpu_slot(ref, gpu_limit), _stage_lock(ref, stage):
-        return run_chunk(stage, open_store(ref.store_root), items, fingerprint=fingerprint).to_json()
+        return compute_chunk(stage, ref.store_root, items, owner=owner or claim_owner(), fingerprint=fingerprint,
+                             commit_every=commit_every).to_json()
+
+
+def _in_dask_worker() -> bool:
+    """True when this code runs in a Dask worker (a task worker: see pipeline.store)."""
+    try:
+        from distributed import get_worker
+
+        get_worker()
+        return True
+    except (ImportError, ValueError):
+        return False
+
+
+def commit_every() -> int:
+    """Records per segment a chunk writes (and so at most lost by a killed worker): 500, or
+    MRHP_COMMIT_EVERY (tests)."""
+    value = os.environ.get("MRHP_COMMIT_EVERY", "")
+    try:
+        n = int(value) if value else 500
+    except ValueError:
+        raise ConfigError(f"MRHP_COMMIT_EVERY must be a positive integer, got {value!r}") from None
+    if n < 1:
+        raise ConfigError(f"MRHP_COMMIT_EVERY must be a positive integer, got {value!r}")
+    return n
 
 
 def is_deterministic(exc: BaseException | None) -> bool:
@@ -215,16 +252,28 @@ def _run_stage(
     outcomes: list[tuple[frozenset[str], ChunkOutcome]] = []  # (chunk keys, its outcome)
     errors: dict[str, str] = {}
     n_chunks = 0
+    # The flow process is the index's only writer: it claims the keys before submitting (keys a
+    # concurrent live run claimed are left to it; finish_stage waits for them), commits the
+    # segments each chunk reports, sweeps what chunks wrote without reporting, then releases.
+    owner = claim_owner()
+    every = commit_every()
+    claimed: list[str] = []
+
+    def chunks_of(keys: Sequence[str]) -> list[list[WorkItem]]:
+        return [[work.plan.items[k] for k in keys[i:i + chunk_size]] for i in range(0, len(keys), chunk_size)]
 
     def run_chunks(chunks: Sequence[list[WorkItem]], the_task: Any) -> None:
         nonlocal n_chunks
         n_chunks += len(chunks)
-        futures = {the_task.submit(ref, chunk, work.fingerprint, gpu_limit): chunk for chunk in chunks}
+        futures = {the_task.submit(ref, chunk, work.fingerprint, gpu_limit, owner, every): chunk
+                   for chunk in chunks}
         with _progress(sum(map(len, chunks)), f"{dataset}/{name}", progress) as bar:
             for fut in as_completed(list(futures)):
                 chunk = futures[fut]
                 try:
                     outcome = ChunkOutcome.from_json(fut.result())
+                    for desc in outcome.segments:
+                        store.commit_segment(desc)
                     outcomes.append((frozenset(it.key for it in chunk), outcome))
                 except Exception as exc:  # noqa: BLE001 - the chunk failed after its retries
                     msg = f"{type(exc).__name__}: {exc}"
@@ -232,19 +281,42 @@ def _run_stage(
                     errors.update({it.key: msg for it in chunk})
                 bar.update(len(chunk))
 
-    run_chunks(work.chunks(chunk_size), chunk_task)
-    # A cached outcome whose results the store no longer holds: recompute those keys once.
-    lost = sorted(
-        set(store.missing(name, work.fingerprint, work.todo)) - set(errors)
-    ) if work.todo else []
-    if lost:
-        logger.warning("%s/%s: %d key(s) reported done are not in the store; recomputing", dataset, name, len(lost))
-        # A cache hit needs the very same keys scheduled, i.e. the whole chunk lost: its cached
-        # outcome no longer counts; the recomputation's does.
-        lost_set = set(lost)
-        outcomes[:] = [(keys, o) for keys, o in outcomes if not keys & lost_set]
-        retry = [[work.plan.items[k] for k in lost[i:i + chunk_size]] for i in range(0, len(lost), chunk_size)]
-        run_chunks(retry, chunk_task.with_options(refresh_cache=True))
+    def sweep() -> None:
+        added, problems = store.commit_pending(owner)
+        if added:
+            logger.info("%s/%s: committed %d item(s) from segments whose chunk did not report them "
+                        "(a raising or killed attempt)", dataset, name, added)
+        for line in problems:
+            logger.error("%s/%s: %s", dataset, name, line)
+
+    adopted, problems = store.adopt_abandoned()  # what workers of a killed run wrote, verified
+    if adopted:
+        logger.info("%s/%s: indexed %d item(s) from segments a run that ended had left pending",
+                    dataset, name, adopted)
+    for line in problems:
+        logger.error("%s/%s: %s", dataset, name, line)
+    try:
+        claimed = store.claim(name, work.fingerprint, work.todo, owner=owner) if work.todo else []
+        run_chunks(chunks_of(claimed), chunk_task)
+        sweep()
+        # A cached outcome whose results the store no longer holds: recompute those keys once.
+        lost = sorted(
+            set(store.missing(name, work.fingerprint, claimed)) - set(errors)
+        ) if claimed else []
+        if lost:
+            logger.warning("%s/%s: %d key(s) reported done are not in the store; recomputing", dataset, name,
+                           len(lost))
+            # A cache hit needs the very same keys scheduled, i.e. the whole chunk lost: its cached
+            # outcome no longer counts; the recomputation's does.
+            lost_set = set(lost)
+            outcomes[:] = [(keys, o) for keys, o in outcomes if not keys & lost_set]
+            again = store.claim(name, work.fingerprint, lost, owner=owner)
+            claimed += again
+            run_chunks(chunks_of(again), chunk_task.with_options(refresh_cache=True))
+            sweep()
+    finally:
+        if claimed:
+            store.release(name, work.fingerprint, claimed, owner=owner)
     summary = finish_stage(
         work, store, dataset, [o for _, o in outcomes], errors,
         random_init=is_random_init(stage, manifest), chunks=n_chunks,
@@ -494,6 +566,7 @@ def make_task_runner(kind: str, *, dask_address: str | None = None, dask_workers
     if dask_address:
         return DaskTaskRunner(address=dask_address)
     env = {
+        "MRHP_STORE_WORKER": "1",  # the workers never open the store index for writing
         "PREFECT_API_URL": _api_url_for_workers(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
     }

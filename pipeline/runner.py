@@ -1,7 +1,10 @@
 """Run a stage against the feature store, without any orchestrator.
 
 The flows (`flows/extract.py`) call these functions from Prefect tasks; they work the same from
-a plain script. The runner asks the store which keys are missing for the stage's fingerprint,
+a plain script. Single-process (`run_chunk`, `run_stage`): the chunk claims, computes, commits
+and releases in this process. Flows (`compute_chunk`): the flow process claims the keys before
+submitting, the task only writes pending segments and returns their descriptors, and the flow
+commits them (it is the index's only writer; task workers never open it for writing). The runner asks the store which keys are missing for the stage's fingerprint,
 splits them into chunks, runs each chunk through `stage.run` into a segment writer, and writes
 the dataset view once every planned key is either computed or recorded as a failure.
 
@@ -39,6 +42,8 @@ class ChunkOutcome:
     done: int = 0  # records written with a result
     skipped: int = 0  # keys already in the store when the chunk started (a retry or a rerun)
     failures: dict[str, str] = field(default_factory=dict)  # key -> reason, failure records written
+    # `compute_chunk`: descriptors of the segments written under pending/ (the flow commits them)
+    segments: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -161,13 +166,25 @@ def run_chunk(
     out = ChunkOutcome(stage=stage.name, fingerprint=fp, keys=len(given), skipped=len(given) - len(todo))
     if not todo:
         return out
-    seen: set[str] = set()
     try:
         writer = store.writer(stage.name, fp, stage.schema, attrs=stage_params(stage), chunk_size=commit_every)
     except BaseException:
         if claim:
             store.release(stage.name, fp, sorted(todo_keys))
         raise
+    try:
+        _write_records(stage, writer, todo, todo_keys, out)
+    finally:
+        if claim:
+            store.release(stage.name, fp, sorted(todo_keys))
+    return out
+
+
+def _write_records(stage: Stage, writer: Any, todo: Sequence[WorkItem], todo_keys: set[str],
+                   out: ChunkOutcome) -> None:
+    """Run `stage` on `todo` into `writer` (closed at the end, so what was produced is written
+    even when the stage raises), counting into `out`; a missing or foreign record is a StageError."""
+    seen: set[str] = set()
     try:
         for rec in stage.run(todo):
             if rec.key not in todo_keys:
@@ -181,17 +198,37 @@ def run_chunk(
             else:
                 out.failures[rec.key] = str(rec.failure)
     finally:
-        try:
-            writer.close()  # commits what was produced, even when the stage raised
-        finally:
-            if claim:
-                store.release(stage.name, fp, sorted(todo_keys))
+        writer.close()  # writes what was produced, even when the stage raised
     lost = todo_keys - seen
     if lost:
         raise StageError(
             f"stage {stage.name} yielded no record for {len(lost)} of {len(todo)} item(s), "
             f"e.g. {sorted(lost)[0]}"
         )
+
+
+def compute_chunk(
+    stage: Stage, store_root: Any, items: Sequence[WorkItem], *, owner: str, fingerprint: str | None = None,
+    commit_every: int = 500,
+) -> ChunkOutcome:
+    """The task-worker half of a chunk: compute it into segments under `<store>/pending/<owner>/`
+    (a new one every `commit_every` records and at the end) and return their descriptors in
+    `ChunkOutcome.segments`. The index is not opened: the flow claimed the keys before
+    submitting the chunk and commits the descriptors (`FeatureStore.commit_segment`). When the
+    stage raises, the segments written so far stay pending and the flow's end-of-stage sweep
+    (`FeatureStore.commit_pending(owner)`) commits them."""
+    from pipeline.store import pending_writer
+
+    fp = fingerprint or stage.fingerprint()
+    todo_keys = {it.key for it in items}
+    todo = list({it.key: it for it in items}.values())
+    out = ChunkOutcome(stage=stage.name, fingerprint=fp, keys=len(items))
+    if not todo:
+        return out
+    writer = pending_writer(store_root, stage.name, fp, stage.schema, owner=owner, attrs=stage_params(stage),
+                            chunk_size=commit_every)
+    _write_records(stage, writer, todo, todo_keys, out)
+    out.segments = list(writer.descriptors)
     return out
 
 

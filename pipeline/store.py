@@ -5,6 +5,17 @@ Layout under the store root::
     index.sqlite                                   # segments, items, failures, views (WAL)
     segments/<stage>/<fingerprint>/<segment>.h5    # immutable once renamed into place
     tmp/                                           # writes in flight: <segment>.lock, <segment>.part
+    pending/<owner>/<segment>.h5                   # written by task workers, not yet committed
+
+One index writer: task workers (Dask workers, possibly on other machines sharing the store
+folder) never open the index for writing (`mark_worker_process`; SQLite's locking is unreliable
+on network file systems). A worker's `pending_writer` writes `tmp/<id>.part`, fsyncs it and
+renames it to `pending/<owner>/<id>.h5` (owner: the flow run that claimed the keys), and returns
+descriptors (keys, failures, checksum); the flow process verifies each file against its descriptor
+and `commit_segment`s it (moved into segments/, indexed in one transaction). Pending files are
+never read; those a flow never committed (a killed worker, a raising chunk) are committed by that
+flow's end-of-stage sweep (`commit_pending`) or, once their run ended, verified and indexed or
+quarantined by `mrhp fsck --repair`.
 
 A writer buffers records and commits them in chunks: write `tmp/<id>.part`, fsync, rename into
 `segments/`, fsync the folder, then record the segment, its items and its failures in one SQLite
@@ -174,6 +185,44 @@ def read_only() -> Iterator[None]:
 def writes_allowed() -> bool:
     """False inside `read_only()`: code that would save a cache under the store skips it."""
     return not _READ_ONLY.get()
+
+
+# --------------------------------------------------------------------------------------------
+# task workers: they write segment files, never the index (the flow process is its only writer)
+
+_WORKER_ENV = "MRHP_STORE_WORKER"  # "1" in a task-worker process (set by the flow for its Dask workers)
+_OPEN_LOG_ENV = "MRHP_STORE_OPEN_LOG"  # a file: one line "<pid> <read|write> <index path>" per index open
+
+
+def mark_worker_process() -> None:
+    """Flag this process as a task worker: from now on it opens store indexes read-only and any
+    index write is a StoreError. Its results reach the index through the flow (`commit_segment`)."""
+    os.environ[_WORKER_ENV] = "1"
+
+
+def is_worker_process() -> bool:
+    """True in a process flagged by `mark_worker_process` (or started with MRHP_STORE_WORKER=1)."""
+    return os.environ.get(_WORKER_ENV) == "1"
+
+
+def _log_index_open(path: Path, mode: str) -> None:
+    """Append `<pid> <mode> <path>` to $MRHP_STORE_OPEN_LOG when set (tests: who opened the index how)."""
+    target = os.environ.get(_OPEN_LOG_ENV)
+    if not target:
+        return
+    fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{os.getpid()} {mode} {path}\n".encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+def _refuse_in_worker(doing: str) -> None:
+    if is_worker_process():
+        raise StoreError(
+            f"this process is a task worker: it may not {doing} (workers only write segment files; "
+            "the flow commits them into the index)"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,10 +510,11 @@ class FeatureStore:
         self.root = Path(root).resolve()
         self.segments_dir = self.root / "segments"
         self.tmp_dir = self.root / "tmp"
+        self.pending_dir = self.root / "pending"
         index = self.root / "index.sqlite"
         # Inside `read_only()` (mrhp status) the store is opened without creating or cleaning
         # anything: the index read-only, or an empty in-memory one when there is no store yet.
-        self.read_only = not writes_allowed()
+        self.read_only = not writes_allowed() or is_worker_process()
         self._memory = self.read_only and not index.is_file()
         self._local = threading.local()
         if self.read_only:
@@ -544,8 +594,11 @@ class FeatureStore:
                                            isolation_level=None, factory=_IndexConnection)
                     conn.mrhp_path = str(path)
                     conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+                    _log_index_open(path, "read")
                     self._local.conn, self._local.pid = conn, os.getpid()
                     return conn
+                _refuse_in_worker(f"open the store index {path} for writing")
+                _log_index_open(path, "write")
                 conn = sqlite3.connect(
                     path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None, factory=_IndexConnection
                 )
@@ -587,6 +640,162 @@ class FeatureStore:
 
         `attrs` (JSON-able stage parameters) are stored in each segment's `params` attribute."""
         return SegmentWriter(self, stage, fingerprint, schema, attrs=attrs, chunk_size=chunk_size)
+
+    @_guard_sqlite
+    def commit_segment(self, desc: Mapping[str, Any]) -> list[str]:
+        """Index one segment a detached writer (a task worker) wrote under pending/: verify the
+        file against its descriptor (sha256 over every dataset recomputed from the file, stage,
+        fingerprint, keys, failures), move it into segments/ and record it and its items in one
+        transaction. Keys already stored win (the file is removed when it adds nothing). Returns
+        the keys recorded. A segment already indexed (a cached chunk outcome) records nothing; a
+        pending file that is gone (and not indexed) is logged and records nothing, so its keys
+        stay missing and are recomputed. A file that does not verify moves to quarantine/ and
+        is a StoreError naming it."""
+        _refuse_in_worker("commit segments into the index")
+        try:
+            seg_id, rel = str(desc["id"]), str(desc["path"])
+            stage, fingerprint = str(desc["stage"]), str(desc["fingerprint"])
+            keys = [str(k) for k in desc["keys"]]
+            failures = {str(k): str(v) for k, v in dict(desc["failures"]).items()}
+            checksum = str(desc["checksum"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise StoreError(f"segment descriptor {dict(desc)!r:.200}: field {e} missing or malformed") from None
+        _check_name("segment id", seg_id)
+        _check_name("stage", stage)
+        _check_name("fingerprint", fingerprint)
+        source = (self.root / rel).resolve()
+        if not source.is_relative_to(self.pending_dir) or source.name != f"{seg_id}.h5":
+            raise StoreError(f"segment descriptor {seg_id}: path {rel!r} is not pending/<owner>/{seg_id}.h5")
+        conn = self._conn()
+        if conn.execute("SELECT 1 FROM segments WHERE id=?", (seg_id,)).fetchone():
+            return []
+        if not source.exists():
+            log.warning("segment %s of %s is neither pending nor indexed (its keys are recomputed)", rel, stage)
+            return []
+        try:
+            seg_row, item_rows, schema = _describe_segment(source, self.root)
+            ok_keys = [r[2] for r in item_rows if r[5] is None]
+            got_failures = {r[2]: r[5] for r in item_rows if r[5] is not None}
+            if (seg_row[1], seg_row[2]) != (stage, fingerprint):
+                raise StoreError(f"the file says {seg_row[1]}/{seg_row[2]}, the descriptor {stage}/{fingerprint}")
+            if seg_row[6] != checksum:
+                raise StoreError(f"checksum {seg_row[6]}, the worker reported {checksum}")
+            if ok_keys != keys or got_failures != failures:
+                raise StoreError("its keys or failures differ from what the worker reported")
+        except StoreError as e:
+            moved = self._quarantine(source)
+            raise StoreError(f"pending segment {rel} does not verify ({e}); moved to {moved}") from None
+        target = self.segments_dir / stage / fingerprint / f"{seg_id}.h5"
+        new_rel = str(target.relative_to(self.root))
+        lock = _lock_path(self.root, seg_id)
+        # Held while the file sits under segments/ unindexed, so gc and fsck do not take it for an
+        # orphan; it names the file: if this process dies here, the next open removes it (as for
+        # an attached writer) and its keys, still missing, are recomputed.
+        lock_fd = _acquire_lock(lock, new_rel)
+        try:
+            return self._move_and_index(source, target, rel, new_rel, seg_id, stage, fingerprint,
+                                        seg_row, item_rows, schema, conn)
+        finally:
+            lock.unlink(missing_ok=True)
+            os.close(lock_fd)
+
+    def _move_and_index(self, source: Path, target: Path, rel: str, new_rel: str, seg_id: str, stage: str,
+                        fingerprint: str, seg_row: tuple, item_rows: list[tuple], schema: str,
+                        conn: sqlite3.Connection) -> list[str]:
+        try:
+            _makedirs_durable(target.parent)
+            os.rename(source, target)  # one directory operation: the file is in pending/ or in segments/
+            _fsync_dir(target.parent)
+        except OSError as e:
+            raise StoreError(f"moving pending segment {rel} into {new_rel}: {e}") from e
+        rows: list[tuple] = []
+        try:
+            with _Tx(conn):
+                conn.execute("INSERT OR IGNORE INTO stage_schemas VALUES (?, ?, ?)", (stage, fingerprint, schema))
+                (known,) = conn.execute(
+                    "SELECT schema FROM stage_schemas WHERE stage=? AND fingerprint=?", (stage, fingerprint)
+                ).fetchone()
+                if known != schema:
+                    raise StoreError(
+                        f"pending segment {rel}: schema {schema} differs from the one stored for {stage}/"
+                        f"{fingerprint}, {known} (a schema change must change the fingerprint)"
+                    )
+                present = self._present(conn, stage, fingerprint, [r[2] for r in item_rows])
+                rows = [r for r in item_rows if r[2] not in present]
+                if rows:
+                    conn.execute("INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                 (seg_id, stage, fingerprint, new_rel, *seg_row[4:]))
+                    conn.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?)", rows)
+        except BaseException:
+            # Not indexed: back to pending/, where the flow's sweep or `mrhp fsck --repair` finds it
+            # (left under segments/ if even that fails: an orphan fsck --repair adopts).
+            try:
+                os.rename(target, source)
+            except OSError:
+                pass
+            raise
+        if not rows:
+            target.unlink(missing_ok=True)  # adds nothing: other runs committed these keys first
+            return []
+        return [r[2] for r in rows]
+
+    def _quarantine(self, path: Path) -> str:
+        q = self.root / "quarantine"
+        _makedirs_durable(q)
+        os.replace(path, q / path.name)
+        return f"quarantine/{path.name}"
+
+    def pending_segments(self, owner: str | None = None) -> list[Path]:
+        """Segment files written by task workers and not yet committed: those of `owner`, or all."""
+        base = self.pending_dir / owner if owner else self.pending_dir
+        pattern = "*.h5" if owner else "*/*.h5"
+        return sorted(base.glob(pattern)) if base.is_dir() else []
+
+    def commit_pending(self, owner: str | None = None) -> tuple[int, list[str]]:
+        """Verify and commit every pending segment of `owner` (or of every owner): the segments of
+        chunk attempts whose result never reached the flow (a raising stage, a killed worker).
+        Returns (item rows added, one line per file that did not verify)."""
+        added, problems = 0, []
+        for path in self.pending_segments(owner):
+            desc = _pending_descriptor(path, self.root)
+            if desc is None:
+                problems.append(f"{path.relative_to(self.root)}: {self._quarantine_reason(path)}")
+                continue
+            try:
+                n = len(self.commit_segment(desc))
+            except StoreError as e:
+                problems.append(str(e))
+                continue
+            added += n
+            log.info("pending segment %s (%s/%s) verified: %d new item rows%s", path.relative_to(self.root),
+                     desc["stage"], desc["fingerprint"], n, "" if n else ", its keys were already stored: removed")
+        return added, problems
+
+    def adopt_abandoned(self) -> tuple[int, list[str]]:
+        """`commit_pending` for every owner no longer alive (its run ended or was killed before
+        committing what its workers wrote): each file verified, then indexed or quarantined.
+        `mrhp extract` calls it before computing; pending files of live runs are left to them."""
+        added, problems = 0, []
+        owners = sorted(p.name for p in self.pending_dir.iterdir() if p.is_dir()) if self.pending_dir.is_dir() else []
+        for owner in owners:
+            if self._owner_alive(owner):
+                continue
+            n, bad = self.commit_pending(owner)
+            added += n
+            problems += bad
+            try:
+                (self.pending_dir / owner).rmdir()
+            except OSError:
+                pass
+        return added, problems
+
+    def _quarantine_reason(self, path: Path) -> str:
+        try:
+            _describe_segment(path, self.root)
+            reason = "not a segment"
+        except StoreError as e:
+            reason = str(e)
+        return f"unusable pending segment ({reason}), moved to {self._quarantine(path)}"
 
     @_guard_sqlite
     def forget(self, stage: str, fingerprint: str, keys: Iterable[str]) -> int:
@@ -1056,7 +1265,9 @@ class FeatureStore:
 
         With `repair`: corrupt or missing segments lose their index rows (their items count as
         missing and are recomputed by the next run; corrupt files move to quarantine/), valid
-        orphan segments are indexed again, stale tmp files are removed. Dangling view entries
+        orphan segments are indexed again, pending segments of runs that ended (written by a task
+        worker, never committed by its flow) are verified and indexed or quarantined, stale tmp
+        files are removed. Dangling view entries
         cannot be repaired here: rerun the stage for that dataset. `checksums=False` skips reading
         the arrays (quick structural check)."""
         report = FsckReport()
@@ -1118,6 +1329,25 @@ class FeatureStore:
                     _makedirs_durable(q)
                     os.replace(path, q / path.name)
                     report.repaired.append(f"{rel}: unusable orphan ({e}), moved to quarantine/{path.name}")
+        for path in self.pending_segments():
+            owner = path.parent.name
+            if self._owner_alive(owner):
+                continue  # a running flow's worker wrote it; that flow commits it
+            rel = str(path.relative_to(self.root))
+            report.problems.append(f"{rel}: segment written by a task worker, never committed (its run ended)")
+            if repair:
+                desc = _pending_descriptor(path, self.root)
+                if desc is None:
+                    report.repaired.append(f"{rel}: {self._quarantine_reason(path)}")
+                    continue
+                try:
+                    n = len(self.commit_segment(desc))
+                    report.repaired.append(f"{rel}: verified and indexed ({n} new item rows)")
+                except StoreError as e:
+                    if path.exists():
+                        report.repaired.append(f"{rel}: not adopted ({e}), moved to {self._quarantine(path)}")
+                    else:
+                        report.repaired.append(f"{rel}: not adopted ({e})")
         for rel in self._stale_tmp():
             report.problems.append(f"{rel}: left by a writer that died")
         if repair:
@@ -1260,6 +1490,35 @@ def rebuild_index_file(root: Path | str) -> FsckReport:
     return report
 
 
+def pending_writer(
+    root: Path | str, stage: str, fingerprint: str, schema: Mapping[str, FieldSpec], *, owner: str,
+    attrs: Mapping[str, Any] | None = None, chunk_size: int = 500,
+) -> SegmentWriter:
+    """A detached writer for task workers: it writes segments under `<root>/pending/<owner>/`
+    (temporary name, fsync, rename) every `chunk_size` records and on close, and collects their
+    descriptors in `.descriptors` (id, path, stage, fingerprint, keys, failures, rows, checksum,
+    created: JSON-able) for the flow to pass to `FeatureStore.commit_segment`. It never opens the
+    index (nor checks which keys are stored: the flow claimed them before submitting)."""
+    return SegmentWriter(None, stage, fingerprint, schema, attrs=attrs, chunk_size=chunk_size,
+                         root=root, owner=owner)
+
+
+def _pending_descriptor(path: Path, root: Path) -> dict[str, Any] | None:
+    """The descriptor of a pending segment, read from the file itself (None when unreadable)."""
+    try:
+        with h5py.File(path, "r") as f:
+            keys = [k for k in f["keys"].asstr()[()]] if f["keys"].shape[0] else []
+            fk = [k for k in f["failed_keys"].asstr()[()]] if f["failed_keys"].shape[0] else []
+            fr = [k for k in f["failed_reasons"].asstr()[()]] if f["failed_reasons"].shape[0] else []
+            return {
+                "id": path.stem, "path": str(path.relative_to(root)), "stage": str(f.attrs["stage"]),
+                "fingerprint": str(f.attrs["fingerprint"]), "keys": keys, "failures": dict(zip(fk, fr)),
+                "rows": len(keys), "checksum": str(f.attrs["checksum"]), "created": float(f.attrs["created"]),
+            }
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+
+
 class _Tx:
     """BEGIN [IMMEDIATE] ... COMMIT, rolling back on error; SQLite errors become StoreError."""
 
@@ -1268,6 +1527,8 @@ class _Tx:
         self.immediate = immediate
 
     def __enter__(self) -> sqlite3.Connection:
+        if self.immediate:  # every index write runs in an immediate transaction
+            _refuse_in_worker(f"write the store index {self._path()}")
         try:
             self.conn.execute("BEGIN IMMEDIATE" if self.immediate else "BEGIN")
         except sqlite3.Error as e:
@@ -1543,15 +1804,20 @@ class SegmentWriter:
 
     def __init__(
         self,
-        store: FeatureStore,
+        store: FeatureStore | None,
         stage: str,
         fingerprint: str,
         schema: Mapping[str, FieldSpec],
         *,
         attrs: Mapping[str, Any] | None = None,
         chunk_size: int = 500,
+        root: Path | str | None = None,
+        owner: str | None = None,
     ) -> None:
+        """`owner` (with `root`, no `store`) makes a detached writer: see `pending_writer`."""
         _check_name("stage", stage)
+        if owner is not None:
+            _check_name("pending owner", owner)
         _check_name("fingerprint", fingerprint)
         _validate_schema(stage, schema)
         if not isinstance(chunk_size, int) or chunk_size < 1:
@@ -1561,11 +1827,24 @@ class SegmentWriter:
         except (TypeError, ValueError) as e:
             raise StoreError(f"stage {stage!r}: attrs are not JSON-serialisable: {e}") from e
         self.store = store
+        self.root = Path(root).resolve() if root is not None else store.root  # type: ignore[union-attr]
+        self.owner = owner
+        self.descriptors: list[dict[str, Any]] = []  # detached: the segments written, for the flow to commit
         self.stage = stage
         self.fingerprint = fingerprint
         self.schema = dict(schema)
         self.chunk_size = chunk_size
         self._schema_json = _schema_to_json(self.schema)
+        self._dtypes = {name: np.dtype(s.dtype) for name, s in self.schema.items()}
+        self._buffer: dict[str, tuple[dict[str, np.ndarray] | None, str | None, str]] = {}
+        self._closed = False
+        self.n_committed = 0  # items (successes and failures) this writer recorded
+        self.n_skipped = 0  # items skipped because their key was already stored or buffered
+        self.n_segments = 0  # segment files this writer committed
+        if owner is not None:
+            return  # detached: the index is not touched; the schema is checked when the flow commits
+        if store is None:
+            raise StoreError("a segment writer needs a store (or a root and an owner: pending_writer)")
         conn = store._conn()
         with _Tx(conn):
             conn.execute("INSERT OR IGNORE INTO stage_schemas VALUES (?, ?, ?)", (stage, fingerprint, self._schema_json))
@@ -1577,12 +1856,6 @@ class SegmentWriter:
                 f"stage {stage!r} fingerprint {fingerprint}: schema {self._schema_json} differs from the one "
                 f"already stored under this fingerprint, {known} (a schema change must change the fingerprint)"
             )
-        self._dtypes = {name: np.dtype(s.dtype) for name, s in self.schema.items()}
-        self._buffer: dict[str, tuple[dict[str, np.ndarray] | None, str | None, str]] = {}
-        self._closed = False
-        self.n_committed = 0  # items (successes and failures) this writer recorded
-        self.n_skipped = 0  # items skipped because their key was already stored or buffered
-        self.n_segments = 0  # segment files this writer committed
 
     def __enter__(self) -> SegmentWriter:
         return self
@@ -1664,9 +1937,14 @@ class SegmentWriter:
 
     @_guard_sqlite
     def commit(self) -> list[str]:
-        """Write the buffered records as one segment and index them; returns the keys recorded."""
+        """Write the buffered records as one segment and index them; returns the keys recorded.
+
+        Detached (`pending_writer`): write the segment under pending/ and keep its descriptor in
+        `self.descriptors` instead; the index is not opened."""
         if not self._buffer:
             return []
+        if self.owner is not None:
+            return self._commit_pending()
         store, conn = self.store, self.store._conn()
         present = store._present(conn, self.stage, self.fingerprint, list(self._buffer))
         buffer = {k: v for k, v in self._buffer.items() if k not in present}
@@ -1732,6 +2010,50 @@ class SegmentWriter:
         self.n_committed += len(rows)
         self.n_segments += 1
         return [r[2] for r in rows]
+
+    def _commit_pending(self) -> list[str]:
+        """tmp/<id>.part (flock-ed lock beside it), fsync, rename to pending/<owner>/<id>.h5, fsync
+        the folder; the descriptor goes to `self.descriptors`. A process killed before the rename
+        leaves tmp files the next `FeatureStore()` cleans; after it, a complete segment that the
+        flow (or `mrhp fsck --repair`) verifies and indexes."""
+        buffer, self._buffer = self._buffer, {}
+        root = self.root
+        seg_id = uuid.uuid4().hex
+        rel = f"pending/{self.owner}/{seg_id}.h5"
+        target = root / rel
+        part = _part_path(root, seg_id)
+        lock = _lock_path(root, seg_id)
+        lock_fd = -1
+        renamed = False
+        try:
+            _makedirs_durable(root / "tmp")
+            lock_fd = _acquire_lock(lock, "")  # no target: a dead writer's pending file is kept for adoption
+            ok_keys, n_failed, checksum, created = self._write_part(part, buffer)
+            fd = os.open(part, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _makedirs_durable(target.parent)
+            os.rename(part, target)
+            renamed = True
+            _fsync_dir(target.parent)
+        except OSError as e:
+            raise StoreError(f"writing segment {rel} of stage {self.stage!r}: {e}") from e
+        finally:
+            if not renamed:
+                part.unlink(missing_ok=True)
+            if lock_fd >= 0:
+                lock.unlink(missing_ok=True)
+                os.close(lock_fd)
+        self.descriptors.append({
+            "id": seg_id, "path": rel, "stage": self.stage, "fingerprint": self.fingerprint,
+            "keys": ok_keys, "failures": {k: v[1] for k, v in buffer.items() if v[1] is not None},
+            "rows": len(ok_keys), "checksum": checksum, "created": created,
+        })
+        self.n_committed += len(buffer)
+        self.n_segments += 1
+        return list(buffer)
 
     def _write_part(
         self, part: Path, buffer: Mapping[str, tuple[dict[str, np.ndarray] | None, str | None, str]]
@@ -1923,7 +2245,7 @@ class StageReader:
         recomputes them; returns what to tell the user."""
         seg_id = Path(err.path).stem
         index = self.root / "index.sqlite"
-        if not writes_allowed():
+        if not writes_allowed() or is_worker_process():
             return "run `mrhp fsck --repair`, then `mrhp extract`, to recompute them"
         try:
             conn = sqlite3.connect(index, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None)

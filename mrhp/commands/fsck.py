@@ -26,7 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help=(
             "drop index rows of corrupt or missing segments (their items are recomputed by the next run; "
-            "corrupt files move to quarantine/), index valid orphan segments, remove stale tmp files"
+            "corrupt files move to quarantine/), index valid orphan segments and the pending segments task "
+            "workers wrote for runs that ended (verified first; unusable ones move to quarantine/), remove "
+            "stale tmp files"
         ),
     )
     mode.add_argument(

@@ -16,7 +16,9 @@ cost microseconds per item:
 Environment knobs (read when a stage is built, so Dask workers and subprocesses see them):
 `MRHP_SYNTH_LOG` appends one line `<stage> <key> <pid>` per computed item (counting recomputes across
 processes); `MRHP_SYNTH_DELAY` sleeps that many seconds per item (crash tests);
-`MRHP_SYNTH_SALT` enters the fingerprint (a "code change").
+`MRHP_SYNTH_SALT` enters the fingerprint (a "code change"); `MRHP_SYNTH_EXIT=<marker>:<n>` makes
+the first task-worker process (`pipeline.store.is_worker_process()`) to reach item `n` of a chunk
+exit on the spot (`os._exit`, a killed worker) after creating `<marker>`: once per marker file.
 """
 from __future__ import annotations
 
@@ -58,6 +60,23 @@ def vec_of(data: bytes) -> np.ndarray:
     return np.frombuffer(digest, dtype=np.uint32)[:8].astype(np.float32) / np.float32(2**32)
 
 
+def _maybe_exit(index: int) -> None:
+    """MRHP_SYNTH_EXIT (see the module docstring): kill this worker process once, mid-chunk."""
+    spec = os.environ.get("MRHP_SYNTH_EXIT")
+    if not spec:
+        return
+    marker, _, n = spec.rpartition(":")
+    from pipeline.store import is_worker_process
+
+    if index != int(n) or not is_worker_process():
+        return
+    try:
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError:
+        return
+    os._exit(17)
+
+
 class SyntheticStage:
     """One item per text file; see the module docstring."""
 
@@ -87,7 +106,8 @@ class SyntheticStage:
     def run(self, items: Sequence[WorkItem]) -> Iterator[Record]:
         done: list[str] = []
         try:
-            for it in items:
+            for i, it in enumerate(items):
+                _maybe_exit(i)
                 if self.delay:
                     time.sleep(self.delay)
                 try:
