@@ -27,8 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.stage import FieldSpec, Record  # noqa: E402
 from features.schema import rois_schema  # noqa: E402
+from pipeline.stage import FieldSpec, Record  # noqa: E402
 from pipeline.store import FeatureStore  # noqa: E402
 
 SCHEMAS = {
@@ -297,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         n = args.items
         print(f"items: {n} x {args.boxes} boxes, schema {args.schema} ({mb_per_item * 1e3:.0f} kB/item), "
               f"chunk {args.chunk_size}")
-        print(f"{'write (segments + fsync + index)':<36}{n / t_write:9.0f} items/s  {n * mb_per_item / t_write:7.0f} MB/s")
+        rate, mbs = n / t_write, n * mb_per_item / t_write
+        print(f"{'write (segments + fsync + index)':<36}{rate:9.0f} items/s  {mbs:7.0f} MB/s")
         print(f"{'open reader (index -> memory)':<36}{t_open * 1e3:9.1f} ms")
         print(f"{'shuffled reader.get':<36}{n / t_get:9.0f} items/s  {n * mb_per_item / t_get:7.0f} MB/s")
         print(f"{f'shuffled get_many (batch {args.batch})':<36}{n / t_many:9.0f} items/s  "

@@ -8,9 +8,10 @@
   segment files under `<store>/pending/` (`pipeline.runner.compute_chunk`). The flow process is the
   index's only writer: it verifies and commits the segments each task reports
   (`FeatureStore.commit_segment`), sweeps the pending segments of attempts that raised or were
-  killed (`commit_pending`) and releases its claims; task workers never open the index for writing. Task retries cover transient errors; bad inputs are failure
-  records, stored once and not retried; a chunk that still raises after its retries is reported
-  in the summary with its keys and item ids, and the other chunks' results are kept.
+  killed (`commit_pending`) and releases its claims; task workers never open the index for
+  writing. Task retries cover transient errors; bad inputs are failure records, stored once
+  and not retried; a chunk that still raises after its retries is reported in the summary with
+  its keys and item ids, and the other chunks' results are kept.
 - Every flow returns (and logs) one summary per dataset and stage (`StageSummary.to_json()`).
 
 `run_extraction()` is the Python entry point (`mrhp extract` calls it): it picks the task
@@ -20,14 +21,13 @@ flow's own Prefect API instead of each starting a temporary server.
 from __future__ import annotations
 
 import json
-
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.context import FlowRunContext
@@ -38,11 +38,17 @@ from flows.caching import ContentChunkCache, forget_stage_results, result_storag
 from pipeline.errors import ConfigError, DataError, ResourceError, StageError
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.runner import (
-    ChunkOutcome, StageSummary, compute_chunk, finish_stage, is_random_init, item_ids_by_key, plan_stage,
+    ChunkOutcome,
+    StageSummary,
+    compute_chunk,
+    finish_stage,
+    is_random_init,
+    item_ids_by_key,
+    plan_stage,
     stage_state,
 )
-from pipeline.store import claim_owner
 from pipeline.stage import WorkItem
+from pipeline.store import claim_owner
 
 GPU_LIMIT_TAG = "mrhp-gpu"  # task tag of GPU chunks (a tag concurrency limit can target it)
 

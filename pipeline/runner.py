@@ -4,9 +4,10 @@ The flows (`flows/extract.py`) call these functions from Prefect tasks; they wor
 a plain script. Single-process (`run_chunk`, `run_stage`): the chunk claims, computes, commits
 and releases in this process. Flows (`compute_chunk`): the flow process claims the keys before
 submitting, the task only writes pending segments and returns their descriptors, and the flow
-commits them (it is the index's only writer; task workers never open it for writing). The runner asks the store which keys are missing for the stage's fingerprint,
-splits them into chunks, runs each chunk through `stage.run` into a segment writer, and writes
-the dataset view once every planned key is either computed or recorded as a failure.
+commits them (it is the index's only writer; task workers never open it for writing). The
+runner asks the store which keys are missing for the stage's fingerprint, splits them into
+chunks, runs each chunk through `stage.run` into a segment writer, and writes the dataset view
+once every planned key is either computed or recorded as a failure.
 
 Counting (the summary every flow returns), from the index once the chunks are done:
 - `reused`: planned keys whose result the store already held before the run;
@@ -49,7 +50,7 @@ class ChunkOutcome:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "ChunkOutcome":
+    def from_json(cls, data: Mapping[str, Any]) -> ChunkOutcome:
         return cls(**dict(data))
 
 
@@ -106,7 +107,7 @@ class StageSummary:
         return d
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "StageSummary":
+    def from_json(cls, data: Mapping[str, Any]) -> StageSummary:
         d = dict(data)
         d.pop("failed", None)
         return cls(**d)
@@ -392,7 +393,8 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     numeric = [all(isinstance(r[i], int) for r in rows) and bool(rows) for i in range(len(header))]
 
     def line(r: Sequence[str]) -> str:
-        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric)).rstrip()
+        cols = zip(r, widths, numeric, strict=True)
+        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in cols).rstrip()
 
     return "\n".join([line(cells[0]), line(["-" * w for w in widths]), *map(line, cells[1:])])
 

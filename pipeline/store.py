@@ -50,9 +50,9 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -212,7 +212,7 @@ def _log_index_open(path: Path, mode: str) -> None:
         return
     fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, f"{os.getpid()} {mode} {path}\n".encode("utf-8"))
+        os.write(fd, f"{os.getpid()} {mode} {path}\n".encode())
     finally:
         os.close(fd)
 
@@ -1512,7 +1512,7 @@ def _pending_descriptor(path: Path, root: Path) -> dict[str, Any] | None:
             fr = [k for k in f["failed_reasons"].asstr()[()]] if f["failed_reasons"].shape[0] else []
             return {
                 "id": path.stem, "path": str(path.relative_to(root)), "stage": str(f.attrs["stage"]),
-                "fingerprint": str(f.attrs["fingerprint"]), "keys": keys, "failures": dict(zip(fk, fr)),
+                "fingerprint": str(f.attrs["fingerprint"]), "keys": keys, "failures": dict(zip(fk, fr, strict=True)),
                 "rows": len(keys), "checksum": str(f.attrs["checksum"]), "created": float(f.attrs["created"]),
             }
     except (OSError, KeyError, ValueError, TypeError):
@@ -1575,7 +1575,8 @@ def _describe_segment(path: Path, root: Path) -> tuple[tuple, list[tuple], str]:
         if a not in attrs:
             raise StoreError(f"not a segment: attribute {a!r} missing")
     if int(attrs["schema_version"]) not in READABLE_SCHEMA_VERSIONS:
-        raise StoreError(f"segment layout version {attrs['schema_version']}, this code reads {READABLE_SCHEMA_VERSIONS}")
+        raise StoreError(f"segment layout version {attrs['schema_version']}, "
+                         f"this code reads {READABLE_SCHEMA_VERSIONS}")
     if _checksum(datasets) != attrs["checksum"]:
         raise StoreError("checksum mismatch (the file is corrupt)")
     stage, fingerprint = str(attrs["stage"]), str(attrs["fingerprint"])
@@ -1585,7 +1586,7 @@ def _describe_segment(path: Path, root: Path) -> tuple[tuple, list[tuple], str]:
         float(attrs["created"]),
     )
     items = [(stage, fingerprint, k, seg_id, i, None) for i, k in enumerate(keys)]
-    items += [(stage, fingerprint, k, seg_id, None, r) for k, r in zip(failed, reasons)]
+    items += [(stage, fingerprint, k, seg_id, None, r) for k, r in zip(failed, reasons, strict=True)]
     return seg_row, items, str(attrs["schema"])
 
 
@@ -1847,7 +1848,8 @@ class SegmentWriter:
             raise StoreError("a segment writer needs a store (or a root and an owner: pending_writer)")
         conn = store._conn()
         with _Tx(conn):
-            conn.execute("INSERT OR IGNORE INTO stage_schemas VALUES (?, ?, ?)", (stage, fingerprint, self._schema_json))
+            conn.execute("INSERT OR IGNORE INTO stage_schemas VALUES (?, ?, ?)",
+                         (stage, fingerprint, self._schema_json))
             (known,) = conn.execute(
                 "SELECT schema FROM stage_schemas WHERE stage=? AND fingerprint=?", (stage, fingerprint)
             ).fetchone()
@@ -1945,7 +1947,10 @@ class SegmentWriter:
             return []
         if self.owner is not None:
             return self._commit_pending()
-        store, conn = self.store, self.store._conn()
+        store = self.store
+        if store is None:  # only a detached writer (owner set) has no store
+            raise StoreError("segment writer: neither attached to a store nor detached (no owner)")
+        conn = store._conn()
         present = store._present(conn, self.stage, self.fingerprint, list(self._buffer))
         buffer = {k: v for k, v in self._buffer.items() if k not in present}
         self.n_skipped += len(self._buffer) - len(buffer)
@@ -2150,7 +2155,7 @@ class _SortedKeys:
     def decoded(self) -> list[str]:
         """All keys in input order."""
         out = [""] * len(self.sorted)
-        for pos, b in zip(self.order.tolist(), self.sorted.tolist()):
+        for pos, b in zip(self.order.tolist(), self.sorted.tolist(), strict=True):
             out[pos] = b.decode("utf-8")
         return out
 

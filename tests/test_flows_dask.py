@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from tests.support.synthetic import REGISTRY, write_project
 from pipeline.manifest import load_manifest
 from pipeline.store import FeatureStore
+from tests.support.synthetic import REGISTRY, write_project
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 

@@ -83,7 +83,7 @@ def test_round_trip_of_ragged_and_fixed_fields_of_several_dtypes(store, monkeypa
     empty = reader.get("k0")
     assert empty["features"].shape == (0, 8) and empty["obj_ids"].shape == (0,)
     many = reader.get_many(["k9", "k1", "k5", "k1"])
-    for got, r in zip(many, [recs[9], recs[1], recs[5], recs[1]]):
+    for got, r in zip(many, [recs[9], recs[1], recs[5], recs[1]], strict=True):
         assert_same(got, expected(r))
     assert reader.meta("k4") == {"n": 4}
     assert reader.get("k2")["features"].flags.writeable
@@ -214,7 +214,8 @@ def test_a_different_schema_under_the_same_fingerprint_is_rejected(store):
 
 def test_views_write_replace_and_reuse_unchanged_items(store):
     write(store, [roi_record(f"k{i}", 2, seed=i) for i in range(4)] + [Record("kf", failure="truncated")])
-    store.write_view("demo", "rois", "fp1", {"img/a.jpg": "k0", "img/b.jpg": "k1", "img/c.jpg": "k0", "img/d.jpg": "kf"})
+    store.write_view("demo", "rois", "fp1",
+                     {"img/a.jpg": "k0", "img/b.jpg": "k1", "img/c.jpg": "k0", "img/d.jpg": "kf"})
     view = store.view("demo", "rois")
     assert isinstance(view, View) and view.fingerprint == "fp1" and len(view) == 4
     assert sorted(view.item_ids()) == ["img/a.jpg", "img/b.jpg", "img/c.jpg", "img/d.jpg"]

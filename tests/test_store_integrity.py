@@ -15,10 +15,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_store import ROIS, assert_same, expected, roi_record, segment_files, write  # noqa: E402
 
+import pipeline.store as store_mod
 from pipeline.errors import StoreError
 from pipeline.stage import FieldSpec, Record
 from pipeline.store import FeatureStore, rebuild_index_file
-import pipeline.store as store_mod
 
 
 @pytest.fixture

@@ -259,10 +259,10 @@ def test_summaries_count_from_the_index_not_from_the_chunks(tmp_path):
 
 
 def _extract_in_child(root: str, barrier, queue) -> None:
-    from tests.support.synthetic import REGISTRY
     from features.registry import build_stage
     from pipeline.manifest import load_manifest
     from pipeline.runner import run_stage
+    from tests.support.synthetic import REGISTRY
 
     manifest = load_manifest(Path(root) / "data_manifest.yaml")
     stage = build_stage(manifest, "syn", "synthetic", REGISTRY)
