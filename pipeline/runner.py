@@ -329,6 +329,9 @@ def finish_stage(
         # Keys a concurrent run claimed: wait for it to commit them (its claims expire if it died).
         held = others(work.stage.name, work.fingerprint, sorted(still_missing))
         if not held:
+            # No claim left: a run that held some of these keys may have committed them (claims
+            # are released after the commit) since `still_missing` was read; read it once more.
+            still_missing = set(store.missing(work.stage.name, work.fingerprint, sorted(still_missing)))
             break
         if waited == 0.0:
             log.info("%s/%s: waiting for %d key(s) another run is computing (%s)", dataset,

@@ -156,3 +156,36 @@ def test_status_counts_done_failed_missing_stale_and_reports_planning_errors(pro
     assert (row.total, row.done, row.failed, row.missing, row.stale) == (23, 21, 1, 1, 1)
     bad = stage_status(manifest, store, "syn", "broken", {"broken": StageEntry("test_runner:broken_stage")})
     assert bad.error and "detector weights not found" in status_table([row, bad])
+
+
+def test_finish_stage_rereads_missing_keys_when_the_other_runs_claims_are_gone(monkeypatch):
+    """A concurrent run commits its keys and releases its claims between finish_stage's first
+    `missing()` and its claim check: the keys are stored, so the view is written and nothing is
+    reported as not computed."""
+    from types import SimpleNamespace
+
+    import pipeline.runner as runner
+
+    class Store:
+        def __init__(self):
+            self.calls, self.views = 0, []
+
+        def missing(self, stage, fp, keys):
+            self.calls += 1
+            return ["k2"] if self.calls == 1 else []  # k2 committed by the other run meanwhile
+
+        def claimed_by_others(self, stage, fp, keys):
+            return {}  # ... which has released its claims
+
+        def write_view(self, dataset, stage, fp, view):
+            self.views.append((dataset, stage, fp))
+
+    monkeypatch.setattr(runner, "prior_failures", lambda work, store: {})
+    monkeypatch.setattr(runner, "stage_note", lambda stage: "")
+    monkeypatch.setattr(runner, "stage_state", lambda *a, **k: SimpleNamespace(failures={}))
+    work = SimpleNamespace(stage=SimpleNamespace(name="s"), fingerprint="fp", total=2, reused=0,
+                           todo=["k1", "k2"], plan=SimpleNamespace(items={"k1": 1, "k2": 2}, view={"a": "k1"}))
+    store = Store()
+    summary = runner.finish_stage(work, store, "d", [], {}, random_init=False, chunks=1)
+    assert not summary.errors and summary.done == 2
+    assert summary.view_written and store.views == [("d", "s", "fp")]
