@@ -320,8 +320,7 @@ def finish_stage(
         random_init=random_init, total=work.total, reused=work.reused - len(earlier),
         failures=earlier, chunks=chunks, note=stage_note(work.stage),
     )
-    for _ in outcomes:
-        pass  # the chunks' own counts are not trusted: see below
+    # `outcomes` (the chunks' own counts) are not trusted: everything below counts from the index.
     still_missing = set(store.missing(work.stage.name, work.fingerprint, sorted(work.plan.items)))
     others = getattr(store, "claimed_by_others", None)
     waited = 0.0

@@ -234,7 +234,8 @@ def _chunks(seq: Sequence[Any], n: int = _SQL_CHUNK) -> Iterator[Sequence[Any]]:
         yield seq[i : i + n]
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """fsync a file or a folder (a folder: the entries renamed into it survive a crash)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -256,7 +257,7 @@ def _makedirs_durable(path: Path) -> None:
             d.mkdir()
         except FileExistsError:
             continue
-        _fsync_dir(d.parent)
+        _fsync(d.parent)
 
 
 def _check_name(what: str, value: str) -> None:
@@ -705,7 +706,7 @@ class FeatureStore:
         try:
             _makedirs_durable(target.parent)
             os.rename(source, target)  # one directory operation: the file is in pending/ or in segments/
-            _fsync_dir(target.parent)
+            _fsync(target.parent)
         except OSError as e:
             raise StoreError(f"moving pending segment {rel} into {new_rel}: {e}") from e
         rows: list[tuple] = []
@@ -1469,18 +1470,14 @@ def rebuild_index_file(root: Path | str) -> FsckReport:
             conn.execute("COMMIT")
         finally:
             conn.close()
-        fd = os.open(new, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(new)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for suffix in ("", "-wal", "-shm"):
             old_file = root / f"index.sqlite{suffix}"
             if old_file.exists():
                 os.replace(old_file, root / f"index.sqlite.damaged-{stamp}{suffix}")
         os.replace(new, index)
-        _fsync_dir(root)
+        _fsync(root)
     except (OSError, sqlite3.Error) as e:
         new.unlink(missing_ok=True)
         raise StoreError(f"rebuilding the store index {index}: {e}") from None
@@ -1967,15 +1964,11 @@ class SegmentWriter:
         try:
             lock_fd = _acquire_lock(lock, rel)
             ok_keys, n_failed, checksum, created = self._write_part(part, buffer)
-            fd = os.open(part, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync(part)
             _makedirs_durable(target.parent)
             os.rename(part, target)
             renamed = True
-            _fsync_dir(target.parent)
+            _fsync(target.parent)
             rows = []
             with _Tx(conn):
                 # Another process may have committed some of these keys meanwhile: the first wins.
@@ -2034,15 +2027,11 @@ class SegmentWriter:
             _makedirs_durable(root / "tmp")
             lock_fd = _acquire_lock(lock, "")  # no target: a dead writer's pending file is kept for adoption
             ok_keys, n_failed, checksum, created = self._write_part(part, buffer)
-            fd = os.open(part, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync(part)
             _makedirs_durable(target.parent)
             os.rename(part, target)
             renamed = True
-            _fsync_dir(target.parent)
+            _fsync(target.parent)
         except OSError as e:
             raise StoreError(f"writing segment {rel} of stage {self.stage!r}: {e}") from e
         finally:
