@@ -11,15 +11,12 @@ import os
 from collections import Counter
 from contextlib import contextmanager
 
-import numpy as np
 import pytest
 
-try:  # the synthetic test stages moved to tests/support/ on main (floorplan)
-    from tests.support.synthetic import REGISTRY, write_project
-except ImportError:
-    from flows.synthetic import REGISTRY, write_project
 from pipeline.manifest import load_manifest
 from pipeline.store import FeatureStore
+from tests.support.stores import assert_same_content, store_content
+from tests.support.synthetic import REGISTRY, write_project
 
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 
@@ -30,17 +27,6 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
-
-
-def store_content(manifest_path) -> dict:
-    """{(stage, item id): (key, {field: array})} over every view of the project's store."""
-    store = FeatureStore(load_manifest(manifest_path).roots.store)
-    out = {}
-    for info in store.views():
-        view = store.view(info.dataset, info.stage)
-        for item_id in view.item_ids():
-            out[(info.stage, item_id)] = (view.key(item_id), view.get(item_id))
-    return out
 
 
 @contextmanager
@@ -103,11 +89,7 @@ def test_workers_write_pending_segments_the_flow_commits_them_a_killed_worker_lo
         ("synthetic", 40, 0, True), ("synthetic_sum", 40, 0, True)]
     a, b = store_content(single), store_content(scaled)
     assert sorted(a) == sorted(b) and len(a) == 80
-    for k, (key, arrays) in a.items():
-        key_b, arrays_b = b[k]
-        assert key == key_b and arrays.keys() == arrays_b.keys()
-        for field in arrays:
-            np.testing.assert_array_equal(arrays[field], arrays_b[field])
+    assert_same_content(a, b)
 
     # The killed worker had computed 5 items of its chunk; they were computed again elsewhere.
     lines = [line.split() for line in computed.read_text().splitlines()]

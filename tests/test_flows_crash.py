@@ -17,6 +17,7 @@ from features.registry import build_stage, stage_order
 from pipeline.manifest import load_manifest
 from pipeline.runner import run_stage
 from pipeline.store import FeatureStore
+from tests.support.stores import assert_same_content, store_content
 from tests.support.synthetic import REGISTRY, write_project
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
@@ -40,26 +41,6 @@ def api_url():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield str(PREFECT_API_URL.value())
-
-
-def store_content(manifest_path) -> dict:
-    store = FeatureStore(load_manifest(manifest_path).roots.store)
-    out = {}
-    for info in store.views():
-        view = store.view(info.dataset, info.stage)
-        for item_id in view.item_ids():
-            failure = view.failure(item_id)
-            arrays = {"failure": np.array(failure)} if failure else view.get(item_id)
-            out[(info.stage, item_id)] = (view.key(item_id), arrays)
-    return out
-
-
-def assert_same_content(a: dict, b: dict) -> None:
-    assert sorted(a) == sorted(b)
-    for k, (key, arrays) in a.items():
-        assert key == b[k][0]
-        for name, arr in arrays.items():
-            np.testing.assert_array_equal(arr, b[k][1][name])
 
 
 def committed_segments(store_root: Path) -> int:

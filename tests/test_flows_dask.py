@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 
 from pipeline.manifest import load_manifest
 from pipeline.store import FeatureStore
+from tests.support.stores import assert_same_content, store_content
 from tests.support.synthetic import REGISTRY, write_project
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
@@ -20,17 +20,6 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
-
-
-def store_content(manifest_path) -> dict:
-    """{(stage, item id): (key, {field: array})} over every view of the project's store."""
-    store = FeatureStore(load_manifest(manifest_path).roots.store)
-    out = {}
-    for info in store.views():
-        view = store.view(info.dataset, info.stage)
-        for item_id in view.item_ids():
-            out[(info.stage, item_id)] = (view.key(item_id), view.get(item_id))
-    return out
 
 
 def test_two_dask_worker_processes_store_the_same_as_one_process(tmp_path, monkeypatch):
@@ -49,11 +38,7 @@ def test_two_dask_worker_processes_store_the_same_as_one_process(tmp_path, monke
         ("synthetic", 40, 0, True), ("synthetic_sum", 40, 0, True)]
     a, b = store_content(single), store_content(scaled)
     assert sorted(a) == sorted(b) and len(a) == 80
-    for k, (key, arrays) in a.items():
-        key_b, arrays_b = b[k]
-        assert key == key_b and arrays.keys() == arrays_b.keys()
-        for field in arrays:
-            np.testing.assert_array_equal(arrays[field], arrays_b[field])
+    assert_same_content(a, b)
     # The work ran in the Dask worker processes, each writing its own segments.
     pids = {int(line.split()[2]) for line in log.read_text().splitlines()}
     assert os.getpid() not in pids
