@@ -317,7 +317,7 @@ def test_the_demo_encoder_is_the_published_minilm():
     from features.text.bert import encoder_config, encoder_identity
     from pipeline.manifest import load_manifest
 
-    m = load_manifest(Path(__file__).resolve().parent.parent / "data_manifest.yaml")
+    m = load_manifest(Path(__file__).resolve().parents[2] / "data_manifest.yaml")
     assert m.dataset("demo").text_encoder == "minilm-l6"
     spec = m.text_encoder("minilm-l6")
     ident = encoder_identity(spec)

@@ -11,7 +11,7 @@ from pathlib import Path
 from models.registry import MODEL_NAMES
 from mrhp.cli import build_parser
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 PROBE = r"""
 import contextlib, io, json, sys

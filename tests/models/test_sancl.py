@@ -9,12 +9,12 @@ import math
 
 import pytest
 import torch
-from test_models_common import TINY, learning_check, make_batch
 
 from models.batch import Batch
 from models.layers import count_parameters
 from models.sancl import SANCL, SelectiveSelfAttention, TextGRU, selective_attention_weights, weighted_pool
 from pipeline.errors import ConfigError, DataError
+from tests.models.test_models_common import TINY, learning_check, make_batch
 
 E = math.exp
 
@@ -418,7 +418,7 @@ def test_reported_numbers_are_data_and_consistent():
 
     import yaml
 
-    path = Path(__file__).resolve().parent.parent / "models" / "reported" / "sancl.yaml"
+    path = Path(__file__).resolve().parents[2] / "models" / "reported" / "sancl.yaml"
     d = yaml.safe_load(path.read_text(encoding="utf-8"))
     assert d["model"] == "sancl" and d["extra"]["parameters_without_embeddings"] == 1410000
     assert d["extra"]["gpu_memory_gb_train_amazon_home"] == 2.4

@@ -5,21 +5,18 @@ from __future__ import annotations
 
 import errno
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_store import roi_record, write  # noqa: E402
-from test_vectors import Spec, write_text_vectors  # noqa: E402
 
 from features.text import vectors as vectors_mod
 from features.text.vectors import load_vectors, source_sha256
 from pipeline.errors import StoreError
 from pipeline.hashing import sha256_file
 from pipeline.store import FeatureStore, _acquire_lock, read_only
+from tests.features.test_vectors import Spec, write_text_vectors
+from tests.pipeline.test_store import roi_record, write
 
 
 def _tree(root: Path) -> dict[str, tuple[int, int]]:

@@ -16,7 +16,7 @@ import pytest
 from pipeline.stage import FieldSpec
 from pipeline.store import FeatureStore
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 N_ITEMS = 5000
 CHUNK = 20
 SCHEMA = {"features": FieldSpec("float16", (64,), ragged=True), "hw": FieldSpec("int32", (2,))}

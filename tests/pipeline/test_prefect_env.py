@@ -34,7 +34,7 @@ def test_server_start_timeout_becomes_one_line_with_exit_code_7(monkeypatch):
 
 def test_cli_extract_maps_a_server_that_never_starts(tmp_path):
     """The installed CLI, a fresh process, a start-up timeout of 0 s: one line, exit 7."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     manifest = tmp_path / "data_manifest.yaml"
     (tmp_path / "texts").mkdir()
     manifest.write_text(

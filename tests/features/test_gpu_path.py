@@ -25,7 +25,7 @@ from pipeline.errors import StageError
 from pipeline.manifest import load_manifest
 from pipeline.params import RoisParams
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _img(h: int, w: int, seed: int) -> np.ndarray:

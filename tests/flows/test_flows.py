@@ -157,7 +157,7 @@ def test_deploy_registers_flows_on_the_work_pool_with_a_gpu_limit(tmp_path):
     # By module, and run in the project folder: a process worker would otherwise look for a
     # file path relative to wherever `mrhp deploy` ran, inside an empty temporary folder.
     assert deps[0].entrypoint == "flows.extract.extract_flow"
-    assert deps[1].job_variables == {"working_dir": str(Path(__file__).resolve().parent.parent)}
+    assert deps[1].job_variables == {"working_dir": str(Path(__file__).resolve().parents[2])}
     names = apply_deployments(spec)
     assert names[0] == "mrhp-extract/all" and "mrhp-extract-rois/rois" in names
     with get_client(sync_client=True) as client:

@@ -4,7 +4,6 @@ wrong or missing arrays served in silence."""
 from __future__ import annotations
 
 import sqlite3
-import sys
 from pathlib import Path
 
 import crc32c
@@ -12,13 +11,11 @@ import h5py
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_store import ROIS, assert_same, expected, roi_record, segment_files, write  # noqa: E402
-
 import pipeline.store as store_mod
 from pipeline.errors import StoreError
 from pipeline.stage import FieldSpec, Record
 from pipeline.store import FeatureStore, rebuild_index_file
+from tests.pipeline.test_store import ROIS, assert_same, expected, roi_record, segment_files, write
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from tests.support.stores import assert_same_content, store_content
 from tests.support.synthetic import REGISTRY, write_project
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent("""
     import sys

@@ -12,7 +12,7 @@ import pytest
 from features import records_cache
 from features.images import ImageHashCache
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _files(tmp_path: Path, n: int = 5) -> list[Path]:

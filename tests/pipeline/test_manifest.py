@@ -11,7 +11,7 @@ import yaml
 from pipeline.errors import ManifestError
 from pipeline.manifest import load_manifest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 BASE = {
     "version": 1,

@@ -19,7 +19,7 @@ from pipeline.manifest import load_manifest
 from pipeline.params import RoisParams
 from pipeline.stage import Stage, WorkItem, is_random_init
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 MANIFEST = """
 version: 1

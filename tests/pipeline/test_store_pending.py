@@ -14,7 +14,7 @@ from pipeline.errors import StoreError
 from pipeline.stage import FieldSpec, Record
 from pipeline.store import FeatureStore, _acquire_lock, _owner_lock, pending_writer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = {"v": FieldSpec("float32", (2,)), "codes": FieldSpec("int32", (), ragged=True)}
 
 

@@ -10,7 +10,6 @@ import math
 
 import pytest
 import torch
-from test_models_common import TINY, learning_check, make_batch
 
 from models.mmss import (
     MMSS,
@@ -25,6 +24,7 @@ from models.mmss import (
     subtask_loss,
 )
 from pipeline.errors import ConfigError, TrainingError
+from tests.models.test_models_common import TINY, learning_check, make_batch
 
 LN3 = math.log(3.0)  # sigmoid(ln 3) = 3/4, sigmoid(-ln 3) = 1/4, sigmoid(0) = 1/2
 
@@ -412,7 +412,7 @@ def test_reported_numbers_and_every_table4_row_has_a_switch():
 
     import yaml
 
-    doc = yaml.safe_load((Path(__file__).parents[1] / "models/reported/mmss.yaml").read_text())
+    doc = yaml.safe_load((Path(__file__).parents[2] / "models/reported/mmss.yaml").read_text())
     assert doc["model"] == "mmss"
     rows = {(r["table"], r["dataset"], r["category"], r["setting"]): r for r in doc["results"]}
     assert rows[("Table 2", "amazon", "home", "")]["MAP"] == 65.3  # Table 2, H&K, MM-SS

@@ -10,7 +10,7 @@ import pytest
 from mrhp.cli import main
 from pipeline.errors import DataError, ManifestError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_models_common import TINY, learning_check, make_batch
 
 from models.config import train_config
 from models.losses import ranking_loss
@@ -26,6 +25,7 @@ from models.mcl import (
     relation_distances,
 )
 from pipeline.errors import ConfigError, TrainingError
+from tests.models.test_models_common import TINY, learning_check, make_batch
 
 T1 = torch.tensor([[2.0, 0.0], [0.0, 3.0]])  # unit directions (1,0), (0,1)
 T2 = torch.tensor([[0.6, 0.8], [0.8, 0.6]])
