@@ -112,7 +112,7 @@ def test_coref_auto_picks_neuralcoref_when_the_side_environment_is_built(tmp_pat
 
 def test_the_backend_used_enters_the_fingerprint_and_the_summary_note(tmp_path, monkeypatch):
     from features.text.probes import build_stage
-    from tests.test_probes import manifest, records
+    from tests.features.test_probes import manifest, records
 
     stage = lambda coref: build_stage(manifest(tmp_path, {"coref": coref}), "toy", records=records())  # noqa: E731
     monkeypatch.setenv("MRHP_NEURALCOREF_ENV", str(tmp_path / "absent"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -44,7 +45,17 @@ def api_url():
 
 
 def committed_segments(store_root: Path) -> int:
-    return len(list((store_root / "segments").rglob("*.h5")))
+    """Segments the index records as committed (a file under segments/ may not be indexed yet)."""
+    index = store_root / "index.sqlite"
+    if not index.is_file():
+        return 0
+    con = sqlite3.connect(str(index), timeout=30)
+    try:
+        return int(con.execute("SELECT count(*) FROM segments").fetchone()[0])
+    except sqlite3.OperationalError:  # the tables are not created yet
+        return 0
+    finally:
+        con.close()
 
 
 def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path, api_url):
