@@ -42,7 +42,7 @@ def write_tsv(path: Path, rows: int, boxes: int, seed: int = 0) -> None:
 
 
 def child(tsv: Path, store_root: Path) -> None:
-    from features.importers import ImportConfig, import_features
+    from pipeline.ingest.importers import ImportConfig, import_features
     from pipeline.records import DatasetRecords
     from pipeline.store import FeatureStore
 

@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from features.schema import rois_schema  # noqa: E402
+from pipeline.schema import rois_schema  # noqa: E402
 from pipeline.stage import FieldSpec, Record  # noqa: E402
 from pipeline.store import FeatureStore  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Safe image decoding shared by the ROI stage, the fetcher and the importers.
+"""Safe image decoding for the ROI stage (the fetcher in pipeline/ingest/ does its own PIL check).
 
 Every odd file a crawl produces either decodes to an RGB uint8 array or yields a one-line
 reason, never an exception: missing and zero-byte files, text or HTML saved as `.jpg`,

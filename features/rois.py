@@ -45,10 +45,10 @@ from features.detector.preprocess import (
 from features.detector.selection import max_class_confidence_batch, select_boxes_batch
 from features.device import autocast, resolve_device
 from features.images import ImageHashCache, decode_image
-from features.schema import rois_schema
 from pipeline.errors import DataError, StageError
 from pipeline.hashing import fingerprint as hash_fingerprint
 from pipeline.params import RoisParams
+from pipeline.schema import rois_schema
 from pipeline.stage import RANDOM_INIT_PREFIX, Plan, Record, WorkItem
 
 CODE_VERSION = "rois-1"  # bump when extraction code changes its outputs

@@ -25,8 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from features.fetch import FetchConfig, dataset_jobs, fetch_images, summarize
     from pipeline.datasets.mrhp import load_dataset
+    from pipeline.ingest.fetch import FetchConfig, dataset_jobs, fetch_images, summarize
 
     manifest = load_manifest(args.manifest)
     spec = manifest.dataset(args.dataset)

@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("path", help="the TSV file, or the folder (or single file) of .npz / .pt files")
     p.add_argument("--format", required=True, choices=("lxmert-tsv", "bua-npz", "mcr-pth"),
-                   help="source layout (see features/importers.py)")
+                   help="source layout (see pipeline/ingest/importers.py)")
     p.add_argument("--dataset", required=True, help="dataset name in the manifest")
     p.add_argument("--match", choices=("stem", "path"), default="stem",
                    help="match img_ids to dataset images by file stem or by relative path (default stem)")
@@ -33,8 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from features.importers import ImportConfig, import_features
     from pipeline.datasets.mrhp import load_dataset
+    from pipeline.ingest.importers import ImportConfig, import_features
     from pipeline.store import FeatureStore
 
     manifest = load_manifest(args.manifest)

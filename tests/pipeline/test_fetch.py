@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from features.fetch import FetchConfig, FetchJob, dataset_jobs, fetch_images
+from pipeline.ingest.fetch import FetchConfig, FetchJob, dataset_jobs, fetch_images
 from pipeline.records import DatasetRecords, ImageRef, Product, Review
 
 CLIENT_TIMEOUT = 0.3

@@ -2,7 +2,7 @@
 non-http URLs fail in the pre-check."""
 from __future__ import annotations
 
-from features.fetch import FetchConfig, FetchJob, fetch_images
+from pipeline.ingest.fetch import FetchConfig, FetchJob, fetch_images
 
 
 def test_fetch_progress_bar_counts_every_distinct_path_and_failures(tmp_path, capsys):

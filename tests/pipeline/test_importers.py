@@ -15,16 +15,16 @@ import pytest
 import yaml
 from PIL import Image
 
-from features.importers import (
+from mrhp.cli import main
+from pipeline.errors import DataError
+from pipeline.hashing import sha256_file
+from pipeline.ingest.importers import (
     ImportConfig,
     RefIndex,
     export_view_tsv,
     import_features,
     rois_schema,
 )
-from mrhp.cli import main
-from pipeline.errors import DataError
-from pipeline.hashing import sha256_file
 from pipeline.records import DatasetRecords, ImageRef, Product
 from pipeline.store import FeatureStore
 

@@ -49,10 +49,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from features.schema import rois_schema
 from pipeline.errors import DataError
 from pipeline.hashing import sha256_file
 from pipeline.records import DatasetRecords
+from pipeline.schema import rois_schema
 from pipeline.stage import Record
 
 if TYPE_CHECKING:

@@ -1,4 +1,5 @@
-"""Stored fields of the rois stage, shared by the extractor and the importers (no torch here)."""
+"""Stored fields of the rois stage, shared by the extractor (features/rois.py) and the importers
+(pipeline/ingest/importers.py); here on floor 1 so both import it downward (no torch here)."""
 from __future__ import annotations
 
 from pipeline.stage import FieldSpec
