@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
@@ -40,6 +40,14 @@ from flows.extract import GPU_LIMIT_TAG
 from models.config import TrainConfig, resolve_train_config
 from pipeline.errors import ConfigError
 from pipeline.manifest import Manifest, load_manifest
+
+T = TypeVar("T")
+
+
+def as_is(obj: T) -> T:
+    """`obj` wrapped in Prefect's `quote()`: the task receives this very object, not a copy
+    rebuilt by Prefect's walk over task inputs (typed as `obj` for the task's signature)."""
+    return cast(T, quote(obj))
 
 
 @task(name="check-views", cache_policy=NONE, persist_result=False)
@@ -127,9 +135,9 @@ def train_flow(dataset: str, model: str, *, manifest_path: str | None = None, se
     manifest = load_manifest(manifest_path)
     cfg = resolve_train_config(manifest, model=model, dataset=dataset, config=config,
                                overrides=list(overrides), preset=preset)
-    views = check_run_views(quote(manifest), quote(cfg))
+    views = check_run_views(as_is(manifest), as_is(cfg))
     log = get_run_logger()
     log.info("%s on %s: views %s present; preset %s", cfg.model, cfg.dataset, ", ".join(views), cfg.preset)
     train = train_run.with_options(tags=[GPU_LIMIT_TAG] if uses_gpu(cfg) else [])
-    return train(quote(manifest), quote(cfg), seeds=seeds, name=name, resume=resume, overwrite=overwrite,
+    return train(as_is(manifest), as_is(cfg), seeds=seeds, name=name, resume=resume, overwrite=overwrite,
                  gpu_limit=gpu_limit)

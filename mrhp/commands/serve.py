@@ -11,9 +11,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="serve the extraction and training flows from this box until interrupted (see docs/gpu_box.md)",
         description=(
             "Serve deployments mrhp-extract/all (on the cron schedule, if any), "
-            "mrhp-extract-<stage>/<stage> and mrhp-train/train from this process; runs are triggered from the Prefect UI "
-            "or `prefect deployment run`. Same-named deployments on a work pool (from `mrhp deploy`) are "
-            "replaced; `mrhp deploy` puts them back. Needs a Prefect server: set PREFECT_API_URL."
+            "mrhp-extract-<stage>/<stage> and mrhp-train/train from this process; runs are triggered from "
+            "the Prefect UI or `prefect deployment run`. Same-named deployments on a work pool (from "
+            "`mrhp deploy`) are replaced; `mrhp deploy` puts them back. Needs a Prefect server: set PREFECT_API_URL."
         ),
     )
     p.add_argument("--cron", help="cron schedule of the whole extraction (default: flows.cron)")
