@@ -18,10 +18,14 @@ Tasks (run in the flow's process, one after the other):
   at once; it also carries the `mrhp-gpu` task tag of the GPU chunks. `device: auto` counts as
   a GPU run (deciding would need torch here; on a box without a GPU the slot only serialises).
 
-Task parameters are Python objects (the Manifest and the TrainConfig): `cache_policy=NONE`
-(Prefect 3.8 would otherwise hash every input for a cache key, and a TrainConfig's read-only
-`model_cfg` mapping cannot be pickled for that hash; a training run is never to be served from
-a cache anyway) and `quote()` so Prefect hands the very objects through without walking them.
+Task parameters are Python objects (the Manifest and the TrainConfig). `cache_policy=NONE`: a
+training run is never served from Prefect's cache (Prefect 3.8's default policy, inputs + task
+source + flow run id, would hand back a stored result for the same inputs once result
+persistence is switched on, e.g. on a retry of the flow run, without training or looking at the
+run folder) and nothing is hashed per call; both records do hash under the default policy
+(checked with Prefect 3.8.8), so this is a choice, not a workaround. `quote()` (`as_is`) hands
+the very objects to the tasks without Prefect walking every field of them in search of futures
+(Prefect 3.8.8 would keep the unchanged records as they are; quoted, nothing depends on that).
 Only the flow's own parameters (strings, numbers, lists of strings) go to the Prefect API.
 """
 from __future__ import annotations
@@ -45,8 +49,8 @@ T = TypeVar("T")
 
 
 def as_is(obj: T) -> T:
-    """`obj` wrapped in Prefect's `quote()`: the task receives this very object, not a copy
-    rebuilt by Prefect's walk over task inputs (typed as `obj` for the task's signature)."""
+    """`obj` wrapped in Prefect's `quote()`: the task receives this very object, unwalked
+    (typed as `obj` for the task's signature)."""
     return cast(T, quote(obj))
 
 

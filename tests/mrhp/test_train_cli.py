@@ -114,7 +114,7 @@ def test_cli_errors_are_one_line_messages(workspace, capsys):
     assert "no such folder" in capsys.readouterr().err
 
 
-def test_training_flow_trains_exactly_as_mrhp_train(workspace, tmp_path):
+def test_training_flow_trains_exactly_as_mrhp_train(workspace, tmp_path, monkeypatch):
     """The flow makes `mrhp train`'s two calls with the same config: for the same settings and
     seeds, the same saved config and bit for bit the same test metrics and scores; a missing view
     stops it before any training, with the same one-line error as `mrhp train`."""
@@ -135,6 +135,18 @@ def test_training_flow_trains_exactly_as_mrhp_train(workspace, tmp_path):
         out = train_flow("synth", "text-gru", manifest_path=manifest, seeds=2, name="twin-flow", overrides=over)
         with pytest.raises(DataError, match=r"needs the rois view.*`mrhp extract --dataset synth --stage rois`"):
             train_flow("synth", "mcl", manifest_path=str(empty), overrides=["device=cpu"])
+        # the task gets the very TrainConfig record the flow resolved (no copy, no mapping round trip)
+        import flows.training
+        import models.trainer
+
+        resolved, seen = [], []
+        real_resolve = flows.training.resolve_train_config
+        monkeypatch.setattr(flows.training, "resolve_train_config",
+                            lambda *a, **kw: resolved.append(real_resolve(*a, **kw)) or resolved[-1])
+        monkeypatch.setattr(models.trainer, "train_seeds", lambda manifest, cfg, **kw: seen.append((cfg, kw)) or [])
+        assert train_flow("synth", "text-gru", manifest_path=manifest, seeds=3, name="stub", overrides=over) == []
+        assert len(seen) == 1 and seen[0][0] is resolved[0]
+        assert seen[0][1]["seeds"] == 3 and seen[0][1]["name"] == "stub"
     assert not (tmp_path / "runs").exists()
     assert [o["seed"] for o in out] == [0, 1]
     for k in (0, 1):
