@@ -197,6 +197,29 @@ def test_training_flow_checks_the_views_the_run_needs(workspace, tmp_path):
     assert "also missing" not in str(e.value)
 
 
+def test_cli_and_flow_resolve_settings_in_one_place(workspace, tmp_path, capsys):
+    """`mrhp train` and the flow resolve through models.config.resolve_train_config: the preset
+    given twice, or a YAML naming another model or dataset, is the same one-line ConfigError."""
+    from models.config import resolve_train_config
+    from pipeline.errors import ConfigError
+
+    root, _ = workspace
+    m = ["--manifest", str(root / "data_manifest.yaml")]
+    manifest = load_manifest(root / "data_manifest.yaml")
+    assert main([*m, "train", "--model", "mcl", "--dataset", "synth", "--preset", "code", "preset=paper"]) == 2
+    assert "give the preset once" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="give the preset once"):
+        resolve_train_config(manifest, model="mcl", dataset="synth", preset="code", overrides=["preset=paper"])
+    other = tmp_path / "other.yaml"
+    other.write_text("model: sancl\n")
+    assert main([*m, "train", "--model", "mcl", "--dataset", "synth", "--config", str(other)]) == 2
+    assert "disagree with the config (sancl, synth)" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"\(mcl, synth\) disagree with the config \(sancl, synth\)"):
+        resolve_train_config(manifest, model="mcl", dataset="synth", config=other)
+    cfg = resolve_train_config(manifest, model="mcl", dataset="synth", preset="code", overrides=["epochs=3"])
+    assert (cfg.model, cfg.dataset, cfg.preset, cfg.epochs) == ("mcl", "synth", "code", 3)
+
+
 def test_training_flow_refuses_bad_parameters_in_one_line():
     from flows.training import train_flow
     from pipeline.errors import ConfigError
