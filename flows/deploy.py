@@ -1,15 +1,18 @@
-"""Deployments of the extraction flows for a GPU box.
+"""Deployments of the extraction and training flows for a GPU box.
 
-`build_deployments()` makes one deployment per flow (the whole extraction plus one per stage)
-carrying the manifest path, the manifest's cron schedule (on the whole extraction only) and the
-name of the global concurrency limit the GPU chunks take a slot of. `apply_deployments()`
+`build_deployments()` makes one deployment per flow (the whole extraction, one per stage, and
+the training flow `mrhp-train/train`, on demand) carrying the manifest path, the manifest's cron
+schedule (on the whole extraction only) and the name of the global concurrency limit the GPU
+chunks and GPU training runs take a slot of. `apply_deployments()`
 registers them on a work pool (creating a `process` pool and the limit when missing);
 `serve_deployments()` runs them from this process instead (`mrhp serve`), no worker needed.
 
 Why a global concurrency limit: two flow runs on one box (a scheduled run and a manual rerun)
 must not put two ROI chunks on the same GPU. Each ROI chunk holds one slot of the limit
 `<work_pool>-gpu` (size `flows.gpu_concurrency`, 1 per GPU) while it computes; within one flow
-run the chunks of a process are serialised by a lock as well.
+run the chunks of a process are serialised by a lock as well. A training run (device other than
+"cpu") holds one slot of the same limit from start to end, so with one slot per GPU a training
+run waits for the ROI/bert chunks of a running extraction and the other way round.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from pipeline.errors import ConfigError
 from pipeline.manifest import Manifest
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+TRAIN_DEPLOYMENT = "train"  # mrhp-train/train
 
 
 def gpu_limit_name(work_pool: str) -> str:
@@ -78,7 +82,8 @@ def require_api_url(command: str) -> str:
 
 
 def build_deployments(spec: DeploySpec, *, for_work_pool: bool = True) -> list[Any]:
-    """RunnerDeployment objects of the extraction flows (all, then one per stage) (nothing is sent to the API)."""
+    """RunnerDeployment objects of the extraction flows (all, then one per stage) and of the
+    training flow (last); nothing is sent to the API."""
     from prefect.deployments.runner import EntrypointType
 
     from flows.extract import STAGE_FLOWS, extract_flow
@@ -100,7 +105,26 @@ def build_deployments(spec: DeploySpec, *, for_work_pool: bool = True) -> list[A
             name=name, parameters=params, tags=["mrhp", f"mrhp-stage:{name}"],
             description=f"The {name} stage (run on demand, e.g. after a data change).", **kw,
         ))
+    out.append(build_training_deployment(spec, **kw))
     return out
+
+
+def build_training_deployment(spec: DeploySpec, **kw: Any) -> Any:
+    """The `mrhp-train/train` deployment: on demand, same work pool and GPU limit as extraction.
+
+    Fixed parameters: the manifest path and `gpu_limit` (a GPU run holds a slot of it, as the
+    ROI/bert chunks do, so training and GPU extraction never share the GPU at once). Given at run
+    time (`prefect deployment run mrhp-train/train -p dataset=D -p model=M ...`): dataset and
+    model (required), seeds, name, config (a YAML path on the GPU box), overrides (a JSON list of
+    key=value strings), preset, resume, overwrite."""
+    from flows.training import train_flow
+
+    return train_flow.to_deployment(
+        name=TRAIN_DEPLOYMENT, parameters={"manifest_path": spec.manifest_path, "gpu_limit": spec.gpu_limit},
+        tags=["mrhp", "mrhp-train"],
+        description="Train a model on a dataset from the store's cached views (mrhp train, scheduled): "
+        "-p dataset=D -p model=M [-p seeds=N] [-p overrides='[\"lr=3e-4\"]'].", **kw,
+    )
 
 
 def ensure_gpu_limit(spec: DeploySpec) -> None:

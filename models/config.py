@@ -199,3 +199,28 @@ def load_train_config(path: str | Path | None = None, overrides: Sequence[str] =
 
 def config_to_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(to_mapping(cfg), sort_keys=False)
+
+
+def resolve_train_config(manifest, *, model: str, dataset: str, config: str | Path | None = None,
+                         overrides: Sequence[str] = (), preset: str | None = None) -> TrainConfig:
+    """The TrainConfig of a training run of `model` on `dataset` of `manifest`: TrainConfig
+    defaults < the model's preset (`preset`, else a `preset=NAME` override, else "paper"; for
+    the dataset's first manifest category) < the YAML file `config` < `key=value` overrides,
+    validated. `mrhp train` and the training flow both resolve their config here.
+
+    Raises ManifestError for an undeclared dataset, ConfigError for a preset given twice or a
+    config whose model/dataset disagree with `model`/`dataset`."""
+    spec = manifest.dataset(dataset)  # ManifestError naming the declared datasets
+    overrides = list(overrides)
+    if preset is not None:
+        if any(o.split("=", 1)[0] == "preset" for o in overrides):
+            raise ConfigError("give the preset once: --preset or preset=NAME, not both")
+        overrides.append(f"preset={preset}")
+    cfg = load_train_config(config, overrides, base={"model": model, "dataset": dataset},
+                            category=spec.categories[0] if spec.categories else None)
+    if cfg.model != model or cfg.dataset != dataset:
+        raise ConfigError(
+            f"--model/--dataset ({model}, {dataset}) disagree with the config "
+            f"({cfg.model}, {cfg.dataset}); set them in one place"
+        )
+    return cfg

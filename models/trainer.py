@@ -584,6 +584,17 @@ def _text_feature_width(cfg: TrainConfig, data, say: Callable[[str], None]) -> T
     return cfg
 
 
+def run_views(manifest, cfg: TrainConfig) -> frozenset[str]:
+    """The stage views `train_seeds` requires for `cfg` on its dataset: the model's
+    `required_views` after the text-encoder fallback (MM-SS's `bert` reading on a dataset without
+    a `text_encoder` needs no bert view). The training flow checks these before it waits for a
+    GPU slot; `train_seeds` checks the same set when it loads the data."""
+    from models.data import required_views
+
+    fallback = _text_encoder_fallback(cfg, manifest, lambda _msg: None)
+    return required_views(fallback.model, fallback.model_cfg)
+
+
 def train_seeds(manifest, cfg: TrainConfig, *, seeds: int = 1, first_seed: int = 0, name: str | None = None,
                 resume: bool = False, overwrite: bool = False, progress: Callable[[str], None] | None = None,
                 progress_bar: bool | None = None) -> list[TrainResult]:
@@ -593,7 +604,7 @@ def train_seeds(manifest, cfg: TrainConfig, *, seeds: int = 1, first_seed: int =
     fingerprint, threshold) for `mrhp predict`. `overwrite` deletes an existing seed folder first
     (only a folder that looks like a run: config.yaml or checkpoints/ inside). The CLI and the
     training flow call this."""
-    from models.data import build_datasets, required_views
+    from models.data import build_datasets
     from models.runs import write_json_atomic
 
     if seeds < 1:
@@ -602,8 +613,8 @@ def train_seeds(manifest, cfg: TrainConfig, *, seeds: int = 1, first_seed: int =
     say = progress or log.info
     name = name or f"{cfg.model}-{cfg.dataset}"
     root = Path(manifest.roots.runs) / name
+    views = run_views(manifest, cfg)
     cfg = _text_encoder_fallback(cfg, manifest, say)
-    views = required_views(cfg.model, cfg.model_cfg)
     data = build_datasets(manifest, cfg.dataset, cfg.data, required=views, allow_missing=cfg.allow_missing)
     if "bert" in views and "bert" not in data.missing_views:
         cfg = _text_feature_width(cfg, data, say)

@@ -1,4 +1,4 @@
-"""`mrhp serve`: serve the extraction deployments from this machine (no work pool or worker)."""
+"""`mrhp serve`: serve the extraction and training deployments from this machine (no work pool or worker)."""
 from __future__ import annotations
 
 import argparse
@@ -8,12 +8,12 @@ import logging
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "serve",
-        help="serve the extraction flows from this box until interrupted (see docs/gpu_box.md)",
+        help="serve the extraction and training flows from this box until interrupted (see docs/gpu_box.md)",
         description=(
-            "Serve deployments mrhp-extract/all (on the cron schedule, if any) and "
-            "mrhp-extract-<stage>/<stage> from this process; runs are triggered from the Prefect UI "
-            "or `prefect deployment run`. Same-named deployments on a work pool (from `mrhp deploy`) are "
-            "replaced; `mrhp deploy` puts them back. Needs a Prefect server: set PREFECT_API_URL."
+            "Serve deployments mrhp-extract/all (on the cron schedule, if any), "
+            "mrhp-extract-<stage>/<stage> and mrhp-train/train from this process; runs are triggered from "
+            "the Prefect UI or `prefect deployment run`. Same-named deployments on a work pool (from "
+            "`mrhp deploy`) are replaced; `mrhp deploy` puts them back. Needs a Prefect server: set PREFECT_API_URL."
         ),
     )
     p.add_argument("--cron", help="cron schedule of the whole extraction (default: flows.cron)")

@@ -8,6 +8,9 @@ for the dataset's first manifest category) < --config YAML < key=value overrides
 `<roots.runs>/<name>/seed<k>/` (k = 0..N-1, seed = config seed + k); labels and grouping come
 from the dataset reader, arrays from the feature store views. Heavy imports (torch) happen in
 `run`, so `mrhp --help` stays fast.
+
+The Prefect flow `mrhp-train` (flows/training.py, deployed by `mrhp deploy`) makes the same two
+calls: `models.config.resolve_train_config`, then `models.trainer.train_seeds` with that config.
 """
 from __future__ import annotations
 
@@ -43,25 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def resolve(args: argparse.Namespace, manifest) -> object:
-    """The TrainConfig the command line asks for (preset, YAML, overrides), validated."""
-    from models.config import load_train_config
-    from pipeline.errors import ConfigError
+    """The TrainConfig the command line asks for (preset, YAML, overrides), validated; resolved
+    by `models.config.resolve_train_config`, as the training flow resolves its parameters."""
+    from models.config import resolve_train_config
 
-    spec = manifest.dataset(args.dataset)  # ManifestError naming the declared datasets
-    base = {"model": args.model, "dataset": args.dataset}
-    overrides = list(args.overrides)
-    if args.preset is not None:
-        if any(o.split("=", 1)[0] == "preset" for o in overrides):
-            raise ConfigError("give the preset once: --preset or preset=NAME, not both")
-        overrides.append(f"preset={args.preset}")
-    cfg = load_train_config(args.config, overrides, base=base,
-                            category=spec.categories[0] if spec.categories else None)
-    if cfg.model != args.model or cfg.dataset != args.dataset:
-        raise ConfigError(
-            f"--model/--dataset ({args.model}, {args.dataset}) disagree with the config "
-            f"({cfg.model}, {cfg.dataset}); set them in one place"
-        )
-    return cfg
+    return resolve_train_config(manifest, model=args.model, dataset=args.dataset, config=args.config,
+                                overrides=args.overrides, preset=args.preset)
 
 
 def run(args: argparse.Namespace) -> int:

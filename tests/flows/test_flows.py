@@ -152,14 +152,14 @@ def test_deploy_registers_flows_on_the_work_pool_with_a_gpu_limit(tmp_path):
     manifest = load_manifest(write_project(tmp_path, 1))
     spec = deploy_spec(manifest, work_pool="gpu-box", cron="0 3 * * *")
     deps = build_deployments(spec)
-    assert [d.name for d in deps] == ["all", "rois", "tokens", "embeddings", "probes", "bert"]
+    assert [d.name for d in deps] == ["all", "rois", "tokens", "embeddings", "probes", "bert", "train"]
     assert deps[0].parameters["gpu_limit"] == "gpu-box-gpu" and deps[0].parameters["on_dask"] is False
     # By module, and run in the project folder: a process worker would otherwise look for a
     # file path relative to wherever `mrhp deploy` ran, inside an empty temporary folder.
     assert deps[0].entrypoint == "flows.extract.extract_flow"
     assert deps[1].job_variables == {"working_dir": str(Path(__file__).resolve().parents[2])}
     names = apply_deployments(spec)
-    assert names[0] == "mrhp-extract/all" and "mrhp-extract-rois/rois" in names
+    assert names[0] == "mrhp-extract/all" and "mrhp-extract-rois/rois" in names and names[-1] == "mrhp-train/train"
     with get_client(sync_client=True) as client:
         dep = client.read_deployment_by_name("mrhp-extract/all")
         assert dep.work_pool_name == "gpu-box"
@@ -171,6 +171,81 @@ def test_deploy_registers_flows_on_the_work_pool_with_a_gpu_limit(tmp_path):
     served = build_deployments(spec, for_work_pool=False)
     assert release_from_work_pool(served) == names
     assert release_from_work_pool(served) == []
+
+
+def test_deploy_builds_the_training_deployment_on_the_gpu_pool_and_limit(tmp_path):
+    """mrhp-train/train: by module, in the project folder, on the extraction's work pool with its
+    GPU limit as a fixed parameter; dataset and model required at run time, no schedule."""
+    from flows.deploy import build_deployments, deploy_spec
+
+    manifest = load_manifest(write_project(tmp_path, 1))
+    spec = deploy_spec(manifest, work_pool="gpu-box", cron="0 3 * * *")
+    deps = build_deployments(spec)
+    train, rois = deps[-1], deps[1]
+    assert train.flow_name == "mrhp-train" and train.name == "train"
+    assert train.entrypoint == "flows.training.train_flow"
+    assert train.work_pool_name == rois.work_pool_name == "gpu-box"
+    assert train.job_variables == rois.job_variables == {"working_dir": str(Path(__file__).resolve().parents[2])}
+    assert train.parameters == {"manifest_path": str(manifest.path), "gpu_limit": "gpu-box-gpu"}
+    assert rois.parameters["gpu_limit"] == train.parameters["gpu_limit"]
+    assert train.tags == ["mrhp", "mrhp-train"] and not train.schedules
+    schema = train._parameter_openapi_schema
+    assert schema.required == ["dataset", "model"]
+    props = schema.properties
+    assert {"dataset", "model", "seeds", "name", "config", "overrides", "preset", "resume", "overwrite",
+            "manifest_path", "gpu_limit"} <= set(props)
+    assert props["seeds"]["type"] == "integer" and props["seeds"]["default"] == 1
+    assert props["overrides"]["type"] == "array" and props["overrides"]["items"] == {"type": "string"}
+    assert props["resume"]["type"] == props["overwrite"]["type"] == "boolean"
+    served = build_deployments(spec, for_work_pool=False)[-1]
+    assert served.name == "train" and served.work_pool_name is None
+
+
+def test_deploy_command_prints_the_training_deployment_and_how_to_run_it(tmp_path, capsys):
+    manifest = write_project(tmp_path, 1)
+    assert main(["--manifest", str(manifest), "deploy", "--work-pool", "cli-box"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "deployed mrhp-extract/all on work pool cli-box" in out
+    assert "deployed mrhp-train/train on work pool cli-box" in out
+    assert any(ln.startswith("train on it: prefect deployment run 'mrhp-train/train' -p dataset=DATASET -p model=MODEL")
+               for ln in out)
+    # what `prefect deployment run mrhp-train/train -p ...` sends: the server checks it against the schema
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("mrhp-train/train")
+        run = client.create_flow_run_from_deployment(
+            dep.id, parameters={"dataset": "syn", "model": "text-gru", "seeds": 2, "overrides": ["epochs=3"]})
+        assert run.parameters["gpu_limit"] == "cli-box-gpu" and run.parameters["overrides"] == ["epochs=3"]
+        client.delete_flow_run(run.id)
+        with pytest.raises(Exception, match="(?i)validation|schema|required"):
+            client.create_flow_run_from_deployment(dep.id, parameters={"dataset": "syn"})  # no model
+
+
+def test_deploy_training_run_holds_a_slot_of_the_gpu_limit_unless_on_cpu():
+    """A GPU training run holds one slot of the limit the ROI chunks hold (so the two never
+    share the GPU); a CPU run holds none; a missing limit stops a deployed run in one line."""
+    from prefect.client.orchestration import get_client
+
+    from flows.training import gpu_slot
+    from models.config import train_config
+    from pipeline.errors import ConfigError
+
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name("train-box-gpu", 1)
+
+        def active() -> int:
+            return client.read_global_concurrency_limit_by_name("train-box-gpu").active_slots
+
+        for device, held in (("cuda", 1), ("auto", 1), ("cpu", 0)):
+            with gpu_slot(train_config({"device": device}), "train-box-gpu"):
+                assert active() == held, device
+            assert active() == 0
+        with gpu_slot(train_config({"device": "cuda"}), None):  # in-process runs: no limit
+            assert active() == 0
+    missing = "gpu_limit: cannot take a slot of the global concurrency limit 'no-such-gpu'"
+    with pytest.raises(ConfigError, match=missing), gpu_slot(train_config({"device": "cuda"}), "no-such-gpu"):
+        pass
 
 
 def test_deploy_rejects_a_bad_cron_expression(tmp_path, capsys, monkeypatch):

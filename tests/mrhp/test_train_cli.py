@@ -114,18 +114,121 @@ def test_cli_errors_are_one_line_messages(workspace, capsys):
     assert "no such folder" in capsys.readouterr().err
 
 
-def test_training_flow_trains_from_store_views(workspace):
+def test_training_flow_trains_exactly_as_mrhp_train(workspace, tmp_path, monkeypatch):
+    """The flow makes `mrhp train`'s two calls with the same config: for the same settings and
+    seeds, the same saved config and bit for bit the same test metrics and scores; a missing view
+    stops it before any training, with the same one-line error as `mrhp train`."""
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.training import train_flow
+    from pipeline.errors import DataError
 
     root, _ = workspace
+    manifest = str(root / "data_manifest.yaml")
+    over = ["epochs=2", "batch_products=4", "lr=3e-3", "device=cpu", "model_cfg.hidden=4", "model_cfg.mlp_hidden=4"]
+    assert main(["--manifest", manifest, "train", "--model", "text-gru", "--dataset", "synth", "--seeds", "2",
+                 "--name", "twin-cli", *over]) == 0
+    empty = tmp_path / "empty.yaml"  # the same dataset over an empty store: no view at all
+    empty.write_text(MANIFEST.format().replace("store: store", f"store: {tmp_path / 'nostore'}")
+                     .replace("data: .", f"data: {root}").replace("runs: runs", f"runs: {tmp_path / 'runs'}"))
     with prefect_test_harness():
-        out = train_flow("synth", "text-gru", manifest_path=str(root / "data_manifest.yaml"), seeds=1,
-                         name="flow-gru", overrides=["epochs=1", "device=cpu", "model_cfg.hidden=4",
-                                                     "model_cfg.mlp_hidden=4"])
-    assert len(out) == 1 and set(out[0]["test"]) == {"MAP", "NDCG@3", "NDCG@5", "MRR"}
-    assert (root / "runs/flow-gru/seed0/checkpoints/best.pt").is_file()
+        out = train_flow("synth", "text-gru", manifest_path=manifest, seeds=2, name="twin-flow", overrides=over)
+        with pytest.raises(DataError, match=r"needs the rois view.*`mrhp extract --dataset synth --stage rois`"):
+            train_flow("synth", "mcl", manifest_path=str(empty), overrides=["device=cpu"])
+        # the task gets the very TrainConfig record the flow resolved (no copy, no mapping round trip)
+        import flows.training
+        import models.trainer
+
+        resolved, seen = [], []
+        real_resolve = flows.training.resolve_train_config
+        monkeypatch.setattr(flows.training, "resolve_train_config",
+                            lambda *a, **kw: resolved.append(real_resolve(*a, **kw)) or resolved[-1])
+        monkeypatch.setattr(models.trainer, "train_seeds", lambda manifest, cfg, **kw: seen.append((cfg, kw)) or [])
+        assert train_flow("synth", "text-gru", manifest_path=manifest, seeds=3, name="stub", overrides=over) == []
+        assert len(seen) == 1 and seen[0][0] is resolved[0]
+        assert seen[0][1]["seeds"] == 3 and seen[0][1]["name"] == "stub"
+    assert not (tmp_path / "runs").exists()
+    assert [o["seed"] for o in out] == [0, 1]
+    for k in (0, 1):
+        cli, flw = root / "runs/twin-cli" / f"seed{k}", root / "runs/twin-flow" / f"seed{k}"
+        assert (flw / "config.yaml").read_text() == (cli / "config.yaml").read_text()
+        a, b = (json.loads((d / "eval_test.json").read_text()) for d in (cli, flw))
+        assert set(a["metrics"]) == {"MAP", "NDCG@3", "NDCG@5", "MRR"}
+        assert out[k]["test"] == b["metrics"] == a["metrics"]  # == on floats: bitwise equal
+        assert b["per_product"] == a["per_product"]
+        epochs = [[{k: r[k] for k in ("epoch", "lr", "train_loss", "dev")}
+                   for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if r["event"] == "epoch"]
+                  for d in (cli, flw)]
+        assert len(epochs[0]) == 2 and epochs[1] == epochs[0]
+        assert out[k]["run_dir"] == str(flw)
+    # across-seed plots, as the CLI draws them for a run of several seeds
+    assert sorted(p.name for p in (root / "runs/twin-flow/plots").iterdir()) == \
+        sorted(p.name for p in (root / "runs/twin-cli/plots").iterdir())
+
+
+def test_training_flow_checks_the_views_the_run_needs(workspace, tmp_path):
+    """The flow's view check is `mrhp train`'s: the model's own required views after the text
+    encoder fallback (MM-SS's paper preset reads bert features, but on a dataset without a
+    text_encoder it trains on word vectors and needs no bert view), honouring allow_missing."""
+    from flows.training import check_run_views
+    from models.config import resolve_train_config
+    from models.data import required_views
+    from pipeline.errors import DataError
+
+    root, _ = workspace
+    manifest = load_manifest(root / "data_manifest.yaml")
+    cfg = resolve_train_config(manifest, model="mmss", dataset="synth")
+    assert cfg.model_cfg["text_features"] == "bert" and "bert" in required_views("mmss", cfg.model_cfg)
+    assert check_run_views.fn(manifest, cfg) == ["rois", "tokens"]
+    sancl = resolve_train_config(manifest, model="sancl", dataset="synth")
+    assert check_run_views.fn(manifest, sancl) == ["probes", "rois", "tokens"]
+
+    (tmp_path / "m.yaml").write_text(MANIFEST.format().replace("store: store", f"store: {tmp_path / 'nostore'}")
+                                     .replace("data: .", f"data: {root}"))
+    bare = load_manifest(tmp_path / "m.yaml")
+    with pytest.raises(DataError, match=r"needs the probes view.*also missing: rois, tokens.*--stage probes"):
+        check_run_views.fn(bare, sancl)
+    gru = resolve_train_config(bare, model="text-gru", dataset="synth")
+    with pytest.raises(DataError, match=r"needs the tokens view"):
+        check_run_views.fn(bare, gru)
+    allowed = resolve_train_config(bare, model="sancl", dataset="synth", overrides=["allow_missing=[probes, rois]"])
+    with pytest.raises(DataError, match=r"needs the tokens view") as e:
+        check_run_views.fn(bare, allowed)
+    assert "also missing" not in str(e.value)
+
+
+def test_cli_and_flow_resolve_settings_in_one_place(workspace, tmp_path, capsys):
+    """`mrhp train` and the flow resolve through models.config.resolve_train_config: the preset
+    given twice, or a YAML naming another model or dataset, is the same one-line ConfigError."""
+    from models.config import resolve_train_config
+    from pipeline.errors import ConfigError
+
+    root, _ = workspace
+    m = ["--manifest", str(root / "data_manifest.yaml")]
+    manifest = load_manifest(root / "data_manifest.yaml")
+    assert main([*m, "train", "--model", "mcl", "--dataset", "synth", "--preset", "code", "preset=paper"]) == 2
+    assert "give the preset once" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="give the preset once"):
+        resolve_train_config(manifest, model="mcl", dataset="synth", preset="code", overrides=["preset=paper"])
+    other = tmp_path / "other.yaml"
+    other.write_text("model: sancl\n")
+    assert main([*m, "train", "--model", "mcl", "--dataset", "synth", "--config", str(other)]) == 2
+    assert "disagree with the config (sancl, synth)" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"\(mcl, synth\) disagree with the config \(sancl, synth\)"):
+        resolve_train_config(manifest, model="mcl", dataset="synth", config=other)
+    cfg = resolve_train_config(manifest, model="mcl", dataset="synth", preset="code", overrides=["epochs=3"])
+    assert (cfg.model, cfg.dataset, cfg.preset, cfg.epochs) == ("mcl", "synth", "code", 3)
+
+
+def test_training_flow_refuses_bad_parameters_in_one_line():
+    from flows.training import train_flow
+    from pipeline.errors import ConfigError
+
+    for kw, msg in ((dict(seeds=0), "seeds: expected a positive integer"),
+                    (dict(resume=True, overwrite=True), "exclude each other"),
+                    (dict(overrides="epochs=3"), "expected a list of key=value strings")):
+        with pytest.raises(ConfigError, match=msg):
+            train_flow.fn("synth", "text-gru", **kw)
 
 
 def test_train_refuses_to_clobber_a_run_unless_overwrite(workspace, capsys):
