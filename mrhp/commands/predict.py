@@ -4,19 +4,30 @@ Input: products in the MRHP format, either a folder holding `<category>.prd.<spl
 `<category>.rvw.<split>` tables or the path of one `.prd.` table (its `.rvw.` sibling is used).
 A `.rel.` sibling is optional; when present its labels are reported next to the scores.
 Product and review ids must be non-empty strings (or integers) without path separators, as
-`validate` requires; image files are `<images>/<split>/{prd,rvw}/<id>/pic_*` and may not
-resolve (symlinks) outside the image root.
-Texts are tokenized exactly as the tokens stage does (`features.text.tokens.encode_texts`) in
-the vocabulary the run was trained with (its `data.json`). Images are looked up in the feature
-store by the sha256 of their bytes under the run dataset's rois fingerprint. A model that needs
-image features (`required_views` includes rois) is not run text-only in silence: when the
-image folder is absent, holds no image for the input, or some image has no stored features,
-predict stops with a one-line DataError naming `mrhp extract --stage rois`, unless the run's
-`allow_missing` or `--allow-missing rois` says so (then those images are left out and counted).
-An image whose extraction was recorded as failed adds no ROIs, as in training. When the model
-needs probe masks, new reviews get masks computed the way the probes stage does
-(`features.text.probes.ProbeMasker` with the manifest's probes parameters); a review whose mask
-cannot be computed gets a mask of ones; a dataset without a probes view is refused likewise.
+`validate` requires, and unique, as the reader requires.
+
+Featurising is the extraction's own code, never a copy of it, so new products reach the model
+exactly as training data did (tests/mrhp/test_predict_features.py pins it bit for bit):
+- rows: the dataset reader's `product_row`, `review_row`, `rel_row` and `labels_mode`
+  (pipeline.datasets.mrhp), over tables read by `read_column_table`;
+- texts: the tokens stage's `TokensStage.work_item` + `run` in the vocabulary the run was trained
+  with (its `data.json`, read by `vocabularies_for`); probe masks (when the dataset has a probes
+  view) by `ProbesStage.work_item` + `run` with the manifest's probes parameters; text-encoder
+  rows (when the model reads the bert view) by `BertStage.work_item` + `run`;
+- images: an item's refs as the reader lists them (`ImageIndex.refs`: `<images>/<split>/{prd,rvw}/
+  <id>/pic_<n>_<i>.<ext>` in (n, i) order), resolved by `resolve_image` (a file resolving outside
+  the image root is refused), looked up in the feature store by the sha256 of their bytes (the
+  rois stage's key) under the run dataset's rois fingerprint;
+- items: `models.data.review_item`, `token_ids`, `as_rois`, `concat_rois` and
+  `text_encoder_rows`, which `StoreSource` uses for training data.
+A model that needs image features (`required_views` includes rois) is not run text-only in
+silence: when the image folder is absent, holds no image for the input, or some image has no
+stored features, predict stops with a one-line DataError naming `mrhp extract --stage rois`,
+unless the run's `allow_missing` or `--allow-missing rois` says so (then those images are left
+out and counted). An image whose extraction was recorded as failed, or a ref whose file was
+never crawled, adds no ROIs, as in training. A review whose probe mask the stage records as a
+failure gets a mask of ones, as in training; a model that needs probe masks (or text-encoder
+features) is refused when the run's dataset has no probes view (declares no text encoder).
 
 Scores: by default the mean of the scores of every seed of the run (seed<k>/ folders; each
 seed's model scores every review); `--seed K` uses seed K alone.
@@ -41,7 +52,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from pipeline.config import short_repr
-from pipeline.errors import DataError, TrainingError
+from pipeline.errors import DataError, StageError, TrainingError
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -207,7 +218,7 @@ def stage_records(stage, items: Sequence[WorkItem]) -> list[Record]:
     by_key = {r.key: r for r in stage.run(unique)}
     missing = [it.key for it in unique if it.key not in by_key]
     if missing:
-        raise TrainingError(f"the {stage.name} stage returned no record for {len(missing)} input text(s)")
+        raise StageError(f"the {stage.name} stage returned no record for {len(missing)} input item(s)")
     return [by_key[it.key] for it in items]
 
 

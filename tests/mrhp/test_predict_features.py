@@ -127,3 +127,41 @@ def test_predict_refuses_a_probe_mask_shorter_than_the_tokens_like_training(extr
     with pytest.raises(DataError, match="probe mask has 1 raw tokens"):
         load_input(Path(spec.raw_root) / "home.prd.test", None, spec=spec, vocab_fp=vfp, manifest=manifest,
                    cfg=dataclasses.replace(cfg), dataset="demo", probes_needed=True)
+
+
+def test_predict_text_encoder_rows_come_from_the_bert_stage_as_training_reads_them(tmp_path):
+    """A model that reads the bert view gets predict's text-encoder rows from the bert stage's own
+    `work_item` + `run` (a tiny random BERT, as tests/features/test_bert_stage.py builds): word
+    pieces identical to the stored ones, features equal up to the float16 rounding the store
+    applies (a text's rows depend on its batch's padding width only through float rounding)."""
+    pytest.importorskip("transformers")
+    from features.text import bert as bert_stage
+    from tests.features.test_bert_stage import make_encoder
+
+    sha = make_encoder(tmp_path / "enc")
+    shutil.copytree(ROOT / "demo_data", tmp_path / "demo_data")
+    text = MANIFEST.replace("detector: bua-r101-c4}", "detector: bua-r101-c4, text_encoder: tiny}")
+    text = text.replace("  detectors:", f"  text_encoders: {{tiny: {{path: enc, sha256: {sha}}}}}\n  detectors:")
+    (tmp_path / "data_manifest.yaml").write_text(text, encoding="utf-8")
+    manifest = load_manifest(tmp_path / "data_manifest.yaml")
+    store = FeatureStore(Path(manifest.store_root))
+    tokens = tokens_stage.build_stage(manifest, "demo")
+    run_stage(tokens, store, "demo")
+    run_stage(bert_stage.build_stage(manifest, "demo"), store, "demo")
+    spec, cfg = manifest.dataset("demo"), DataConfig()
+    source, _ = load_input(Path(spec.raw_root) / "home.prd.test", None, spec=spec,
+                           vocab_fp=tokens.vocabularies.fingerprint, manifest=manifest, cfg=cfg, dataset="demo",
+                           bert_needed=True)
+    training = StoreSource(store_root=manifest.store_root, dataset="demo", records=load_dataset(spec).split("test"),
+                           cfg=cfg, split="test", views=("tokens", "bert"))
+    predicted = {p.id: p for p in source.products}
+    pairs = []
+    for i, pid in enumerate(training.product_ids):
+        t = training.load(i)
+        by_id = {r.id: r for r in predicted[pid].reviews}
+        pairs += [(predicted[pid], t), *((by_id[r.id], r) for r in t.reviews)]
+    assert len(pairs) > 10
+    for got, want in pairs:
+        assert _same(got.text_ids, want.text_ids) and got.text_feats.dtype == np.float32
+        assert got.text_feats.shape == want.text_feats.shape and got.text_feats.shape[1] == 8
+        np.testing.assert_allclose(got.text_feats, want.text_feats, rtol=2e-3, atol=2e-3)
