@@ -269,6 +269,8 @@ def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, m
     votes: dict[str, float] = {}
     seen_products: set[str] = set()
     seen_reviews: set[str] = set()
+    probes = probes_stage(manifest, spec, dataset, needed=probes_needed)  # built once: spaCy loads once
+    bert = bert_stage(manifest, dataset) if bert_needed else None
     for prd_path, rvw_path, rel_path, category, split in _table_sets(path):
         pkeys, pt = read_column_table(prd_path, PRD_COLUMNS, PRD_OPTIONAL)
         rkeys, rt = read_column_table(rvw_path, RVW_COLUMNS, RVW_OPTIONAL)
@@ -307,8 +309,7 @@ def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, m
             rows.append(review_row(rt, k, rvw_path))
         rtoks = [_arrays(r) for r in stage_records(tokens, [tokens.work_item("rvw", r.text, vocabs) for r in rows])]
         by_id = {p.id: p for p in prods}
-        masks = probe_masks(manifest, spec, dataset, [r.text for r in rows], [by_id[r.product_id] for r in rows],
-                            needed=probes_needed)
+        masks = _masks(probes, [r.text for r in rows], [by_id[r.product_id] for r in rows])
         texts: list[tuple[ProductItem | ReviewItem, str]] = [(by_pid[p.id], p.text) for p in prods]
         for row, tok, mask in zip(rows, rtoks, masks, strict=True):
             review = review_item(
@@ -317,8 +318,8 @@ def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, m
             )
             by_pid[row.product_id].reviews.append(review)
             texts.append((review, row.text))
-        if bert_needed:
-            attach_text_features(manifest, dataset, texts)
+        if bert is not None:
+            attach_text_features(bert, texts)
     products = [p for p in products if p.reviews]
     if not products:
         raise DataError(f"--input {path}: no product with reviews")
@@ -327,18 +328,25 @@ def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, m
     return source, rois
 
 
-def attach_text_features(manifest, dataset: str, texts: Sequence[tuple[ProductItem | ReviewItem, str]]) -> None:
-    """Set each item's text-encoder rows from its text (a product's `product_text`, a review's
-    content), computed by the bert stage (`work_item` + `run`) with the dataset's text encoder
-    and read as `StoreSource` reads the stored ones (`models.data.text_encoder_rows`)."""
+def bert_stage(manifest, dataset: str):
+    """The bert stage of the run's dataset, computing new texts' encoder rows; refused when the
+    dataset declares no text encoder."""
     from features.text.bert import build_stage
-    from models.data import text_encoder_rows
 
     stage = build_stage(manifest, dataset)
     if stage.encoder_spec is None:
         raise DataError(f"the model reads text-encoder features, but dataset {dataset!r} declares no "
                         f"text_encoder: set datasets.{dataset}.text_encoder in the manifest "
                         "(or pass --allow-missing bert)")
+    return stage
+
+
+def attach_text_features(stage, texts: Sequence[tuple[ProductItem | ReviewItem, str]]) -> None:
+    """Set each item's text-encoder rows from its text (a product's `product_text`, a review's
+    content), computed by the bert stage (`work_item` + `run`) and read as `StoreSource` reads
+    the stored ones (`models.data.text_encoder_rows`)."""
+    from models.data import text_encoder_rows
+
     recs = stage_records(stage, [stage.work_item(text) for _, text in texts])
     hidden = stage.schema["features"].shape[0]
     for (item, _), rec in zip(texts, recs, strict=True):
@@ -346,13 +354,11 @@ def attach_text_features(manifest, dataset: str, texts: Sequence[tuple[ProductIt
             rec.arrays, rec.failure, lambda: hidden, f"bert features of input item {item.id!r}")
 
 
-def probe_masks(manifest, spec, dataset: str, reviews: Sequence[str], products: Sequence, *,
-                needed: bool = False) -> list:
-    """Probe masks over the raw tokens of new reviews (`products`: each review's product, a
-    `Product` or its name), computed by the probes stage itself (`work_item` + `run`, with the
-    manifest's probes parameters): the mask, or None where the stage records a failure (plain
-    attention, as in training). All Nones when the model does not need them and the run's
-    dataset has no probes view; a model that needs them without a probes view is refused."""
+def probes_stage(manifest, spec, dataset: str, *, needed: bool = False):
+    """The probes stage computing new reviews' masks with the manifest's probes parameters, or
+    None when the run's dataset has no probes view and the model does not need one (refused
+    when it does)."""
+    from features.text.probes import ProbesStage
     from pipeline.store import FeatureStore
 
     if not any(v.dataset == dataset and v.stage == "probes" for v in FeatureStore(manifest.store_root).views()):
@@ -361,15 +367,27 @@ def probe_masks(manifest, spec, dataset: str, reviews: Sequence[str], products: 
                 f"the model needs probe masks, but dataset {dataset!r} has no probes view: build it with "
                 f"`mrhp extract --dataset {dataset} --stage probes` (or pass --allow-missing probes)"
             )
-        return [None] * len(reviews)
-    from features.text.probes import ProbesStage
-
+        return None
     # one process: n_process changes no output (it is not in the stage fingerprint)
     params = dataclasses.replace(manifest.stage_params("probes"), n_process=1)
-    stage = ProbesStage(params=params, language=spec.language, dataset=dataset, records_loader=None)
+    return ProbesStage(params=params, language=spec.language, dataset=dataset, records_loader=None)
+
+
+def _masks(stage, reviews: Sequence[str], products: Sequence) -> list:
+    """Each review's mask from the probes stage (`work_item` + `run`), None where the stage
+    records a failure (plain attention, as in training) or there is no stage."""
+    if stage is None:
+        return [None] * len(reviews)
     named = [SimpleNamespace(name=p) if isinstance(p, str) else p for p in products]
     recs = stage_records(stage, [stage.work_item(text, p) for text, p in zip(reviews, named, strict=True)])
     return [r.arrays["mask"] if r.arrays is not None else None for r in recs]
+
+
+def probe_masks(manifest, spec, dataset: str, reviews: Sequence[str], products: Sequence, *,
+                needed: bool = False) -> list:
+    """Probe masks over the raw tokens of new reviews (`products`: each review's product, a
+    `Product` or its name), computed by the probes stage itself (see `probes_stage`, `_masks`)."""
+    return _masks(probes_stage(manifest, spec, dataset, needed=needed), reviews, products)
 
 
 def _aligned_probe(mask: np.ndarray | None, enc) -> np.ndarray:

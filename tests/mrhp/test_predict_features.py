@@ -9,7 +9,6 @@ store for the same item (`StoreSource.load`: token ids, aligned probe mask, ROIs
 """
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 
@@ -123,10 +122,10 @@ def test_predict_refuses_a_probe_mask_shorter_than_the_tokens_like_training(extr
     manifest, vfp, cfg = extracted
     spec = manifest.dataset("demo")
     short = [np.zeros(1, dtype=np.uint8)]
-    monkeypatch.setattr(predict, "probe_masks", lambda *a, needed=False, **k: short * len(a[3]))
+    monkeypatch.setattr(predict, "_masks", lambda stage, reviews, products: short * len(reviews))
     with pytest.raises(DataError, match="probe mask has 1 raw tokens"):
         load_input(Path(spec.raw_root) / "home.prd.test", None, spec=spec, vocab_fp=vfp, manifest=manifest,
-                   cfg=dataclasses.replace(cfg), dataset="demo", probes_needed=True)
+                   cfg=cfg, dataset="demo", probes_needed=True)
 
 
 def test_predict_text_encoder_rows_come_from_the_bert_stage_as_training_reads_them(tmp_path):
