@@ -14,7 +14,7 @@ A unit of work is `(product index, review indices)`.
 from __future__ import annotations
 
 import os
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -67,7 +67,8 @@ class ProductSource(Protocol):
         """The product's arrays and those of the chosen reviews (all when None)."""
 
 
-def _as_rois(features: np.ndarray | None, roi_dim: int, where: str) -> np.ndarray:
+def as_rois(features: np.ndarray | None, roi_dim: int, where: str) -> np.ndarray:
+    """One image's stored rois `features` as the models read them (float16 kept, else float32)."""
     if features is None:
         return np.zeros((0, roi_dim), dtype=np.float32)
     a = np.asarray(features)
@@ -83,6 +84,55 @@ def concat_rois(per_image: Sequence[np.ndarray], cfg: DataConfig) -> np.ndarray:
         return np.zeros((0, cfg.roi_dim), dtype=np.float32)
     out = np.concatenate(parts, axis=0)[: cfg.max_rois]  # float16 when every part is
     return out if out.dtype == np.float16 else out.astype(np.float32, copy=False)
+
+
+def token_ids(tok: Mapping[str, np.ndarray], cfg: DataConfig) -> np.ndarray:
+    """A text's token ids (tokens-stage arrays) as the models read them: int64, capped at
+    `cfg.max_tokens`."""
+    ids = np.asarray(tok["ids"], dtype=np.int64)
+    return ids[: cfg.max_tokens] if cfg.max_tokens is not None else ids
+
+
+def aligned_probe(tok: Mapping[str, np.ndarray], mask: np.ndarray | None, cfg: DataConfig, where: str) -> np.ndarray:
+    """The probe mask (probes-stage `mask`, over raw tokens) at the kept token positions
+    (`mask[pos]`), float32, capped as `token_ids`; None (no probes view read, or a review whose
+    mask failed) gives ones (plain attention). A mask shorter than the tokens' positions is a
+    DataError naming `where`."""
+    n = len(np.asarray(tok["ids"]))
+    if mask is None:
+        probe = np.ones(n, dtype=np.float32)
+    else:
+        pos = np.asarray(tok["pos"], dtype=np.int64)
+        mask = np.asarray(mask)
+        if len(pos) and pos.max() >= len(mask):
+            raise DataError(f"{where}: probe mask has {len(mask)} raw tokens but the tokens view points at "
+                            f"raw token {int(pos.max())}")
+        probe = mask[pos].astype(np.float32)
+    return probe[: cfg.max_tokens] if cfg.max_tokens is not None else probe
+
+
+def review_item(rid: str, tok: Mapping[str, np.ndarray], mask: np.ndarray | None, rois: np.ndarray,
+                label: float, cfg: DataConfig, where: str) -> ReviewItem:
+    """A review as the models read it, from its tokens-stage arrays (`ids`, `pos`, `n_raw`), its
+    probes-stage mask (or None) and its ROIs (`concat_rois`). `StoreSource` and `mrhp predict`
+    both build reviews here, so new reviews reach a model exactly as training data did."""
+    return ReviewItem(id=rid, tokens=token_ids(tok, cfg), rois=rois, probe=aligned_probe(tok, mask, cfg, where),
+                      label=label, length=float(tok["n_raw"]))
+
+
+def text_encoder_rows(got: Mapping[str, np.ndarray] | None, failure: str | None, hidden: Callable[[], int],
+                      where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(features (n, H) float32, input ids (m,) int64) of one text's bert-stage record: the stored
+    arrays, or zero rows for a text the stage recorded as empty (`hidden()` gives H); any other
+    failure is a DataError "<where> failed: <reason>" (`where`: e.g. "dataset 'd': bert features
+    of 'rvw:1'"). Shared by `StoreSource` and `mrhp predict`."""
+    if failure is not None:
+        if failure.startswith(EMPTY_TEXT_FAILURES):
+            return np.zeros((0, hidden()), dtype=np.float32), np.zeros(0, dtype=np.int64)
+        raise DataError(f"{where} failed: {failure}")
+    if got is None:
+        raise DataError(f"{where} are missing")
+    return np.asarray(got["features"], dtype=np.float32), np.asarray(got["input_ids"], dtype=np.int64)
 
 
 class InMemorySource:
@@ -259,38 +309,23 @@ class StoreSource:
         for path in paths:
             got = self._get(view, path)
             if got is not None:
-                per_image.append(_as_rois(got["features"], self.roi_dim, f"rois {path!r}"))
+                per_image.append(as_rois(got["features"], self.roi_dim, f"rois {path!r}"))
         return concat_rois(per_image, self.cfg)
-
-    def _cap(self, ids: np.ndarray) -> np.ndarray:
-        return ids[: self.cfg.max_tokens] if self.cfg.max_tokens is not None else ids
 
     def load(self, index: int, reviews: Sequence[int] | None = None) -> ProductItem:
         ref = self._refs[index]
         views = self._open()
         ptok = self._tokens(f"prd:{ref.id}")
-        item = ProductItem(id=ref.id, tokens=self._cap(np.asarray(ptok["ids"], dtype=np.int64)),
-                           rois=self._rois(ref.image_paths))
+        item = ProductItem(id=ref.id, tokens=token_ids(ptok, self.cfg), rois=self._rois(ref.image_paths))
         chosen = range(len(ref.review_ids)) if reviews is None else reviews
         for j in chosen:
             rid = ref.review_ids[j]
             tok = self._tokens(f"rvw:{rid}")
-            ids = np.asarray(tok["ids"], dtype=np.int64)
-            pos = np.asarray(tok["pos"], dtype=np.int64)
-            probe_rec = self._get(views["probes"], f"rvw:{rid}")
-            if probe_rec is None:
-                probe = np.ones(len(ids), dtype=np.float32)  # no probes: plain attention
-            else:
-                mask = np.asarray(probe_rec["mask"])
-                if len(pos) and pos.max() >= len(mask):
-                    raise DataError(
-                        f"dataset {self.dataset!r} review {rid!r}: probe mask has {len(mask)} raw "
-                        f"tokens but the tokens view points at raw token {int(pos.max())}"
-                    )
-                probe = mask[pos].astype(np.float32)
-            item.reviews.append(ReviewItem(
-                id=rid, tokens=self._cap(ids), rois=self._rois(ref.review_images[j]),
-                probe=self._cap(probe), label=ref.labels[j], length=float(tok["n_raw"]),
+            probe_rec = self._get(views["probes"], f"rvw:{rid}")  # None: plain attention
+            item.reviews.append(review_item(
+                rid, tok, None if probe_rec is None else probe_rec["mask"],
+                self._rois(ref.review_images[j]), ref.labels[j], self.cfg,
+                f"dataset {self.dataset!r} review {rid!r}",
             ))
         if self.text_features:
             self._attach_text_features(item)
@@ -329,13 +364,9 @@ class StoreSource:
                 f"{len(view)} items); run `mrhp extract --dataset {self.dataset} --stage bert`"
             )
         reason = view.failure(item_id)
-        if reason is not None:
-            if reason.startswith(EMPTY_TEXT_FAILURES):
-                return np.zeros((0, self._hidden_size(view)), dtype=np.float32), np.zeros(0, dtype=np.int64)
-            raise DataError(f"dataset {self.dataset!r}: bert features of {item_id!r} failed: {reason}")
-        got = view.get(item_id)
-        return (np.asarray(got["features"], dtype=np.float32),
-                np.asarray(got["input_ids"], dtype=np.int64))
+        return text_encoder_rows(None if reason is not None else view.get(item_id), reason,
+                                 lambda: self._hidden_size(view),
+                                 f"dataset {self.dataset!r}: bert features of {item_id!r}")
 
     def _hidden_size(self, view) -> int:
         """H of the view's features: the width of its first item that did not fail."""

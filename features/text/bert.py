@@ -275,16 +275,21 @@ class BertStage:
         view: dict[str, str] = {}
 
         def add(item_id: str, text: str) -> None:
-            clean = normalize_text(text)
-            key = text_key(clean, self.name)
-            items.setdefault(key, WorkItem(key=key, source=clean))
-            view[item_id] = key
+            it = self.work_item(text)
+            items.setdefault(it.key, it)
+            view[item_id] = it.key
 
         for pid, p in records.products.items():
             add(f"prd:{pid}", p.text)
         for r in records.reviews:
             add(f"rvw:{r.id}", r.text)
         return Plan(items=items, view=view)
+
+    def work_item(self, text: str) -> WorkItem:
+        """The work item of one product or review text, keyed as `plan` keys it (`mrhp predict`
+        featurises new texts through it and `run`)."""
+        clean = normalize_text(text)
+        return WorkItem(key=text_key(clean, self.name), source=clean)
 
     def _load(self):
         if self._loaded is None:

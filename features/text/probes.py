@@ -470,14 +470,20 @@ class ProbesStage:
         items: dict[str, WorkItem] = {}
         view: dict[str, str] = {}
         for r in records.reviews:
-            product = records.products.get(r.product_id)
-            name = product.name if product is not None else ""
-            brand = getattr(product, "brand", "") if self.language != "en" else ""
-            brands = (brand,) if brand else ()
-            key = text_key(clean_text(r.text), self.name, clean_text(name), *brands, *self._qualifiers())
-            items.setdefault(key, WorkItem(key=key, source=(r.text, name, brands)))
-            view[f"rvw:{r.id}"] = key
+            it = self.work_item(r.text, records.products.get(r.product_id))
+            items.setdefault(it.key, it)
+            view[f"rvw:{r.id}"] = it.key
         return Plan(items=items, view=view)
+
+    def work_item(self, text: str, product: Any | None) -> WorkItem:
+        """The work item of one review text under its product (a `pipeline.records.Product`, or
+        None: no name), keyed as `plan` keys it (`mrhp predict` featurises new reviews through it
+        and `run`)."""
+        name = product.name if product is not None else ""
+        brand = getattr(product, "brand", "") if self.language != "en" else ""
+        brands = (brand,) if brand else ()
+        key = text_key(clean_text(text), self.name, clean_text(name), *brands, *self._qualifiers())
+        return WorkItem(key=key, source=(text, name, brands))
 
     def run(self, items: Sequence[WorkItem]) -> Iterator[Record]:
         results = self.masker.masks(

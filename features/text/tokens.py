@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from features.text.tokenize import check_language, clean_text, tokenize, tokenizer_id
-from features.text.vocab import FIELDS, Vocabularies, Vocabulary, fit_vocabularies, read_vocabularies, train_texts
+from features.text.vocab import Vocabularies, Vocabulary, fit_vocabularies, read_vocabularies, train_texts
 from pipeline.errors import StageError
 from pipeline.hashing import fingerprint as stage_fingerprint
 from pipeline.hashing import text_key
@@ -47,12 +47,18 @@ class Encoded:
 def encode_texts(
     texts: Sequence[str], vocab: Vocabulary, *, language: str, max_len: int = 128, batch_size: int = 512
 ) -> list[Encoded]:
-    """Tokenize new texts and encode them in `vocab` (what `mrhp predict` does for unseen reviews)."""
+    """Tokenize texts and encode them in `vocab`, as the stage's `run` does (`token_arrays`)."""
     out = []
     for toks in tokenize(texts, language, batch_size=batch_size):
-        ids, pos = vocab.encode(toks, max_len)
-        out.append(Encoded(ids=ids, pos=pos, n_raw=len(toks)))
+        a = token_arrays(toks, vocab, max_len)
+        out.append(Encoded(ids=a["ids"], pos=a["pos"], n_raw=int(a["n_raw"])))
     return out
+
+
+def token_arrays(toks: Sequence[str], vocab: Vocabulary, max_len: int) -> dict[str, np.ndarray]:
+    """The stored arrays of one text's raw tokens in `vocab` (`ids`, `pos`, `n_raw`: SCHEMA)."""
+    ids, pos = vocab.encode(toks, max_len)
+    return {"ids": ids, "pos": pos, "n_raw": np.asarray(len(toks), dtype=np.int32)}
 
 
 def load_records(manifest: Any, dataset_name: str) -> Any:
@@ -123,6 +129,7 @@ class TokensStage:
         self._records_loader = records_loader
         self.store_root = store_root
         self.vocabularies: Vocabularies | None = None
+        self._digests: dict[tuple[str, str], str] = {}  # (vocabularies fingerprint, field) -> digest
 
     def fingerprint(self) -> str:
         # The vocabulary is not part of it: its fingerprint is in every item key instead, so one
@@ -138,19 +145,17 @@ class TokensStage:
     def plan(self) -> Plan:
         records = self._records_loader()
         prd, rvw = train_texts(records)
-        self.vocabularies = fit_vocabularies(
+        vocabs = self.vocabularies = fit_vocabularies(
             prd, rvw, language=self.language, params=self.params, store_root=self.store_root,
             dataset=self.dataset,
         )
-        vfp = self.vocabularies.fingerprint
-        digests = {fld: self.vocabularies.field(fld).digest() for fld in FIELDS}
         items: dict[str, WorkItem] = {}
         view: dict[str, str] = {}
 
         def add(item_id: str, fld: str, text: str) -> None:
-            key = text_key(clean_text(text), self.name, fld, digests[fld])
-            items.setdefault(key, WorkItem(key=key, source=(fld, text, vfp)))
-            view[item_id] = key
+            it = self.work_item(fld, text, vocabs)
+            items.setdefault(it.key, it)
+            view[item_id] = it.key
 
         for pid, p in records.products.items():
             add(f"prd:{pid}", "prd", p.text)
@@ -158,9 +163,19 @@ class TokensStage:
             add(f"rvw:{r.id}", "rvw", r.text)
         return Plan(items=items, view=view)
 
-    def _vocabularies_for(self, fingerprint: str) -> Vocabularies:
+    def work_item(self, fld: str, text: str, vocabularies: Vocabularies) -> WorkItem:
+        """The work item of one text of field `fld` ("prd" or "rvw") in `vocabularies`, keyed as
+        `plan` keys it (`mrhp predict` featurises new texts through it and `run`)."""
+        fp = vocabularies.fingerprint
+        digest = self._digests.get((fp, fld))
+        if digest is None:
+            digest = self._digests[(fp, fld)] = vocabularies.field(fld).digest()
+        key = text_key(clean_text(text), self.name, fld, digest)
+        return WorkItem(key=key, source=(fld, text, fp))
+
+    def vocabularies_for(self, fingerprint: str) -> Vocabularies:
         """The planned vocabularies; read back from the store when this object did not plan
-        (a stage rebuilt in another worker process)."""
+        (a stage rebuilt in another worker process, or `mrhp predict` with a run's vocabulary)."""
         if self.vocabularies is None or self.vocabularies.fingerprint != fingerprint:
             if self.store_root is None:
                 raise StageError("tokens: run() needs plan() first when no store root is set")
@@ -173,18 +188,14 @@ class TokensStage:
                                       n_process=self.params.n_process)
         for it, toks in zip(items, toks_iter, strict=True):
             fld, _, vfp = it.source
-            vocabs = self._vocabularies_for(vfp)
-            ids, pos = vocabs.field(fld).encode(toks, self.params.max_len)
+            vocabs = self.vocabularies_for(vfp)
+            arrays = token_arrays(toks, vocabs.field(fld), self.params.max_len)
             meta: dict[str, Any] = {"field": fld, "vocab": vfp}
             if not toks:
                 meta["reason"] = "empty text: no tokens"
-            elif len(ids) == 0:
+            elif len(arrays["ids"]) == 0:
                 meta["reason"] = "no token of the text is in the vocabulary"
-            yield Record(
-                key=it.key,
-                arrays={"ids": ids, "pos": pos, "n_raw": np.asarray(len(toks), dtype=np.int32)},
-                meta=meta,
-            )
+            yield Record(key=it.key, arrays=arrays, meta=meta)
 
 
 def build_stage(manifest: Any, dataset_name: str, *, records: Any = None) -> TokensStage:

@@ -4,19 +4,30 @@ Input: products in the MRHP format, either a folder holding `<category>.prd.<spl
 `<category>.rvw.<split>` tables or the path of one `.prd.` table (its `.rvw.` sibling is used).
 A `.rel.` sibling is optional; when present its labels are reported next to the scores.
 Product and review ids must be non-empty strings (or integers) without path separators, as
-`validate` requires; image files are `<images>/<split>/{prd,rvw}/<id>/pic_*` and may not
-resolve (symlinks) outside the image root.
-Texts are tokenized exactly as the tokens stage does (`features.text.tokens.encode_texts`) in
-the vocabulary the run was trained with (its `data.json`). Images are looked up in the feature
-store by the sha256 of their bytes under the run dataset's rois fingerprint. A model that needs
-image features (`required_views` includes rois) is not run text-only in silence: when the
-image folder is absent, holds no image for the input, or some image has no stored features,
-predict stops with a one-line DataError naming `mrhp extract --stage rois`, unless the run's
-`allow_missing` or `--allow-missing rois` says so (then those images are left out and counted).
-An image whose extraction was recorded as failed adds no ROIs, as in training. When the model
-needs probe masks, new reviews get masks computed the way the probes stage does
-(`features.text.probes.ProbeMasker` with the manifest's probes parameters); a review whose mask
-cannot be computed gets a mask of ones; a dataset without a probes view is refused likewise.
+`validate` requires, and unique, as the reader requires.
+
+Featurising is the extraction's own code, never a copy of it, so new products reach the model
+exactly as training data did (tests/mrhp/test_predict_features.py pins it bit for bit):
+- rows: the dataset reader's `product_row`, `review_row`, `rel_row` and `labels_mode`
+  (pipeline.datasets.mrhp), over tables read by `read_column_table`;
+- texts: the tokens stage's `TokensStage.work_item` + `run` in the vocabulary the run was trained
+  with (its `data.json`, read by `vocabularies_for`); probe masks (when the dataset has a probes
+  view) by `ProbesStage.work_item` + `run` with the manifest's probes parameters; text-encoder
+  rows (when the model reads the bert view) by `BertStage.work_item` + `run`;
+- images: an item's refs as the reader lists them (`ImageIndex.refs`: `<images>/<split>/{prd,rvw}/
+  <id>/pic_<n>_<i>.<ext>` in (n, i) order), resolved by `resolve_image` (a file resolving outside
+  the image root is refused), looked up in the feature store by the sha256 of their bytes (the
+  rois stage's key) under the run dataset's rois fingerprint;
+- items: `models.data.review_item`, `token_ids`, `as_rois`, `concat_rois` and
+  `text_encoder_rows`, which `StoreSource` uses for training data.
+A model that needs image features (`required_views` includes rois) is not run text-only in
+silence: when the image folder is absent, holds no image for the input, or some image has no
+stored features, predict stops with a one-line DataError naming `mrhp extract --stage rois`,
+unless the run's `allow_missing` or `--allow-missing rois` says so (then those images are left
+out and counted). An image whose extraction was recorded as failed, or a ref whose file was
+never crawled, adds no ROIs, as in training. A review whose probe mask the stage records as a
+failure gets a mask of ones, as in training; a model that needs probe masks (or text-encoder
+features) is refused when the run's dataset has no probes view (declares no text encoder).
 
 Scores: by default the mean of the scores of every seed of the run (seed<k>/ folders; each
 seed's model scores every review); `--seed K` uses seed K alone.
@@ -32,19 +43,25 @@ column; a 0-vote review gets no label (the reader drops it from training data).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from pipeline.config import short_repr
-from pipeline.errors import DataError, TrainingError
+from pipeline.errors import DataError, StageError, TrainingError
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
     from models.config import DataConfig
-    from models.data import InMemorySource
+    from models.data import InMemorySource, ProductItem, ReviewItem
+    from pipeline.manifest import DatasetSpec
+    from pipeline.records import ImageRef
+    from pipeline.stage import Record, WorkItem
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -103,34 +120,14 @@ def check_id(value, path: Path, row: str, column: str) -> str:
     return text
 
 
-def _image_files(root: Path | None, split: str, kind: str, item_id: str) -> list[Path]:
-    """`<root>/<split>/<kind>/<id>/pic_*` files, each resolving inside the image root."""
-    if root is None:
-        return []
-    folder = root / split / kind / item_id
-    if not folder.is_dir():
-        return []
-    base = root.resolve()
-    out = []
-    for p in sorted(folder.iterdir()):
-        if not p.name.startswith("pic_"):
-            continue
-        try:
-            full = p.resolve(strict=True)
-        except (OSError, RuntimeError) as e:  # dangling link, loop
-            raise DataError(f"image {p} cannot be resolved ({e})") from None
-        if not full.is_relative_to(base):
-            raise DataError(f"image {p} resolves to {full}, outside the image root {base}")
-        if full.is_file():
-            out.append(full)
-    return out
-
-
 class _Rois:
-    """ROI features of image files already in the store (by content hash).
+    """ROI features of image files already in the store (by content hash, the rois stage's key).
 
-    Counts `found` (features stored), `failed` (extraction recorded as failed: no ROIs, as in
-    training) and `missing` (never extracted). Store errors (damage) propagate."""
+    Images are an item's refs as the dataset reader lists them (`ImageIndex.refs`), resolved by
+    `resolve_image` (a path leaving the image root is a DataError); a ref without a file (a URL
+    never crawled) adds no ROIs, as the stage's failure record does in training. Counts `files`
+    (image files of the input), `found` (features stored), `failed` (extraction recorded as
+    failed: no ROIs, as in training) and `missing` (never extracted). Store errors propagate."""
 
     def __init__(self, store_root: Path, dataset: str, cfg: DataConfig) -> None:
         from pipeline.store import FeatureStore
@@ -142,26 +139,32 @@ class _Rois:
         self.has_view = any(v.dataset == dataset and v.stage == "rois" for v in store.views())
         self.reader = store.reader("rois", store.view(dataset, "rois").fingerprint) if self.has_view else None
 
-    def __call__(self, files: list[Path]) -> np.ndarray:
-        import numpy as np
-
-        from models.data import concat_rois
+    def __call__(self, spec: DatasetSpec | None, refs: Sequence[ImageRef]) -> np.ndarray:
+        """The item's ROIs as `StoreSource` builds them (`as_rois` per image, `concat_rois`);
+        `spec` None: no image folder."""
+        from models.data import as_rois, concat_rois
+        from pipeline.datasets.mrhp import resolve_image
         from pipeline.hashing import sha256_file
 
-        per = []
-        for f in files:
+        per: list[np.ndarray] = []
+        if spec is None:
+            return concat_rois(per, self.cfg)
+        for ref in refs:
+            full = resolve_image(spec, ref)
+            if not full.is_file():
+                continue
             self.files += 1
-            key = sha256_file(f) if self.reader is not None else None
-            if key is None or key not in self.reader:
-                if key is not None and self.reader.failure(key) is not None:
+            key = sha256_file(full) if self.reader is not None else None
+            if self.reader is None or key not in self.reader:
+                if self.reader is not None and self.reader.failure(key) is not None:
                     self.failed += 1
                     continue
                 self.missing += 1
                 if len(self.missing_examples) < 3:
-                    self.missing_examples.append(str(f))
+                    self.missing_examples.append(str(full))
                 continue
             self.found += 1
-            per.append(np.asarray(self.reader.get(key)["features"], dtype=np.float32))
+            per.append(as_rois(self.reader.get(key)["features"], self.cfg.roi_dim, f"rois of image {full}"))
         return concat_rois(per, self.cfg)
 
     def check(self, *, needed: bool, images: Path | None, dataset: str) -> None:
@@ -188,12 +191,11 @@ class _Rois:
 
 def rel_labels(values: dict[str, float], mode: str, where: str) -> tuple[dict[str, float], dict[str, float]]:
     """(review id -> 0-4 label, review id -> raw column value) of a rel table's upvotes, read as
-    the dataset reader reads them (`mode`: the dataset's labels setting). A 0-vote review (vote
-    mode) has no label."""
-    from pipeline.datasets.mrhp import MAX_LABEL, votes_to_label
+    the dataset reader reads them (`mode`: the dataset's labels setting, "auto" resolved by the
+    reader's `labels_mode`). A 0-vote review (vote mode) has no label."""
+    from pipeline.datasets.mrhp import MAX_LABEL, labels_mode, votes_to_label
 
-    if mode == "auto":
-        mode = "labels" if all(float(v).is_integer() and 0 <= v <= MAX_LABEL for v in values.values()) else "votes"
+    mode = labels_mode(mode, values.values())
     labels: dict[str, float] = {}
     for rid, v in values.items():
         if mode == "labels":
@@ -209,36 +211,66 @@ def rel_labels(values: dict[str, float], mode: str, where: str) -> tuple[dict[st
     return labels, dict(values)
 
 
-def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, manifest, cfg: DataConfig,
-               dataset: str, labels_mode: str | None = None,
-               probes_needed: bool = False) -> tuple[InMemorySource, _Rois]:
-    """Read the MRHP tables named by `path` into an in-memory source in the run's vocabulary;
-    each review's `label` is its 0-4 label (NaN without one), raw votes in `source.votes`."""
-    import numpy as np
+def stage_records(stage, items: Sequence[WorkItem]) -> list[Record]:
+    """`stage.run` over `items` (each distinct key computed once, as the runner does), one
+    record per item in order: the extraction's own per-record compute, not a copy of it."""
+    unique = list({it.key: it for it in items}.values())
+    by_key = {r.key: r for r in stage.run(unique)}
+    missing = [it.key for it in unique if it.key not in by_key]
+    if missing:
+        raise StageError(f"the {stage.name} stage returned no record for {len(missing)} input item(s)")
+    return [by_key[it.key] for it in items]
 
-    from models.data import InMemorySource, ProductItem, ReviewItem
+
+def _arrays(rec: Record) -> dict[str, np.ndarray]:
+    """A tokens record's arrays (the tokens stage records every text, an empty one included)."""
+    if rec.arrays is None:
+        raise DataError(f"tokens of an input text failed: {rec.failure}")
+    return rec.arrays
+
+
+def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, manifest, cfg: DataConfig,
+               dataset: str, labels_mode: str | None = None, probes_needed: bool = False,
+               bert_needed: bool = False) -> tuple[InMemorySource, _Rois]:
+    """Read the MRHP tables named by `path` into an in-memory source in the run's vocabulary;
+    each review's `label` is its 0-4 label (NaN without one), raw votes in `source.votes`.
+
+    Rows are parsed by the dataset reader's row functions (`product_row`, `review_row`,
+    `rel_row`), texts featurised by the tokens (and probes, bert) stages' `work_item` + `run`,
+    images listed by the reader's `ImageIndex`, and items assembled by `models.data.review_item`
+    / `token_ids`, exactly as the extraction and `StoreSource` do for training data."""
+    from features.text.tokens import build_stage as tokens_stage
+    from models.data import InMemorySource, ProductItem, review_item, token_ids
     from pipeline.datasets.mrhp import (
         PRD_COLUMNS,
         PRD_OPTIONAL,
         REL_COLUMNS,
         RVW_COLUMNS,
         RVW_OPTIONAL,
-        parse_img_urls,
-        product_text,
+        ImageIndex,
+        product_row,
+        rel_row,
+        review_row,
     )
     from pipeline.datasets.tables import read_column_table
 
-    try:
-        from features.text.tokens import encode_texts, load_vocabularies
-    except ImportError as e:  # pragma: no cover - the tokens stage ships with the package
-        raise TrainingError(f"predict needs the tokens stage (features.text.tokens): {e}") from None
     if vocab_fp is None:
         raise TrainingError("the run has no recorded vocabulary fingerprint (data.json); retrain with `mrhp train`")
-    prd_vocab, rvw_vocab = load_vocabularies(manifest, dataset, fingerprint=vocab_fp)
-    max_len = manifest.stage_params("tokens").max_len
+    tokens = tokens_stage(manifest, dataset)  # the dataset's records are never read (no plan())
+    vocabs = tokens.vocabularies_for(vocab_fp)  # the run's vocabulary, read from the store
     rois = _Rois(manifest.store_root, dataset, cfg)
+    folder = path if path.is_dir() else path.parent
+    # the input as a dataset: the run dataset's conventions (source, language), the input's folders
+    in_spec = dataclasses.replace(spec, name=str(path), raw_root=folder,
+                                  image_root=images if images is not None else folder / "pictures")
+    index = ImageIndex(Path(in_spec.image_root))
+    image_spec = in_spec if images is not None else None
     products: list[ProductItem] = []
     votes: dict[str, float] = {}
+    seen_products: set[str] = set()
+    seen_reviews: set[str] = set()
+    probes = probes_stage(manifest, spec, dataset, needed=probes_needed)  # built once: spaCy loads once
+    bert = bert_stage(manifest, dataset) if bert_needed else None
     for prd_path, rvw_path, rel_path, category, split in _table_sets(path):
         pkeys, pt = read_column_table(prd_path, PRD_COLUMNS, PRD_OPTIONAL)
         rkeys, rt = read_column_table(rvw_path, RVW_COLUMNS, RVW_OPTIONAL)
@@ -247,39 +279,47 @@ def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, m
             lkeys, lt = read_column_table(rel_path, REL_COLUMNS)
             raw: dict[str, float] = {}
             for k in lkeys:
-                value = lt["upvotes"][k]
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise DataError(f"{rel_path}: row {short_repr(k)} column 'upvotes': expected a number, "
-                                    f"got {short_repr(value)}")
-                raw[check_id(lt["review_id"][k], rel_path, k, "review_id")] = float(value)
+                check_id(lt["review_id"][k], rel_path, k, "review_id")
+                _, rid, value = rel_row(lt, k, rel_path)
+                raw[rid] = value
             labels, got = rel_labels(raw, labels_mode or spec.labels, str(rel_path))
             votes.update(got)
-        pids = [check_id(pt["product_id"][k], prd_path, k, "product_id") for k in pkeys]
-        ptexts = [product_text(spec, category, str(pt["name"][k] or ""), str(pt["description"][k] or ""))
-                  for k in pkeys]
-        penc = encode_texts(ptexts, prd_vocab, language=spec.language, max_len=max_len)
+        for k in pkeys:
+            check_id(pt["product_id"][k], prd_path, k, "product_id")
+        prods = [product_row(in_spec, category, split, pt, k, prd_path, index) for k in pkeys]
+        for k, prod in zip(pkeys, prods, strict=True):
+            if prod.id in seen_products:
+                raise DataError(f"{prd_path}: row {short_repr(k)}: duplicate product_id {short_repr(prod.id)}")
+            seen_products.add(prod.id)
+        ptoks = [_arrays(r) for r in stage_records(tokens, [tokens.work_item("prd", p.text, vocabs) for p in prods])]
         by_pid: dict[str, ProductItem] = {}
-        for k, pid, enc in zip(pkeys, pids, penc, strict=True):
-            parse_img_urls(pt["img_url"][k], prd_path, k)  # validates the cell
-            item = ProductItem(id=pid, tokens=enc.ids.astype(np.int64),
-                               rois=rois(_image_files(images, split, "prd", pid)))
-            by_pid[pid] = item
+        for prod, tok in zip(prods, ptoks, strict=True):
+            item = ProductItem(id=prod.id, tokens=token_ids(tok, cfg), rois=rois(image_spec, prod.images))
+            by_pid[prod.id] = item
             products.append(item)
-        rtexts = [str(rt["content"][k] or "") for k in rkeys]
-        renc = encode_texts(rtexts, rvw_vocab, language=spec.language, max_len=max_len)
-        names = {pid: str(pt["name"][k] or "") for k, pid in zip(pkeys, pids, strict=True)}
-        masks = probe_masks(manifest, spec, dataset, rtexts,
-                            [names.get(str(rt["product_id"][k]), "") for k in rkeys], needed=probes_needed)
-        for k, enc, mask in zip(rkeys, renc, masks, strict=True):
+        rows = []
+        for k in rkeys:
             rid = check_id(rt["review_id"][k], rvw_path, k, "review_id")
             pid = check_id(rt["product_id"][k], rvw_path, k, "product_id")
             if pid not in by_pid:
                 raise DataError(f"{rvw_path}: row {k!r}: review {rid!r} names product {pid!r}, not in {prd_path.name}")
-            by_pid[pid].reviews.append(ReviewItem(
-                id=rid, tokens=enc.ids.astype(np.int64), rois=rois(_image_files(images, split, "rvw", rid)),
-                probe=_aligned_probe(mask, enc), label=labels.get(rid, float("nan")),
-                length=float(enc.n_raw),
-            ))
+            if rid in seen_reviews:
+                raise DataError(f"{rvw_path}: row {short_repr(k)}: duplicate review_id {short_repr(rid)}")
+            seen_reviews.add(rid)
+            rows.append(review_row(rt, k, rvw_path))
+        rtoks = [_arrays(r) for r in stage_records(tokens, [tokens.work_item("rvw", r.text, vocabs) for r in rows])]
+        by_id = {p.id: p for p in prods}
+        masks = _masks(probes, [r.text for r in rows], [by_id[r.product_id] for r in rows])
+        texts: list[tuple[ProductItem | ReviewItem, str]] = [(by_pid[p.id], p.text) for p in prods]
+        for row, tok, mask in zip(rows, rtoks, masks, strict=True):
+            review = review_item(
+                row.id, tok, mask, rois(image_spec, index.refs(split, "rvw", row.id, row.urls)),
+                labels.get(row.id, float("nan")), cfg, f"{rvw_path}: review {row.id!r}",
+            )
+            by_pid[row.product_id].reviews.append(review)
+            texts.append((review, row.text))
+        if bert is not None:
+            attach_text_features(bert, texts)
     products = [p for p in products if p.reviews]
     if not products:
         raise DataError(f"--input {path}: no product with reviews")
@@ -288,10 +328,37 @@ def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, m
     return source, rois
 
 
-def probe_masks(manifest, spec, dataset: str, reviews: list[str], names: list[str], *,
-                needed: bool = False) -> list:
-    """Probe masks over the raw tokens of new reviews, as the probes stage computes them, or
-    Nones when the model does not need them and the run's dataset has no probes view."""
+def bert_stage(manifest, dataset: str):
+    """The bert stage of the run's dataset, computing new texts' encoder rows; refused when the
+    dataset declares no text encoder."""
+    from features.text.bert import build_stage
+
+    stage = build_stage(manifest, dataset)
+    if stage.encoder_spec is None:
+        raise DataError(f"the model reads text-encoder features, but dataset {dataset!r} declares no "
+                        f"text_encoder: set datasets.{dataset}.text_encoder in the manifest "
+                        "(or pass --allow-missing bert)")
+    return stage
+
+
+def attach_text_features(stage, texts: Sequence[tuple[ProductItem | ReviewItem, str]]) -> None:
+    """Set each item's text-encoder rows from its text (a product's `product_text`, a review's
+    content), computed by the bert stage (`work_item` + `run`) and read as `StoreSource` reads
+    the stored ones (`models.data.text_encoder_rows`)."""
+    from models.data import text_encoder_rows
+
+    recs = stage_records(stage, [stage.work_item(text) for _, text in texts])
+    hidden = stage.schema["features"].shape[0]
+    for (item, _), rec in zip(texts, recs, strict=True):
+        item.text_feats, item.text_ids = text_encoder_rows(
+            rec.arrays, rec.failure, lambda: hidden, f"bert features of input item {item.id!r}")
+
+
+def probes_stage(manifest, spec, dataset: str, *, needed: bool = False):
+    """The probes stage computing new reviews' masks with the manifest's probes parameters, or
+    None when the run's dataset has no probes view and the model does not need one (refused
+    when it does)."""
+    from features.text.probes import ProbesStage
     from pipeline.store import FeatureStore
 
     if not any(v.dataset == dataset and v.stage == "probes" for v in FeatureStore(manifest.store_root).views()):
@@ -300,21 +367,35 @@ def probe_masks(manifest, spec, dataset: str, reviews: list[str], names: list[st
                 f"the model needs probe masks, but dataset {dataset!r} has no probes view: build it with "
                 f"`mrhp extract --dataset {dataset} --stage probes` (or pass --allow-missing probes)"
             )
-        return [None] * len(reviews)
-    from features.text.probes import ProbeMasker, ProbeResult
+        return None
+    # one process: n_process changes no output (it is not in the stage fingerprint)
+    params = dataclasses.replace(manifest.stage_params("probes"), n_process=1)
+    return ProbesStage(params=params, language=spec.language, dataset=dataset, records_loader=None)
 
-    p = manifest.stage_params("probes")
-    masker = ProbeMasker.from_params(p, spec.language, n_process=1)
-    return [r.mask if isinstance(r, ProbeResult) else None for r in masker.masks(reviews, names)]
+
+def _masks(stage, reviews: Sequence[str], products: Sequence) -> list:
+    """Each review's mask from the probes stage (`work_item` + `run`), None where the stage
+    records a failure (plain attention, as in training) or there is no stage."""
+    if stage is None:
+        return [None] * len(reviews)
+    named = [SimpleNamespace(name=p) if isinstance(p, str) else p for p in products]
+    recs = stage_records(stage, [stage.work_item(text, p) for text, p in zip(reviews, named, strict=True)])
+    return [r.arrays["mask"] if r.arrays is not None else None for r in recs]
+
+
+def probe_masks(manifest, spec, dataset: str, reviews: Sequence[str], products: Sequence, *,
+                needed: bool = False) -> list:
+    """Probe masks over the raw tokens of new reviews (`products`: each review's product, a
+    `Product` or its name), computed by the probes stage itself (see `probes_stage`, `_masks`)."""
+    return _masks(probes_stage(manifest, spec, dataset, needed=needed), reviews, products)
 
 
 def _aligned_probe(mask: np.ndarray | None, enc) -> np.ndarray:
-    """The probe mask at the kept token positions (`mask[pos]`, as models.data aligns it)."""
-    import numpy as np
+    """The probe mask at the kept token positions, as training aligns it (`models.data.aligned_probe`)."""
+    from models.config import DataConfig
+    from models.data import aligned_probe
 
-    if mask is None or len(mask) != int(enc.n_raw):
-        return np.ones(len(enc.ids), dtype=np.float32)
-    return np.asarray(mask, dtype=np.float32)[np.asarray(enc.pos, dtype=np.int64)]
+    return aligned_probe({"ids": enc.ids, "pos": enc.pos}, mask, DataConfig(), "review")
 
 
 def average_seeds(per_seed: list[list[dict]]) -> list[dict]:
@@ -387,7 +468,7 @@ def run(args: argparse.Namespace) -> int:
     source, rois = load_input(inp, image_root, spec=spec,
                               vocab_fp=meta.get("vocab_fingerprint"), manifest=manifest, cfg=cfg.data,
                               dataset=dataset, labels_mode=meta.get("labels"),
-                              probes_needed="probes" in needed)
+                              probes_needed="probes" in needed, bert_needed="bert" in needed)
     rois.check(needed="rois" in needed, images=image_root, dataset=dataset)
     per_seed = [score_source(model, source, cfg=c) for model, c in models]
     rows = ranked(average_seeds(per_seed), getattr(source, "votes", None))

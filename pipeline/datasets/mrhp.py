@@ -212,8 +212,11 @@ def _number(value: Any, path: Path, key: str) -> float:
     return float(value)
 
 
-class _ImageIndex:
-    """Which item folders exist under <image_root>/<split>/<kind>/ (listed once per split and kind)."""
+class ImageIndex:
+    """Which item folders exist under <image_root>/<split>/<kind>/ (listed once per split and kind).
+
+    `refs` gives an item's image refs by the convention of the module docstring (the reader and
+    `mrhp predict` both list images through it)."""
 
     def __init__(self, image_root: Path) -> None:
         self.root = Path(image_root)
@@ -251,6 +254,58 @@ def _check_id_is_folder_name(item_id: str, path: Path, key: str, col: str) -> No
             f"{path}: row {key!r} column {col!r}: id {item_id!r} cannot name an image folder "
             "(the image path would escape the image root)"
         )
+
+
+def product_row(spec: DatasetSpec, category: str, split: str, table: dict[str, dict[str, Any]], key: str,
+                path: Path, images: ImageIndex) -> Product:
+    """Row `key` of a prd table as a Product: id, name, description, text (`product_text`) and
+    image refs. Shared by the reader and `mrhp predict`, so new products parse as training data did."""
+    pid = _as_id(table["product_id"][key], path, key, "product_id")
+    name = _as_str(table["name"][key], path, key, "name")
+    desc = _as_str(table["description"][key], path, key, "description")
+    urls = parse_img_urls(table["img_url"][key], path, key)
+    if urls:
+        _check_id_is_folder_name(pid, path, key, "product_id")
+    return Product(
+        id=pid, name=name, description=desc, text=product_text(spec, category, name, desc),
+        images=images.refs(split, "prd", pid, urls), category=category, split=split,
+    )
+
+
+@dataclass(frozen=True)
+class ReviewRow:
+    """One parsed row of a rvw table (its image refs: `ImageIndex.refs(split, "rvw", id, urls)`)."""
+
+    id: str
+    product_id: str
+    text: str
+    urls: list[str]
+
+
+def review_row(table: dict[str, dict[str, Any]], key: str, path: Path) -> ReviewRow:
+    """Row `key` of a rvw table (shared by the reader and `mrhp predict`)."""
+    rid = _as_id(table["review_id"][key], path, key, "review_id")
+    pid = _as_id(table["product_id"][key], path, key, "product_id")
+    content = _as_str(table["content"][key], path, key, "content")
+    urls = parse_img_urls(table["img_url"][key], path, key)
+    if urls:
+        _check_id_is_folder_name(rid, path, key, "review_id")
+    return ReviewRow(id=rid, product_id=pid, text=content, urls=urls)
+
+
+def rel_row(table: dict[str, dict[str, Any]], key: str, path: Path) -> tuple[str, str, float]:
+    """(product id, review id, upvotes value) of row `key` of a rel table (shared with `mrhp predict`)."""
+    pid = _as_id(table["product_id"][key], path, key, "product_id")
+    rid = _as_id(table["review_id"][key], path, key, "review_id")
+    return pid, rid, _number(table["upvotes"][key], path, key)
+
+
+def labels_mode(mode: str, values: Iterable[float]) -> str:
+    """How upvotes are read: `mode` ("labels" or "votes"), or for "auto" "labels" when every value
+    is an integer 0..4, else "votes"."""
+    if mode != "auto":
+        return mode
+    return "labels" if all(float(v).is_integer() and 0 <= v <= MAX_LABEL for v in values) else "votes"
 
 
 @dataclass
@@ -295,9 +350,7 @@ def _load(
         counts[path.name] = len(keys)
         for key in keys:
             try:
-                pid = _as_id(t["product_id"][key], path, key, "product_id")
-                rid = _as_id(t["review_id"][key], path, key, "review_id")
-                value = _number(t["upvotes"][key], path, key)
+                pid, rid, value = rel_row(t, key, path)
                 if rid in rows:
                     raise DataError(
                         f"{path}: row {key!r}: duplicate review_id {rid!r} (first at row {rows[rid].key!r})"
@@ -307,12 +360,9 @@ def _load(
                 issues.error(str(path), str(e))
         del t
 
-    mode = spec.labels
-    if mode == "auto":
-        values = (r.value for rows in rel.values() for r in rows.values())
-        mode = "labels" if all(v.is_integer() and 0 <= v <= MAX_LABEL for v in values) else "votes"
+    mode = labels_mode(spec.labels, (r.value for rows in rel.values() for r in rows.values()))
     records = DatasetRecords(name=spec.name, label_interpretation=mode)
-    images = _ImageIndex(Path(spec.image_root))
+    images = ImageIndex(Path(spec.image_root))
     product_at: dict[str, str] = {}  # product id -> "file row" where it was read
     review_at: dict[str, str] = {}
 
@@ -326,21 +376,12 @@ def _load(
                 pid = _as_id(t["product_id"][key], path, key, "product_id")
                 if pid in product_at:
                     raise DataError(f"{path}: row {key!r}: duplicate product_id {pid!r} (first at {product_at[pid]})")
-                name = _as_str(t["name"][key], path, key, "name")
-                desc = _as_str(t["description"][key], path, key, "description")
-                urls = parse_img_urls(t["img_url"][key], path, key)
-                if urls:
-                    _check_id_is_folder_name(pid, path, key, "product_id")
-                text = product_text(spec, c, name, desc)
-                if not text.strip():
+                product = product_row(spec, c, s, t, key, path, images)
+                if not product.text.strip():
                     issues.warning(str(path), f"{path}: row {key!r}: product {pid!r} has no text")
                 product_at[pid] = f"{path.name} row {key!r}"
                 local_products.add(pid)
-                records.products[pid] = Product(
-                    id=pid, name=name, description=desc, text=text,
-                    images=images.refs(s, "prd", pid, urls),
-                    category=c, split=s,
-                )
+                records.products[pid] = product
             except DataError as e:
                 issues.error(str(path), str(e))
         del t
@@ -365,10 +406,8 @@ def _load(
                         f"{path}: row {key!r}: review {rid!r} names product {pid!r}, which is not in "
                         f"{table_path(spec, c, 'prd', s).name}"
                     )
-                content = _as_str(t["content"][key], path, key, "content")
-                urls = parse_img_urls(t["img_url"][key], path, key)
-                if urls:
-                    _check_id_is_folder_name(rid, path, key, "review_id")
+                row = review_row(t, key, path)
+                content = row.text
                 r = rel_rows.get(rid)
                 if r is None:
                     issues.warning(
@@ -388,7 +427,7 @@ def _load(
                     issues.warning(str(path), f"{path}: row {key!r}: review {rid!r} has no text")
                 records.reviews.append(Review(
                     id=rid, product_id=pid, text=content, label=label,
-                    images=images.refs(s, "rvw", rid, urls), votes=votes, category=c, split=s,
+                    images=images.refs(s, "rvw", rid, row.urls), votes=votes, category=c, split=s,
                 ))
             except DataError as e:
                 issues.error(str(path), str(e))
