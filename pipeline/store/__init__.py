@@ -170,7 +170,7 @@ class FeatureStore:
         # Picklable for task runners (Dask): the receiving process opens its own connection.
         return (FeatureStore, (str(self.root),))
 
-    def _conn(self) -> Any:
+    def _conn(self) -> sqlite3.Connection:
         """This thread's index connection (`Index.conn`)."""
         return self.index.conn()
 

@@ -109,14 +109,11 @@ CREATE TABLE IF NOT EXISTS view_items (
 """
 
 
-def _chunks(seq: Sequence[Any], n: int = _SQL_CHUNK) -> Iterator[Sequence[Any]]:
-    for i in range(0, len(seq), n):
-        yield seq[i : i + n]
-
-
-def _in(part: Sequence[Any]) -> str:
-    """`(?, ?, ...)`: the placeholders of one `IN` list."""
-    return f"({','.join('?' * len(part))})"
+def _chunked(conn: sqlite3.Connection, sql: str, params: tuple, keys: Sequence[str]) -> Iterator[sqlite3.Cursor]:
+    """Run `sql`, which ends in `key IN`, once per chunk of `keys` (SQLite bounds the parameters)."""
+    for i in range(0, len(keys), _SQL_CHUNK):
+        part = keys[i : i + _SQL_CHUNK]
+        yield conn.execute(f"{sql} ({','.join('?' * len(part))})", (*params, *part))
 
 
 class _IndexConnection(sqlite3.Connection):
@@ -285,24 +282,25 @@ class Index:
 
     @staticmethod
     def _present(conn: sqlite3.Connection, stage: str, fingerprint: str, keys: Sequence[str]) -> set[str]:
-        present: set[str] = set()
-        for part in _chunks(keys):
-            q = f"SELECT key FROM items WHERE stage=? AND fingerprint=? AND key IN {_in(part)}"
-            present.update(r[0] for r in conn.execute(q, (stage, fingerprint, *part)))
-        return present
+        sql = "SELECT key FROM items WHERE stage=? AND fingerprint=? AND key IN"
+        return {r[0] for cur in _chunked(conn, sql, (stage, fingerprint), keys) for r in cur}
 
     def present(self, stage: str, fingerprint: str, keys: Sequence[str]) -> set[str]:
         """The subset of `keys` with an index row (success or failure) for (stage, fingerprint)."""
         return self._present(self.conn(), stage, fingerprint, keys)
 
+    @staticmethod
+    def _schema(conn: sqlite3.Connection, stage: str, fingerprint: str, schema: str) -> str:
+        conn.execute("INSERT OR IGNORE INTO stage_schemas VALUES (?, ?, ?)", (stage, fingerprint, schema))
+        (known,) = conn.execute(
+            "SELECT schema FROM stage_schemas WHERE stage=? AND fingerprint=?", (stage, fingerprint)
+        ).fetchone()
+        return str(known)
+
     def register_schema(self, stage: str, fingerprint: str, schema: str) -> str:
         """Record `schema` (JSON) for (stage, fingerprint) unless one is; returns the one stored."""
         with _Tx(self.conn()) as conn:
-            conn.execute("INSERT OR IGNORE INTO stage_schemas VALUES (?, ?, ?)", (stage, fingerprint, schema))
-            (known,) = conn.execute(
-                "SELECT schema FROM stage_schemas WHERE stage=? AND fingerprint=?", (stage, fingerprint)
-            ).fetchone()
-        return str(known)
+            return self._schema(conn, stage, fingerprint, schema)
 
     def record_segment(self, seg_row: SegmentRow, item_rows: Sequence[ItemRow], *, schema: str | None = None,
                        what: str = "") -> list[ItemRow]:
@@ -313,10 +311,7 @@ class Index:
         stage, fingerprint = seg_row[1], seg_row[2]
         with _Tx(self.conn()) as conn:
             if schema is not None:
-                conn.execute("INSERT OR IGNORE INTO stage_schemas VALUES (?, ?, ?)", (stage, fingerprint, schema))
-                (known,) = conn.execute(
-                    "SELECT schema FROM stage_schemas WHERE stage=? AND fingerprint=?", (stage, fingerprint)
-                ).fetchone()
+                known = self._schema(conn, stage, fingerprint, schema)
                 if known != schema:
                     raise StoreError(
                         f"{what}: schema {schema} differs from the one stored for {stage}/"
@@ -330,15 +325,9 @@ class Index:
         return rows
 
     def forget(self, stage: str, fingerprint: str, keys: Sequence[str]) -> int:
-        dropped = 0
         with _Tx(self.conn()) as conn:
-            for part in _chunks(keys):
-                cur = conn.execute(
-                    f"DELETE FROM items WHERE stage=? AND fingerprint=? AND key IN {_in(part)}",
-                    (stage, fingerprint, *part),
-                )
-                dropped += cur.rowcount
-        return dropped
+            sql = "DELETE FROM items WHERE stage=? AND fingerprint=? AND key IN"
+            return sum(cur.rowcount for cur in _chunked(conn, sql, (stage, fingerprint), keys))
 
     def done_keys(self, stage: str, fingerprint: str, keys: Sequence[str] | None) -> list[str]:
         conn = self.conn()
@@ -347,10 +336,8 @@ class Index:
                 "SELECT key FROM items WHERE stage=? AND fingerprint=? AND failure IS NULL", (stage, fingerprint)
             )
             return [r[0] for r in rows]
-        done: set[str] = set()
-        for part in _chunks(keys):
-            q = f"SELECT key FROM items WHERE stage=? AND fingerprint=? AND failure IS NULL AND key IN {_in(part)}"
-            done.update(r[0] for r in conn.execute(q, (stage, fingerprint, *part)))
+        sql = "SELECT key FROM items WHERE stage=? AND fingerprint=? AND failure IS NULL AND key IN"
+        done = {r[0] for cur in _chunked(conn, sql, (stage, fingerprint), keys) for r in cur}
         return [k for k in keys if k in done]
 
     def failures(self, stage: str, fingerprint: str) -> dict[str, str]:
@@ -513,12 +500,8 @@ class Index:
         with _Tx(self.conn()) as conn:
             conn.execute("DELETE FROM claims WHERE expires < ?", (now,))
             present = self._present(conn, stage, fingerprint, keys)
-            held: dict[str, str] = {}
-            for part in _chunks(keys):
-                held.update(conn.execute(
-                    f"SELECT key, owner FROM claims WHERE stage=? AND fingerprint=? AND key IN {_in(part)}",
-                    (stage, fingerprint, *part),
-                ).fetchall())
+            sql = "SELECT key, owner FROM claims WHERE stage=? AND fingerprint=? AND key IN"
+            held: dict[str, str] = {k: o for cur in _chunked(conn, sql, (stage, fingerprint), keys) for k, o in cur}
             live = {o: alive(o) for o in set(held.values()) if o != owner}
             mine = [k for k in keys if k not in present
                     and (k not in held or held[k] == owner or not live[held[k]])]
@@ -530,22 +513,15 @@ class Index:
 
     def release(self, stage: str, fingerprint: str, keys: Sequence[str], owner: str) -> None:
         with _Tx(self.conn()) as conn:
-            for part in _chunks(keys):
-                conn.execute(
-                    f"DELETE FROM claims WHERE stage=? AND fingerprint=? AND owner=? AND key IN {_in(part)}",
-                    (stage, fingerprint, owner, *part),
-                )
+            sql = "DELETE FROM claims WHERE stage=? AND fingerprint=? AND owner=? AND key IN"
+            for _ in _chunked(conn, sql, (stage, fingerprint, owner), keys):
+                pass  # each chunk's DELETE runs as the generator advances
 
     def claims_of_others(self, stage: str, fingerprint: str, keys: Sequence[str], owner: str) -> dict[str, str]:
         """key -> owner of the unexpired claims on `keys` of owners other than `owner`."""
-        out: dict[str, str] = {}
-        conn = self.conn()
-        for part in _chunks(keys):
-            out.update(conn.execute(
-                "SELECT key, owner FROM claims WHERE stage=? AND fingerprint=? AND owner != ? AND expires >= ? "
-                f"AND key IN {_in(part)}", (stage, fingerprint, owner, time.time(), *part),
-            ).fetchall())
-        return out
+        sql = "SELECT key, owner FROM claims WHERE stage=? AND fingerprint=? AND owner != ? AND expires >= ? AND key IN"
+        params = (stage, fingerprint, owner, time.time())
+        return {k: o for cur in _chunked(self.conn(), sql, params, keys) for k, o in cur}
 
     # -- maintenance (gc, fsck, rebuilds) ------------------------------------------------------
 
