@@ -37,19 +37,20 @@ opened.) Every SQLite error becomes a one-line `StoreError` naming `mrhp fsck --
 Readers keep the key -> (segment, row) map in memory and read rows with `pread` at the file
 offsets of contiguous datasets; they hold no HDF5 handle, so they are safe to use across fork.
 
-The package, each module importing only from those above it (no cycles)::
+The package, each module importing only from those above it (no cycles; tests/pipeline/
+test_store_layout.py checks it, and that no SQL lies outside index.py)::
 
-    fs.py           durability (fsync), lock files, claim owners, read-only and task-worker modes
-      ^
-    index.py        `Index`: every SQL statement (tables, transactions, claims, leases, queries)
-      ^
-    segment.py      the HDF5 segment format: layout, checksums, verify, `_OpenSegment` reads
-      ^         ^
-    writer.py   reader.py     `SegmentWriter`, pending segments | `StageReader`, `View`
-      ^
-    maintenance.py  `clean_tmp`, `gc`, `fsck`, `rebuild_index`, `rebuild_index_file`
-      ^
-    __init__.py     `FeatureStore`, the facade (and the names imported from `pipeline.store`)
+    fs.py | errors.py  lock files, fsync, claim owners, read-only / task-worker modes | one-line
+        ^                StoreErrors for SQLite errors, `CorruptItemError`
+    index.py           `Index`: every SQL statement (tables, transactions, claims, leases, queries)
+        ^
+    segment.py         the HDF5 segment format: layout, checksums, verify, `_OpenSegment` reads
+        ^
+    writer.py | reader.py  `SegmentWriter` and pending segments | `StageReader`, `View`
+        ^
+    maintenance.py     `clean_tmp`, `gc`, `fsck`, `rebuild_index`, `rebuild_index_file`
+        ^
+    __init__.py        `FeatureStore`, the facade, and every name imported from `pipeline.store`
 """
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ from typing import Any
 from pipeline.errors import StoreError
 from pipeline.stage import FieldSpec
 from pipeline.store import maintenance, writer
+from pipeline.store.errors import CorruptItemError, _guard_sqlite, _index_error
 from pipeline.store.fs import (
     _acquire_lock,
     _lock_is_held,
@@ -81,22 +83,12 @@ from pipeline.store.fs import (
     read_only,
     writes_allowed,
 )
-from pipeline.store.index import (
-    _LEASE_BEAT_S,
-    _LEASE_TTL_S,
-    INDEX_VERSION,
-    Index,
-    ViewInfo,
-    _guard_sqlite,
-    _index_error,
-    _Tx,
-)
+from pipeline.store.index import _LEASE_BEAT_S, _LEASE_TTL_S, INDEX_VERSION, Index, ViewInfo, _Tx
 from pipeline.store.maintenance import FsckReport, GcReport, rebuild_index_file
 from pipeline.store.reader import StageReader, View, stage_reader
 from pipeline.store.segment import (
     READABLE_SCHEMA_VERSIONS,
     SCHEMA_VERSION,
-    CorruptItemError,
     _checksum,
     _OpenSegment,
     _read_segment_datasets,

@@ -11,7 +11,6 @@ sqlite3.Error the same way (`_guard_sqlite`). Task workers never write the index
 """
 from __future__ import annotations
 
-import functools
 import os
 import sqlite3
 import threading
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 from pipeline.errors import StoreError
+from pipeline.store.errors import _index_error
 from pipeline.store.fs import _log_index_open, _refuse_in_worker
 
 INDEX_VERSION = 1  # index.sqlite table layout version
@@ -120,34 +120,6 @@ class _IndexConnection(sqlite3.Connection):
     """A connection that knows its file, so SQLite errors can name it."""
 
     mrhp_path: str = "index.sqlite"
-
-
-def _index_error(path: Any, e: BaseException, doing: str = "") -> StoreError:
-    """One line for an SQLite error: a busy index says so; anything else points at the rebuild."""
-    msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-    where = f"store index {path}" + (f" ({doing})" if doing else "")
-    if isinstance(e, sqlite3.OperationalError) and ("locked" in msg or "busy" in msg):
-        return StoreError(f"{where}: {msg}; another process holds the index, retry when it is done")
-    if "disk is full" in msg or "SQLITE_FULL" in msg:
-        return StoreError(f"{where}: {msg}; free some space and rerun (nothing was half-written)")
-    return StoreError(
-        f"{where}: {msg}; the index is damaged: run `mrhp fsck --rebuild-index` to rebuild it from the "
-        "segment files"
-    )
-
-
-def _guard_sqlite(fn: Any) -> Any:
-    """Decorator for methods of objects with a store `root`: a stray sqlite3.Error becomes
-    `_index_error` (one line)."""
-
-    @functools.wraps(fn)
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(self, *args, **kwargs)
-        except sqlite3.Error as e:
-            raise _index_error(Path(self.root) / "index.sqlite", e) from None
-
-    return wrapper
 
 
 class _Tx:

@@ -20,9 +20,10 @@ import h5py
 import numpy as np
 
 from pipeline.errors import StoreError
+from pipeline.store.errors import CorruptItemError
 from pipeline.store.fs import is_worker_process, writes_allowed
 from pipeline.store.index import Index
-from pipeline.store.segment import CorruptItemError, _OpenSegment
+from pipeline.store.segment import _OpenSegment
 
 _MAX_OPEN_FILES = 128  # per reader: segment file descriptors kept open (LRU)
 log = logging.getLogger("pipeline.store")

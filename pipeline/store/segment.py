@@ -24,6 +24,7 @@ import numpy as np
 
 from pipeline.errors import StoreError
 from pipeline.stage import FieldSpec
+from pipeline.store.errors import CorruptItemError
 from pipeline.store.index import ItemRow, SegmentRow
 
 SCHEMA_VERSION = 2  # segment file layout version (attribute `schema_version`); 2 adds `row_crc32c`
@@ -262,15 +263,6 @@ class _Field:
     row_bytes: int  # bytes per row of the flat data
     offsets: list[int] | None  # n+1 row starts for ragged fields (a list: fast scalar indexing)
     cached: np.ndarray | None  # the whole flat data when small (sliced instead of pread per item)
-
-
-class CorruptItemError(StoreError):
-    """Items of a segment whose bytes no longer match the checksum recorded at commit."""
-
-    def __init__(self, message: str, *, path: Path, rows: Sequence[tuple[str, int]]) -> None:
-        super().__init__(message)
-        self.path = path
-        self.rows = list(rows)  # (key, row) of every corrupt item found in the segment
 
 
 class _OpenSegment:

@@ -23,6 +23,7 @@ import numpy as np
 
 from pipeline.errors import StoreError
 from pipeline.stage import FieldSpec, Record
+from pipeline.store.errors import _guard_sqlite, _index_error
 from pipeline.store.fs import (
     _acquire_lock,
     _check_name,
@@ -32,7 +33,7 @@ from pipeline.store.fs import (
     _part_path,
     _refuse_in_worker,
 )
-from pipeline.store.index import Index, ItemRow, SegmentRow, _guard_sqlite, _index_error
+from pipeline.store.index import Index, ItemRow, SegmentRow
 from pipeline.store.segment import (
     BufferedItem,
     _describe_segment,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 STORE = Path(__file__).resolve().parents[2] / "pipeline" / "store"
 # Ground floor first; a module may import only from modules on a lower floor.
-FLOORS = {"fs": 0, "index": 1, "segment": 2, "writer": 3, "reader": 3, "maintenance": 4, "__init__": 5}
+FLOORS = {"errors": 0, "fs": 0, "index": 1, "segment": 2, "writer": 3, "reader": 3, "maintenance": 4, "__init__": 5}
 SQL = re.compile(r"^\s*(SELECT|INSERT|UPDATE|DELETE|CREATE|DROP|ALTER|BEGIN|COMMIT|ROLLBACK|PRAGMA)\b")
 
 
