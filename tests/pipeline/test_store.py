@@ -72,7 +72,7 @@ def store(tmp_path: Path) -> FeatureStore:
 
 @pytest.mark.parametrize("preload_bytes", [0, 1 << 20], ids=["pread", "preloaded"])
 def test_round_trip_of_ragged_and_fixed_fields_of_several_dtypes(store, monkeypatch, preload_bytes):
-    monkeypatch.setattr("pipeline.store._PRELOAD_BYTES", preload_bytes)
+    monkeypatch.setattr("pipeline.store.segment._PRELOAD_BYTES", preload_bytes)
     recs = [roi_record(f"k{i}", n=i % 5, seed=i) for i in range(11)]  # n=0 items included
     w = write(store, recs, chunk_size=4)
     assert (w.n_committed, w.n_segments) == (11, 3)
@@ -90,7 +90,7 @@ def test_round_trip_of_ragged_and_fixed_fields_of_several_dtypes(store, monkeypa
 
 
 def test_a_truncated_segment_is_reported_not_misread(store, monkeypatch):
-    monkeypatch.setattr("pipeline.store._PRELOAD_BYTES", 0)
+    monkeypatch.setattr("pipeline.store.segment._PRELOAD_BYTES", 0)
     write(store, [roi_record("k0", 2), roi_record("k1", 4)], chunk_size=10)
     path = segment_files(store.root)[0]
     with h5py.File(path, "r") as f:
