@@ -15,6 +15,7 @@ from features.detector import (
     tiny_config,
 )
 from features.detector.model import DetectorConfig, cell_anchors, decode_boxes, grid_anchors
+from pipeline.params import ProposalParams
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def _run(model, imgs, *, min_size=64, max_size=128, post=20):
              for im in imgs]
     batch = pad_batch([p.tensor for p in preps], model.cfg.size_divisibility)
     return model(batch, [p.size for p in preps], [p.scale for p in preps], [p.orig_hw for p in preps],
-                 pre_nms_top_n=500, post_nms_top_n=post)
+                 proposals=ProposalParams(pre_nms_top_n=500, post_nms_top_n=post))
 
 
 def test_real_r101_layout_uses_bottom_up_attention_key_names_and_shapes():
