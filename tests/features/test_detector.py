@@ -132,6 +132,26 @@ def test_detections_have_one_row_per_proposal_in_original_pixels(tiny):
         assert float(det.boxes.min()) >= 0
 
 
+def test_proposal_counts_come_only_from_the_stage_parameters(tiny):
+    """One place holds them: RoisParams (the manifest's keys) -> ProposalParams -> forward,
+    which has no default of its own (a call without them is an error, not 6000/300)."""
+    import dataclasses as dc
+
+    from pipeline.params import RoisParams
+
+    assert all(f.default is dc.MISSING for f in dc.fields(ProposalParams))
+    assert RoisParams(rpn_pre_nms_top_n=700, rpn_post_nms_top_n=9).proposals == ProposalParams(700, 9)
+    p = prepare_image(_img(96, 128, 0), min_size=64, max_size=128, pixel_mean=tiny.cfg.pixel_mean)
+    batch = pad_batch([p.tensor], tiny.cfg.size_divisibility)
+    with pytest.raises(TypeError, match="proposals"):
+        tiny(batch, [p.size], [p.scale], [p.orig_hw])
+    # the count reaches the proposal selection: at most post_nms_top_n boxes per image
+    few = tiny(batch, [p.size], [p.scale], [p.orig_hw], proposals=RoisParams(rpn_post_nms_top_n=3).proposals)
+    many = tiny(batch, [p.size], [p.scale], [p.orig_hw], proposals=RoisParams(rpn_post_nms_top_n=40).proposals)
+    assert few[0].boxes.shape[0] == 3 < many[0].boxes.shape[0]
+    assert torch.equal(few[0].boxes, many[0].boxes[:3])  # the same top proposals, in score order
+
+
 @pytest.mark.parametrize("sizes", [[(64, 96)] * 3, [(64, 96), (90, 60), (37, 130)]])
 def test_batched_inference_equals_one_image_at_a_time(tiny, sizes):
     """Padding is masked layer by layer, so a batch computes what each image alone would."""

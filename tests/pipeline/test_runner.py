@@ -154,7 +154,8 @@ def test_status_counts_done_failed_missing_stale_and_reports_planning_errors(pro
     text_file(root, 2).write_text("edited", encoding="utf-8")
     row = stage_status(manifest, store, "syn", "synthetic", REGISTRY)
     assert (row.total, row.done, row.failed, row.missing, row.stale) == (23, 21, 1, 1, 1)
-    bad = stage_status(manifest, store, "syn", "broken", {"broken": StageEntry("tests.pipeline.test_runner:broken_stage")})
+    broken = {"broken": StageEntry("tests.pipeline.test_runner:broken_stage")}
+    bad = stage_status(manifest, store, "syn", "broken", broken)
     assert bad.error and "detector weights not found" in status_table([row, bad])
 
 
