@@ -69,6 +69,7 @@ class StageRef:
     request: ExtractRequest
     dataset: str
     stage: str
+    store_root: str  # the flow's store (the flow commits what the task writes there)
     run_token: str  # the flow run id: stages are rebuilt for each run, once per process
 
     @property
@@ -159,7 +160,6 @@ def extract_chunk(
 
         mark_worker_process()
     stage = resolve_stage(ref)
-    store_root = str(ref.request.manifest().roots.store)
     actual = stage.fingerprint()
     if actual != fingerprint:
         raise StageError(
@@ -167,7 +167,7 @@ def extract_chunk(
             f"{fingerprint} (different code, parameters or resources on this host?)"
         )
     with _gpu_slot(ref, gpu_limit), _stage_lock(ref, stage):
-        return compute_chunk(stage, store_root, items, owner=owner or claim_owner(), fingerprint=fingerprint,
+        return compute_chunk(stage, ref.store_root, items, owner=owner or claim_owner(), fingerprint=fingerprint,
                              commit_every=commit_every).to_json()
 
 
@@ -226,7 +226,7 @@ def _run_stage(
     logger = get_run_logger()
     store_root = str(manifest.roots.store)
     store = open_store(store_root)
-    ref = StageRef(request=request, dataset=dataset, stage=name, run_token=run_token)
+    ref = StageRef(request=request, dataset=dataset, stage=name, store_root=store_root, run_token=run_token)
     entry = ref.entry
     force = request.forced(name)
     chunk_size = request.chunk_size

@@ -84,8 +84,10 @@ def test_a_worker_parses_the_manifest_once_for_all_its_chunks(tmp_path):
     req = ExtractRequest.build(manifest, dataset="syn", stages=["synthetic"], registry=REGISTRY)
     pm.clear_manifest_memo()  # as in a fresh worker process
     before = pm.parses
-    stages = [resolve_stage(StageRef(request=req, dataset="syn", stage="synthetic", run_token=f"run-{i}"))
-              for i in range(3)]  # three flow runs' chunks: the stage is rebuilt, the manifest is not parsed
+    store = str(tmp_path / "store")
+    # three flow runs' chunks: the stage is rebuilt for each, the manifest is not parsed again
+    stages = [resolve_stage(StageRef(request=req, dataset="syn", stage="synthetic", store_root=store,
+                                     run_token=f"run-{i}")) for i in range(3)]
     assert pm.parses == before + 1
     assert len({id(s) for s in stages}) == 3 and stages[0].name == "synthetic"
 
