@@ -5,6 +5,7 @@ from pipeline.params import (  # noqa: F401
     EmbeddingsParams,
     FlowParams,
     ProbesParams,
+    ProposalParams,
     RoisParams,
     TokensParams,
 )

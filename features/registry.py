@@ -1,16 +1,23 @@
-"""Which stages exist, where their code lives and in which order they run.
+"""Which stages exist, where their code lives and in which order they run; what a run asks for.
 
 Each entry names the module exposing `build_stage(manifest, dataset_name) -> Stage`. Modules are
 imported only when a stage is built, so listing stages never imports torch or spaCy.
+
+`ExtractRequest` is one extraction run's request (manifest, dataset, stages with their entries,
+overrides, force, chunk size), built and checked once (`ExtractRequest.build`, by `mrhp extract`
+or `flows.extract.run_extraction`) and handed as it is to the flow and its chunk tasks: a frozen
+record of plain fields (Prefect records it as a flow parameter; Dask pickles it to workers).
 """
 from __future__ import annotations
 
 import importlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError, StageError
+from pipeline.manifest import FrozenOverrides, Manifest, freeze_overrides, load_manifest, thaw_overrides
 
 
 @dataclass(frozen=True)
@@ -20,14 +27,6 @@ class StageEntry:
     module: str  # importable module exposing build_stage(manifest, dataset_name), or "module:function"
     depends_on: tuple[str, ...] = ()  # stages whose outputs this one reads (run first)
     gpu: bool = False  # uses the accelerator: chunks of it never overlap on one GPU
-
-    def to_json(self) -> list[Any]:
-        return [self.module, list(self.depends_on), self.gpu]
-
-    @classmethod
-    def from_json(cls, value: Sequence[Any]) -> StageEntry:
-        module, deps, gpu = value
-        return cls(module=str(module), depends_on=tuple(deps), gpu=bool(gpu))
 
 
 # Order of this mapping is the default run order (dependencies first).
@@ -119,3 +118,79 @@ def build_stages(
     `build_stage` and use this only where every dependency is already in the store.
     """
     return [build_stage(manifest, dataset, n, registry) for n in stage_order(names, registry)]
+
+
+@dataclass(frozen=True)
+class ExtractRequest:
+    """What one extraction run computes; built once by `build`, read everywhere after.
+
+    Plain, immutable fields only: hashable (it keys the per-process stage caches of the flow),
+    recorded by Prefect as the flow's `request` parameter, and rebuilt from that record as is."""
+
+    manifest_path: str  # the manifest file, resolved
+    dataset: str | None  # one dataset, or None: every dataset of the manifest
+    stages: tuple[str, ...] | None  # the stages named (None: all); `entries` adds their dependencies
+    entries: tuple[tuple[str, StageEntry], ...]  # every stage to run, in run order, with its entry
+    force: bool  # recompute the named stages' items even if stored
+    chunk_size: int  # items per chunk task
+    overrides: FrozenOverrides = ()  # merged over the manifest file (e.g. --random-init)
+
+    @classmethod
+    def build(
+        cls,
+        manifest_path: str | Path | None = None,
+        *,
+        dataset: str | None = None,
+        stages: Sequence[str] | None = None,
+        force: bool = False,
+        chunk_size: int | None = None,
+        registry: Mapping[str, StageEntry] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> ExtractRequest:
+        """Check everything against the manifest and the registry (one-line errors, before any
+        Prefect start-up) and resolve the defaults: chunk_size from the manifest's flows."""
+        frozen = freeze_overrides(overrides)
+        manifest = load_manifest(manifest_path, overrides=thaw_overrides(frozen))
+        if dataset is not None:
+            manifest.dataset(dataset)  # an unknown dataset is a ManifestError naming the declared ones
+        reg = registry or STAGES
+        order = stage_order(stages, reg)
+        size = chunk_size or manifest.flows.chunk_size
+        if size < 1:
+            raise ConfigError(f"chunk_size must be at least 1, got {size}")
+        return cls(
+            manifest_path=str(manifest.path),
+            dataset=dataset,
+            stages=tuple(dict.fromkeys(stages)) if stages else None,
+            entries=tuple((name, reg[name]) for name in order),
+            force=bool(force),
+            chunk_size=int(size),
+            overrides=frozen,
+        )
+
+    def manifest(self) -> Manifest:
+        """The manifest with the overrides merged (parsed once per process: see pipeline.manifest)."""
+        return load_manifest(self.manifest_path, overrides=thaw_overrides(self.overrides))
+
+    @property
+    def order(self) -> tuple[str, ...]:
+        """The stages to run, dependencies first."""
+        return tuple(name for name, _ in self.entries)
+
+    @property
+    def registry(self) -> dict[str, StageEntry]:
+        return dict(self.entries)
+
+    def entry(self, stage: str) -> StageEntry:
+        for name, entry in self.entries:
+            if name == stage:
+                return entry
+        raise ConfigError(f"stage {stage!r} is not part of this request ({', '.join(self.order)})")
+
+    def forced(self, stage: str) -> bool:
+        """Whether `stage`'s stored items are recomputed: --force applies to the stages named
+        (all when none were), not to the dependencies run first."""
+        return self.force and (self.stages is None or stage in self.stages)
+
+    def datasets(self, manifest: Manifest) -> list[str]:
+        return [manifest.dataset(self.dataset).name] if self.dataset else list(manifest.datasets)

@@ -159,8 +159,7 @@ def detect_batch(model: BUADetector, images: Sequence[PreparedImage | RawImage],
             batch = batch.contiguous(memory_format=torch.channels_last)
     with autocast(device, params.autocast, params.autocast_dtype):
         return model(batch, [p.size for p in images], [p.scale for p in images],
-                     [p.orig_hw for p in images], pre_nms_top_n=params.rpn_pre_nms_top_n,
-                     post_nms_top_n=params.rpn_post_nms_top_n)
+                     [p.orig_hw for p in images], proposals=params.proposals)
 
 
 def optimise_for_inference(model: BUADetector, params: RoisParams, device: torch.device) -> BUADetector:
@@ -340,7 +339,7 @@ class RoisStage:
                 f"stages.rois: pad_bucket must be >= 0, queue_depth and batch_size >= 1, num_workers >= 0; "
                 f"got pad_bucket={p.pad_bucket}, queue_depth={p.queue_depth}, batch_size={p.batch_size}, "
                 f"num_workers={p.num_workers}")
-        feature_dim = (detector_config or bua_caffe_r101()).res5_channels
+        feature_dim = self.detector_config().res5_channels
         self.schema = rois_schema(self.params.feature_dtype, feature_dim)
         self._weights_id: str | None = None
         self._fingerprint: str | None = None
@@ -383,21 +382,30 @@ class RoisStage:
         return self._fingerprint
 
     # ---- model
+    def detector_config(self, raw: Mapping[str, torch.Tensor] | None = None, fmt: str = "bua-pth") -> DetectorConfig:
+        """The one place the stage picks its detector layout: the configuration it was given
+        (tests, benches), else the layout the checkpoint `raw` implies, else bottom-up-attention's
+        (random_init, and the stored feature width before any checkpoint is read)."""
+        if self._config_override is not None:
+            return self._config_override
+        if raw is not None:
+            return config_for_checkpoint(raw, fmt)
+        return bua_caffe_r101()
+
     def model(self) -> BUADetector:
         """The detector, built and loaded once per stage object."""
         if self._model is None:
             self.weights_id()  # verifies the weights before the expensive build
             self._device = resolve_device(self.params.device)
             if self.params.random_init:
-                cfg = self._config_override or bua_caffe_r101()
-                model = build_detector(cfg, seed=self.params.seed)
+                model = build_detector(self.detector_config(), seed=self.params.seed)
             else:
                 path = Path(self.detector_spec.path)
                 fmt = self.detector_spec.format
                 if fmt == "auto":
                     fmt = "d2-pkl" if path.suffix.lower() == ".pkl" else "bua-pth"
                 raw = read_checkpoint(path, fmt)
-                model = build_detector(self._config_override or config_for_checkpoint(raw, fmt))
+                model = build_detector(self.detector_config(raw, fmt))
                 load_state(model, raw, source=str(path))
                 del raw
             self._model = optimise_for_inference(model.to(self._device).eval(), self.params, self._device)

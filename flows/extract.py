@@ -14,13 +14,21 @@
   its keys and item ids, and the other chunks' results are kept.
 - Every flow returns (and logs) one summary per dataset and stage (`StageSummary.to_json()`).
 
-`run_extraction()` is the Python entry point (`mrhp extract` calls it): it picks the task
-runner (threads, a local Dask cluster, or an existing one) and makes Dask workers report to the
-flow's own Prefect API instead of each starting a temporary server.
+`run_request()` is the Python entry point (`mrhp extract` calls it with the `ExtractRequest` it
+built; `run_extraction()` builds one from keyword arguments): it picks the task runner (threads, a
+local Dask cluster, or an existing one) and makes Dask workers report to the flow's own Prefect
+API instead of each starting a temporary server.
+
+One path from the manifest to a stage: the request (features.registry.ExtractRequest: manifest
+path, dataset, stages with their registry entries, overrides, force, chunk size) is built once and
+handed as it is to the flow (its `request` parameter) and, inside a `StageRef`, to every chunk
+task; any process turns it into the manifest through one memo (pipeline.manifest.load_manifest,
+parsed once per process) and into the stage through `build_stage`. The flow plans each stage it
+runs itself (the up-to-date check's plans are not kept: planning again costs what
+docs/benchmarks.md says, "Planning twice").
 """
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -33,10 +41,10 @@ from prefect import flow, get_run_logger, task
 from prefect.context import FlowRunContext
 from prefect.futures import as_completed
 
-from features.registry import STAGES, StageEntry, build_stage, stage_order
+from features.registry import ExtractRequest, StageEntry, build_stage
 from flows.caching import ContentChunkCache, forget_stage_results, result_storage
 from pipeline.errors import ConfigError, DataError, ResourceError, StageError
-from pipeline.manifest import Manifest, load_manifest
+from pipeline.manifest import Manifest
 from pipeline.runner import (
     ChunkOutcome,
     StageSummary,
@@ -55,15 +63,18 @@ GPU_LIMIT_TAG = "mrhp-gpu"  # task tag of GPU chunks (a tag concurrency limit ca
 
 @dataclass(frozen=True)
 class StageRef:
-    """Everything a worker process needs to rebuild a stage (stage objects are not shipped)."""
+    """Everything a worker process needs to rebuild a stage (stage objects are not shipped):
+    the run's request and which of its stages, for which dataset."""
 
-    manifest_path: str
+    request: ExtractRequest
     dataset: str
     stage: str
-    entry: StageEntry
-    store_root: str
+    store_root: str  # the flow's store (the flow commits what the task writes there)
     run_token: str  # the flow run id: stages are rebuilt for each run, once per process
-    overrides: str = ""  # JSON of manifest overrides (e.g. --random-init), "" for none
+
+    @property
+    def entry(self) -> StageEntry:
+        return self.request.entry(self.stage)
 
 
 # Per-process caches: the flow process puts the stages it built here, so thread tasks reuse
@@ -73,9 +84,6 @@ _stage_cache: dict[StageRef, Any] = {}
 _store_cache: dict[str, Any] = {}
 _gpu_lock = threading.Lock()  # GPU chunks of one process never overlap
 _stage_locks: dict[StageRef, threading.Lock] = {}  # chunks of a non-thread-safe stage, one at a time
-# (manifest path, dataset, stage) -> (stage, StageWork) planned by `up_to_date` and handed to the
-# flow run that follows in this process, so a stage with work is not planned (hashed) twice.
-_planned: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
 
 def open_store(root: str | Path):
@@ -89,20 +97,13 @@ def open_store(root: str | Path):
         return _store_cache[key]
 
 
-def _overrides(overrides: str | Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """Manifest overrides travel to workers as JSON (hashable in StageRef, safe to serialise)."""
-    if not overrides:
-        return None
-    return json.loads(overrides) if isinstance(overrides, str) else dict(overrides)
-
-
 def resolve_stage(ref: StageRef) -> Any:
+    """The stage `ref` names, built once per process and flow run (the flow process put its own)."""
     with _lock:
         cached = _stage_cache.get(ref)
     if cached is not None:
         return cached
-    manifest = load_manifest(ref.manifest_path, overrides=_overrides(ref.overrides))
-    stage = build_stage(manifest, ref.dataset, ref.stage, {ref.stage: ref.entry})
+    stage = build_stage(ref.request.manifest(), ref.dataset, ref.stage, {ref.stage: ref.entry})
     with _lock:
         # Drop stages of earlier runs (a served flow lives across many runs).
         for old in [r for r in _stage_cache if r.run_token != ref.run_token]:
@@ -212,12 +213,6 @@ def retry_transient_only(task: Any, task_run: Any, state: Any) -> bool:
     return not (isinstance(exc, BaseException) and is_deterministic(exc))
 
 
-def _registry_from_json(registry: Mapping[str, Any] | None) -> dict[str, StageEntry]:
-    if not registry:
-        return dict(STAGES)
-    return {name: StageEntry.from_json(v) for name, v in registry.items()}
-
-
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -225,23 +220,18 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _run_stage(
-    manifest: Manifest, dataset: str, name: str, entry: StageEntry, *, force: bool, chunk_size: int,
-    gpu_limit: str | None, run_token: str, progress: bool, overrides: str = "",
+    request: ExtractRequest, manifest: Manifest, dataset: str, name: str, *,
+    gpu_limit: str | None, run_token: str, progress: bool,
 ) -> StageSummary:
     logger = get_run_logger()
     store_root = str(manifest.roots.store)
     store = open_store(store_root)
-    ref = StageRef(
-        manifest_path=str(manifest.path), dataset=dataset, stage=name, entry=entry,
-        store_root=store_root, run_token=run_token, overrides=overrides,
-    )
-    with _lock:
-        planned = None if force else _planned.pop((str(manifest.path), dataset, name), None)
-    if planned is not None:  # planned moments ago by run_extraction's up-to-date check
-        stage, work = planned
-    else:
-        stage = build_stage(manifest, dataset, name, {name: entry})
-        work = plan_stage(stage, store, force=force)
+    ref = StageRef(request=request, dataset=dataset, stage=name, store_root=store_root, run_token=run_token)
+    entry = ref.entry
+    force = request.forced(name)
+    chunk_size = request.chunk_size
+    stage = build_stage(manifest, dataset, name, {name: entry})
+    work = plan_stage(stage, store, force=force)
     with _lock:
         _stage_cache[ref] = stage
     if force:
@@ -335,32 +325,18 @@ def _run_stage(
     return summary
 
 
-def _extract(
-    *, manifest_path: str | None, dataset: str | None, stages: list[str] | None, force: bool,
-    chunk_size: int | None, registry: Mapping[str, Any] | None, gpu_limit: str | None,
-    progress: bool, overrides: dict[str, Any] | None = None,
-) -> list[dict[str, Any]]:
-    manifest = load_manifest(manifest_path, overrides=overrides)
-    overrides_json = json.dumps(overrides, sort_keys=True) if overrides else ""
-    reg = _registry_from_json(registry)
-    order = stage_order(stages, reg)
-    forced = set(stages or reg) if force else set()
-    size = chunk_size or manifest.flows.chunk_size
-    if size < 1:
-        raise ConfigError(f"chunk_size must be at least 1, got {size}")
-    datasets = [manifest.dataset(dataset).name] if dataset else list(manifest.datasets)
+def _extract(request: ExtractRequest, *, gpu_limit: str | None, progress: bool) -> list[dict[str, Any]]:
+    manifest = request.manifest()
     ctx = FlowRunContext.get()
     run_token = str(ctx.flow_run.id) if ctx and ctx.flow_run else "local"
     summaries: list[dict[str, Any]] = []
-    for ds in datasets:
+    for ds in request.datasets(manifest):
         def one(name: str, ds: str = ds) -> dict[str, Any]:
             return _run_stage(
-                manifest, ds, name, reg[name], force=name in forced, chunk_size=size,
-                gpu_limit=gpu_limit, run_token=run_token, progress=progress,
-                overrides=overrides_json,
+                request, manifest, ds, name, gpu_limit=gpu_limit, run_token=run_token, progress=progress,
             ).to_json()
 
-        summaries += _run_alongside(order, reg, one)
+        summaries += _run_alongside(request.order, request.registry, one)
     publish_summary([StageSummary.from_json(x) for x in summaries])
     return summaries
 
@@ -406,7 +382,11 @@ def flow_run_name() -> str:
     """`{dataset}-{stages}` for a flow run (e.g. `amazon-home-rois`, `all-all`)."""
     from prefect.runtime import flow_run
 
-    params = flow_run.parameters or {}
+    params = dict(flow_run.parameters or {})
+    request = params.get("request")
+    if request is not None:  # the request object, or its recorded form (a mapping)
+        fields = request if isinstance(request, Mapping) else vars(request)
+        params.update(dataset=fields.get("dataset"), stages=fields.get("stages"))
     stages = params.get("stages")
     if not stages:  # a per-stage flow (mrhp-extract-rois) names its stage; the others run all
         suffix = (flow_run.flow_name or "").removeprefix("mrhp-extract").strip("-")
@@ -442,48 +422,43 @@ def extract_flow(
     force: bool = False,
     chunk_size: int | None = None,
     manifest_path: str | None = None,
-    registry: dict[str, Any] | None = None,
     gpu_limit: str | None = None,
     progress: bool = True,
     on_dask: bool = False,
     overrides: dict[str, Any] | None = None,
+    request: ExtractRequest | None = None,
 ) -> list[dict[str, Any]]:
     """Run `stages` (default: all) for `dataset` (default: every dataset in the manifest).
 
-    `registry` overrides the stage registry (name -> [module, depends_on, gpu]); `gpu_limit` names
-    a Prefect global concurrency limit GPU chunks hold a slot of (set by `mrhp deploy`);
+    Either `request` (an `ExtractRequest`, as `run_request` passes it) or its fields one by one
+    (as deployments and the UI do: the request is then built here, once); not both. `gpu_limit`
+    names a Prefect global concurrency limit GPU chunks hold a slot of (set by `mrhp deploy`);
     `on_dask` runs the chunks on the manifest's Dask cluster (`flows.dask_address`, or a local
     one) in a subflow: deployments use it, since a deployed flow keeps its default task runner.
     """
-    kw = dict(manifest_path=manifest_path, dataset=dataset, stages=stages, force=force,
-              chunk_size=chunk_size, registry=registry, gpu_limit=gpu_limit, progress=progress,
-              overrides=overrides)
+    if request is None:
+        request = ExtractRequest.build(manifest_path, dataset=dataset, stages=stages, force=force,
+                                       chunk_size=chunk_size, overrides=overrides)
+    else:
+        given = [k for k, v in (("dataset", dataset), ("stages", stages), ("force", force),
+                                ("chunk_size", chunk_size), ("manifest_path", manifest_path),
+                                ("overrides", overrides)) if v]
+        if given:
+            raise ConfigError(f"extract_flow: give a request or its fields, not both (also got {', '.join(given)})")
     if on_dask:
-        manifest = load_manifest(manifest_path, overrides=overrides)
+        manifest = request.manifest()
         runner = make_task_runner("dask", dask_address=manifest.flows.dask_address,
                                   dask_workers=manifest.flows.dask_workers)
-        return extract_on_dask.with_options(task_runner=runner)(**kw)
-    return _extract(**kw)
+        return extract_on_dask.with_options(task_runner=runner)(request=request, gpu_limit=gpu_limit,
+                                                                progress=progress)
+    return _extract(request, gpu_limit=gpu_limit, progress=progress)
 
 
 @flow(name="mrhp-extract-dask", flow_run_name=flow_run_name)
-def extract_on_dask(
-    dataset: str | None = None,
-    stages: list[str] | None = None,
-    force: bool = False,
-    chunk_size: int | None = None,
-    manifest_path: str | None = None,
-    registry: dict[str, Any] | None = None,
-    gpu_limit: str | None = None,
-    progress: bool = True,
-    overrides: dict[str, Any] | None = None,
-) -> list[dict[str, Any]]:
+def extract_on_dask(request: ExtractRequest, gpu_limit: str | None = None,
+                    progress: bool = True) -> list[dict[str, Any]]:
     """The extraction as a subflow, given a Dask task runner by its parent."""
-    return _extract(
-        manifest_path=manifest_path, dataset=dataset, stages=stages, force=force,
-        chunk_size=chunk_size, registry=registry, gpu_limit=gpu_limit, progress=progress,
-        overrides=overrides,
-    )
+    return _extract(request, gpu_limit=gpu_limit, progress=progress)
 
 
 def _stage_flow_body(stage: str, dataset: str | None, force: bool, chunk_size: int | None,
@@ -491,7 +466,7 @@ def _stage_flow_body(stage: str, dataset: str | None, force: bool, chunk_size: i
                      on_dask: bool) -> list[dict[str, Any]]:
     return extract_flow.fn(
         manifest_path=manifest_path, dataset=dataset, stages=[stage], force=force,
-        chunk_size=chunk_size, registry=None, gpu_limit=gpu_limit, progress=progress, on_dask=on_dask,
+        chunk_size=chunk_size, gpu_limit=gpu_limit, progress=progress, on_dask=on_dask,
     )
 
 
@@ -585,22 +560,20 @@ def make_task_runner(kind: str, *, dask_address: str | None = None, dask_workers
     })
 
 
-def up_to_date(
-    manifest: Manifest, datasets: Sequence[str], order: Sequence[str], registry: Mapping[str, StageEntry],
-) -> list[StageSummary] | None:
+def up_to_date(request: ExtractRequest) -> list[StageSummary] | None:
     """Summaries of a run with nothing to do, or None as soon as one stage has work.
 
     Planning only hashes inputs, so `mrhp extract` on an unchanged project answers without
-    starting Prefect at all. The plans made here are handed to the flow run that follows."""
+    starting Prefect at all. When a stage has work, the flow plans it again (the hash caches make
+    that cheap; see docs/benchmarks.md, "Planning twice")."""
+    manifest = request.manifest()
     store = open_store(manifest.roots.store)
     out: list[StageSummary] = []
-    for ds in datasets:
-        for name in order:
-            stage = build_stage(manifest, ds, name, {name: registry[name]})
+    for ds in request.datasets(manifest):
+        for name in request.order:
+            stage = build_stage(manifest, ds, name, {name: request.entry(name)})
             work = plan_stage(stage, store)
-            with _lock:  # the flow reuses these plans (later stages may depend on this one: stop)
-                _planned[(str(manifest.path), ds, name)] = (stage, work)
-            if work.todo:
+            if work.todo:  # (later stages may depend on this one: stop)
                 return None
             state = stage_state(store, ds, name, work.fingerprint, work.plan, missing=())
             if not state.current:
@@ -613,6 +586,31 @@ def up_to_date(
                 failed_items=item_ids_by_key(work.plan.view, earlier), view_written=True,
             ))
     return out
+
+
+def run_request(
+    request: ExtractRequest,
+    *,
+    task_runner: str | None = None,
+    dask_address: str | None = None,
+    progress: bool = True,
+) -> list[StageSummary]:
+    """Run the extraction flow for `request` (Prefect's temporary server unless PREFECT_API_URL
+    is set) and return one summary per dataset and stage. The task runner defaults to the
+    manifest's `flows:`.
+
+    When every requested stage is already complete (nothing missing, views current) the answer
+    comes from planning alone and no flow runs (`force` always runs the flow)."""
+    if not request.force:
+        done = up_to_date(request)
+        if done is not None:
+            return done
+    manifest = request.manifest()
+    kind = task_runner or manifest.flows.task_runner
+    address = dask_address or manifest.flows.dask_address
+    runner = make_task_runner(kind, dask_address=address, dask_workers=manifest.flows.dask_workers)
+    result = extract_flow.with_options(task_runner=runner)(request=request, progress=progress)
+    return [StageSummary.from_json(s) for s in result]
 
 
 def run_extraction(
@@ -628,41 +626,9 @@ def run_extraction(
     progress: bool = True,
     overrides: Mapping[str, Any] | None = None,
 ) -> list[StageSummary]:
-    """Run the extraction flow (Prefect's temporary server unless PREFECT_API_URL is set) and
-    return one summary per dataset and stage. Defaults come from the manifest's `flows:`.
-
-    When every requested stage is already complete (nothing missing, views current) the answer
-    comes from planning alone and no flow runs (`--force` always runs the flow). `overrides`
-    is merged over the manifest file (e.g. `{"stages": {"rois": {"random_init": True}}}`)."""
-    overrides = json.loads(json.dumps(overrides)) if overrides else None  # plain, JSON-able
-    manifest = load_manifest(manifest_path, overrides=overrides)
-    if dataset is not None:
-        manifest.dataset(dataset)  # a clear error before any Prefect start-up
-    stage_order(stages, registry or STAGES)
-    reg = dict(registry) if registry else dict(STAGES)
-    if not force:
-        datasets = [dataset] if dataset else list(manifest.datasets)
-        try:
-            done = up_to_date(manifest, datasets, stage_order(stages, reg), reg)
-        except Exception:
-            with _lock:
-                _planned.clear()
-            raise
-        if done is not None:
-            with _lock:
-                _planned.clear()
-            return done
-    kind = task_runner or manifest.flows.task_runner
-    address = dask_address or manifest.flows.dask_address
-    runner = make_task_runner(kind, dask_address=address, dask_workers=manifest.flows.dask_workers)
-    reg_json = {n: e.to_json() for n, e in registry.items()} if registry else None
-    try:
-        result = extract_flow.with_options(task_runner=runner)(
-            dataset=dataset, stages=list(stages) if stages else None, force=force,
-            chunk_size=chunk_size, manifest_path=str(manifest.path), registry=reg_json,
-            progress=progress, overrides=overrides,
-        )
-    finally:
-        with _lock:
-            _planned.clear()
-    return [StageSummary.from_json(s) for s in result]
+    """`run_request` of the request these arguments make (`ExtractRequest.build`: defaults from
+    the manifest; `registry` replaces the stage registry; `overrides` is merged over the manifest
+    file, e.g. `{"stages": {"rois": {"random_init": True}}}`)."""
+    request = ExtractRequest.build(manifest_path, dataset=dataset, stages=stages, force=force,
+                                   chunk_size=chunk_size, registry=registry, overrides=overrides)
+    return run_request(request, task_runner=task_runner, dask_address=dask_address, progress=progress)

@@ -3,12 +3,22 @@
 Every error names the key path and what was expected; unknown keys are errors. Relative paths
 resolve against the manifest's folder (roots) or against their declared root (dataset and
 resource paths), and no path may escape its declared root.
+
+A process parses a manifest once: `load_manifest` keeps the validated record in one memo keyed by
+the file's resolved path, the sha256 of its bytes and the frozen overrides (`freeze_overrides`),
+so a worker resolving many chunks, or a command asking several times, reads and hashes the
+file (a few KiB) but parses and validates it once. An edited file has new bytes: a new entry.
+The records are frozen, so every caller may share them. (Symbolic links below the roots are
+resolved when an entry is made; a link changed while a process runs is seen by the next process.)
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import threading
 import types
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,27 +193,117 @@ def default_manifest_path() -> Path:
     return Path(os.environ.get("MRHP_MANIFEST", DEFAULT_MANIFEST))
 
 
+# --------------------------------------------------------------------------- overrides
+
+# One override: the key path (e.g. ("stages", "rois", "random_init")) and the value set there.
+# Values are plain YAML scalars, or tuples of them (lists, frozen); nested mappings are spread
+# into one entry per leaf. Immutable and hashable, so that it can key the memo below and travel
+# inside a frozen request record (see features.registry.ExtractRequest).
+FrozenOverrides = tuple[tuple[tuple[str, ...], Any], ...]
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def freeze_overrides(overrides: Mapping[str, Any] | None) -> FrozenOverrides:
+    """The nested `overrides` mapping as sorted (key path, value) leaves; lists become tuples.
+
+    An empty mapping is no leaf (merging it changes nothing a valid manifest could hold). A value
+    that is not plain YAML data is a ManifestError naming its key path."""
+    out: list[tuple[tuple[str, ...], Any]] = []
+
+    def freeze_value(v: Any, where: tuple[str, ...]) -> Any:
+        if isinstance(v, _SCALARS):
+            return v
+        if isinstance(v, (list, tuple)):
+            return tuple(freeze_value(x, where) for x in v)
+        raise ManifestError(
+            f"overrides: {'.'.join(where)}: expected a plain value (text, number, true/false, null or a "
+            f"list of them), got {type(v).__name__}"
+        )
+
+    def walk(m: Mapping[str, Any], where: tuple[str, ...]) -> None:
+        for k, v in m.items():
+            if not isinstance(k, str):
+                raise ManifestError(f"overrides: {'.'.join(where) or '(top)'}: keys must be text, got {k!r}")
+            if isinstance(v, Mapping):
+                walk(v, (*where, k))
+            else:
+                out.append(((*where, k), freeze_value(v, (*where, k))))
+
+    if overrides:
+        walk(overrides, ())
+    return tuple(sorted(out, key=lambda kv: kv[0]))
+
+
+def thaw_overrides(frozen: FrozenOverrides) -> dict[str, Any] | None:
+    """The nested mapping `freeze_overrides` came from (tuples back to lists); None when empty."""
+    if not frozen:
+        return None
+
+    def thaw_value(v: Any) -> Any:
+        return [thaw_value(x) for x in v] if isinstance(v, tuple) else v
+
+    out: dict[str, Any] = {}
+    for keys, value in frozen:
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = thaw_value(value)
+    return out
+
+
+# --------------------------------------------------------------------------- loading
+
+_MEMO_MAX = 8  # manifests kept per process (a key per file content and overrides)
+_memo_lock = threading.Lock()
+_memo: OrderedDict[tuple[str, str, FrozenOverrides], Manifest] = OrderedDict()
+parses = 0  # how many times a manifest was actually parsed and validated (tests and benches read it)
+
+
 def load_manifest(path: str | Path | None = None, *,
                   overrides: Mapping[str, Any] | None = None) -> Manifest:
-    """Load and validate a manifest (default: $MRHP_MANIFEST or ./data_manifest.yaml).
+    """Load and validate a manifest (default: $MRHP_MANIFEST or ./data_manifest.yaml), once per
+    process for a given file content and overrides (see the module docstring).
 
     `overrides` is a nested mapping merged over the file's content before validation (e.g.
     `{"stages": {"rois": {"random_init": True}}}` for `--random-init`)."""
+    global parses
     mpath = Path(path) if path is not None else default_manifest_path()
     if not mpath.is_file():
         raise ManifestError(f"{mpath}: manifest file not found")
+    frozen = freeze_overrides(overrides)
     try:
-        text = mpath.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ManifestError(f"{mpath}: not UTF-8 text ({e})") from None
+        raw_bytes = mpath.read_bytes()
     except OSError as e:
         raise ManifestError(f"{mpath}: cannot read the manifest ({e.strerror or e})") from None
+    key = (str(mpath.resolve()), hashlib.sha256(raw_bytes).hexdigest(), frozen)
+    with _memo_lock:
+        hit = _memo.get(key)
+        if hit is not None:
+            _memo.move_to_end(key)
+            return hit
+    try:
+        text = raw_bytes.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # as read_text() did
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{mpath}: not UTF-8 text ({e})") from None
     data = load_yaml(text, str(mpath), error=ManifestError)  # alias bombs and deep nesting refused
-    if overrides:
+    merge = thaw_overrides(frozen)
+    if merge:
         if data is not None and not isinstance(data, Mapping):
             raise ManifestError(f"{mpath}: expected a mapping at the top level")
-        data = deep_merge(data or {}, overrides)
-    return manifest_from_mapping(data, mpath)
+        data = deep_merge(data or {}, merge)
+    manifest = manifest_from_mapping(data, mpath)
+    with _memo_lock:
+        parses += 1
+        _memo[key] = manifest
+        while len(_memo) > _MEMO_MAX:
+            _memo.popitem(last=False)
+    return manifest
+
+
+def clear_manifest_memo() -> None:
+    """Forget every memoised manifest (tests)."""
+    with _memo_lock:
+        _memo.clear()
 
 
 def manifest_from_mapping(data: Any, mpath: Path) -> Manifest:

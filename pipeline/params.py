@@ -11,6 +11,20 @@ from typing import Literal
 
 
 @dataclass(frozen=True)
+class ProposalParams:
+    """The RPN's test-time proposal counts per image, as the detector reads them
+    (features.detector.model.BUADetector.forward takes this record; nothing there has a default).
+
+    No defaults here either: the one place they are set is `RoisParams` (`rpn_pre_nms_top_n`,
+    `rpn_post_nms_top_n`, the manifest's keys), whose `proposals` builds this record. The other
+    RPN settings (NMS IoU, minimum proposal side, anchors) belong to the checkpoint's architecture
+    and live in features.detector.model.DetectorConfig only."""
+
+    pre_nms_top_n: int  # highest-scoring anchors kept before the proposal NMS
+    post_nms_top_n: int  # proposals kept after it (the boxes the heads see)
+
+
+@dataclass(frozen=True)
 class RoisParams:
     """Bottom-up-attention ROI extraction (REFERENCE.md section 2)."""
 
@@ -40,6 +54,11 @@ class RoisParams:
     cudnn_benchmark: bool = True  # autotune conv algorithms per shape (CUDA only) ...
     pad_bucket: int = 128  # ... with padded batch sides rounded up to this on CUDA (0: off)
     queue_depth: int = 64  # finished records buffered between the compute thread and the writer
+
+    @property
+    def proposals(self) -> ProposalParams:
+        """The proposal counts as the detector takes them."""
+        return ProposalParams(pre_nms_top_n=self.rpn_pre_nms_top_n, post_nms_top_n=self.rpn_post_nms_top_n)
 
     def problems(self) -> list[str]:
         """Settings that contradict each other (checked when the manifest loads, before any compute:

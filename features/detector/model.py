@@ -19,12 +19,17 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import batched_nms, roi_align, roi_pool
 
+from pipeline.params import ProposalParams
+
 _SCALE_CLAMP = math.log(1000.0 / 16)  # largest dw/dh applied to a box (detectron2's bound)
 
 
 @dataclass(frozen=True)
 class DetectorConfig:
-    """Architecture and test-time settings; `bua_caffe_r101()` and `d2_r101_c4()` are the presets."""
+    """Architecture and the test-time settings a checkpoint family implies; `bua_caffe_r101()`
+    and `d2_r101_c4()` are the presets. The proposal counts per image are a run's settings, not
+    the architecture's: `forward` takes them as a `pipeline.params.ProposalParams` (from the
+    manifest's `stages.rois`), with no default here."""
 
     stage_blocks: tuple[int, ...] = (3, 4, 23)  # bottleneck blocks in res2, res3, res4 (R-101)
     res5_blocks: int = 3  # bottleneck blocks of the res5 box head
@@ -391,7 +396,7 @@ class ProposalGenerator(nn.Module):
         self.register_buffer("cell_anchors", cell_anchors(cfg), persistent=False)
 
     def forward(self, feats: torch.Tensor, image_sizes: list[tuple[int, int]], scales: list[float],
-                pre_nms_top_n: int, post_nms_top_n: int, feat_sizes: Sizes = None) -> list[torch.Tensor]:
+                proposals: ProposalParams, feat_sizes: Sizes = None) -> list[torch.Tensor]:
         """Proposals per image in resized-image pixels. `feat_sizes`: each image's valid feature
         map size in a padded batch; anchors outside it are not candidates."""
         cfg = self.cfg
@@ -409,11 +414,10 @@ class ProposalGenerator(nn.Module):
         anchors = grid_anchors(self.cell_anchors, fh, fw, cfg.feature_stride)
         boxes = decode_boxes(deltas, anchors[None], legacy=cfg.legacy_boxes)  # (N, H*W*A, 4)
 
-        return self._select(boxes, scores, image_sizes, scales, pre_nms_top_n, post_nms_top_n,
-                            feat_sizes, fh, fw)
+        return self._select(boxes, scores, image_sizes, scales, proposals, feat_sizes, fh, fw)
 
     def _select(self, boxes: torch.Tensor, scores: torch.Tensor, image_sizes: list[tuple[int, int]],
-                scales: list[float], pre_nms_top_n: int, post_nms_top_n: int, feat_sizes: Sizes,
+                scales: list[float], proposals: ProposalParams, feat_sizes: Sizes,
                 fh: int, fw: int) -> list[torch.Tensor]:
         """Top-k, clipping, size filter and NMS for the whole batch at once: (N, K) tensors with a
         validity mask instead of a per-image loop with boolean indexing. Host syncs: one for the
@@ -424,6 +428,7 @@ class ProposalGenerator(nn.Module):
         stable sort, so the valid entries keep their relative order (row-major y, x, anchor, the
         order of the image's own map); top-k ties are broken by that order."""
         cfg = self.cfg
+        pre_nms_top_n, post_nms_top_n = proposals.pre_nms_top_n, proposals.post_nms_top_n
         n, k_all = scores.shape
         dev = scores.device
         a = cfg.num_anchors
@@ -570,14 +575,13 @@ class BUADetector(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, image_sizes: list[tuple[int, int]], scales: list[float],
-                orig_sizes: list[tuple[int, int]], *, pre_nms_top_n: int = 6000,
-                post_nms_top_n: int = 300) -> list[Detections]:
+                orig_sizes: list[tuple[int, int]], *, proposals: ProposalParams) -> list[Detections]:
         """images (N, 3, H, W) BGR minus pixel means, zero-padded; image_sizes are the resized
-        (h, w) of each image, scales resized/original, orig_sizes the original (h, w)."""
+        (h, w) of each image, scales resized/original, orig_sizes the original (h, w);
+        `proposals` the RPN's proposal counts (`RoisParams.proposals`)."""
         feats, feat_sizes = self.backbone(images, _padded_sizes(images, image_sizes))
-        proposals = self.proposal_generator(feats, image_sizes, scales, pre_nms_top_n, post_nms_top_n,
-                                            feat_sizes)
-        return self._heads(feats, proposals, scales, orig_sizes)
+        boxes = self.proposal_generator(feats, image_sizes, scales, proposals, feat_sizes)
+        return self._heads(feats, boxes, scales, orig_sizes)
 
     @torch.no_grad()
     def forward_boxes(self, images: torch.Tensor, scales: list[float], orig_sizes: list[tuple[int, int]],

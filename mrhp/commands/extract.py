@@ -55,13 +55,20 @@ def random_init_overrides(random_init: bool) -> dict | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.manifest import load_manifest
+    from features.registry import ExtractRequest
     from pipeline.prefect_env import apply_prefect_defaults, orchestration_error
 
+    # The request, checked once (unknown dataset or stage, bad chunk size: one line, before any
+    # Prefect start-up); everything after reads it and the manifest it names (parsed once).
+    request = ExtractRequest.build(
+        args.manifest, dataset=args.dataset, stages=args.stages, force=args.force,
+        chunk_size=args.chunk_size, overrides=random_init_overrides(args.random_init),
+    )
+    manifest = request.manifest()
     # Prefect reads its settings on import: apply the CLI's defaults first (store-local home,
     # analytics off, a start-up timeout fit for a busy machine) unless the user set them.
-    apply_prefect_defaults(load_manifest(args.manifest).roots.store)
-    from flows.extract import run_extraction
+    apply_prefect_defaults(manifest.roots.store)
+    from flows.extract import run_request
     from pipeline.runner import failure_lines, summary_table
 
     if not getattr(args, "verbose", False):
@@ -72,9 +79,8 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline.store import FeatureStore
 
-    overrides = random_init_overrides(args.random_init)
     try:
-        store = FeatureStore(load_manifest(args.manifest, overrides=overrides).roots.store)
+        store = FeatureStore(manifest.roots.store)
         # The lease tells a concurrent `mrhp gc` that this run's stage outputs, not yet in a
         # view, are work in progress (it would otherwise delete them as unreferenced).
         # Its id also owns this run's chunk claims (MRHP_STORE_OWNER, inherited by task workers):
@@ -83,11 +89,9 @@ def run(args: argparse.Namespace) -> int:
             before = os.environ.get("MRHP_STORE_OWNER")
             os.environ["MRHP_STORE_OWNER"] = lease_id
             try:
-                summaries = run_extraction(
-                    args.manifest, dataset=args.dataset, stages=args.stages, force=args.force,
-                    task_runner=args.task_runner, dask_address=args.dask_address,
-                    chunk_size=args.chunk_size, progress=not args.no_progress,
-                    overrides=overrides,
+                summaries = run_request(
+                    request, task_runner=args.task_runner, dask_address=args.dask_address,
+                    progress=not args.no_progress,
                 )
             finally:
                 if before is None:

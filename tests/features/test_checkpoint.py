@@ -11,6 +11,7 @@ import torch
 from features.detector import build_detector, load_into, pad_batch, prepare_image, tiny_config, verify_weights
 from features.detector.checkpoint import caffe2_to_d2, read_checkpoint, safe_unpickle
 from pipeline.errors import ResourceError, StageError
+from pipeline.params import ProposalParams
 from pipeline.stage import is_random_init
 
 
@@ -33,7 +34,7 @@ class _TrainerState:
 
 def _outputs(model, probe):
     batch, sizes, scales, orig = probe
-    det = model(batch, sizes, scales, orig, pre_nms_top_n=300, post_nms_top_n=15)[0]
+    det = model(batch, sizes, scales, orig, proposals=ProposalParams(pre_nms_top_n=300, post_nms_top_n=15))[0]
     return det.boxes, det.features, det.cls_probs, det.attr_probs
 
 

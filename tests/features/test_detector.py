@@ -15,6 +15,7 @@ from features.detector import (
     tiny_config,
 )
 from features.detector.model import DetectorConfig, cell_anchors, decode_boxes, grid_anchors
+from pipeline.params import ProposalParams
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def _run(model, imgs, *, min_size=64, max_size=128, post=20):
              for im in imgs]
     batch = pad_batch([p.tensor for p in preps], model.cfg.size_divisibility)
     return model(batch, [p.size for p in preps], [p.scale for p in preps], [p.orig_hw for p in preps],
-                 pre_nms_top_n=500, post_nms_top_n=post)
+                 proposals=ProposalParams(pre_nms_top_n=500, post_nms_top_n=post))
 
 
 def test_real_r101_layout_uses_bottom_up_attention_key_names_and_shapes():
@@ -129,6 +130,26 @@ def test_detections_have_one_row_per_proposal_in_original_pixels(tiny):
         h, w = im.shape[:2]
         assert float(det.boxes[:, 0::2].max()) <= w and float(det.boxes[:, 1::2].max()) <= h
         assert float(det.boxes.min()) >= 0
+
+
+def test_proposal_counts_come_only_from_the_stage_parameters(tiny):
+    """One place holds them: RoisParams (the manifest's keys) -> ProposalParams -> forward,
+    which has no default of its own (a call without them is an error, not 6000/300)."""
+    import dataclasses as dc
+
+    from pipeline.params import RoisParams
+
+    assert all(f.default is dc.MISSING for f in dc.fields(ProposalParams))
+    assert RoisParams(rpn_pre_nms_top_n=700, rpn_post_nms_top_n=9).proposals == ProposalParams(700, 9)
+    p = prepare_image(_img(96, 128, 0), min_size=64, max_size=128, pixel_mean=tiny.cfg.pixel_mean)
+    batch = pad_batch([p.tensor], tiny.cfg.size_divisibility)
+    with pytest.raises(TypeError, match="proposals"):
+        tiny(batch, [p.size], [p.scale], [p.orig_hw])
+    # the count reaches the proposal selection: at most post_nms_top_n boxes per image
+    few = tiny(batch, [p.size], [p.scale], [p.orig_hw], proposals=RoisParams(rpn_post_nms_top_n=3).proposals)
+    many = tiny(batch, [p.size], [p.scale], [p.orig_hw], proposals=RoisParams(rpn_post_nms_top_n=40).proposals)
+    assert few[0].boxes.shape[0] == 3 < many[0].boxes.shape[0]
+    assert torch.equal(few[0].boxes, many[0].boxes[:3])  # the same top proposals, in score order
 
 
 @pytest.mark.parametrize("sizes", [[(64, 96)] * 3, [(64, 96), (90, 60), (37, 130)]])

@@ -130,7 +130,7 @@ def test_channels_last_and_bucketed_padding_keep_the_features():
                           bucket=256)  # every image padded to 256 x 256
     assert batch.shape[-2:] == (256, 256)
     dets = model(batch, [r.size for r in raws], [r.scale for r in raws], [r.orig_hw for r in raws],
-                 pre_nms_top_n=PARAMS.rpn_pre_nms_top_n, post_nms_top_n=PARAMS.rpn_post_nms_top_n)
+                 proposals=PARAMS.proposals)
     for out in (extract_features(nhwc, IMGS, p), pack_batch(dets, PARAMS, model.cfg)):
         for x, y in zip(base, out, strict=True):
             np.testing.assert_allclose(x["boxes"], y["boxes"], atol=1e-3)

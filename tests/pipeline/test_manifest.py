@@ -242,3 +242,52 @@ def test_box_settings_checked_after_overrides(tmp_path):
     assert load_manifest(path).stages["rois"].fixed_k == 10
     with pytest.raises(ManifestError, match="fixed_k: 36"):
         load_manifest(path, overrides={"stages": {"rois": {"fixed_k": 36}}})
+
+
+# --------------------------------------------------------------------------- one parse per process
+
+
+def test_a_manifest_is_parsed_once_per_content_and_overrides(tmp_path):
+    import pipeline.manifest as pm
+
+    path = write_manifest(tmp_path, variant(stages={"rois": {"rpn_post_nms_top_n": 50}}))
+    before = pm.parses
+    first = load_manifest(path)
+    again = load_manifest(str(path))  # same file by another spelling: no second parse
+    assert again is first and pm.parses == before + 1
+    assert first.stage_params("rois").rpn_post_nms_top_n == 50
+
+    # other overrides: another record (and a parse), the file's own record unchanged
+    over = load_manifest(path, overrides={"stages": {"rois": {"rpn_post_nms_top_n": 40}}})
+    assert over.stage_params("rois").rpn_post_nms_top_n == 40 and pm.parses == before + 2
+    assert load_manifest(path, overrides={"stages": {"rois": {"rpn_post_nms_top_n": 40}}}) is over
+    assert load_manifest(path).stage_params("rois").rpn_post_nms_top_n == 50
+
+    # an edited file (same size: 50 -> 60) is a new content: parsed again, the new value read
+    path.write_text(path.read_text(encoding="utf-8").replace("50", "60"), encoding="utf-8")
+    edited = load_manifest(path)
+    assert edited.stage_params("rois").rpn_post_nms_top_n == 60 and pm.parses == before + 3
+
+
+def test_a_bad_manifest_is_refused_every_time_not_remembered(tmp_path):
+    path = write_manifest(tmp_path, variant(stages={"rois": {"rpn_post_nms_top_n": 20, "fixed_k": 30}}))
+    for _ in range(2):
+        with pytest.raises(ManifestError, match="stages.rois.fixed_k: 30 boxes cannot come from"):
+            load_manifest(path)
+
+
+def test_overrides_freeze_to_sorted_leaves_and_thaw_back():
+    from pipeline.manifest import freeze_overrides, thaw_overrides
+
+    nested = {"stages": {"rois": {"random_init": True, "seed": 3}}, "datasets": {"d": {"splits": ["train"]}}}
+    frozen = freeze_overrides(nested)
+    assert frozen == (
+        (("datasets", "d", "splits"), ("train",)),
+        (("stages", "rois", "random_init"), True),
+        (("stages", "rois", "seed"), 3),
+    )
+    hash(frozen)  # hashable: it keys the memo and travels in a frozen request
+    assert thaw_overrides(frozen) == nested
+    assert freeze_overrides(None) == () and thaw_overrides(()) is None
+    with pytest.raises(ManifestError, match=r"overrides: stages.rois.seed: expected a plain value .* got object"):
+        freeze_overrides({"stages": {"rois": {"seed": object()}}})
