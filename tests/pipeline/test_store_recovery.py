@@ -171,7 +171,7 @@ def test_enospc_reaching_extract_and_status_is_one_line_exit_4(tmp_path, monkeyp
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "store" / "vocab" / "x"))
 
-    monkeypatch.setattr(flows_extract, "run_extraction", full)
+    monkeypatch.setattr(flows_extract, "run_request", full)
     assert main(["--manifest", str(manifest), "extract"]) == 4
     err = capsys.readouterr().err.strip()
     assert "mrhp extract: no space left on device" in err and len(err.splitlines()) == 1
