@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def time_help(checkout: Path, repeat: int) -> tuple[float, bool]:
-    """Median wall seconds of `python -m pipeline.cli --help` in `checkout`, and whether torch got imported."""
-    probe = ("import sys, contextlib, io\nfrom pipeline.cli import main\n"
+    """Median wall seconds of `python -m mrhp --help` in `checkout`, and whether torch got imported."""
+    probe = ("import sys, contextlib, io\nfrom mrhp.cli import main\n"
              "with contextlib.redirect_stdout(io.StringIO()):\n"
              "    try:\n        main(['--help'])\n    except SystemExit:\n        pass\n"
              "print('torch' in sys.modules)")

@@ -5,8 +5,8 @@ Floors, ground first: pipeline (1) < features (2) < models (3) < flows (4) < mrh
   `importlib.import_module("...")` with a literal name all count; only imports under
   `if TYPE_CHECKING:` are exempt (they never run).
 - features/ never imports Prefect; flows/ never imports torch (anywhere in the module).
-- Exempt from the first rule: the compatibility shims listed in SHIMS, and only while each is a
-  pure re-export (docstring, `from X import ...`, and an `if __name__ == "__main__"` guard).
+- No exemptions: the old `pipeline/cli.py`, `pipeline/demo.py` and `features/params.py` re-export
+  shims are gone (a shim on a low floor re-exporting a high one is a back-up arrow too).
 """
 from __future__ import annotations
 
@@ -14,14 +14,9 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 FLOORS = {"pipeline": 1, "features": 2, "models": 3, "flows": 4, "mrhp": 5}
 
-# Old entry points kept so `python -m pipeline.cli` / `python -m pipeline.demo` (and scripts
-# written against them) still work after the CLI moved up to mrhp/. They only re-export.
-SHIMS = {"pipeline/cli.py", "pipeline/demo.py"}
 
 
 def _modules() -> list[Path]:
@@ -56,19 +51,6 @@ def imported_modules(tree: ast.AST) -> Iterator[tuple[int, str]]:
             yield node.lineno, node.args[0].value
 
 
-def _is_pure_reexport(tree: ast.Module) -> bool:
-    body = list(tree.body)
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-        body = body[1:]  # docstring
-    for stmt in body:
-        if isinstance(stmt, ast.ImportFrom):
-            continue
-        if isinstance(stmt, ast.If) and ast.unparse(stmt.test) == "__name__ == '__main__'":
-            continue
-        return False
-    return True
-
-
 def _floor(path: Path) -> int:
     return FLOORS[path.relative_to(ROOT).parts[0]]
 
@@ -93,22 +75,11 @@ def test_no_module_imports_from_a_higher_floor():
     arrows = []
     for path in _modules():
         rel = path.relative_to(ROOT).as_posix()
-        if rel in SHIMS:
-            continue
         for line, mod in imported_modules(ast.parse(path.read_text(encoding="utf-8"))):
             top = mod.split(".")[0]
             if top in FLOORS and FLOORS[top] > _floor(path):
                 arrows.append(f"{rel}:{line} imports {mod}")
     assert arrows == [], "imports from a higher floor:\n" + "\n".join(arrows)
-
-
-@pytest.mark.parametrize("shim", sorted(SHIMS))
-def test_shims_are_pure_reexports(shim):
-    path = ROOT / shim
-    assert path.is_file(), f"{shim} is listed as a shim but does not exist: drop it from SHIMS"
-    assert _is_pure_reexport(ast.parse(path.read_text(encoding="utf-8"))), (
-        f"{shim} does more than re-export: move its code to its own floor"
-    )
 
 
 def test_features_never_import_prefect():
