@@ -94,7 +94,8 @@ def test_workers_write_pending_segments_the_flow_commits_them_a_killed_worker_lo
     # The killed worker had computed 5 items of its chunk; they were computed again elsewhere.
     lines = [line.split() for line in computed.read_text().splitlines()]
     by_pid = Counter(int(pid) for stage, _, pid in lines if stage == "synthetic")
-    assert os.getpid() not in by_pid and len(by_pid) >= 2
+    assert os.getpid() not in by_pid and len(by_pid) >= 2  # the killed process and a survivor
+    assert max(Counter(key for stage, key, _ in lines if stage == "synthetic").values()) >= 2
     per_key = Counter(key for stage, key, _ in lines if stage == "synthetic")
     assert sum(per_key.values()) >= 40 and set(per_key) == {k for (s, _), (k, _) in b.items() if s == "synthetic"}
 

@@ -18,7 +18,8 @@ Environment knobs (read when a stage is built, so Dask workers and subprocesses 
 processes); `MRHP_SYNTH_DELAY` sleeps that many seconds per item (crash tests);
 `MRHP_SYNTH_SALT` enters the fingerprint (a "code change"); `MRHP_SYNTH_EXIT=<marker>:<n>` makes
 the first task-worker process (`pipeline.store.is_worker_process()`) to reach item `n` of a chunk
-exit on the spot (`os._exit`, a killed worker) after creating `<marker>`: once per marker file.
+exit on the spot (`os._exit`, a killed worker) after creating `<marker>` and logging the items it
+had computed (a `finally` does not run under `os._exit`): once per marker file.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def vec_of(data: bytes) -> np.ndarray:
     return np.frombuffer(digest, dtype=np.uint32)[:8].astype(np.float32) / np.float32(2**32)
 
 
-def _maybe_exit(index: int) -> None:
+def _maybe_exit(index: int, log: str | None, stage: str, done: list[str]) -> None:
     """MRHP_SYNTH_EXIT (see the module docstring): kill this worker process once, mid-chunk."""
     spec = os.environ.get("MRHP_SYNTH_EXIT")
     if not spec:
@@ -74,6 +75,7 @@ def _maybe_exit(index: int) -> None:
         os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
     except FileExistsError:
         return
+    _log(log, stage, done)
     os._exit(17)
 
 
@@ -107,7 +109,7 @@ class SyntheticStage:
         done: list[str] = []
         try:
             for i, it in enumerate(items):
-                _maybe_exit(i)
+                _maybe_exit(i, self.log, self.name, done)
                 if self.delay:
                     time.sleep(self.delay)
                 try:
