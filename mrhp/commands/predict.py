@@ -29,6 +29,17 @@ never crawled, adds no ROIs, as in training. A review whose probe mask the stage
 failure gets a mask of ones, as in training; a model that needs probe masks (or text-encoder
 features) is refused when the run's dataset has no probes view (declares no text encoder).
 
+Same settings as training: the stages above featurise with the current manifest, so before any
+text is featurised predict compares, for every view the model reads, the fingerprint the run
+recorded (data.json `read_views`: `store.view(dataset, stage).fingerprint` of each view training
+read) with the `fingerprint()` of the stage it runs (tokens, probes, bert: what the extraction
+computes for the manifest's settings) or, for rois, with the fingerprint of the entries it reads
+(the dataset's current rois view). A difference is a one-line DataError naming the stage, both
+fingerprints and the fix (re-extract and retrain, or predict with the manifest settings the run
+used); a run folder without the record (trained before it existed) gets a one-line warning on
+stderr that the check could not be made, and predicts; a view the model reads that the run was
+trained without (allowed missing then) but predict now uses gets a warning line too.
+
 Scores: by default the mean of the scores of every seed of the run (seed<k>/ folders; each
 seed's model scores every review); `--seed K` uses seed K alone.
 
@@ -548,8 +559,8 @@ def run(args: argparse.Namespace) -> int:
     for d, m, v in zip(chosen[1:], metas[1:], views[1:], strict=True):
         if ((m.get("dataset"), m.get("vocab_fingerprint"), v)
                 != (meta.get("dataset"), meta.get("vocab_fingerprint"), views[0])):
-            raise TrainingError(f"{d}: trained on other data ({m.get('dataset')}) than {chosen[0].name}; "
-                                f"pick one with --seed")
+            raise TrainingError(f"{d}: trained on other data ({m.get('dataset')}: dataset, vocabulary or view "
+                                f"fingerprints) than {chosen[0].name}; pick one with --seed")
     dataset = meta["dataset"]
     spec = manifest.dataset(dataset)
     embeddings = store_embeddings(manifest.store_root, dataset)

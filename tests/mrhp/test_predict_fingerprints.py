@@ -141,6 +141,19 @@ def test_a_run_without_the_record_warns_once_and_predicts(ws, capsys):
     assert "records no view fingerprints" in capsys.readouterr().err
 
 
+def test_seeds_that_read_other_views_are_not_averaged(ws, capsys):
+    root, m, _ = ws
+    two = root / "runs" / "two"
+    for k in (0, 1):
+        shutil.copytree(root / "runs/len/seed0", two / f"seed{k}")
+    meta = json.loads((two / "seed1/data.json").read_text())
+    meta["read_views"]["tokens"]["fingerprint"] = "0000000000000000"
+    (two / "seed1/data.json").write_text(json.dumps(meta))
+    assert _predict(m, "two", root) == 6
+    assert "seed1: trained on other data" in capsys.readouterr().err
+    assert _predict(m, "two", root, "--seed", "0", "--output", str(root / "two.jsonl")) == 0
+
+
 @pytest.fixture(scope="module")
 def mm_run(ws):
     """A run ("mm") whose model reads tokens, probes and rois (the `length` baseline standing in
