@@ -5,13 +5,17 @@ runs/<name>/[seed<k>/]
   config.yaml        the TrainConfig of the run, every field resolved (preset, model_cfg)
   run.json           dataset, category, model, preset, resolved model config, threshold, status,
                      best epoch, git commit + dirty flag, package versions, start/end times,
-                     the fingerprint of every store view read (random-init flagged)
+                     the fingerprint of every store view of the dataset (random-init flagged)
   metrics.jsonl      one JSON object per epoch ({"event": "epoch", ...}) and per evaluation
   checkpoints/       last.pt (model, optimizer, scheduler, RNG states: for --resume) and
                      best.pt (the same without optimizer and scheduler state)
   tensorboard/       SummaryWriter logs
   plots/             loss.png and dev.png, drawn once when the run ends (none for a model
                      without trainable parameters)
+  data.json          what `mrhp predict` needs (written by `train_seeds`): dataset, manifest,
+                     vocabulary fingerprint, threshold, how rel labels were read, and
+                     `read_views`: {stage: {"dataset", "fingerprint"}} of every store view the
+                     run read (predict refuses features built with other stage settings)
   eval_<split>.json  metrics and per-product metrics written by `mrhp evaluate`
 runs/<name>/plots/   loss.png and dev.png: mean with a +-1 std band across the seeds
 ```
@@ -24,7 +28,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -334,6 +338,22 @@ def view_fingerprints(store_root: str | Path, dataset: str,
             out[v.stage] = {"fingerprint": v.fingerprint, "items": int(v.n_items),
                             "random_init": is_random_init(v.fingerprint)}
     return out
+
+
+def views_read(store_root: str | Path, dataset: str, stages: Collection[str]) -> dict[str, dict[str, str]]:
+    """stage -> {"dataset", "fingerprint"} of the views of `dataset` among `stages` that the
+    store holds now: the fingerprint `store.view(dataset, stage).fingerprint` gives (read from the
+    index's view list, without opening the views). A run writes it to data.json (`read_views`,
+    for the stages it read) and `mrhp predict` compares it with the fingerprints of the stages it
+    runs (tokens, probes, bert) and of the rois entries it reads: featurising new products with
+    other stage settings than training is refused, never silent."""
+    from pipeline.store import FeatureStore
+
+    out: dict[str, dict[str, str]] = {}
+    for v in FeatureStore(Path(store_root)).views():
+        if v.dataset == dataset and v.stage in stages:
+            out[v.stage] = {"dataset": dataset, "fingerprint": v.fingerprint}
+    return dict(sorted(out.items()))
 
 
 def run_is_random_init(meta: Mapping[str, Any]) -> bool:

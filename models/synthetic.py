@@ -34,6 +34,7 @@ from pipeline.hashing import text_key
 from pipeline.records import DatasetRecords, ImageRef, Product, Review
 
 SPLITS = ("train", "dev", "test")
+SYNTHETIC_FINGERPRINT = "synthetic0000000"  # the stage fingerprint of synthetic store views unless told
 
 
 @dataclass
@@ -80,8 +81,14 @@ def make_synthetic(
     threshold: float = 1.0,
     seed: int = 0,
     text_feat_dim: int | None = None,
+    fingerprints: Mapping[str, str] | None = None,
 ) -> SyntheticData:
-    """Generate a planted-signal dataset; see the module docstring. Sizes are per item ranges."""
+    """Generate a planted-signal dataset; see the module docstring. Sizes are per item ranges.
+
+    `fingerprints`: stage -> the fingerprint its segments and view carry in the store (default
+    SYNTHETIC_FINGERPRINT for every stage). Tests of `mrhp predict` pass the fingerprints the
+    manifest's stages compute (`Stage.fingerprint()`), so a run trained on this store records the
+    fingerprints predict compares its own stages' with (stand-in arrays, real settings)."""
     if vocab_size < n_topics + 2:
         raise ValueError(f"vocab_size {vocab_size} must exceed n_topics + 2 = {n_topics + 2}")
     rng = np.random.default_rng(seed)
@@ -179,7 +186,7 @@ def make_synthetic(
     root = None
     if store_root is not None:
         root = Path(store_root)
-        _write_store(root, dataset, arrays, rois, matrix)
+        _write_store(root, dataset, arrays, rois, matrix, fingerprints or {})
     return SyntheticData(bundle=bundle, records=records, dataset=dataset, store_root=root, data_cfg=cfg)
 
 
@@ -208,15 +215,15 @@ def _add_text_features(items: dict[str, list[ProductItem]], arrays: dict[str, di
 
 
 def _write_store(root: Path, dataset: str, arrays: dict[str, dict[str, np.ndarray]],
-                 rois: dict[str, np.ndarray], matrix: np.ndarray) -> None:
+                 rois: dict[str, np.ndarray], matrix: np.ndarray, fingerprints: Mapping[str, str]) -> None:
     """Write the arrays as the four stages would: content-keyed segments plus dataset views."""
     from pipeline.stage import FieldSpec, Record
     from pipeline.store import FeatureStore
 
     store = FeatureStore(root)
-    fp = "synthetic0000000"
 
     def put(stage: str, schema: dict[str, FieldSpec], items: dict[str, tuple[str, dict[str, np.ndarray]]]) -> None:
+        fp = fingerprints.get(stage, SYNTHETIC_FINGERPRINT)
         view: dict[str, str] = {}
         written: set[str] = set()
         writer = store.writer(stage, fp, schema, attrs={"synthetic": True})

@@ -40,6 +40,7 @@ from models.runs import (
     truncate_metrics,
     utc_now,
     view_fingerprints,
+    views_read,
     write_json_atomic,
     write_plots,
     write_seed_plots,
@@ -548,6 +549,22 @@ def _vocab_fingerprint(manifest, dataset: str, records) -> str | None:
     return dataset_vocabularies(manifest, dataset, records=records).fingerprint
 
 
+def _stages_read(data) -> frozenset[str]:
+    """The store views a DataBundle's sources read: tokens always, the views each `StoreSource`
+    was asked to read (every one of READ_VIEWS when not told), and the embeddings view
+    `build_datasets` reads the word-vector matrices from."""
+    from models.data import READ_VIEWS
+
+    stages: set[str] = set()
+    for src in data.splits.values():
+        if getattr(src, "store_root", None) is None:
+            continue
+        asked = getattr(src, "read_views", None)
+        stages |= (set(asked) | {"tokens"}) if asked is not None else set(READ_VIEWS)
+        stages.add("embeddings")
+    return frozenset(stages)
+
+
 def _text_encoder_fallback(cfg: TrainConfig, manifest, say: Callable[[str], None]) -> TrainConfig:
     """A model set to read text-encoder features (MM-SS's `paper` preset) on a dataset that declares
     no `text_encoder` trains on word vectors instead (the `glove` reading), said in one line and
@@ -600,8 +617,8 @@ def train_seeds(manifest, cfg: TrainConfig, *, seeds: int = 1, first_seed: int =
                 progress_bar: bool | None = None) -> list[TrainResult]:
     """Train `cfg.model` on `cfg.dataset` of the manifest once per seed index k in
     first_seed .. first_seed + seeds - 1 (seed cfg.seed + k), into `<roots.runs>/<name>/seed<k>/`;
-    each run folder also gets `data.json` (dataset, vocabulary
-    fingerprint, threshold) for `mrhp predict`. `overwrite` deletes an existing seed folder first
+    each run folder also gets `data.json` (dataset, vocabulary fingerprint, threshold, the
+    fingerprints of the views read) for `mrhp predict`. `overwrite` deletes an existing seed folder first
     (only a folder that looks like a run: config.yaml or checkpoints/ inside). The CLI and the
     training flow call this."""
     from models.data import build_datasets
@@ -619,6 +636,9 @@ def train_seeds(manifest, cfg: TrainConfig, *, seeds: int = 1, first_seed: int =
     if "bert" in views and "bert" not in data.missing_views:
         cfg = _text_feature_width(cfg, data, say)
     vfp = _vocab_fingerprint(manifest, cfg.dataset, data.records)
+    # the fingerprints of the views the run reads, as the store holds them when the data is loaded
+    # (an extraction rewriting a view while the run trains is not detected here)
+    read = views_read(manifest.store_root, cfg.dataset, _stages_read(data))
     results = []
     for k in range(first_seed, first_seed + seeds):
         seed_cfg = dataclasses.replace(cfg, seed=cfg.seed + k)
@@ -637,6 +657,8 @@ def train_seeds(manifest, cfg: TrainConfig, *, seeds: int = 1, first_seed: int =
             "threshold": data.threshold,
             # how rel.upvotes was read ("labels" or "votes"): predict reads new rel tables the same way
             "labels": getattr(data.records, "label_interpretation", None) or None,
+            # the fingerprint of every view the run read: predict refuses other stage settings
+            "read_views": read,
         })
         results.append(res)
     if len(results) > 1 and any(r.history and r.history[-1].get("steps") for r in results):

@@ -29,6 +29,17 @@ never crawled, adds no ROIs, as in training. A review whose probe mask the stage
 failure gets a mask of ones, as in training; a model that needs probe masks (or text-encoder
 features) is refused when the run's dataset has no probes view (declares no text encoder).
 
+Same settings as training: the stages above featurise with the current manifest, so before any
+text is featurised predict compares, for every view the model reads, the fingerprint the run
+recorded (data.json `read_views`: `store.view(dataset, stage).fingerprint` of each view training
+read) with the `fingerprint()` of the stage it runs (tokens, probes, bert: what the extraction
+computes for the manifest's settings) or, for rois, with the fingerprint of the entries it reads
+(the dataset's current rois view). A difference is a one-line DataError naming the stage, both
+fingerprints and the fix (re-extract and retrain, or predict with the manifest settings the run
+used); a run folder without the record (trained before it existed) gets a one-line warning on
+stderr that the check could not be made, and predicts; a view the model reads that the run was
+trained without (allowed missing then) but predict now uses gets a warning line too.
+
 Scores: by default the mean of the scores of every seed of the run (seed<k>/ folders; each
 seed's model scores every review); `--seed K` uses seed K alone.
 
@@ -46,7 +57,7 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
@@ -137,7 +148,9 @@ class _Rois:
         self.missing_examples: list[str] = []
         store = FeatureStore(store_root)
         self.has_view = any(v.dataset == dataset and v.stage == "rois" for v in store.views())
-        self.reader = store.reader("rois", store.view(dataset, "rois").fingerprint) if self.has_view else None
+        # the fingerprint of the rois entries read: the dataset's rois view's (checked against the run's)
+        self.fingerprint = store.view(dataset, "rois").fingerprint if self.has_view else None
+        self.reader = store.reader("rois", self.fingerprint) if self.fingerprint is not None else None
 
     def __call__(self, spec: DatasetSpec | None, refs: Sequence[ImageRef]) -> np.ndarray:
         """The item's ROIs as `StoreSource` builds them (`as_rois` per image, `concat_rois`);
@@ -231,9 +244,14 @@ def _arrays(rec: Record) -> dict[str, np.ndarray]:
 
 def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, manifest, cfg: DataConfig,
                dataset: str, labels_mode: str | None = None, probes_needed: bool = False,
-               bert_needed: bool = False) -> tuple[InMemorySource, _Rois]:
+               bert_needed: bool = False,
+               check: Callable[[dict[str, str]], None] | None = None) -> tuple[InMemorySource, _Rois]:
     """Read the MRHP tables named by `path` into an in-memory source in the run's vocabulary;
     each review's `label` is its 0-4 label (NaN without one), raw votes in `source.votes`.
+    `check`, when given, is called before any text is featurised with {stage: fingerprint} of
+    the stages that will featurise the input (tokens; probes and bert when run: their
+    `fingerprint()`, as the extraction computes it) and of the rois entries read (the dataset's
+    rois view's fingerprint, when there is one); `run` passes `check_fingerprints`.
 
     Rows are parsed by the dataset reader's row functions (`product_row`, `review_row`,
     `rel_row`), texts featurised by the tokens (and probes, bert) stages' `work_item` + `run`,
@@ -271,6 +289,15 @@ def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, m
     seen_reviews: set[str] = set()
     probes = probes_stage(manifest, spec, dataset, needed=probes_needed)  # built once: spaCy loads once
     bert = bert_stage(manifest, dataset) if bert_needed else None
+    if check is not None:
+        used = {"tokens": tokens.fingerprint()}
+        if probes is not None:
+            used["probes"] = probes.fingerprint()
+        if bert is not None:
+            used["bert"] = bert.fingerprint()
+        if rois.fingerprint is not None:
+            used["rois"] = rois.fingerprint
+        check(used)
     for prd_path, rvw_path, rel_path, category, split in _table_sets(path):
         pkeys, pt = read_column_table(prd_path, PRD_COLUMNS, PRD_OPTIONAL)
         rkeys, rt = read_column_table(rvw_path, RVW_COLUMNS, RVW_OPTIONAL)
@@ -326,6 +353,83 @@ def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, m
     source = InMemorySource(products, roi_dim=cfg.roi_dim)
     source.votes = votes  # review id -> raw rel value, for the output's `votes` field
     return source, rois
+
+
+CHECKED_STAGES = ("tokens", "probes", "bert", "rois")  # the features predict builds or reads, in order
+
+
+def short_fp(fp: str, other: str = "") -> str:
+    """A fingerprint shortened for a message (a random-init prefix kept): 8 hex digits, all of
+    them when the first 8 do not tell it from `other`."""
+    from pipeline.stage import RANDOM_INIT_PREFIX
+
+    prefix = RANDOM_INIT_PREFIX if fp.startswith(RANDOM_INIT_PREFIX) else ""
+    body = fp[len(prefix):]
+    o = other[len(RANDOM_INIT_PREFIX):] if other.startswith(RANDOM_INIT_PREFIX) else other
+    return prefix + (body if body[:8] == o[:8] else body[:8])
+
+
+def recorded_views(meta: Mapping, where: str) -> dict[str, str] | None:
+    """{stage: fingerprint} of the views a run read (data.json `read_views`, written by
+    `train_seeds`); None for a run trained before they were recorded. A damaged record is a
+    TrainingError naming the file and field."""
+    if "read_views" not in meta:
+        return None
+    rec = meta["read_views"]
+    if not isinstance(rec, Mapping):
+        raise TrainingError(f"{where}: read_views: expected a mapping stage -> {{dataset, fingerprint}}, "
+                            f"got {short_repr(rec)}")
+    out: dict[str, str] = {}
+    for stage, entry in rec.items():
+        fp = entry.get("fingerprint") if isinstance(entry, Mapping) else None
+        if not isinstance(fp, str) or not fp:
+            raise TrainingError(f"{where}: read_views.{stage}: expected {{dataset, fingerprint}}, "
+                                f"got {short_repr(entry)}")
+        if entry.get("dataset") not in (None, meta.get("dataset")):
+            raise TrainingError(f"{where}: read_views.{stage}: dataset {entry.get('dataset')!r} is not the run's "
+                                f"dataset {meta.get('dataset')!r}")
+        out[str(stage)] = fp
+    return out
+
+
+def check_fingerprints(recorded: Mapping[str, str] | None, used: Mapping[str, str], *, run: str, dataset: str,
+                       manifest_path: str, warn: Callable[[str], None]) -> None:
+    """Refuse to featurise new products with other stage settings than the run was trained on.
+
+    `recorded`: {stage: fingerprint} of the views the run read (`recorded_views`; None: a run from
+    before they were recorded, which gets one warning that the check could not be made);
+    `used`: {stage: fingerprint} of what predict featurises the input with, limited to the views
+    the model reads. A stage whose fingerprints differ is a one-line DataError naming the stage,
+    both fingerprints (short) and what to do. A stage the run did not read (its view was missing
+    and allowed in training) but predict uses gets one warning line: the model sees features it
+    was trained without."""
+    if recorded is None:
+        warn(f"warning: run {run!r} records no view fingerprints (data.json from before they were recorded): "
+             "predict cannot check that it featurises with the stage settings the run was trained on; "
+             "retrain the run to get the check")
+        return
+    for stage in CHECKED_STAGES:
+        if stage not in used:
+            continue
+        fp = used[stage]
+        was = recorded.get(stage)
+        if was is None:
+            warn(f"warning: run {run!r} was trained without a {stage} view of dataset {dataset!r}, but predict "
+                 f"gives the model {stage} features (fingerprint {short_fp(fp)}) it never saw in training")
+            continue
+        if was == fp:
+            continue
+        if stage == "rois":
+            raise DataError(
+                f"rois: run {run!r} was trained on rois fingerprint {short_fp(was, fp)}, but the store's rois "
+                f"view of dataset {dataset!r} now has {short_fp(fp, was)} (re-extracted with other settings "
+                f"since training): retrain on the current rois (`mrhp train`), or predict from a store "
+                f"holding the rois the run was trained on")
+        raise DataError(
+            f"{stage}: run {run!r} was trained on {stage} fingerprint {short_fp(was, fp)}, but the manifest "
+            f"{manifest_path} now gives {short_fp(fp, was)} (stages.{stage} or its resources changed since "
+            f"training): re-extract (`mrhp extract --dataset {dataset} --stage {stage}`) and retrain, or "
+            f"predict with the manifest settings the run was trained with")
 
 
 def bert_stage(manifest, dataset: str):
@@ -451,10 +555,12 @@ def run(args: argparse.Namespace) -> int:
         raise TrainingError(f"run {args.run!r} has no seed{args.seed}; found {', '.join(d.name for d in dirs)}")
     metas = [read_json(d / "data.json") for d in chosen]
     meta = metas[0]
-    for d, m in zip(chosen[1:], metas[1:], strict=True):
-        if (m.get("dataset"), m.get("vocab_fingerprint")) != (meta.get("dataset"), meta.get("vocab_fingerprint")):
-            raise TrainingError(f"{d}: trained on other data ({m.get('dataset')}) than {chosen[0].name}; "
-                                f"pick one with --seed")
+    views = [recorded_views(m, str(d / "data.json")) for d, m in zip(chosen, metas, strict=True)]
+    for d, m, v in zip(chosen[1:], metas[1:], views[1:], strict=True):
+        if ((m.get("dataset"), m.get("vocab_fingerprint"), v)
+                != (meta.get("dataset"), meta.get("vocab_fingerprint"), views[0])):
+            raise TrainingError(f"{d}: trained on other data ({m.get('dataset')}: dataset, vocabulary or view "
+                                f"fingerprints) than {chosen[0].name}; pick one with --seed")
     dataset = meta["dataset"]
     spec = manifest.dataset(dataset)
     embeddings = store_embeddings(manifest.store_root, dataset)
@@ -463,12 +569,19 @@ def run(args: argparse.Namespace) -> int:
     inp = Path(args.input)
     images = Path(args.images) if args.images else (inp if inp.is_dir() else inp.parent) / "pictures"
     allowed = set(cfg.allow_missing) | set(args.allow_missing or ())
-    needed = required_views(cfg.model, cfg.model_cfg) - allowed
+    reads = required_views(cfg.model, cfg.model_cfg)
+    needed = reads - allowed
     image_root = images if images.is_dir() else None
+
+    def check(used: dict[str, str]) -> None:  # only the features the model reads matter
+        check_fingerprints(views[0], {s: fp for s, fp in used.items() if s in reads}, run=args.run,
+                           dataset=dataset, manifest_path=str(manifest.path),
+                           warn=lambda line: print(line, file=sys.stderr))
+
     source, rois = load_input(inp, image_root, spec=spec,
                               vocab_fp=meta.get("vocab_fingerprint"), manifest=manifest, cfg=cfg.data,
                               dataset=dataset, labels_mode=meta.get("labels"),
-                              probes_needed="probes" in needed, bert_needed="bert" in needed)
+                              probes_needed="probes" in needed, bert_needed="bert" in needed, check=check)
     rois.check(needed="rois" in needed, images=image_root, dataset=dataset)
     per_seed = [score_source(model, source, cfg=c) for model, c in models]
     rows = ranked(average_seeds(per_seed), getattr(source, "votes", None))

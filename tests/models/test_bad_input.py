@@ -103,12 +103,15 @@ stages:
 @pytest.fixture(scope="module")
 def run_ws(tmp_path_factory):
     from models.synthetic import make_synthetic, write_mrhp_tables
+    from tests.mrhp.test_predict_fingerprints import stage_fingerprints
 
     root = tmp_path_factory.mktemp("predict")
-    data = make_synthetic(root / "store", "synth", n_products=6, reviews_per_product=(3, 4),
-                          vocab_size=40, embed_dim=8, roi_dim=2048, max_boxes=2, seed=2)
-    write_mrhp_tables(data.records, root / "mrhp")
     (root / "data_manifest.yaml").write_text(MANIFEST, encoding="utf-8")
+    # the tokens view carries the manifest's tokens fingerprint: predict checks the run's against it
+    data = make_synthetic(root / "store", "synth", n_products=6, reviews_per_product=(3, 4),
+                          vocab_size=40, embed_dim=8, roi_dim=2048, max_boxes=2, seed=2,
+                          fingerprints=stage_fingerprints(root / "data_manifest.yaml"))
+    write_mrhp_tables(data.records, root / "mrhp")
     m = ["--manifest", str(root / "data_manifest.yaml")]
     assert main([*m, "train", "--model", "length", "--dataset", "synth", "--name", "len"]) == 0
     return root, m

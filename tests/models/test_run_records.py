@@ -86,6 +86,43 @@ def test_random_init_views_are_flagged(tmp_path):
     assert run_is_random_init({"views": views}) and not run_is_random_init({"views": {"tokens": views["tokens"]}})
 
 
+def test_views_read_records_dataset_and_view_fingerprint_of_the_stages_read(tmp_path):
+    """data.json `read_views` (mrhp predict's check): {stage: {dataset, fingerprint}} for the
+    stages asked that the dataset has a view of, the fingerprint the store's view carries."""
+    from models.config import DataConfig
+    from models.data import StoreSource
+    from models.runs import views_read
+    from models.trainer import _stages_read
+    from pipeline.stage import FieldSpec, Record
+    from pipeline.store import FeatureStore
+
+    store = FeatureStore(tmp_path / "store")
+    for ds, stage, fp in (("ds", "tokens", "t1"), ("ds", "probes", "p1"), ("other", "rois", "r9")):
+        w = store.writer(stage, fp, {"x": FieldSpec("float32", (), True)})
+        w.add(Record(key="k1", arrays={"x": np.zeros(2, np.float32)}))
+        w.close()
+        store.write_view(ds, stage, fp, {"item": "k1"})
+    got = views_read(tmp_path / "store", "ds", {"tokens", "rois", "embeddings"})
+    # probes not asked; rois and embeddings asked but ds has no view of them (other's rois is not ds's)
+    assert got == {"tokens": {"dataset": "ds", "fingerprint": "t1"}}
+    assert views_read(tmp_path / "store", "ds", {"tokens", "probes"}) == {
+        "probes": {"dataset": "ds", "fingerprint": "p1"}, "tokens": {"dataset": "ds", "fingerprint": "t1"}}
+
+    class Records:  # no products: StoreSource only needs the grouping
+        def reviews_by_product(self):
+            return {}
+
+    def bundle(views):
+        src = StoreSource(store_root=tmp_path / "store", dataset="ds", records=Records(),
+                          cfg=DataConfig(), views=views)
+        return DataBundle(name="ds", splits={"train": src}, embeddings=None, threshold=1.0)
+
+    # tokens always, the asked views, and the embeddings view the word vectors come from
+    assert _stages_read(bundle(("rois",))) == {"tokens", "rois", "embeddings"}
+    assert _stages_read(bundle(None)) == {"tokens", "rois", "probes", "bert", "embeddings"}
+    assert _stages_read(_bundle([[0, 1]])) == frozenset()  # in memory: no store view read
+
+
 def test_best_checkpoint_leaves_out_optimizer_state_last_keeps_it(stored, tmp_path):
     data, bundle = stored
     train(_cfg(data), bundle, tmp_path / "c", progress_bar=False)

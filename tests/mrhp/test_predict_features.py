@@ -113,6 +113,20 @@ def test_predict_builds_every_item_bitwise_as_extraction_stored_it(extracted):
             assert mask is not None and _same(mask, probe_view.get(f"rvw:{r.id}")["mask"])
 
 
+def test_predict_checks_the_fingerprints_the_extraction_stored(extracted):
+    """The fingerprints predict compares with a run's record (`check`) are, for an unchanged
+    manifest, exactly the ones the extraction gave the views (the run records those): the same
+    `Stage.fingerprint()` for tokens and probes, the rois view's own for the entries read."""
+    manifest, vfp, cfg = extracted
+    spec = manifest.dataset("demo")
+    got: dict[str, str] = {}
+    load_input(Path(spec.raw_root) / "home.prd.test", Path(spec.image_root), spec=spec, vocab_fp=vfp,
+               manifest=manifest, cfg=cfg, dataset="demo", probes_needed=True, check=got.update)
+    store = FeatureStore(Path(manifest.store_root))
+    assert got == {s: store.view("demo", s).fingerprint for s in ("tokens", "probes", "rois")}
+    assert got["rois"].startswith("random-init-")  # the tiny random-init detector's, flagged
+
+
 def test_predict_refuses_a_probe_mask_shorter_than_the_tokens_like_training(extracted, monkeypatch):
     """A mask that does not cover the kept tokens was silently replaced by ones in predict's old
     copy; the shared `models.data.aligned_probe` refuses it, as training does."""
@@ -148,9 +162,12 @@ def test_predict_text_encoder_rows_come_from_the_bert_stage_as_training_reads_th
     run_stage(tokens, store, "demo")
     run_stage(bert_stage.build_stage(manifest, "demo"), store, "demo")
     spec, cfg = manifest.dataset("demo"), DataConfig()
+    used: dict[str, str] = {}
     source, _ = load_input(Path(spec.raw_root) / "home.prd.test", None, spec=spec,
                            vocab_fp=tokens.vocabularies.fingerprint, manifest=manifest, cfg=cfg, dataset="demo",
-                           bert_needed=True)
+                           bert_needed=True, check=used.update)
+    # the bert fingerprint predict checks a run's record against is the one the extraction stored
+    assert used == {s: store.view("demo", s).fingerprint for s in ("tokens", "bert")}
     training = StoreSource(store_root=manifest.store_root, dataset="demo", records=load_dataset(spec).split("test"),
                            cfg=cfg, split="test", views=("tokens", "bert"))
     predicted = {p.id: p for p in source.products}

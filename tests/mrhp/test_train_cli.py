@@ -35,11 +35,15 @@ stages:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
+    from tests.mrhp.test_predict_fingerprints import stage_fingerprints
+
     root = tmp_path_factory.mktemp("cli")
-    data = make_synthetic(root / "store", "synth", n_products=15, reviews_per_product=(4, 7),
-                          vocab_size=60, embed_dim=8, roi_dim=2048, max_boxes=2, seed=4)
-    write_mrhp_tables(data.records, root / "mrhp")
     (root / "data_manifest.yaml").write_text(MANIFEST.format(), encoding="utf-8")
+    # the tokens view carries the manifest's tokens fingerprint: predict checks the run's against it
+    data = make_synthetic(root / "store", "synth", n_products=15, reviews_per_product=(4, 7),
+                          vocab_size=60, embed_dim=8, roi_dim=2048, max_boxes=2, seed=4,
+                          fingerprints=stage_fingerprints(root / "data_manifest.yaml"))
+    write_mrhp_tables(data.records, root / "mrhp")
     return root, data
 
 
