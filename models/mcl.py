@@ -47,7 +47,10 @@ Readings taken where the paper is silent or ambiguous (also in docs/fidelity.md,
     four text-image pairs); sim is symmetric and the negative sum runs over j != k both ways,
     so ordered pairs would only double every term; the 6 losses are summed. For one pair type, samples whose t1 or
     t2 has no real token/ROI (a review without images) are left out of that pair's sum: a
-    zero vector has no direction, and its cosine would be arbitrary.
+    zero vector has no direction, and its cosine would be arbitrary. Two reviews of the same
+    product are different samples, so (product side of review j, other side of review k) is a
+    negative; with D = 0 the product streams of the two are identical, so a (h_p, v_p)
+    negative equals a positive and the terms pull against each other (kept as written).
   * Eq. 32-33 are sums, not means, exactly as written; the weights eps_p, eps_n are not
     detached (Theorem 1's derivation differentiates through them). Eq. 35 adds the
     contrastive sum to the ranking loss with weight 1 (`contrastive_weight`).
@@ -63,8 +66,12 @@ Readings taken where the paper is silent or ambiguous (also in docs/fidelity.md,
 The public code (nguyentthong/adaptive_contrastive_mrhp) ships its model only as compiled
 .pyc files; what its readable trainer and configs show is the `code` preset: one interaction
 layer, the contrastive term on the samples with label >= 2 added with weight 1, 3 image
-self-attention layers, MCR's weighted sampler with 7 negatives, 8 products per batch and the
-label-difference hinge (AdaptiveRankHingeLoss).
+self-attention layers, MCR's weighted sampler with 7 negatives, the label-difference hinge
+(AdaptiveRankHingeLoss), Adam at 1e-4 halved after 4 flat epochs, early stop after 8, and no
+gradient clipping (`build_trainer` passes no `clip_norm`). Its configs set `batch_size` per
+dataset and category (2 for four of the six, 4 for Lazada clothing, 8 for Amazon home, in
+MatchZoo pair-mode units, not products); a preset only knows the category, so `code` takes 8,
+read as 8 products (override `batch_products` to match another config).
 """
 from __future__ import annotations
 
@@ -390,9 +397,12 @@ class MCL(nn.Module):
         equations (MCLConfig defaults) and Sec. 4.2's protocol: batch size 32 (read as 32
         products per batch), hinge margin 1 (Eq. 34 with beta = 1) summed over the pairs as
         Eq. 34 prints it (like the sums of Eq. 32-33, so Eq. 35 weighs them as written),
-        negatives any review with a lower label drawn uniformly ("random reviews"). `code`:
-        the public release's readable trainer and configs, with the shipped hinge averaged
-        over instances (REFERENCE.md section 4; the trainer's default). The three ablation presets
+        negatives any review with a lower label drawn uniformly ("random reviews"); what the
+        paper does not give stays at the TrainConfig defaults (lr 1e-4, grad_clip 5, ...;
+        docs/fidelity.md, MCL protocol row). `code`: the public release's readable trainer and
+        configs, with the shipped hinge averaged over instances (REFERENCE.md section 4; the
+        trainer's default) and no gradient clipping (its trainer is built without `clip_norm`).
+        The three ablation presets
         are Table 6's rows. `category` is accepted for the shared contract; MCL's presets are the
         same for every category."""
         paper_train = {"batch_products": 32, "margin": "fixed", "fixed_margin": 1.0,
@@ -408,7 +418,7 @@ class MCL(nn.Module):
                                   "roi_self_attention_layers": 3},
                     "train": {"batch_products": 8, "num_negatives": 7, "negative_weights": "sampling",
                               "margin": "label", "min_gap": 2.0, "lr": 1e-4, "lr_patience": 4,
-                              "patience": 8}}
+                              "patience": 8, "grad_clip": None}}
         if name in cls.ABLATIONS:
             return {"model_cfg": {**paper, **copy.deepcopy(cls.ABLATIONS[name])}, "train": dict(paper_train)}
         raise ConfigError(f"model mcl: unknown preset {name!r}; valid: {', '.join(cls.PRESET_NAMES)}")

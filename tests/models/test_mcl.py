@@ -432,7 +432,13 @@ def test_paper_preset_is_the_default_and_builds_the_paper_model():
 def test_code_preset_and_unknown_name():
     p = MCL.preset("code")
     assert p["model_cfg"]["interaction_layers"] == 1 and p["model_cfg"]["helpful_min_label"] == 2.0
-    train_config(p["train"])
+    t = train_config(p["train"])
+    # the public trainer is built without clip_norm (basic_modeling.build_trainer): no clipping;
+    # its configs: Adam 1e-4, ReduceLROnPlateau patience 4, early_stopping 8, 7 negatives
+    assert t.grad_clip is None
+    assert (t.lr, t.lr_patience, t.patience, t.num_negatives) == (1e-4, 4, 8, 7)
+    # the paper gives no clipping either way; its preset keeps the trainer's guard
+    assert train_config(MCL.preset("paper")["train"]).grad_clip == 5.0
     with pytest.raises(ConfigError, match="paper, code"):
         MCL.preset("papr")
 
