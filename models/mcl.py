@@ -501,6 +501,16 @@ def _check(c: MCLConfig) -> None:
         raise ConfigError(f"model.mcl.contrastive_weight: expected >= 0, got {c.contrastive_weight}")
     if c.helpful_threshold is not None and c.helpful_min_label is not None:
         raise ConfigError("model.mcl: set helpful_threshold or helpful_min_label, not both")
+    if c.contrastive and c.contrastive_weight == 0:
+        raise ConfigError("model.mcl.contrastive_weight: 0 with contrastive: true would train without "
+                          "Eq. 33 while the config says it has it; set contrastive: false (Table 6 "
+                          "'w/o contrastive objective') or a positive weight")
+    if c.contrastive and c.adaptive_weighting and c.o_p <= -1:
+        raise ConfigError(f"model.mcl.o_p: expected > -1, got {c.o_p}: cosine similarity is >= -1, so "
+                          "eps_p = [o_p - sim]_+ would be 0 for every positive pair (Eq. 33)")
+    if c.contrastive and c.adaptive_weighting and c.o_n >= 1:
+        raise ConfigError(f"model.mcl.o_n: expected < 1, got {c.o_n}: cosine similarity is <= 1, so "
+                          "eps_n = [sim - o_n]_+ would be 0 for every negative pair (Eq. 33)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -479,6 +479,30 @@ def test_bad_settings_are_config_errors():
         _tiny(dropout=1.5)
 
 
+def test_settings_that_silently_drop_a_term_of_eq33_are_refused():
+    # sim of T1, T2: positives 0.6, 0.6; negatives 0.8, 0.8 (see the top of this file)
+    # o_p = -1: eps_p = [-1 - 0.6]_+ = 0, so only the negatives remain: 2 * 0.8 * 0.8 = 1.28
+    assert math.isclose(float(adaptive_contrastive_loss(T1, T2, o_p=-1.0)), 1.28, abs_tol=1e-6)
+    # o_n = 1: eps_n = [0.8 - 1]_+ = 0, so only the positives remain: -2 * 1.4 * 0.6 = -1.68
+    assert math.isclose(float(adaptive_contrastive_loss(T1, T2, o_n=1.0)), -1.68, abs_tol=1e-6)
+    # ... for every cosine in [-1, 1], so a model config with them is refused
+    with pytest.raises(ConfigError, match="model.mcl.o_p"):
+        _tiny(o_p=-1.0)
+    with pytest.raises(ConfigError, match="model.mcl.o_n"):
+        _tiny(o_n=1.0)
+    # contrastive on with weight 0 is "w/o contrastive objective" under another name
+    with pytest.raises(ConfigError, match="contrastive: false"):
+        _tiny(contrastive_weight=0.0)
+    # where the setting has no effect it is accepted: Eq. 32 has no o_p/o_n, the ablation no loss
+    _tiny(o_p=-1.0, adaptive_weighting=False)
+    _tiny(o_n=1.0, contrastive=False, contrastive_weight=0.0)
+    # inside the range the weights are live: with sim positives -0.6, negatives -0.8, o_p = -0.5
+    # gives eps_p = [-0.5 + 0.6]_+ = 0.1 and eps_n = [-0.8]_+ = 0: L = -2 * 0.1 * (-0.6) = 0.12
+    t2 = torch.tensor([[-0.6, -0.8], [-0.8, -0.6]])
+    assert math.isclose(float(adaptive_contrastive_loss(T1, t2, o_p=-0.5)), 0.12, abs_tol=1e-6)
+    _tiny(o_p=-0.5, o_n=0.9)
+
+
 # --- Tables 7-8 ------------------------------------------------------------------------------------
 def test_relation_distances_hand_values():
     model = _tiny()
