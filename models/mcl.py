@@ -434,6 +434,25 @@ class MCL(nn.Module):
         `helpful_min_label` in the model config says otherwise."""
         self.dataset_threshold = float(threshold)
 
+    def check_training_labels(self, labels: Iterable[float]) -> None:
+        """Trainer hook, called once before training with the label of every training review:
+        Eq. 30-33 compare helpful pairs, so a helpfulness rule that fewer than 2 training
+        reviews meet would train the ranking loss alone under a config that says otherwise;
+        that stops here with a one-line TrainingError. No labels given: nothing to check."""
+        c = self.config
+        y = torch.tensor([float(v) for v in labels], dtype=torch.float32)
+        if not (c.contrastive and c.contrastive_weight > 0) or y.numel() == 0:
+            return
+        n = int(self.helpful(y).sum())
+        if n < 2:
+            rule = (f"label >= {c.helpful_min_label:g}" if c.helpful_min_label is not None else
+                    f"label > {c.helpful_threshold if c.helpful_threshold is not None else self.dataset_threshold:g}")
+            raise TrainingError(
+                f"model mcl: {n} of {y.numel()} training reviews are helpful ({rule}); the contrastive "
+                f"loss (Eq. 30-33) needs at least 2; lower model_cfg.helpful_threshold / "
+                f"helpful_min_label or set contrastive: false"
+            )
+
     # ---- forward ------------------------------------------------------------------------------
     def encode(self, batch: Batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """H_p, H_r, V_p, V_r (Eq. 13-14) with their masks, one row per review:

@@ -400,6 +400,26 @@ def test_dataset_threshold_reaches_the_model_through_the_trainer_hook():
     assert torch.allclose(model(batch).aux_losses["contrastive"], ref(batch).aux_losses["contrastive"])
 
 
+def test_a_helpfulness_rule_no_training_review_meets_stops_training(tmp_path):
+    model = _tiny()  # helpful: label > 1
+    model.check_training_labels([0.0, 1.0, 2.0, 3.0])  # labels 2 and 3: two helpful reviews
+    with pytest.raises(TrainingError, match=r"1 of 3 training reviews are helpful \(label > 1\)"):
+        model.check_training_labels([0.0, 1.0, 4.0])  # only the 4
+    code = _tiny(helpful_threshold=None, helpful_min_label=5.0)
+    with pytest.raises(TrainingError, match=r"0 of 2 .*label >= 5"):
+        code.check_training_labels([4.0, 4.0])
+    _tiny(contrastive=False).check_training_labels([0.0])  # no contrastive loss: nothing to meet
+    # the trainer calls the hook with the training split's labels (synthetic labels are 0..4)
+    from models.synthetic import make_synthetic, synthetic_train_config
+    from models.trainer import Trainer
+
+    data = make_synthetic(n_products=6, seed=0, threshold=2.0)
+    cfg = synthetic_train_config("mcl", data, {"model_cfg": {"embed_dim": 16, "roi_dim": 32, "hidden": 8,
+                                                             "heads": 2, "helpful_threshold": 4.0}})
+    with pytest.raises(TrainingError, match="label > 4"):
+        Trainer(cfg, data.bundle, tmp_path / "run")
+
+
 def test_trainer_hands_the_dataset_threshold_to_the_model(tmp_path):
     from models.synthetic import make_synthetic, synthetic_train_config
     from models.trainer import Trainer
