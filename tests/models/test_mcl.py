@@ -169,7 +169,12 @@ def test_interaction_module_keeps_x_eta_fixed_and_uses_the_other_three_streams()
     for layer in mod.streams["kr"]:
         q = layer(q, x["kr"][1], eta, m)
     assert torch.allclose(out["kr"], q, atol=1e-6)
-    # a change in K_r itself does not reach K_r's eta: only through Q[0]
+    # eta excludes the stream itself: with K_r's own tokens in its eta the output differs
+    q_self = x["kr"][0]
+    eta_self = torch.cat([x["kp"][0], x["kr"][0], x["ap"][0], x["ar"][0]], dim=1)
+    for layer in mod.streams["kr"]:
+        q_self = layer(q_self, x["kr"][1], eta_self, torch.ones(1, 8, dtype=torch.bool))
+    assert not torch.allclose(out["kr"], q_self, atol=1e-3)
     assert {k: v.shape for k, v in out.items()} == {"kp": (1, 2, 4), "kr": (1, 3, 4),
                                                      "ap": (1, 1, 4), "ar": (1, 2, 4)}
 
@@ -325,7 +330,7 @@ def _expected_contrastive(model: MCL, batch, helpful, adaptive=True) -> float:
     return total
 
 
-def test_total_loss_as_the_trainer_assembles_it():
+def test_total_loss_as_the_trainer_assembles_it(tmp_path, monkeypatch):
     model = _tiny()  # helpful_threshold 1.0 in TINY
     model.train()
     batch = make_batch(empty_review_rois=(3,))
@@ -334,12 +339,29 @@ def test_total_loss_as_the_trainer_assembles_it():
     expected = _expected_contrastive(model, batch, helpful)
     assert set(out.aux_losses) == {"contrastive"}
     assert math.isclose(float(out.aux_losses["contrastive"].detach()), expected, rel_tol=1e-4, abs_tol=1e-4)
-    # Eq. 35 as models.trainer builds it: ranking + sum of the aux losses
-    rank = ranking_loss(out.scores, batch.labels, batch.instances, batch.instance_weights)
-    total = rank + sum(out.aux_losses.values())
-    assert math.isclose(float(total), float(rank) + expected, rel_tol=1e-4, abs_tol=1e-4)
     model.eval()
     assert model(batch).aux_losses == {}
+    # Eq. 35 as models.trainer builds it, read off one real training step (every training
+    # product in one batch): the loss it backpropagates is L_ranking + 1 * L_AdaptiveCE, with
+    # the two terms the step computed (no rescaling, no averaging of the contrastive sum)
+    import models.trainer as tr
+    from models.synthetic import make_synthetic, synthetic_train_config
+
+    data = make_synthetic(n_products=6, seed=0, threshold=1.0)
+    cfg = synthetic_train_config("mcl", data, {"epochs": 1, "batch_products": 64, "ranking_reduction": "sum",
+                                               "model_cfg": {"embed_dim": 16, "roi_dim": 32, "hidden": 8,
+                                                             "heads": 2, "interaction_layers": 1}})
+    trainer = tr.Trainer(cfg, data.bundle, tmp_path / "run")
+    seen: dict[str, list] = {"rank": [], "out": []}
+    real_rank, real_forward = tr.ranking_loss, trainer.model.forward
+    monkeypatch.setattr(tr, "ranking_loss", lambda *a, **k: seen["rank"].append(real_rank(*a, **k)) or seen["rank"][-1])
+    monkeypatch.setattr(trainer.model, "forward", lambda b: seen["out"].append(real_forward(b)) or seen["out"][-1])
+    stats = trainer._train_epoch()
+    assert stats["steps"] == 1 and len(seen["out"]) == 1
+    rank, contrastive = float(seen["rank"][0].detach()), float(seen["out"][0].aux_losses["contrastive"].detach())
+    assert abs(contrastive) > 1e-3 and rank > 0  # both terms present
+    assert math.isclose(stats["train_loss"], rank + contrastive, rel_tol=1e-5, abs_tol=1e-5)
+    assert math.isclose(stats["aux"]["contrastive"], contrastive, rel_tol=1e-5, abs_tol=1e-5)
 
 
 def test_eq34_is_a_sum_under_the_paper_preset():
