@@ -195,7 +195,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask
     """softmax(q k^T / sqrt(d_k)) v over the keys where key_mask (B, Lk) is True, dropout on the
     weights when `dropout` > 0; q (B, h, Lq, dk), k, v (B, h, Lk, dk) -> (B, h, Lq, dk). Rows of
     key_mask without a True attend to nothing and give zeros. The same values as
-    masked_softmax(q k^T / sqrt(d_k)) @ v (tests/test_mcl.py pins it), through
+    masked_softmax(q k^T / sqrt(d_k)) @ v (tests/models/test_mcl.py pins it), through
     F.scaled_dot_product_attention. Where PyTorch has a fused kernel for the case (CPU without
     dropout: eval, predict, distances; CUDA's memory-efficient kernel, with dropout too) the
     (Lq, Lk) weights are not materialised or kept for backward; CPU training with dropout runs
