@@ -70,8 +70,8 @@ self-attention layers, MCR's weighted sampler with 7 negatives, the label-differ
 (AdaptiveRankHingeLoss), Adam at 1e-4 halved after 4 flat epochs, early stop after 8, and no
 gradient clipping (`build_trainer` passes no `clip_norm`). Its configs set `batch_size` per
 dataset and category (2 for four of the six, 4 for Lazada clothing, 8 for Amazon home, in
-MatchZoo pair-mode units, not products); a preset only knows the category, so `code` takes 8,
-read as 8 products (override `batch_products` to match another config).
+the framework's own units, not products); a preset only knows the category, so `code` takes
+8, read as 8 products (override `batch_products` to match another config).
 """
 from __future__ import annotations
 
