@@ -49,8 +49,9 @@ Readings taken where the paper is silent or ambiguous (also in docs/fidelity.md,
     t2 has no real token/ROI (a review without images) are left out of that pair's sum: a
     zero vector has no direction, and its cosine would be arbitrary. Two reviews of the same
     product are different samples, so (product side of review j, other side of review k) is a
-    negative; with D = 0 the product streams of the two are identical, so a (h_p, v_p)
-    negative equals a positive and the terms pull against each other (kept as written).
+    negative; with D = 0 the product streams of the two are identical, so in the 5 pair
+    types with a product side such a negative equals a positive and the two terms pull
+    against each other (kept as written).
   * Eq. 32-33 are sums, not means, exactly as written; the weights eps_p, eps_n are not
     detached (Theorem 1's derivation differentiates through them). Eq. 35 adds the
     contrastive sum to the ranking loss with weight 1 (`contrastive_weight`).
