@@ -47,7 +47,11 @@ Readings taken where the paper is silent or ambiguous (also in docs/fidelity.md,
     four text-image pairs); sim is symmetric and the negative sum runs over j != k both ways,
     so ordered pairs would only double every term; the 6 losses are summed. For one pair type, samples whose t1 or
     t2 has no real token/ROI (a review without images) are left out of that pair's sum: a
-    zero vector has no direction, and its cosine would be arbitrary.
+    zero vector has no direction, and its cosine would be arbitrary. Two reviews of the same
+    product are different samples, so (product side of review j, other side of review k) is a
+    negative; with D = 0 the product streams of the two are identical, so in the 5 pair
+    types with a product side such a negative equals a positive and the two terms pull
+    against each other (kept as written).
   * Eq. 32-33 are sums, not means, exactly as written; the weights eps_p, eps_n are not
     detached (Theorem 1's derivation differentiates through them). Eq. 35 adds the
     contrastive sum to the ranking loss with weight 1 (`contrastive_weight`).
@@ -63,8 +67,12 @@ Readings taken where the paper is silent or ambiguous (also in docs/fidelity.md,
 The public code (nguyentthong/adaptive_contrastive_mrhp) ships its model only as compiled
 .pyc files; what its readable trainer and configs show is the `code` preset: one interaction
 layer, the contrastive term on the samples with label >= 2 added with weight 1, 3 image
-self-attention layers, MCR's weighted sampler with 7 negatives, 8 products per batch and the
-label-difference hinge (AdaptiveRankHingeLoss).
+self-attention layers, MCR's weighted sampler with 7 negatives, the label-difference hinge
+(AdaptiveRankHingeLoss), Adam at 1e-4 halved after 4 flat epochs, early stop after 8, and no
+gradient clipping (`build_trainer` passes no `clip_norm`). Its configs set `batch_size` per
+dataset and category (2 for four of the six, 4 for Lazada clothing, 8 for Amazon home, in
+the framework's own units, not products); a preset only knows the category, so `code` takes
+8, read as 8 products (override `batch_products` to match another config).
 """
 from __future__ import annotations
 
@@ -188,7 +196,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask
     """softmax(q k^T / sqrt(d_k)) v over the keys where key_mask (B, Lk) is True, dropout on the
     weights when `dropout` > 0; q (B, h, Lq, dk), k, v (B, h, Lk, dk) -> (B, h, Lq, dk). Rows of
     key_mask without a True attend to nothing and give zeros. The same values as
-    masked_softmax(q k^T / sqrt(d_k)) @ v (tests/test_mcl.py pins it), through
+    masked_softmax(q k^T / sqrt(d_k)) @ v (tests/models/test_mcl.py pins it), through
     F.scaled_dot_product_attention. Where PyTorch has a fused kernel for the case (CPU without
     dropout: eval, predict, distances; CUDA's memory-efficient kernel, with dropout too) the
     (Lq, Lk) weights are not materialised or kept for backward; CPU training with dropout runs
@@ -390,9 +398,12 @@ class MCL(nn.Module):
         equations (MCLConfig defaults) and Sec. 4.2's protocol: batch size 32 (read as 32
         products per batch), hinge margin 1 (Eq. 34 with beta = 1) summed over the pairs as
         Eq. 34 prints it (like the sums of Eq. 32-33, so Eq. 35 weighs them as written),
-        negatives any review with a lower label drawn uniformly ("random reviews"). `code`:
-        the public release's readable trainer and configs, with the shipped hinge averaged
-        over instances (REFERENCE.md section 4; the trainer's default). The three ablation presets
+        negatives any review with a lower label drawn uniformly ("random reviews"); what the
+        paper does not give stays at the TrainConfig defaults (lr 1e-4, grad_clip 5, ...;
+        docs/fidelity.md, MCL protocol row). `code`: the public release's readable trainer and
+        configs, with the shipped hinge averaged over instances (REFERENCE.md section 4; the
+        trainer's default) and no gradient clipping (its trainer is built without `clip_norm`).
+        The three ablation presets
         are Table 6's rows. `category` is accepted for the shared contract; MCL's presets are the
         same for every category."""
         paper_train = {"batch_products": 32, "margin": "fixed", "fixed_margin": 1.0,
@@ -408,7 +419,7 @@ class MCL(nn.Module):
                                   "roi_self_attention_layers": 3},
                     "train": {"batch_products": 8, "num_negatives": 7, "negative_weights": "sampling",
                               "margin": "label", "min_gap": 2.0, "lr": 1e-4, "lr_patience": 4,
-                              "patience": 8}}
+                              "patience": 8, "grad_clip": None}}
         if name in cls.ABLATIONS:
             return {"model_cfg": {**paper, **copy.deepcopy(cls.ABLATIONS[name])}, "train": dict(paper_train)}
         raise ConfigError(f"model mcl: unknown preset {name!r}; valid: {', '.join(cls.PRESET_NAMES)}")
@@ -423,6 +434,25 @@ class MCL(nn.Module):
         (Eq. 30-31) when its label exceeds it, unless `helpful_threshold` or
         `helpful_min_label` in the model config says otherwise."""
         self.dataset_threshold = float(threshold)
+
+    def check_training_labels(self, labels: Iterable[float]) -> None:
+        """Trainer hook, called once before training with the label of every training review:
+        Eq. 30-33 compare helpful pairs, so a helpfulness rule that fewer than 2 training
+        reviews meet would train the ranking loss alone under a config that says otherwise;
+        that stops here with a one-line TrainingError. No labels given: nothing to check."""
+        c = self.config
+        y = torch.tensor([float(v) for v in labels], dtype=torch.float32)
+        if not (c.contrastive and c.contrastive_weight > 0) or y.numel() == 0:
+            return
+        n = int(self.helpful(y).sum())
+        if n < 2:
+            rule = (f"label >= {c.helpful_min_label:g}" if c.helpful_min_label is not None else
+                    f"label > {c.helpful_threshold if c.helpful_threshold is not None else self.dataset_threshold:g}")
+            raise TrainingError(
+                f"model mcl: {n} of {y.numel()} training reviews are helpful ({rule}); the contrastive "
+                f"loss (Eq. 30-33) needs at least 2; lower model_cfg.helpful_threshold / "
+                f"helpful_min_label or set contrastive: false"
+            )
 
     # ---- forward ------------------------------------------------------------------------------
     def encode(self, batch: Batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -491,6 +521,16 @@ def _check(c: MCLConfig) -> None:
         raise ConfigError(f"model.mcl.contrastive_weight: expected >= 0, got {c.contrastive_weight}")
     if c.helpful_threshold is not None and c.helpful_min_label is not None:
         raise ConfigError("model.mcl: set helpful_threshold or helpful_min_label, not both")
+    if c.contrastive and c.contrastive_weight == 0:
+        raise ConfigError("model.mcl.contrastive_weight: 0 with contrastive: true would train without "
+                          "Eq. 33 while the config says it has it; set contrastive: false (Table 6 "
+                          "'w/o contrastive objective') or a positive weight")
+    if c.contrastive and c.adaptive_weighting and c.o_p <= -1:
+        raise ConfigError(f"model.mcl.o_p: expected > -1, got {c.o_p}: cosine similarity is >= -1, so "
+                          "eps_p = [o_p - sim]_+ would be 0 for every positive pair (Eq. 33)")
+    if c.contrastive and c.adaptive_weighting and c.o_n >= 1:
+        raise ConfigError(f"model.mcl.o_n: expected < 1, got {c.o_n}: cosine similarity is <= 1, so "
+                          "eps_n = [sim - o_n]_+ would be 0 for every negative pair (Eq. 33)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -171,6 +171,9 @@ class Trainer:
         set_threshold = getattr(self.model, "set_dataset_threshold", None)
         if callable(set_threshold):  # models whose training uses relevance (MCL's helpful pairs)
             set_threshold(self.threshold)
+        check_labels = getattr(self.model, "check_training_labels", None)
+        if callable(check_labels):  # MCL: refuses a helpfulness rule no training review meets
+            check_labels(data.train_labels)
         self.params = trainable_parameters(self.model)
         self.rng = np.random.default_rng(cfg.seed)
         self.sampler = PairwiseSampler(

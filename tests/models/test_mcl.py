@@ -169,7 +169,12 @@ def test_interaction_module_keeps_x_eta_fixed_and_uses_the_other_three_streams()
     for layer in mod.streams["kr"]:
         q = layer(q, x["kr"][1], eta, m)
     assert torch.allclose(out["kr"], q, atol=1e-6)
-    # a change in K_r itself does not reach K_r's eta: only through Q[0]
+    # eta excludes the stream itself: with K_r's own tokens in its eta the output differs
+    q_self = x["kr"][0]
+    eta_self = torch.cat([x["kp"][0], x["kr"][0], x["ap"][0], x["ar"][0]], dim=1)
+    for layer in mod.streams["kr"]:
+        q_self = layer(q_self, x["kr"][1], eta_self, torch.ones(1, 8, dtype=torch.bool))
+    assert not torch.allclose(out["kr"], q_self, atol=1e-3)
     assert {k: v.shape for k, v in out.items()} == {"kp": (1, 2, 4), "kr": (1, 3, 4),
                                                      "ap": (1, 1, 4), "ar": (1, 2, 4)}
 
@@ -325,7 +330,7 @@ def _expected_contrastive(model: MCL, batch, helpful, adaptive=True) -> float:
     return total
 
 
-def test_total_loss_as_the_trainer_assembles_it():
+def test_total_loss_as_the_trainer_assembles_it(tmp_path, monkeypatch):
     model = _tiny()  # helpful_threshold 1.0 in TINY
     model.train()
     batch = make_batch(empty_review_rois=(3,))
@@ -334,12 +339,29 @@ def test_total_loss_as_the_trainer_assembles_it():
     expected = _expected_contrastive(model, batch, helpful)
     assert set(out.aux_losses) == {"contrastive"}
     assert math.isclose(float(out.aux_losses["contrastive"].detach()), expected, rel_tol=1e-4, abs_tol=1e-4)
-    # Eq. 35 as models.trainer builds it: ranking + sum of the aux losses
-    rank = ranking_loss(out.scores, batch.labels, batch.instances, batch.instance_weights)
-    total = rank + sum(out.aux_losses.values())
-    assert math.isclose(float(total), float(rank) + expected, rel_tol=1e-4, abs_tol=1e-4)
     model.eval()
     assert model(batch).aux_losses == {}
+    # Eq. 35 as models.trainer builds it, read off one real training step (every training
+    # product in one batch): the loss it backpropagates is L_ranking + 1 * L_AdaptiveCE, with
+    # the two terms the step computed (no rescaling, no averaging of the contrastive sum)
+    import models.trainer as tr
+    from models.synthetic import make_synthetic, synthetic_train_config
+
+    data = make_synthetic(n_products=6, seed=0, threshold=1.0)
+    cfg = synthetic_train_config("mcl", data, {"epochs": 1, "batch_products": 64, "ranking_reduction": "sum",
+                                               "model_cfg": {"embed_dim": 16, "roi_dim": 32, "hidden": 8,
+                                                             "heads": 2, "interaction_layers": 1}})
+    trainer = tr.Trainer(cfg, data.bundle, tmp_path / "run")
+    seen: dict[str, list] = {"rank": [], "out": []}
+    real_rank, real_forward = tr.ranking_loss, trainer.model.forward
+    monkeypatch.setattr(tr, "ranking_loss", lambda *a, **k: seen["rank"].append(real_rank(*a, **k)) or seen["rank"][-1])
+    monkeypatch.setattr(trainer.model, "forward", lambda b: seen["out"].append(real_forward(b)) or seen["out"][-1])
+    stats = trainer._train_epoch()
+    assert stats["steps"] == 1 and len(seen["out"]) == 1
+    rank, contrastive = float(seen["rank"][0].detach()), float(seen["out"][0].aux_losses["contrastive"].detach())
+    assert abs(contrastive) > 1e-3 and rank > 0  # both terms present
+    assert math.isclose(stats["train_loss"], rank + contrastive, rel_tol=1e-5, abs_tol=1e-5)
+    assert math.isclose(stats["aux"]["contrastive"], contrastive, rel_tol=1e-5, abs_tol=1e-5)
 
 
 def test_eq34_is_a_sum_under_the_paper_preset():
@@ -400,6 +422,26 @@ def test_dataset_threshold_reaches_the_model_through_the_trainer_hook():
     assert torch.allclose(model(batch).aux_losses["contrastive"], ref(batch).aux_losses["contrastive"])
 
 
+def test_a_helpfulness_rule_no_training_review_meets_stops_training(tmp_path):
+    model = _tiny()  # helpful: label > 1
+    model.check_training_labels([0.0, 1.0, 2.0, 3.0])  # labels 2 and 3: two helpful reviews
+    with pytest.raises(TrainingError, match=r"1 of 3 training reviews are helpful \(label > 1\)"):
+        model.check_training_labels([0.0, 1.0, 4.0])  # only the 4
+    code = _tiny(helpful_threshold=None, helpful_min_label=5.0)
+    with pytest.raises(TrainingError, match=r"0 of 2 .*label >= 5"):
+        code.check_training_labels([4.0, 4.0])
+    _tiny(contrastive=False).check_training_labels([0.0])  # no contrastive loss: nothing to meet
+    # the trainer calls the hook with the training split's labels (synthetic labels are 0..4)
+    from models.synthetic import make_synthetic, synthetic_train_config
+    from models.trainer import Trainer
+
+    data = make_synthetic(n_products=6, seed=0, threshold=2.0)
+    cfg = synthetic_train_config("mcl", data, {"model_cfg": {"embed_dim": 16, "roi_dim": 32, "hidden": 8,
+                                                             "heads": 2, "helpful_threshold": 4.0}})
+    with pytest.raises(TrainingError, match="label > 4"):
+        Trainer(cfg, data.bundle, tmp_path / "run")
+
+
 def test_trainer_hands_the_dataset_threshold_to_the_model(tmp_path):
     from models.synthetic import make_synthetic, synthetic_train_config
     from models.trainer import Trainer
@@ -432,7 +474,13 @@ def test_paper_preset_is_the_default_and_builds_the_paper_model():
 def test_code_preset_and_unknown_name():
     p = MCL.preset("code")
     assert p["model_cfg"]["interaction_layers"] == 1 and p["model_cfg"]["helpful_min_label"] == 2.0
-    train_config(p["train"])
+    t = train_config(p["train"])
+    # the public trainer is built without clip_norm (basic_modeling.build_trainer): no clipping;
+    # its configs: Adam 1e-4, ReduceLROnPlateau patience 4, early_stopping 8, 7 negatives
+    assert t.grad_clip is None
+    assert (t.lr, t.lr_patience, t.patience, t.num_negatives) == (1e-4, 4, 8, 7)
+    # the paper gives no clipping either way; its preset keeps the trainer's guard
+    assert train_config(MCL.preset("paper")["train"]).grad_clip == 5.0
     with pytest.raises(ConfigError, match="paper, code"):
         MCL.preset("papr")
 
@@ -471,6 +519,30 @@ def test_bad_settings_are_config_errors():
         _tiny(cnn_kernel=2)
     with pytest.raises(ConfigError, match="model.mcl.dropout"):
         _tiny(dropout=1.5)
+
+
+def test_settings_that_silently_drop_a_term_of_eq33_are_refused():
+    # sim of T1, T2: positives 0.6, 0.6; negatives 0.8, 0.8 (see the top of this file)
+    # o_p = -1: eps_p = [-1 - 0.6]_+ = 0, so only the negatives remain: 2 * 0.8 * 0.8 = 1.28
+    assert math.isclose(float(adaptive_contrastive_loss(T1, T2, o_p=-1.0)), 1.28, abs_tol=1e-6)
+    # o_n = 1: eps_n = [0.8 - 1]_+ = 0, so only the positives remain: -2 * 1.4 * 0.6 = -1.68
+    assert math.isclose(float(adaptive_contrastive_loss(T1, T2, o_n=1.0)), -1.68, abs_tol=1e-6)
+    # ... for every cosine in [-1, 1], so a model config with them is refused
+    with pytest.raises(ConfigError, match="model.mcl.o_p"):
+        _tiny(o_p=-1.0)
+    with pytest.raises(ConfigError, match="model.mcl.o_n"):
+        _tiny(o_n=1.0)
+    # contrastive on with weight 0 is "w/o contrastive objective" under another name
+    with pytest.raises(ConfigError, match="contrastive: false"):
+        _tiny(contrastive_weight=0.0)
+    # where the setting has no effect it is accepted: Eq. 32 has no o_p/o_n, the ablation no loss
+    _tiny(o_p=-1.0, adaptive_weighting=False)
+    _tiny(o_n=1.0, contrastive=False, contrastive_weight=0.0)
+    # inside the range the weights are live: with sim positives -0.6, negatives -0.8, o_p = -0.5
+    # gives eps_p = [-0.5 + 0.6]_+ = 0.1 and eps_n = [-0.8]_+ = 0: L = -2 * 0.1 * (-0.6) = 0.12
+    t2 = torch.tensor([[-0.6, -0.8], [-0.8, -0.6]])
+    assert math.isclose(float(adaptive_contrastive_loss(T1, t2, o_p=-0.5)), 0.12, abs_tol=1e-6)
+    _tiny(o_p=-0.5, o_n=0.9)
 
 
 # --- Tables 7-8 ------------------------------------------------------------------------------------
