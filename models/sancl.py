@@ -50,7 +50,9 @@ Readings where the paper is silent or ambiguous (also in docs/fidelity.md):
     `cpc_reduction: instances` (the paper preset) divides the CPC sums by the same I, so the
     step minimises Eq. 18 / I: kappa weighs the CPC sums against the ranking sum exactly as
     Eq. 18 does. `sum` keeps Eq. 11-12's sums undivided, which beside the trainer's 1/I weighs
-    the CPC I times more than Eq. 18; `mean` (per positive term) is the public code's
+    the CPC I times more than Eq. 18, and is Eq. 18 as written beside `ranking_reduction: sum`;
+    `instances` beside `ranking_reduction: sum` (CPC I times lighter than Eq. 18) is refused as
+    the config loads (`check_train_config`). `mean` (per positive term) is the public code's
     reduction (the `code` preset).
   * Eq. 12's denominator runs over S+_pr and S-_pr with each review k paired with its own
     product's S^p_{m,k}; we normalise a review over the reviews of its own product (issue 12:
@@ -387,10 +389,31 @@ class SANCL(nn.Module):
         return cls(config=from_mapping(SANCLConfig, cfg, "model.sancl"), embeddings=embeddings)
 
     @classmethod
+    def config_record(cls, cfg: Mapping[str, Any]) -> SANCLConfig:
+        """The validated settings (`models.registry.model_config` calls this as the training
+        config loads): an unknown key, a wrong type or an impossible value (alpha > 1, a fixed
+        beta not below alpha, ...) is a ConfigError before any data is read."""
+        return _check_config(from_mapping(SANCLConfig, dict(cfg or {}), "model_cfg"))
+
+    @classmethod
+    def check_train_config(cls, record: SANCLConfig, train: Any) -> None:
+        """Settings that contradict the trainer's (`models.config` calls this as the config
+        loads): `cpc_reduction: instances` divides the CPC sums by the number I of ranking
+        instances because the trainer divides Eq. 16's hinge sum by I (`ranking_reduction:
+        mean`); beside `ranking_reduction: sum` it would weigh the CPC I times less than Eq. 18
+        does, so that pair is refused (`cpc_reduction: sum` keeps Eq. 18 as written)."""
+        if record.cpc_reduction == "instances" and getattr(train, "ranking_reduction", "mean") == "sum":
+            raise ConfigError(
+                "model_cfg.cpc_reduction: 'instances' divides the CPC sums by the number of ranking "
+                "instances to match ranking_reduction: mean, but ranking_reduction is 'sum'; with a "
+                "summed ranking loss set cpc_reduction: sum (Eq. 18 as written), or keep both defaults"
+            )
+
+    @classmethod
     def required_views(cls, model_cfg: Mapping) -> frozenset[str]:
         """Store views a run needs: tokens always, rois unless text_only, probes unless
         probe_mask is false."""
-        c = from_mapping(SANCLConfig, dict(model_cfg or {}), "model.sancl")
+        c = cls.config_record(model_cfg or {})
         views = {"tokens"}
         if not c.text_only:
             views.add("rois")

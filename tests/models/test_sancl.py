@@ -454,3 +454,50 @@ def test_paper_preset_without_category_sets_only_the_shared_sizes():
     assert "lr" not in p["train"] and "kappa" not in p["model_cfg"]
     assert p["model_cfg"]["hidden"] == 128 and p["model_cfg"]["proj_dim"] == 64
     assert p["train"]["batch_products"] == 32
+
+
+# ---- second review: settings checked as the config loads ---------------------------------------
+@pytest.mark.parametrize("bad", [{"alpha": 1.5}, {"beta": "fixed", "fixed_beta": 1.0}, {"alpha": 0.8},
+                                 {"temperature": 0.0}, {"high_label": 5.0}])
+def test_impossible_settings_fail_when_the_training_config_loads(bad):
+    """Before any data is read (models.config.train_config), not only when the model is built."""
+    from models.config import train_config
+
+    with pytest.raises(ConfigError, match=r"model\.sancl\."):
+        train_config({"model": "sancl", "model_cfg": bad})
+
+
+def test_instances_reduction_beside_a_summed_ranking_loss_is_refused():
+    """cpc_reduction: instances exists to match the trainer's mean over instances (Eq. 18 / I);
+    beside ranking_reduction: sum it would weigh kappa * L_aux I times less than Eq. 18."""
+    from models.config import load_train_config, train_config
+
+    with pytest.raises(ConfigError, match="ranking_reduction"):
+        train_config({"model": "sancl", "ranking_reduction": "sum"})
+    with pytest.raises(ConfigError, match="cpc_reduction: sum"):
+        load_train_config(base={"model": "sancl"}, overrides=["ranking_reduction=sum"])
+    # the consistent pairs load
+    train_config({"model": "sancl", "ranking_reduction": "sum", "model_cfg": {"cpc_reduction": "sum"}})
+    train_config({"model": "sancl", "ranking_reduction": "sum", "model_cfg": {"cpc_reduction": "mean"}})
+    load_train_config(base={"model": "sancl"})  # paper preset: mean ranking loss + instances
+
+
+def test_eq18_with_summed_ranking_loss_and_summed_cpc_by_hand():
+    """The other consistent pair: ranking_reduction sum + cpc_reduction sum is Eq. 18 itself
+    (no division by I). Same hand numbers as the instances test above."""
+    from models.losses import ranking_loss
+
+    batch = _four_reviews()
+    model = SANCL.from_config({**TINY["sancl"], "roi_dim": 4, "proj_dim": 2, "kappa": 0.1,
+                               "cpc_reduction": "sum"}).train()
+    model.project = lambda pooled: Z
+    aux = model(batch).aux_losses
+    scores = torch.tensor([2.0, 0.5, 1.0, 0.6])  # hinges 0 and 0.6 (gamma = 1)
+    rank = ranking_loss(scores, batch.labels, batch.instances, batch.instance_weights,
+                        margin="fixed", fixed_margin=1.0, reduction="sum")
+    loss = float(rank) + sum(float(v.detach()) for v in aux.values())
+    d = E(1) + E(0) + E(0.6) + E(-1) + E(0.8) + E(0)
+    cpc_ii = 4 * math.log(d) - 2.4
+    cpc_pr = (-(1 - math.log(E(1) + E(0))) - (0.8 - math.log(E(0.8) + E(-1)))
+              - (0.8 - math.log(E(0.8) + E(0))) - (1 - math.log(E(1) + E(0.6))))
+    assert math.isclose(loss, 0.6 + 0.1 * (cpc_ii + cpc_pr), rel_tol=1e-6)
