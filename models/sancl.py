@@ -30,9 +30,11 @@ Reads top to bottom like the paper:
      ranking loss; the model returns kappa * cpc_ii and kappa * cpc_pr as `aux_losses`.
 
 Readings where the paper is silent or ambiguous (also in docs/fidelity.md):
-  * Eq. 3 writes A = softmax(W H); we use single-head dot-product attention with query and key
-    projections, scaled by 1/sqrt(d) (`attn_scale`; the public code does not scale). Values
-    are H itself, as Eq. 7 writes (H + A'H, no value projection).
+  * Eq. 3 writes A = softmax(W H); we read W H as the bilinear scores of single-head
+    dot-product attention, (W_q H)(W_k H)^T, unscaled as Eq. 3 writes it (and as the public code
+    computes it); `attn_scale: true` divides them by sqrt(d), the Transformer's habit, which
+    neither source has (the learned W_q, W_k could absorb the factor; only the start of
+    training differs). Values are H itself, as Eq. 7 writes (H + A'H, no value projection).
   * The conclusion speaks of "re-normalization" of the attention weights; Eq. 4-5 define a
     re-weighting whose factors alpha^2 / alpha*beta / beta^2 only survive without
     renormalisation, so none is applied.
@@ -74,7 +76,7 @@ DataError (a missing probes view is refused by the data loading through `require
 Table 5 gives electronics lr 5e-5 although Appendix B's search space lists only {1e-4, 2e-5};
 the presets follow Table 5.
 Presets: `paper` (default) and `code` (the public release's 8-representation MLP scorer,
-unscaled attention, one image encoder shared by both fields, CPC averaged per positive, beta
+one image encoder shared by both fields, CPC averaged per positive, beta
 fixed at 0.5 as its GloVe model does); both
 take per-category values from Tables 5 (GloVe) via `SANCL.preset(name, category=...)`.
 """
@@ -128,7 +130,8 @@ class SANCLConfig:
     image_ffn: int = 512  # feed-forward width of those layers
     share_image_encoder: bool = False  # True: one image encoder for both fields (public code)
     dropout: float = 0.1  # dropout inside the image encoders
-    attn_scale: bool = True  # Eq. 3 scores scaled by 1/sqrt(hidden) (False: the public code)
+    attn_scale: bool = False  # True: Eq. 3 scores divided by sqrt(hidden) (in neither the paper
+    # nor the public code; see the module docstring)
     probe_mask: bool = True  # False: plain attention and pooling (Table 2 "w/o probe mask")
     beta: Literal["learned", "fixed"] = "learned"  # Eq. 6 beta = sigmoid(W h_seq + b), or fixed
     fixed_beta: float = 0.5  # beta when beta = fixed (Table 2)

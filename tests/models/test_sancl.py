@@ -501,3 +501,21 @@ def test_eq18_with_summed_ranking_loss_and_summed_cpc_by_hand():
     cpc_pr = (-(1 - math.log(E(1) + E(0))) - (0.8 - math.log(E(0.8) + E(-1)))
               - (0.8 - math.log(E(0.8) + E(0))) - (1 - math.log(E(1) + E(0.6))))
     assert math.isclose(loss, 0.6 + 0.1 * (cpc_ii + cpc_pr), rel_tol=1e-6)
+
+
+def test_eq3_scores_are_unscaled_by_default_by_hand():
+    """Eq. 3 A = softmax(W H) carries no 1/sqrt(d) (nor does the public code): the paper
+    default leaves the bilinear scores unscaled; attn_scale: true divides them by sqrt(d)."""
+    ones = torch.ones(1, 2, dtype=torch.bool)
+    h = torch.tensor([[[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]])
+    for cfg, a00 in (({}, E(4) / (E(4) + 1)), ({"attn_scale": True}, E(2) / (E(2) + 1))):
+        sa = SANCL.from_config({**TINY["sancl"], "hidden": 4, "probe_mask": False, **cfg}).self_att
+        with torch.no_grad():
+            for lin in (sa.q, sa.k):  # W_q = W_k = I: scores h_i . h_j = [[4, 0], [0, 0]]
+                lin.weight.copy_(torch.eye(4))
+                lin.bias.zero_()
+            out, _ = sa(h, ones, None, torch.zeros(1, 4))
+        # unscaled: A_00 = e^4 / (e^4 + 1); scaled by 1/sqrt(4): e^2 / (e^2 + 1); row 1 = [1/2, 1/2]
+        # H' = H + A H (Eq. 7): row 0 = (1 + A_00) * [1, 1, 1, 1] (h_1 = 0), row 1 = 0.5 * [1, 1, 1, 1]
+        assert torch.allclose(out[0, 0], torch.full((4,), 1 + a00), atol=1e-6), cfg
+        assert torch.allclose(out[0, 1], torch.full((4,), 0.5), atol=1e-6), cfg
