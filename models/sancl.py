@@ -340,9 +340,12 @@ class SelectiveSelfAttention(nn.Module):
 
 
 def weighted_pool(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Eq. 8: sum_i w_i x_i / sum_i w_i over (B, L, H) with (B, L) weights; zeros for empty rows."""
+    """Eq. 8: sum_i w_i x_i / sum_i w_i over (B, L, H) with (B, L) weights; zeros for empty rows.
+    The divisor is the exact weight sum (no floor: a small beta on an all-zero probe mask still
+    gives the plain average)."""
     w = weights.to(x.dtype).unsqueeze(-1)
-    return (x * w).sum(1) / w.sum(1).clamp(min=1e-6)
+    total = w.sum(1)  # (B, 1)
+    return (x * w).sum(1) / torch.where(total > 0, total, torch.ones_like(total))
 
 
 def _proj(d_in: int, d: int) -> nn.Sequential:

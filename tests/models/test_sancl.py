@@ -519,3 +519,14 @@ def test_eq3_scores_are_unscaled_by_default_by_hand():
         # H' = H + A H (Eq. 7): row 0 = (1 + A_00) * [1, 1, 1, 1] (h_1 = 0), row 1 = 0.5 * [1, 1, 1, 1]
         assert torch.allclose(out[0, 0], torch.full((4,), 1 + a00), atol=1e-6), cfg
         assert torch.allclose(out[0, 1], torch.full((4,), 0.5), atol=1e-6), cfg
+
+
+def test_eq8_weighted_average_is_exact_for_a_small_beta():
+    """An all-zero probe mask (Algorithm 1 without a cluster) gives M' = beta on every token, so
+    Eq. 8 is the plain average whatever beta is: tokens 2, 4, 6 -> 4. With beta = 1e-9 the
+    weight sum is 3e-9; a floor of 1e-6 on the divisor gave 1e-9 * 12 / 1e-6 = 0.012."""
+    x = torch.tensor([[[2.0], [4.0], [6.0]]])
+    assert torch.allclose(weighted_pool(x, torch.full((1, 3), 1e-9)), torch.tensor([[4.0]]))
+    # padding (weight 0) does not count; an empty row pools to zero
+    assert torch.allclose(weighted_pool(x, torch.tensor([[0.5, 0.5, 0.0]])), torch.tensor([[3.0]]))
+    assert torch.equal(weighted_pool(x, torch.zeros(1, 3)), torch.tensor([[0.0]]))
