@@ -42,7 +42,11 @@ Readings where the paper is silent or ambiguous (also in docs/fidelity.md):
   * The paper says how the review fields are pooled, not the product fields: product text
     (GRU states) and product images (self-attention output) are averaged over real positions.
   * Eq. 1 writes one theta_t; the product and review texts get one GRU each (their own
-    vocabularies and embedding tables), as the public code does.
+    vocabularies and embedding tables), as the public code does. Tables 5-6 call its size
+    "LSTM hidden dim" (128); Sec. 3.3 names a GRU and no LSTM, so that is the GRU's size.
+  * Eq. 2 writes 1 > alpha > beta > 0, yet Sec. 3.4 "set[s] alpha to 1.0" and Eq. 6's sigmoid
+    keeps beta in (0, 1): the binding constraint is read as alpha > beta, so alpha = 1 (the
+    paper's value, the default) is allowed and alpha > 1 is not.
   * Cross-field and cross-image attention take MCR's product-aware form (the paper defers to
     Liu et al. 2021 and gives no equation): a_ij = softmax_j(relu(W p_j + b) . r_i) over the
     product positions j, r_i <- r_i + sum_j a_ij p_j.
@@ -153,7 +157,8 @@ class SANCLConfig:
 def _check_config(c: SANCLConfig) -> SANCLConfig:
     where = "model.sancl"
     if not 0 < c.alpha <= 1:
-        raise ConfigError(f"{where}.alpha: expected 0 < alpha <= 1 (Eq. 2), got {c.alpha}")
+        raise ConfigError(f"{where}.alpha: expected 0 < alpha <= 1 (Eq. 2's 1 > alpha > beta, with "
+                          f"Sec. 3.4's alpha = 1), got {c.alpha}")
     if c.beta == "learned" and c.probe_mask and c.alpha < 1:
         raise ConfigError(f"{where}.alpha: {c.alpha} < 1 with beta: learned cannot keep Eq. 2's "
                           f"alpha > beta (Eq. 6's sigmoid beta ranges over (0, 1)); use alpha: 1 "
