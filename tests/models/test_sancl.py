@@ -530,3 +530,21 @@ def test_eq8_weighted_average_is_exact_for_a_small_beta():
     # padding (weight 0) does not count; an empty row pools to zero
     assert torch.allclose(weighted_pool(x, torch.tensor([[0.5, 0.5, 0.0]])), torch.tensor([[3.0]]))
     assert torch.equal(weighted_pool(x, torch.zeros(1, 3)), torch.tensor([[0.0]]))
+
+
+def test_code_scorer_reads_the_review_then_its_products_projected_vectors():
+    """The `code` scorer's input: the four projected review vectors, then the same four of the
+    review's own product (product images in the image slots, fidelity.md)."""
+    torch.manual_seed(0)
+    model = SANCL.from_config({**TINY["sancl"], "proj_dim": 3, "scorer": "code"}).eval()
+    batch = make_batch()
+    seen = []
+    model.out[0].register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach()))
+    with torch.no_grad():
+        model(batch)
+        z = model.project(model.pooled(batch))
+    idx = batch.rev_product
+    order = [("ii", "t"), ("pr", "t"), ("ii", "v"), ("pr", "v")]
+    want = torch.cat([z[f"{d}_{m}_r"] for d, m in order] + [z[f"{d}_{m}_p"][idx] for d, m in order], -1)
+    assert torch.allclose(seen[0], want, atol=1e-6)
+    assert not torch.allclose(z["ii_v_p"], z["ii_t_p"])  # the image slots are not the text vectors
