@@ -65,8 +65,10 @@ Readings where the paper is silent or ambiguous (also in docs/fidelity.md):
     "normalised over all of that product's reviews"). The set notation alone would also allow
     one batch-wide normaliser, as Eq. 11 has; that reading is `pr_normaliser: batch`.
   * Eq. 16's pairs: the paper writes "an arbitrary positive/negative pair ... under product
-    P_i" and gives no gamma; the trainer's sampler (1 positive, K negatives per instance) draws
-    them and the paper preset uses a fixed margin gamma = 1.
+    P_i", "same as Liu et al. (2021)", and gives no gamma; the trainer's MCR sampler (1
+    positive, K = 7 negatives at least 2 labels lower per instance, drawn with probability
+    1 - label frequency; docs/fidelity.md) draws them and the paper preset uses a fixed margin
+    gamma = 1.
   * Items without the modality a term needs (a review without images, an empty text) are left
     out of that term's numerator and denominator; a term without any positive is zero.
   * Text-only setting (Table 1, upper half; `text_only: true`): no images, so no inner-instance
@@ -74,9 +76,11 @@ Readings where the paper is silent or ambiguous (also in docs/fidelity.md):
 
 Table 2 ablations: `beta: fixed` (fixed_beta 0.5), `probe_mask: false` (plain attention and
 plain average pooling; the probes view is then not required), `cpc_ii: false`,
-`cpc_pr: false`, both false. The model never falls back to all-ones masks: with
-`probe_mask: true` a batch without probe masks, or with a mask value other than 0/1, is a
-DataError (a missing probes view is refused by the data loading through `required_views`).
+`cpc_pr: false`, both false. The model never substitutes masks: with `probe_mask: true` a
+batch without probe masks, or with a mask value other than 0/1, is a DataError (a missing
+probes view is refused by the data loading through `required_views`). The data loading still
+gives a review a mask of ones (plain attention) under `allow_missing: [probes]` and when its
+probes record is a failure; the model cannot tell those from real masks (docs/fidelity.md).
 Table 5 gives electronics lr 5e-5 although Appendix B's search space lists only {1e-4, 2e-5};
 the presets follow Table 5.
 Presets: `paper` (default) and `code` (the public release's 8-representation MLP scorer,
