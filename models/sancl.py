@@ -78,9 +78,10 @@ Table 2 ablations: `beta: fixed` (fixed_beta 0.5), `probe_mask: false` (plain at
 plain average pooling; the probes view is then not required), `cpc_ii: false`,
 `cpc_pr: false`, both false. The model never substitutes masks: with `probe_mask: true` a
 batch without probe masks, or with a mask value other than 0/1, is a DataError (a missing
-probes view is refused by the data loading through `required_views`). The data loading still
-gives a review a mask of ones (plain attention) under `allow_missing: [probes]` and when its
-probes record is a failure; the model cannot tell those from real masks (docs/fidelity.md).
+probes view is refused by the data loading through `required_views`, and `allow_missing:
+[probes]` beside `probe_mask: true` as the config loads, `check_train_config`). The data
+loading still gives a review whose probes record is a failure a mask of ones (plain attention
+for it); the model cannot tell those from real masks (docs/fidelity.md).
 Table 5 gives electronics lr 5e-5 although Appendix B's search space lists only {1e-4, 2e-5};
 the presets follow Table 5.
 Presets: `paper` (default) and `code` (the public release's 8-representation MLP scorer,
@@ -413,10 +414,20 @@ class SANCL(nn.Module):
     @classmethod
     def check_train_config(cls, record: SANCLConfig, train: Any) -> None:
         """Settings that contradict the trainer's (`models.config` calls this as the config
-        loads): `cpc_reduction: instances` divides the CPC sums by the number I of ranking
+        loads). `allow_missing: [probes]` with `probe_mask: true`: the data loading would give
+        every review a mask of ones, M' = 1, i.e. plain attention and mean pooling, the
+        "w/o probe mask" row recorded as the full model (issue 12: `probe_mask: false` is the
+        way to ask for it); refused. `cpc_reduction: instances` divides the CPC sums by the number I of ranking
         instances because the trainer divides Eq. 16's hinge sum by I (`ranking_reduction:
         mean`); beside `ranking_reduction: sum` it would weigh the CPC I times less than Eq. 18
         does, so that pair is refused (`cpc_reduction: sum` keeps Eq. 18 as written)."""
+        if record.probe_mask and "probes" in tuple(getattr(train, "allow_missing", ()) or ()):
+            raise ConfigError(
+                "allow_missing: [probes] with model_cfg.probe_mask: true would give every review a "
+                "probe mask of ones when the view is absent, i.e. train the Table 2 'w/o probe mask' "
+                "model under the full model's settings; set model_cfg.probe_mask: false for that "
+                "ablation, or build the view with `mrhp extract --stage probes`"
+            )
         if record.cpc_reduction == "instances" and getattr(train, "ranking_reduction", "mean") == "sum":
             raise ConfigError(
                 "model_cfg.cpc_reduction: 'instances' divides the CPC sums by the number of ranking "

@@ -548,3 +548,16 @@ def test_code_scorer_reads_the_review_then_its_products_projected_vectors():
     want = torch.cat([z[f"{d}_{m}_r"] for d, m in order] + [z[f"{d}_{m}_p"][idx] for d, m in order], -1)
     assert torch.allclose(seen[0], want, atol=1e-6)
     assert not torch.allclose(z["ii_v_p"], z["ii_t_p"])  # the image slots are not the text vectors
+
+
+def test_allow_missing_probes_with_the_probe_mask_on_is_refused():
+    """A missing probes view let through by allow_missing gives every review a mask of ones
+    (M' = 1: plain attention and mean pooling), the Table 2 'w/o probe mask' row under the
+    full model's settings; probe_mask: false is the way to ask for that row."""
+    from models.config import train_config
+
+    with pytest.raises(ConfigError, match="probe_mask: false"):
+        train_config({"model": "sancl", "allow_missing": ["probes"]})
+    cfg = train_config({"model": "sancl", "allow_missing": ["probes"], "model_cfg": {"probe_mask": False}})
+    assert "probes" not in SANCL.required_views(cfg.model_cfg)
+    train_config({"model": "sancl", "allow_missing": ["rois"]})  # other views: the user's opt-in
