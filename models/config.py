@@ -120,7 +120,9 @@ def _check(cfg: TrainConfig) -> TrainConfig:
 
 def _resolve_model_cfg(cfg: TrainConfig) -> TrainConfig:
     """model_cfg validated into the model's own config record and stored as every field of it
-    (so a run folder records the resolved model config); unchanged for a model without one."""
+    (so a run folder records the resolved model config); unchanged for a model without one. A
+    model class may define `check_train_config(record, cfg)` to refuse model settings that
+    contradict the training settings (SANCL: its CPC reduction against ranking_reduction)."""
     from models.registry import model_class, model_config, preset_names
 
     valid = preset_names(cfg.model)
