@@ -120,8 +120,10 @@ def _check(cfg: TrainConfig) -> TrainConfig:
 
 def _resolve_model_cfg(cfg: TrainConfig) -> TrainConfig:
     """model_cfg validated into the model's own config record and stored as every field of it
-    (so a run folder records the resolved model config); unchanged for a model without one."""
-    from models.registry import model_config, preset_names
+    (so a run folder records the resolved model config); unchanged for a model without one. A
+    model class may define `check_train_config(record, cfg)` to refuse model settings that
+    contradict the training settings (SANCL: its CPC reduction against ranking_reduction)."""
+    from models.registry import model_class, model_config, preset_names
 
     valid = preset_names(cfg.model)
     if cfg.preset not in valid:
@@ -129,6 +131,9 @@ def _resolve_model_cfg(cfg: TrainConfig) -> TrainConfig:
     record = model_config(cfg.model, cfg.model_cfg)
     if record is None:
         return cfg
+    check = getattr(model_class(cfg.model), "check_train_config", None)  # model x trainer settings
+    if callable(check):
+        check(record, cfg)
     resolved = to_mapping(record)
     # Fields the data decides (the word vectors' width, a test vocabulary's size) stay unset unless
     # the user set them: the model takes them from the matrices it is given when it is built.

@@ -30,9 +30,11 @@ Reads top to bottom like the paper:
      ranking loss; the model returns kappa * cpc_ii and kappa * cpc_pr as `aux_losses`.
 
 Readings where the paper is silent or ambiguous (also in docs/fidelity.md):
-  * Eq. 3 writes A = softmax(W H); we use single-head dot-product attention with query and key
-    projections, scaled by 1/sqrt(d) (`attn_scale`; the public code does not scale). Values
-    are H itself, as Eq. 7 writes (H + A'H, no value projection).
+  * Eq. 3 writes A = softmax(W H); we read W H as the bilinear scores of single-head
+    dot-product attention, (W_q H)(W_k H)^T, unscaled as Eq. 3 writes it (and as the public code
+    computes it); `attn_scale: true` divides them by sqrt(d), the Transformer's habit, which
+    neither source has (the learned W_q, W_k could absorb the factor; only the start of
+    training differs). Values are H itself, as Eq. 7 writes (H + A'H, no value projection).
   * The conclusion speaks of "re-normalization" of the attention weights; Eq. 4-5 define a
     re-weighting whose factors alpha^2 / alpha*beta / beta^2 only survive without
     renormalisation, so none is applied.
@@ -40,7 +42,11 @@ Readings where the paper is silent or ambiguous (also in docs/fidelity.md):
   * The paper says how the review fields are pooled, not the product fields: product text
     (GRU states) and product images (self-attention output) are averaged over real positions.
   * Eq. 1 writes one theta_t; the product and review texts get one GRU each (their own
-    vocabularies and embedding tables), as the public code does.
+    vocabularies and embedding tables), as the public code does. Tables 5-6 call its size
+    "LSTM hidden dim" (128); Sec. 3.3 names a GRU and no LSTM, so that is the GRU's size.
+  * Eq. 2 writes 1 > alpha > beta > 0, yet Sec. 3.4 "set[s] alpha to 1.0" and Eq. 6's sigmoid
+    keeps beta in (0, 1): the binding constraint is read as alpha > beta, so alpha = 1 (the
+    paper's value, the default) is allowed and alpha > 1 is not.
   * Cross-field and cross-image attention take MCR's product-aware form (the paper defers to
     Liu et al. 2021 and gives no equation): a_ij = softmax_j(relu(W p_j + b) . r_i) over the
     product positions j, r_i <- r_i + sum_j a_ij p_j.
@@ -50,15 +56,19 @@ Readings where the paper is silent or ambiguous (also in docs/fidelity.md):
     `cpc_reduction: instances` (the paper preset) divides the CPC sums by the same I, so the
     step minimises Eq. 18 / I: kappa weighs the CPC sums against the ranking sum exactly as
     Eq. 18 does. `sum` keeps Eq. 11-12's sums undivided, which beside the trainer's 1/I weighs
-    the CPC I times more than Eq. 18; `mean` (per positive term) is the public code's
+    the CPC I times more than Eq. 18, and is Eq. 18 as written beside `ranking_reduction: sum`;
+    `instances` beside `ranking_reduction: sum` (CPC I times lighter than Eq. 18) is refused as
+    the config loads (`check_train_config`). `mean` (per positive term) is the public code's
     reduction (the `code` preset).
   * Eq. 12's denominator runs over S+_pr and S-_pr with each review k paired with its own
     product's S^p_{m,k}; we normalise a review over the reviews of its own product (issue 12:
     "normalised over all of that product's reviews"). The set notation alone would also allow
     one batch-wide normaliser, as Eq. 11 has; that reading is `pr_normaliser: batch`.
   * Eq. 16's pairs: the paper writes "an arbitrary positive/negative pair ... under product
-    P_i" and gives no gamma; the trainer's sampler (1 positive, K negatives per instance) draws
-    them and the paper preset uses a fixed margin gamma = 1.
+    P_i", "same as Liu et al. (2021)", and gives no gamma; the trainer's MCR sampler (1
+    positive, K = 7 negatives at least 2 labels lower per instance, drawn with probability
+    1 - label frequency; docs/fidelity.md) draws them and the paper preset uses a fixed margin
+    gamma = 1.
   * Items without the modality a term needs (a review without images, an empty text) are left
     out of that term's numerator and denominator; a term without any positive is zero.
   * Text-only setting (Table 1, upper half; `text_only: true`): no images, so no inner-instance
@@ -66,13 +76,16 @@ Readings where the paper is silent or ambiguous (also in docs/fidelity.md):
 
 Table 2 ablations: `beta: fixed` (fixed_beta 0.5), `probe_mask: false` (plain attention and
 plain average pooling; the probes view is then not required), `cpc_ii: false`,
-`cpc_pr: false`, both false. The model never falls back to all-ones masks: with
-`probe_mask: true` a batch without probe masks, or with a mask value other than 0/1, is a
-DataError (a missing probes view is refused by the data loading through `required_views`).
+`cpc_pr: false`, both false. The model never substitutes masks: with `probe_mask: true` a
+batch without probe masks, or with a mask value other than 0/1, is a DataError (a missing
+probes view is refused by the data loading through `required_views`, and `allow_missing:
+[probes]` beside `probe_mask: true` as the config loads, `check_train_config`). The data
+loading still gives a review whose probes record is a failure a mask of ones (plain attention
+for it); the model cannot tell those from real masks (docs/fidelity.md).
 Table 5 gives electronics lr 5e-5 although Appendix B's search space lists only {1e-4, 2e-5};
 the presets follow Table 5.
 Presets: `paper` (default) and `code` (the public release's 8-representation MLP scorer,
-unscaled attention, one image encoder shared by both fields, CPC averaged per positive, beta
+one image encoder shared by both fields, CPC averaged per positive, beta
 fixed at 0.5 as its GloVe model does); both
 take per-category values from Tables 5 (GloVe) via `SANCL.preset(name, category=...)`.
 """
@@ -126,7 +139,8 @@ class SANCLConfig:
     image_ffn: int = 512  # feed-forward width of those layers
     share_image_encoder: bool = False  # True: one image encoder for both fields (public code)
     dropout: float = 0.1  # dropout inside the image encoders
-    attn_scale: bool = True  # Eq. 3 scores scaled by 1/sqrt(hidden) (False: the public code)
+    attn_scale: bool = False  # True: Eq. 3 scores divided by sqrt(hidden) (in neither the paper
+    # nor the public code; see the module docstring)
     probe_mask: bool = True  # False: plain attention and pooling (Table 2 "w/o probe mask")
     beta: Literal["learned", "fixed"] = "learned"  # Eq. 6 beta = sigmoid(W h_seq + b), or fixed
     fixed_beta: float = 0.5  # beta when beta = fixed (Table 2)
@@ -148,7 +162,8 @@ class SANCLConfig:
 def _check_config(c: SANCLConfig) -> SANCLConfig:
     where = "model.sancl"
     if not 0 < c.alpha <= 1:
-        raise ConfigError(f"{where}.alpha: expected 0 < alpha <= 1 (Eq. 2), got {c.alpha}")
+        raise ConfigError(f"{where}.alpha: expected 0 < alpha <= 1 (Eq. 2's 1 > alpha > beta, with "
+                          f"Sec. 3.4's alpha = 1), got {c.alpha}")
     if c.beta == "learned" and c.probe_mask and c.alpha < 1:
         raise ConfigError(f"{where}.alpha: {c.alpha} < 1 with beta: learned cannot keep Eq. 2's "
                           f"alpha > beta (Eq. 6's sigmoid beta ranges over (0, 1)); use alpha: 1 "
@@ -335,9 +350,12 @@ class SelectiveSelfAttention(nn.Module):
 
 
 def weighted_pool(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Eq. 8: sum_i w_i x_i / sum_i w_i over (B, L, H) with (B, L) weights; zeros for empty rows."""
+    """Eq. 8: sum_i w_i x_i / sum_i w_i over (B, L, H) with (B, L) weights; zeros for empty rows.
+    The divisor is the exact weight sum (no floor: a small beta on an all-zero probe mask still
+    gives the plain average)."""
     w = weights.to(x.dtype).unsqueeze(-1)
-    return (x * w).sum(1) / w.sum(1).clamp(min=1e-6)
+    total = w.sum(1)  # (B, 1)
+    return (x * w).sum(1) / torch.where(total > 0, total, torch.ones_like(total))
 
 
 def _proj(d_in: int, d: int) -> nn.Sequential:
@@ -387,10 +405,41 @@ class SANCL(nn.Module):
         return cls(config=from_mapping(SANCLConfig, cfg, "model.sancl"), embeddings=embeddings)
 
     @classmethod
+    def config_record(cls, cfg: Mapping[str, Any]) -> SANCLConfig:
+        """The validated settings (`models.registry.model_config` calls this as the training
+        config loads): an unknown key, a wrong type or an impossible value (alpha > 1, a fixed
+        beta not below alpha, ...) is a ConfigError before any data is read."""
+        return _check_config(from_mapping(SANCLConfig, dict(cfg or {}), "model_cfg"))
+
+    @classmethod
+    def check_train_config(cls, record: SANCLConfig, train: Any) -> None:
+        """Settings that contradict the trainer's (`models.config` calls this as the config
+        loads). `allow_missing: [probes]` with `probe_mask: true`: the data loading would give
+        every review a mask of ones, M' = 1, i.e. plain attention and mean pooling, the
+        "w/o probe mask" row recorded as the full model (issue 12: `probe_mask: false` is the
+        way to ask for it); refused. `cpc_reduction: instances` divides the CPC sums by the number I of ranking
+        instances because the trainer divides Eq. 16's hinge sum by I (`ranking_reduction:
+        mean`); beside `ranking_reduction: sum` it would weigh the CPC I times less than Eq. 18
+        does, so that pair is refused (`cpc_reduction: sum` keeps Eq. 18 as written)."""
+        if record.probe_mask and "probes" in tuple(getattr(train, "allow_missing", ()) or ()):
+            raise ConfigError(
+                "allow_missing: [probes] with model_cfg.probe_mask: true would give every review a "
+                "probe mask of ones when the view is absent, i.e. train the Table 2 'w/o probe mask' "
+                "model under the full model's settings; set model_cfg.probe_mask: false for that "
+                "ablation, or build the view with `mrhp extract --stage probes`"
+            )
+        if record.cpc_reduction == "instances" and getattr(train, "ranking_reduction", "mean") == "sum":
+            raise ConfigError(
+                "model_cfg.cpc_reduction: 'instances' divides the CPC sums by the number of ranking "
+                "instances to match ranking_reduction: mean, but ranking_reduction is 'sum'; with a "
+                "summed ranking loss set cpc_reduction: sum (Eq. 18 as written), or keep both defaults"
+            )
+
+    @classmethod
     def required_views(cls, model_cfg: Mapping) -> frozenset[str]:
         """Store views a run needs: tokens always, rois unless text_only, probes unless
         probe_mask is false."""
-        c = from_mapping(SANCLConfig, dict(model_cfg or {}), "model.sancl")
+        c = cls.config_record(model_cfg or {})
         views = {"tokens"}
         if not c.text_only:
             views.add("rois")

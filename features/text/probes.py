@@ -16,8 +16,10 @@ token i, so `mask[pos]` aligns a mask with the tokens stage's ids):
      the gold cluster: the pseudo-code read literally (case 1);
   5. "if gold_cluster = empty then gold_cluster = clusters[0]" (case 2);
   6. "foreach sent in R^: if any w in gold_cluster in sent then M[sent] <- True": every sentence
-     (the parser's sentences) overlapping a mention of the gold cluster is 1. Keyword
-     occurrences outside the gold cluster do not mark a sentence: Algorithm 1 has no such step.
+     (the parser's sentences) overlapping a mention of the gold cluster is 1 (*reading*: the
+     prose's "mention-found sentences"; "any w in gold_cluster in sent" read as a word test
+     would also mark a sentence for an unrelated "it"). Keyword occurrences outside the gold
+     cluster do not mark a sentence: Algorithm 1 has no such step.
 
 `script`: SANCL's released `scripts/generate_mask/gen_amazon.py`, rule for rule, so its masks
 can be regenerated:

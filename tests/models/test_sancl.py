@@ -454,3 +454,110 @@ def test_paper_preset_without_category_sets_only_the_shared_sizes():
     assert "lr" not in p["train"] and "kappa" not in p["model_cfg"]
     assert p["model_cfg"]["hidden"] == 128 and p["model_cfg"]["proj_dim"] == 64
     assert p["train"]["batch_products"] == 32
+
+
+# ---- second review: settings checked as the config loads ---------------------------------------
+@pytest.mark.parametrize("bad", [{"alpha": 1.5}, {"beta": "fixed", "fixed_beta": 1.0}, {"alpha": 0.8},
+                                 {"temperature": 0.0}, {"high_label": 5.0}])
+def test_impossible_settings_fail_when_the_training_config_loads(bad):
+    """Before any data is read (models.config.train_config), not only when the model is built."""
+    from models.config import train_config
+
+    with pytest.raises(ConfigError, match=r"model\.sancl\."):
+        train_config({"model": "sancl", "model_cfg": bad})
+
+
+def test_instances_reduction_beside_a_summed_ranking_loss_is_refused():
+    """cpc_reduction: instances exists to match the trainer's mean over instances (Eq. 18 / I);
+    beside ranking_reduction: sum it would weigh kappa * L_aux I times less than Eq. 18."""
+    from models.config import load_train_config, train_config
+
+    with pytest.raises(ConfigError, match="ranking_reduction"):
+        train_config({"model": "sancl", "ranking_reduction": "sum"})
+    with pytest.raises(ConfigError, match="cpc_reduction: sum"):
+        load_train_config(base={"model": "sancl"}, overrides=["ranking_reduction=sum"])
+    # the consistent pairs load
+    train_config({"model": "sancl", "ranking_reduction": "sum", "model_cfg": {"cpc_reduction": "sum"}})
+    train_config({"model": "sancl", "ranking_reduction": "sum", "model_cfg": {"cpc_reduction": "mean"}})
+    load_train_config(base={"model": "sancl"})  # paper preset: mean ranking loss + instances
+
+
+def test_eq18_with_summed_ranking_loss_and_summed_cpc_by_hand():
+    """The other consistent pair: ranking_reduction sum + cpc_reduction sum is Eq. 18 itself
+    (no division by I). Same hand numbers as the instances test above."""
+    from models.losses import ranking_loss
+
+    batch = _four_reviews()
+    model = SANCL.from_config({**TINY["sancl"], "roi_dim": 4, "proj_dim": 2, "kappa": 0.1,
+                               "cpc_reduction": "sum"}).train()
+    model.project = lambda pooled: Z
+    aux = model(batch).aux_losses
+    scores = torch.tensor([2.0, 0.5, 1.0, 0.6])  # hinges 0 and 0.6 (gamma = 1)
+    rank = ranking_loss(scores, batch.labels, batch.instances, batch.instance_weights,
+                        margin="fixed", fixed_margin=1.0, reduction="sum")
+    loss = float(rank) + sum(float(v.detach()) for v in aux.values())
+    d = E(1) + E(0) + E(0.6) + E(-1) + E(0.8) + E(0)
+    cpc_ii = 4 * math.log(d) - 2.4
+    cpc_pr = (-(1 - math.log(E(1) + E(0))) - (0.8 - math.log(E(0.8) + E(-1)))
+              - (0.8 - math.log(E(0.8) + E(0))) - (1 - math.log(E(1) + E(0.6))))
+    assert math.isclose(loss, 0.6 + 0.1 * (cpc_ii + cpc_pr), rel_tol=1e-6)
+
+
+def test_eq3_scores_are_unscaled_by_default_by_hand():
+    """Eq. 3 A = softmax(W H) carries no 1/sqrt(d) (nor does the public code): the paper
+    default leaves the bilinear scores unscaled; attn_scale: true divides them by sqrt(d)."""
+    ones = torch.ones(1, 2, dtype=torch.bool)
+    h = torch.tensor([[[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]])
+    for cfg, a00 in (({}, E(4) / (E(4) + 1)), ({"attn_scale": True}, E(2) / (E(2) + 1))):
+        sa = SANCL.from_config({**TINY["sancl"], "hidden": 4, "probe_mask": False, **cfg}).self_att
+        with torch.no_grad():
+            for lin in (sa.q, sa.k):  # W_q = W_k = I: scores h_i . h_j = [[4, 0], [0, 0]]
+                lin.weight.copy_(torch.eye(4))
+                lin.bias.zero_()
+            out, _ = sa(h, ones, None, torch.zeros(1, 4))
+        # unscaled: A_00 = e^4 / (e^4 + 1); scaled by 1/sqrt(4): e^2 / (e^2 + 1); row 1 = [1/2, 1/2]
+        # H' = H + A H (Eq. 7): row 0 = (1 + A_00) * [1, 1, 1, 1] (h_1 = 0), row 1 = 0.5 * [1, 1, 1, 1]
+        assert torch.allclose(out[0, 0], torch.full((4,), 1 + a00), atol=1e-6), cfg
+        assert torch.allclose(out[0, 1], torch.full((4,), 0.5), atol=1e-6), cfg
+
+
+def test_eq8_weighted_average_is_exact_for_a_small_beta():
+    """An all-zero probe mask (Algorithm 1 without a cluster) gives M' = beta on every token, so
+    Eq. 8 is the plain average whatever beta is: tokens 2, 4, 6 -> 4. With beta = 1e-9 the
+    weight sum is 3e-9; a floor of 1e-6 on the divisor gave 1e-9 * 12 / 1e-6 = 0.012."""
+    x = torch.tensor([[[2.0], [4.0], [6.0]]])
+    assert torch.allclose(weighted_pool(x, torch.full((1, 3), 1e-9)), torch.tensor([[4.0]]))
+    # padding (weight 0) does not count; an empty row pools to zero
+    assert torch.allclose(weighted_pool(x, torch.tensor([[0.5, 0.5, 0.0]])), torch.tensor([[3.0]]))
+    assert torch.equal(weighted_pool(x, torch.zeros(1, 3)), torch.tensor([[0.0]]))
+
+
+def test_code_scorer_reads_the_review_then_its_products_projected_vectors():
+    """The `code` scorer's input: the four projected review vectors, then the same four of the
+    review's own product (product images in the image slots, fidelity.md)."""
+    torch.manual_seed(0)
+    model = SANCL.from_config({**TINY["sancl"], "proj_dim": 3, "scorer": "code"}).eval()
+    batch = make_batch()
+    seen = []
+    model.out[0].register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach()))
+    with torch.no_grad():
+        model(batch)
+        z = model.project(model.pooled(batch))
+    idx = batch.rev_product
+    order = [("ii", "t"), ("pr", "t"), ("ii", "v"), ("pr", "v")]
+    want = torch.cat([z[f"{d}_{m}_r"] for d, m in order] + [z[f"{d}_{m}_p"][idx] for d, m in order], -1)
+    assert torch.allclose(seen[0], want, atol=1e-6)
+    assert not torch.allclose(z["ii_v_p"], z["ii_t_p"])  # the image slots are not the text vectors
+
+
+def test_allow_missing_probes_with_the_probe_mask_on_is_refused():
+    """A missing probes view let through by allow_missing gives every review a mask of ones
+    (M' = 1: plain attention and mean pooling), the Table 2 'w/o probe mask' row under the
+    full model's settings; probe_mask: false is the way to ask for that row."""
+    from models.config import train_config
+
+    with pytest.raises(ConfigError, match="probe_mask: false"):
+        train_config({"model": "sancl", "allow_missing": ["probes"]})
+    cfg = train_config({"model": "sancl", "allow_missing": ["probes"], "model_cfg": {"probe_mask": False}})
+    assert "probes" not in SANCL.required_views(cfg.model_cfg)
+    train_config({"model": "sancl", "allow_missing": ["rois"]})  # other views: the user's opt-in

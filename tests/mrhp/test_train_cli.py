@@ -195,7 +195,8 @@ def test_training_flow_checks_the_views_the_run_needs(workspace, tmp_path):
     gru = resolve_train_config(bare, model="text-gru", dataset="synth")
     with pytest.raises(DataError, match=r"needs the tokens view"):
         check_run_views.fn(bare, gru)
-    allowed = resolve_train_config(bare, model="sancl", dataset="synth", overrides=["allow_missing=[probes, rois]"])
+    allowed = resolve_train_config(bare, model="sancl", dataset="synth",
+                                   overrides=["allow_missing=[probes, rois]", "model_cfg.probe_mask=false"])
     with pytest.raises(DataError, match=r"needs the tokens view") as e:
         check_run_views.fn(bare, allowed)
     assert "also missing" not in str(e.value)
