@@ -64,11 +64,19 @@ Readings of what the paper leaves open (also in docs/fidelity.md, MM-SS section)
   * Sec. 4.1 images: the paper concatenates the ROI features, applies self-attention and then
     projects to d_v; we project 2048 -> hidden first (A.2 "encode them into 128-dimensional
     vectors") and attend at the hidden width, over each item's own ROIs (product: its images'
-    boxes; review: its images' boxes), so V_p and V_r stay separate as Eq. 4-5 use them.
-  * Eq. 13, 14, 16 reductions: the paper sums over samples in Eq. 13 and Eq. 14 without saying
-    how a batch is reduced. L_tar is the trainer's hinge, summed over the K negatives of a
-    positive and averaged over positives; L_s is averaged over the batch's reviews; Eq. 16
-    adds them with weight 1. The relative scale of the two terms follows from these choices.
+    boxes; review: its images' boxes), so V_p and V_r stay separate as Eq. 4-5 use them
+    ("combine ... from both the product and review image sets" is read as one shared encoder
+    for both sets, not one attention across them, which would pre-empt Eq. 4's pvrv).
+  * Table 4 "-w/o module(b)" is named "w/o Modality-specific Feature Extraction", Figure 2's
+    module (a); its description (features concatenated -> MLP, subtasks and fusion removed)
+    removes module (b), the interactions, and that is what is built.
+  * No positional or segment embeddings in the self-attention blocks (the paper gives none).
+  * Eq. 13, 14, 16 reductions: Eq. 13 sums the hinge over the products p_i; Eq. 14 sums over
+    the subtasks s and leaves the sample index i free (a per-sample loss, no batch reduction
+    written). Both terms of Eq. 16 are kept per sample: L_tar is the trainer's hinge, summed
+    over the K negatives of a positive and averaged over positives (`ranking_reduction: mean`;
+    a sum would scale L_tar alone by the batch's number of positives); L_s is averaged over
+    the batch's reviews; Eq. 16 adds them with weight 1.
   * Deviation, stated: the paper fine-tunes BERT (A.2, lr 5e-5); here the encoder's features
     are precomputed and frozen, and `text_encoder_lr` applies to the projection (bert path: the
     paper preset reads A.2's "hidden layer in BERT 128" as this projection, so it gets BERT's
