@@ -165,6 +165,10 @@ def _check(c: MMSSConfig) -> MMSSConfig:
             raise ConfigError(f"model.mmss.{name}: expected a positive integer, got {getattr(c, name)}")
     if c.hidden % c.heads:
         raise ConfigError(f"model.mmss.hidden: {c.hidden} is not divisible by heads={c.heads}")
+    if c.text_features == "bert" and c.finetune_embeddings:
+        raise ConfigError("model.mmss.finetune_embeddings: true trains the word-vector tables of the glove "
+                          "path; text_features: bert has none (its text encoder is text_proj over the stored "
+                          "features); drop the key or set text_features: glove")
     if c.text_features == "glove" and c.hidden % 2:
         raise ConfigError(f"model.mmss.hidden: {c.hidden} must be even for the bidirectional GRU")
     if not 0.0 <= c.dropout < 1.0:

@@ -483,6 +483,14 @@ def test_bert_features_are_projected_and_trained():
     assert n == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def test_bert_path_refuses_a_word_table_setting_it_would_ignore():
+    # the bert path builds no word tables, so finetune_embeddings: true would silently do nothing
+    with pytest.raises(ConfigError, match="finetune_embeddings"):
+        _model(text_features="bert", text_feat_dim=12, finetune_embeddings=True)
+    glove = _model(finetune_embeddings=True)  # the glove path trains its tables
+    assert glove.emb_p.weight.requires_grad and glove.emb_r.weight.requires_grad
+
+
 def test_bert_path_without_features_or_with_another_width_stops():
     model = _model(text_features="bert", text_feat_dim=12)
     with pytest.raises(TrainingError, match="stage 'bert'"):
