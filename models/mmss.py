@@ -89,8 +89,9 @@ Readings of what the paper leaves open (also in docs/fidelity.md, MM-SS section)
 
 Training hooks: `on_epoch_start(epoch)` (0-based, the paper's i = epoch + 1) closes the previous
 epoch's anchor sums; `parameter_groups(base_lr)` gives the text encoder its own lr (A.2: 5e-5,
-`text_encoder_lr`). Per-review pseudo labels (keyed by Batch.review_ids) live in the module's
-extra state; anchors and their running sums are buffers, so `state_dict()` resumes exactly and
+`text_encoder_lr`). Per-review pseudo labels (keyed by Batch.review_ids) and the epoch that last
+set them live in the module's extra state (a second update of one review in one epoch means
+on_epoch_start is not being called: TrainingError); anchors and their running sums are buffers, so `state_dict()` resumes exactly and
 loads with `torch.load(..., weights_only=True)`.
 """
 from __future__ import annotations
@@ -251,12 +252,14 @@ def soft_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class PseudoLabelBank:
-    """Per-review pseudo labels y_s (S per review) across epochs, keyed by review id."""
+    """Per-review pseudo labels y_s (S per review) across epochs, keyed by review id, with the
+    epoch i that last set each review's labels (Eq. 12 updates a review once per epoch)."""
 
     def __init__(self, num_subtasks: int):
         self.num_subtasks = num_subtasks
         self.rows: dict[str, int] = {}
         self._store = torch.zeros(0, num_subtasks)  # capacity grows by doubling
+        self._epoch = torch.zeros(0, dtype=torch.long)  # epoch of the last update, 0 = never
 
     @property
     def values(self) -> torch.Tensor:
@@ -270,9 +273,13 @@ class PseudoLabelBank:
             start = len(self.rows)
             need = start + len(new)
             if need > self._store.shape[0]:
-                grown = torch.zeros(max(need, 2 * self._store.shape[0]), self.num_subtasks)
+                size = max(need, 2 * self._store.shape[0])
+                grown = torch.zeros(size, self.num_subtasks)
                 grown[:start] = self._store[:start]
                 self._store = grown
+                grown_epoch = torch.zeros(size, dtype=torch.long)
+                grown_epoch[:start] = self._epoch[:start]
+                self._epoch = grown_epoch
             for k, i in enumerate(new):
                 self.rows[ids[i]] = start + k
             init = y_g.detach().float().cpu()[new].unsqueeze(1)  # (n, 1)
@@ -280,13 +287,19 @@ class PseudoLabelBank:
         idx = torch.tensor([self.rows[r] for r in ids], dtype=torch.long)
         return self._store[idx].to(y_g.device)
 
-    def set(self, ids: Sequence[str], values: torch.Tensor) -> None:
+    def updated_in(self, ids: Sequence[str], epoch: int) -> list[str]:
+        """The ids among `ids` whose labels were already set in epoch `epoch`."""
+        return [r for r in ids if r in self.rows and int(self._epoch[self.rows[r]]) == epoch]
+
+    def set(self, ids: Sequence[str], values: torch.Tensor, epoch: int = 0) -> None:
         idx = torch.tensor([self.rows[r] for r in ids], dtype=torch.long)
         self._store[idx] = values.detach().float().cpu()
+        self._epoch[idx] = int(epoch)
 
     def state(self) -> dict[str, Any]:
         ids = sorted(self.rows, key=self.rows.get)
-        return {"review_ids": ids, "pseudo_labels": self.values.clone()}
+        return {"review_ids": ids, "pseudo_labels": self.values.clone(),
+                "label_epochs": self._epoch[:len(ids)].clone()}
 
     def load(self, state: Mapping[str, Any]) -> None:
         values = state["pseudo_labels"]
@@ -294,8 +307,15 @@ class PseudoLabelBank:
         if values.shape != (len(ids), self.num_subtasks):
             raise TrainingError(f"MM-SS checkpoint: pseudo labels of shape {tuple(values.shape)} "
                                 f"do not match {len(ids)} reviews x {self.num_subtasks} subtasks")
+        epochs = state.get("label_epochs")  # absent in checkpoints written before it existed
+        if epochs is None:
+            epochs = torch.zeros(len(ids), dtype=torch.long)
+        if tuple(epochs.shape) != (len(ids),):
+            raise TrainingError(f"MM-SS checkpoint: label epochs of shape {tuple(epochs.shape)} do not "
+                                f"match {len(ids)} reviews")
         self.rows = {r: i for i, r in enumerate(ids)}
         self._store = values.float().clone()
+        self._epoch = epochs.long().clone()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,6 +546,11 @@ class MMSS(nn.Module):
             dup = sorted({r for r in batch.review_ids if batch.review_ids.count(r) > 1})
             raise TrainingError(f"MM-SS keeps one pseudo label per review id: the batch repeats "
                                 f"{', '.join(map(str, dup[:3]))}")
+        again = self.bank.updated_in(batch.review_ids, self.epoch)
+        if again:  # a second update in one epoch: on_epoch_start is not being called
+            raise TrainingError(f"MM-SS epoch {self.epoch}: review {again[0]!r} already has its pseudo "
+                                f"labels of this epoch (Eq. 12 updates them once per epoch); call "
+                                f"on_epoch_start(epoch) before every training epoch")
         f_s = {s: nn.functional.gelu(self.sub_proj[s](f[s])) for s in self.subtasks}  # f*_s, Eq. (9)
         pred = torch.cat([self.sub_mlp[s](self.drop(f_s[s])) for s in self.subtasks], dim=-1).float()  # (R, S)
         y_g = batch.labels.float()  # (R,)
@@ -549,7 +574,7 @@ class MMSS(nn.Module):
                 y_s = ewma_update(y_prev, est, self.epoch)  # Eq. (12)
             if c.clamp_pseudo_labels:
                 y_s = y_s.clamp(0.0, c.max_label)
-            self.bank.set(batch.review_ids, y_s)
+            self.bank.set(batch.review_ids, y_s, self.epoch)
             # Eq. (17) running sums of this epoch, each task weighted by sigmoid of its own label
             w = torch.sigmoid(torch.cat([y_g.unsqueeze(-1), y_s], dim=-1).double())  # (R, K)
             self.acc_w += w.sum(0)

@@ -317,8 +317,28 @@ def test_pseudo_labels_and_anchors_survive_a_weights_only_checkpoint():
     fresh.load_state_dict(torch.load(buf, weights_only=True))
     assert fresh.epoch == 2 and fresh.bank.rows == model.bank.rows
     assert torch.equal(fresh.bank.values, model.bank.values)
+    assert fresh.bank.state()["label_epochs"].tolist() == [2] * batch.num_reviews
     for name in ("anchors", "variances", "acc_w", "acc_f", "acc_f2", "anchor_ready"):
         assert torch.equal(getattr(fresh, name), getattr(model, name)), name
+
+
+def test_a_second_update_in_one_epoch_is_an_error_not_a_second_ewma_step():
+    # Eq. 12 moves y_s once per epoch; a loop that never calls on_epoch_start would keep i = 1
+    # and the targets at y_g forever (a zero subtask loss), or apply the EWMA twice in one epoch
+    model, batch = _model(), make_batch()
+    model.on_epoch_start(0)
+    model(batch)
+    with pytest.raises(TrainingError, match="once per epoch"):
+        model(batch)
+    model.on_epoch_start(1)
+    model(batch)  # epoch 2: one update per review again
+    assert model.bank.state()["label_epochs"].tolist() == [2] * batch.num_reviews
+    # a checkpoint written before the label epochs were recorded still loads (all "never")
+    state = model.get_extra_state()
+    del state["label_epochs"]
+    fresh = _model()
+    fresh.set_extra_state(state)
+    assert fresh.bank.state()["label_epochs"].tolist() == [0] * batch.num_reviews
 
 
 def test_clamp_only_when_asked():
