@@ -77,8 +77,9 @@ Readings of what the paper leaves open (also in docs/fidelity.md, MM-SS section)
     over the K negatives of a positive and averaged over positives (`ranking_reduction: mean`;
     a sum would scale L_tar alone by the batch's number of positives); L_s is averaged over
     the batch's reviews; Eq. 16 adds them with weight 1.
-  * Deviation, stated: the paper fine-tunes BERT (A.2, lr 5e-5); here the encoder's features
-    are precomputed and frozen, and `text_encoder_lr` applies to the projection (bert path: the
+  * Deviation, stated: the paper fine-tunes BERT (A.2, lr 5e-5; Sec. 5.2 "our fine-tuned BERT",
+    though the Conclusion lists fine-tuning BERT as future work); here the encoder's features
+    are precomputed and frozen (no `finetune_text_encoder` switch is wired in), and `text_encoder_lr` applies to the projection (bert path: the
     paper preset reads A.2's "hidden layer in BERT 128" as this projection, so it gets BERT's
     5e-5) or the GRU and tables (glove path, off in the `glove` preset: they train from scratch).
   * A.2 "batch size 32" does not say what it counts; the `paper` preset reads 32 products.
