@@ -548,10 +548,11 @@ class MMSS(nn.Module):
             raise TrainingError(f"MM-SS keeps one pseudo label per review id: the batch repeats "
                                 f"{', '.join(map(str, dup[:3]))}")
         again = self.bank.updated_in(batch.review_ids, self.epoch)
-        if again:  # a second update in one epoch: on_epoch_start is not being called
+        if again:  # a second update in one epoch: on_epoch_start is not called, or ids collide
             raise TrainingError(f"MM-SS epoch {self.epoch}: review {again[0]!r} already has its pseudo "
                                 f"labels of this epoch (Eq. 12 updates them once per epoch); call "
-                                f"on_epoch_start(epoch) before every training epoch")
+                                f"on_epoch_start(epoch) before every training epoch, and give every "
+                                f"review its own id")
         f_s = {s: nn.functional.gelu(self.sub_proj[s](f[s])) for s in self.subtasks}  # f*_s, Eq. (9)
         pred = torch.cat([self.sub_mlp[s](self.drop(f_s[s])) for s in self.subtasks], dim=-1).float()  # (R, S)
         y_g = batch.labels.float()  # (R,)
