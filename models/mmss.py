@@ -79,9 +79,10 @@ Readings of what the paper leaves open (also in docs/fidelity.md, MM-SS section)
     the batch's reviews; Eq. 16 adds them with weight 1.
   * Deviation, stated: the paper fine-tunes BERT (A.2, lr 5e-5; Sec. 5.2 "our fine-tuned BERT",
     though the Conclusion lists fine-tuning BERT as future work); here the encoder's features
-    are precomputed and frozen (no `finetune_text_encoder` switch is wired in), and `text_encoder_lr` applies to the projection (bert path: the
-    paper preset reads A.2's "hidden layer in BERT 128" as this projection, so it gets BERT's
-    5e-5) or the GRU and tables (glove path, off in the `glove` preset: they train from scratch).
+    are precomputed and frozen (no `finetune_text_encoder` switch is wired in), and
+    `text_encoder_lr` applies to the projection (bert path: the paper preset reads A.2's
+    "hidden layer in BERT 128" as this projection, so it gets BERT's 5e-5) or the GRU and
+    tables (glove path, off in the `glove` preset: they train from scratch).
   * A.2 "batch size 32" does not say what it counts; the `paper` preset reads 32 products.
   * Not from the paper: dropout (`dropout`), the number of heads (`heads`), the feed-forward
     sublayer of the self-attention blocks, the GRU of the glove path; and the trainer's
@@ -92,8 +93,8 @@ Training hooks: `on_epoch_start(epoch)` (0-based, the paper's i = epoch + 1) clo
 epoch's anchor sums; `parameter_groups(base_lr)` gives the text encoder its own lr (A.2: 5e-5,
 `text_encoder_lr`). Per-review pseudo labels (keyed by Batch.review_ids) and the epoch that last
 set them live in the module's extra state (a second update of one review in one epoch means
-on_epoch_start is not being called: TrainingError); anchors and their running sums are buffers, so `state_dict()` resumes exactly and
-loads with `torch.load(..., weights_only=True)`.
+on_epoch_start is not being called: TrainingError); anchors and their running sums are
+buffers, so `state_dict()` resumes exactly and loads with `torch.load(..., weights_only=True)`.
 """
 from __future__ import annotations
 
