@@ -425,6 +425,8 @@ def test_presets_and_required_views():
     assert paper["model_cfg"]["text_features"] == "bert" and paper["model_cfg"]["text_encoder_lr"] == 5e-5
     assert paper["train"]["lr"] == 1e-4 and paper["train"]["batch_products"] == 32
     assert paper["train"]["margin"] == "fixed" and paper["train"]["fixed_margin"] == 1.0  # A.2
+    # Eq. 13 hinge per sample (mean over positives), on the footing of Eq. 14's per-sample L_s
+    assert paper["train"]["ranking_reduction"] == glove["train"]["ranking_reduction"] == "mean"
     assert MMSS.required_views(paper["model_cfg"]) == {"tokens", "rois", "bert"}
     assert MMSS.required_views(glove["model_cfg"]) == {"tokens", "rois"}
     assert MMSS.required_views({}) == {"tokens", "rois"}
