@@ -89,9 +89,9 @@ def run(preset: str, batch: Batch, steps: int) -> tuple[int, float]:
 
     model.on_epoch_start(0)
     step()  # epoch 1 (warm-up; fills the anchor sums)
-    model.on_epoch_start(1)
     t0 = time.perf_counter()
-    for _ in range(steps):
+    for k in range(steps):
+        model.on_epoch_start(1 + k)  # one epoch per step: a review's pseudo labels move once per epoch
         step()
     return count_parameters(model), (time.perf_counter() - t0) / steps
 

@@ -64,15 +64,25 @@ Readings of what the paper leaves open (also in docs/fidelity.md, MM-SS section)
   * Sec. 4.1 images: the paper concatenates the ROI features, applies self-attention and then
     projects to d_v; we project 2048 -> hidden first (A.2 "encode them into 128-dimensional
     vectors") and attend at the hidden width, over each item's own ROIs (product: its images'
-    boxes; review: its images' boxes), so V_p and V_r stay separate as Eq. 4-5 use them.
-  * Eq. 13, 14, 16 reductions: the paper sums over samples in Eq. 13 and Eq. 14 without saying
-    how a batch is reduced. L_tar is the trainer's hinge, summed over the K negatives of a
-    positive and averaged over positives; L_s is averaged over the batch's reviews; Eq. 16
-    adds them with weight 1. The relative scale of the two terms follows from these choices.
-  * Deviation, stated: the paper fine-tunes BERT (A.2, lr 5e-5); here the encoder's features
-    are precomputed and frozen, and `text_encoder_lr` applies to the projection (bert path: the
-    paper preset reads A.2's "hidden layer in BERT 128" as this projection, so it gets BERT's
-    5e-5) or the GRU and tables (glove path, off in the `glove` preset: they train from scratch).
+    boxes; review: its images' boxes), so V_p and V_r stay separate as Eq. 4-5 use them
+    ("combine ... from both the product and review image sets" is read as one shared encoder
+    for both sets, not one attention across them, which would pre-empt Eq. 4's pvrv).
+  * Table 4 "-w/o module(b)" is named "w/o Modality-specific Feature Extraction", Figure 2's
+    module (a); its description (features concatenated -> MLP, subtasks and fusion removed)
+    removes module (b), the interactions, and that is what is built.
+  * No positional or segment embeddings in the self-attention blocks (the paper gives none).
+  * Eq. 13, 14, 16 reductions: Eq. 13 sums the hinge over the products p_i; Eq. 14 sums over
+    the subtasks s and leaves the sample index i free (a per-sample loss, no batch reduction
+    written). Both terms of Eq. 16 are kept per sample: L_tar is the trainer's hinge, summed
+    over the K negatives of a positive and averaged over positives (`ranking_reduction: mean`;
+    a sum would scale L_tar alone by the batch's number of positives); L_s is averaged over
+    the batch's reviews; Eq. 16 adds them with weight 1.
+  * Deviation, stated: the paper fine-tunes BERT (A.2, lr 5e-5; Sec. 5.2 "our fine-tuned BERT",
+    though the Conclusion lists fine-tuning BERT as future work); here the encoder's features
+    are precomputed and frozen (no `finetune_text_encoder` switch is wired in), and
+    `text_encoder_lr` applies to the projection (bert path: the paper preset reads A.2's
+    "hidden layer in BERT 128" as this projection, so it gets BERT's 5e-5) or the GRU and
+    tables (glove path, off in the `glove` preset: they train from scratch).
   * A.2 "batch size 32" does not say what it counts; the `paper` preset reads 32 products.
   * Not from the paper: dropout (`dropout`), the number of heads (`heads`), the feed-forward
     sublayer of the self-attention blocks, the GRU of the glove path; and the trainer's
@@ -81,9 +91,10 @@ Readings of what the paper leaves open (also in docs/fidelity.md, MM-SS section)
 
 Training hooks: `on_epoch_start(epoch)` (0-based, the paper's i = epoch + 1) closes the previous
 epoch's anchor sums; `parameter_groups(base_lr)` gives the text encoder its own lr (A.2: 5e-5,
-`text_encoder_lr`). Per-review pseudo labels (keyed by Batch.review_ids) live in the module's
-extra state; anchors and their running sums are buffers, so `state_dict()` resumes exactly and
-loads with `torch.load(..., weights_only=True)`.
+`text_encoder_lr`). Per-review pseudo labels (keyed by Batch.review_ids) and the epoch that last
+set them live in the module's extra state (a second update of one review in one epoch means
+on_epoch_start is not being called: TrainingError); anchors and their running sums are
+buffers, so `state_dict()` resumes exactly and loads with `torch.load(..., weights_only=True)`.
 """
 from __future__ import annotations
 
@@ -157,6 +168,10 @@ def _check(c: MMSSConfig) -> MMSSConfig:
             raise ConfigError(f"model.mmss.{name}: expected a positive integer, got {getattr(c, name)}")
     if c.hidden % c.heads:
         raise ConfigError(f"model.mmss.hidden: {c.hidden} is not divisible by heads={c.heads}")
+    if c.text_features == "bert" and c.finetune_embeddings:
+        raise ConfigError("model.mmss.finetune_embeddings: true trains the word-vector tables of the glove "
+                          "path; text_features: bert has none (its text encoder is text_proj over the stored "
+                          "features); drop the key or set text_features: glove")
     if c.text_features == "glove" and c.hidden % 2:
         raise ConfigError(f"model.mmss.hidden: {c.hidden} must be even for the bidirectional GRU")
     if not 0.0 <= c.dropout < 1.0:
@@ -239,12 +254,14 @@ def soft_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class PseudoLabelBank:
-    """Per-review pseudo labels y_s (S per review) across epochs, keyed by review id."""
+    """Per-review pseudo labels y_s (S per review) across epochs, keyed by review id, with the
+    epoch i that last set each review's labels (Eq. 12 updates a review once per epoch)."""
 
     def __init__(self, num_subtasks: int):
         self.num_subtasks = num_subtasks
         self.rows: dict[str, int] = {}
         self._store = torch.zeros(0, num_subtasks)  # capacity grows by doubling
+        self._epoch = torch.zeros(0, dtype=torch.long)  # epoch of the last update, 0 = never
 
     @property
     def values(self) -> torch.Tensor:
@@ -258,9 +275,13 @@ class PseudoLabelBank:
             start = len(self.rows)
             need = start + len(new)
             if need > self._store.shape[0]:
-                grown = torch.zeros(max(need, 2 * self._store.shape[0]), self.num_subtasks)
+                size = max(need, 2 * self._store.shape[0])
+                grown = torch.zeros(size, self.num_subtasks)
                 grown[:start] = self._store[:start]
                 self._store = grown
+                grown_epoch = torch.zeros(size, dtype=torch.long)
+                grown_epoch[:start] = self._epoch[:start]
+                self._epoch = grown_epoch
             for k, i in enumerate(new):
                 self.rows[ids[i]] = start + k
             init = y_g.detach().float().cpu()[new].unsqueeze(1)  # (n, 1)
@@ -268,13 +289,19 @@ class PseudoLabelBank:
         idx = torch.tensor([self.rows[r] for r in ids], dtype=torch.long)
         return self._store[idx].to(y_g.device)
 
-    def set(self, ids: Sequence[str], values: torch.Tensor) -> None:
+    def updated_in(self, ids: Sequence[str], epoch: int) -> list[str]:
+        """The ids among `ids` whose labels were already set in epoch `epoch`."""
+        return [r for r in ids if r in self.rows and int(self._epoch[self.rows[r]]) == epoch]
+
+    def set(self, ids: Sequence[str], values: torch.Tensor, epoch: int = 0) -> None:
         idx = torch.tensor([self.rows[r] for r in ids], dtype=torch.long)
         self._store[idx] = values.detach().float().cpu()
+        self._epoch[idx] = int(epoch)
 
     def state(self) -> dict[str, Any]:
         ids = sorted(self.rows, key=self.rows.get)
-        return {"review_ids": ids, "pseudo_labels": self.values.clone()}
+        return {"review_ids": ids, "pseudo_labels": self.values.clone(),
+                "label_epochs": self._epoch[:len(ids)].clone()}
 
     def load(self, state: Mapping[str, Any]) -> None:
         values = state["pseudo_labels"]
@@ -282,8 +309,15 @@ class PseudoLabelBank:
         if values.shape != (len(ids), self.num_subtasks):
             raise TrainingError(f"MM-SS checkpoint: pseudo labels of shape {tuple(values.shape)} "
                                 f"do not match {len(ids)} reviews x {self.num_subtasks} subtasks")
+        epochs = state.get("label_epochs")  # absent in checkpoints written before it existed
+        if epochs is None:
+            epochs = torch.zeros(len(ids), dtype=torch.long)
+        if tuple(epochs.shape) != (len(ids),):
+            raise TrainingError(f"MM-SS checkpoint: label epochs of shape {tuple(epochs.shape)} do not "
+                                f"match {len(ids)} reviews")
         self.rows = {r: i for i, r in enumerate(ids)}
         self._store = values.float().clone()
+        self._epoch = epochs.long().clone()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,8 +416,9 @@ class MMSS(nn.Module):
         lr (the GRU trains from scratch). `category` changes nothing (the paper uses one setting)."""
         if name not in cls.PRESET_NAMES:
             raise ConfigError(f"mmss preset {name!r} unknown; valid: {', '.join(cls.PRESET_NAMES)}")
+        # ranking_reduction spelled out: Eq. 13's hinge is kept per sample, like Eq. 14 (module docstring)
         train = {"lr": 1e-4, "batch_products": 32, "margin": "fixed", "fixed_margin": 1.0,
-                 "min_gap": 1.0, "negative_weights": "none"}
+                 "min_gap": 1.0, "negative_weights": "none", "ranking_reduction": "mean"}
         if name == "paper":
             model_cfg = {"text_features": "bert", "text_encoder_lr": 5e-5, "hidden": 128}
         else:
@@ -514,6 +549,12 @@ class MMSS(nn.Module):
             dup = sorted({r for r in batch.review_ids if batch.review_ids.count(r) > 1})
             raise TrainingError(f"MM-SS keeps one pseudo label per review id: the batch repeats "
                                 f"{', '.join(map(str, dup[:3]))}")
+        again = self.bank.updated_in(batch.review_ids, self.epoch)
+        if again:  # a second update in one epoch: on_epoch_start is not called, or ids collide
+            raise TrainingError(f"MM-SS epoch {self.epoch}: review {again[0]!r} already has its pseudo "
+                                f"labels of this epoch (Eq. 12 updates them once per epoch); call "
+                                f"on_epoch_start(epoch) before every training epoch, and give every "
+                                f"review its own id")
         f_s = {s: nn.functional.gelu(self.sub_proj[s](f[s])) for s in self.subtasks}  # f*_s, Eq. (9)
         pred = torch.cat([self.sub_mlp[s](self.drop(f_s[s])) for s in self.subtasks], dim=-1).float()  # (R, S)
         y_g = batch.labels.float()  # (R,)
@@ -537,7 +578,7 @@ class MMSS(nn.Module):
                 y_s = ewma_update(y_prev, est, self.epoch)  # Eq. (12)
             if c.clamp_pseudo_labels:
                 y_s = y_s.clamp(0.0, c.max_label)
-            self.bank.set(batch.review_ids, y_s)
+            self.bank.set(batch.review_ids, y_s, self.epoch)
             # Eq. (17) running sums of this epoch, each task weighted by sigmoid of its own label
             w = torch.sigmoid(torch.cat([y_g.unsqueeze(-1), y_s], dim=-1).double())  # (R, K)
             self.acc_w += w.sum(0)

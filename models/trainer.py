@@ -571,13 +571,21 @@ def _stages_read(data) -> frozenset[str]:
 def _text_encoder_fallback(cfg: TrainConfig, manifest, say: Callable[[str], None]) -> TrainConfig:
     """A model set to read text-encoder features (MM-SS's `paper` preset) on a dataset that declares
     no `text_encoder` trains on word vectors instead (the `glove` reading), said in one line and
-    recorded in the run's config (`text_features: glove`)."""
+    recorded in the run's config (`text_features: glove`). The text encoder's own learning rate
+    (`text_encoder_lr`, A.2's 5e-5 for BERT) is dropped with it, as in the `glove` preset: the
+    GRU trains from scratch at the base lr, not at the fine-tuning rate of a pre-trained BERT."""
     mc = dict(cfg.model_cfg or {})
     if mc.get("text_features") != "bert" or manifest.dataset(cfg.dataset).text_encoder:
         return cfg
+    lr_note = ""
+    if mc.get("text_encoder_lr") is not None:
+        lr_note = f"; text_encoder_lr {mc['text_encoder_lr']:g} (BERT's) -> none, the GRU trains at lr {cfg.lr:g}"
     say(f"notice: dataset {cfg.dataset!r} declares no text_encoder (manifest), so {cfg.model} reads word "
-        "vectors through its GRU (text_features: glove) instead of BERT features")
-    return dataclasses.replace(cfg, model_cfg={**mc, "text_features": "glove"})
+        f"vectors through its GRU (text_features: glove) instead of BERT features{lr_note}")
+    new_mc = {**mc, "text_features": "glove"}
+    if "text_encoder_lr" in mc:
+        new_mc["text_encoder_lr"] = None
+    return dataclasses.replace(cfg, model_cfg=new_mc)
 
 
 def _text_feature_width(cfg: TrainConfig, data, say: Callable[[str], None]) -> TrainConfig:

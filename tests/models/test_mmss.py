@@ -153,17 +153,34 @@ def test_joint_interaction_pools_over_the_concatenated_masks():
 
 
 def test_joint_self_attention_lets_each_side_see_the_other():
-    torch.manual_seed(0)
-    m = JointInteraction(hidden=4, heads=2, dropout=0.0, pooling="softpool")
-    x, xm = torch.randn(1, 3, 4), torch.tensor([[True, True, False]])
-    y, ym = torch.randn(1, 2, 4), torch.ones(1, 2, dtype=torch.bool)
-    base = m(x, xm, y, ym)
-    y2 = y.clone()
-    y2[0, 0] += 1.0
-    assert not torch.allclose(base, m(x, xm, y2, ym))  # a real Y token changes f_xy
-    x2 = x.clone()
-    x2[0, 2] += 100.0  # a padded X position changes nothing
-    assert torch.allclose(base, m(x2, xm, y, ym))
+    """Eq. 3-5: C = Self-ATT([X; Y]) attends across the two sides (a pooled-only check could not
+    tell this from two separate self-attentions pooled together). One head, Q/K/V/O = identity,
+    the feed-forward sublayer off, so each output row is x + softmax(q k^T / sqrt 2) v with
+    q, k, v the LayerNormed rows."""
+    m = _identity_interaction()
+    with torch.no_grad():
+        for lin in (m.self_att.att.q, m.self_att.att.k, m.self_att.att.v, m.self_att.att.o):
+            lin.weight.copy_(torch.eye(2)), lin.bias.zero_()
+    rows = {}
+    m.self_att.register_forward_hook(lambda mod, a, out: rows.__setitem__("c", out.detach()))
+    # X = [(1, 0)], Y = [(0, 2)]; LN over 2 channels: (1, 0) -> (1, -1), (0, 2) -> (-1, 1).
+    # Query of X (1, -1): scores X: 2/sqrt2 = sqrt2, Y: -sqrt2; softmax -> (1 + e^{-2 sqrt2})^-1 and
+    # (1 + e^{2 sqrt2})^-1, whose difference is tanh(sqrt2) = t; attended value t (1, -1);
+    # c_X = (1, 0) + t (1, -1) = (1 + t, -t). Symmetrically c_Y = (0, 2) + t (-1, 1) = (-t, 2 + t).
+    t = math.tanh(math.sqrt(2.0))  # 0.888385...
+    x, xm = torch.tensor([[[1.0, 0.0]]]), torch.tensor([[True]])
+    y, ym = torch.tensor([[[0.0, 2.0]]]), torch.tensor([[True]])
+    pooled = m(x, xm, y, ym)
+    assert torch.allclose(rows["c"], torch.tensor([[[1 + t, -t], [-t, 2 + t]]]), atol=1e-4)
+    # SoftPool per channel over both rows: ch0 values (1+t, -t), ch1 values (-t, 2+t)
+    def sp(a, b):
+        return (a * math.exp(a) + b * math.exp(b)) / (math.exp(a) + math.exp(b))
+    assert torch.allclose(pooled, torch.tensor([[sp(1 + t, -t), sp(-t, 2 + t)]]), atol=1e-4)
+    # Y masked out: X attends to itself only, c_X = (1, 0) + (1, -1) = (2, -1), pooled (2, -1)
+    assert torch.allclose(m(x, xm, y, torch.zeros_like(ym)), torch.tensor([[2.0, -1.0]]), atol=1e-4)
+    # a padded X position changes nothing
+    x2, xm2 = torch.tensor([[[1.0, 0.0], [100.0, -50.0]]]), torch.tensor([[True, False]])
+    assert torch.allclose(m(x2, xm2, y, ym), pooled, atol=1e-6)
 
 
 # --- the model across epochs --------------------------------------------------------------------------
@@ -300,8 +317,28 @@ def test_pseudo_labels_and_anchors_survive_a_weights_only_checkpoint():
     fresh.load_state_dict(torch.load(buf, weights_only=True))
     assert fresh.epoch == 2 and fresh.bank.rows == model.bank.rows
     assert torch.equal(fresh.bank.values, model.bank.values)
+    assert fresh.bank.state()["label_epochs"].tolist() == [2] * batch.num_reviews
     for name in ("anchors", "variances", "acc_w", "acc_f", "acc_f2", "anchor_ready"):
         assert torch.equal(getattr(fresh, name), getattr(model, name)), name
+
+
+def test_a_second_update_in_one_epoch_is_an_error_not_a_second_ewma_step():
+    # Eq. 12 moves y_s once per epoch; a loop that never calls on_epoch_start would keep i = 1
+    # and the targets at y_g forever (a zero subtask loss), or apply the EWMA twice in one epoch
+    model, batch = _model(), make_batch()
+    model.on_epoch_start(0)
+    model(batch)
+    with pytest.raises(TrainingError, match="once per epoch"):
+        model(batch)
+    model.on_epoch_start(1)
+    model(batch)  # epoch 2: one update per review again
+    assert model.bank.state()["label_epochs"].tolist() == [2] * batch.num_reviews
+    # a checkpoint written before the label epochs were recorded still loads (all "never")
+    state = model.get_extra_state()
+    del state["label_epochs"]
+    fresh = _model()
+    fresh.set_extra_state(state)
+    assert fresh.bank.state()["label_epochs"].tolist() == [0] * batch.num_reviews
 
 
 def test_clamp_only_when_asked():
@@ -311,6 +348,12 @@ def test_clamp_only_when_asked():
         model(batch)
     v = model.bank.values
     assert float(v.min()) >= 0.0 and float(v.max()) <= 4.0
+    free = _model(ssp_a1=50.0)  # the same run without the flag leaves [0, 4] (Eq. 21 has no clamp)
+    for e in range(3):
+        free.on_epoch_start(e)
+        free(batch)
+    w = free.bank.values
+    assert float(w.min()) < 0.0 or float(w.max()) > 4.0
     with pytest.raises(ConfigError, match="max_label"):
         _model(clamp_pseudo_labels=True, max_label=0.0)
 
@@ -382,6 +425,8 @@ def test_presets_and_required_views():
     assert paper["model_cfg"]["text_features"] == "bert" and paper["model_cfg"]["text_encoder_lr"] == 5e-5
     assert paper["train"]["lr"] == 1e-4 and paper["train"]["batch_products"] == 32
     assert paper["train"]["margin"] == "fixed" and paper["train"]["fixed_margin"] == 1.0  # A.2
+    # Eq. 13 hinge per sample (mean over positives), on the footing of Eq. 14's per-sample L_s
+    assert paper["train"]["ranking_reduction"] == glove["train"]["ranking_reduction"] == "mean"
     assert MMSS.required_views(paper["model_cfg"]) == {"tokens", "rois", "bert"}
     assert MMSS.required_views(glove["model_cfg"]) == {"tokens", "rois"}
     assert MMSS.required_views({}) == {"tokens", "rois"}
@@ -458,6 +503,14 @@ def test_bert_features_are_projected_and_trained():
     assert groups[1]["params"] == [model.text_proj.weight, model.text_proj.bias]
     n = sum(p.numel() for g in groups for p in g["params"])
     assert n == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_bert_path_refuses_a_word_table_setting_it_would_ignore():
+    # the bert path builds no word tables, so finetune_embeddings: true would silently do nothing
+    with pytest.raises(ConfigError, match="finetune_embeddings"):
+        _model(text_features="bert", text_feat_dim=12, finetune_embeddings=True)
+    glove = _model(finetune_embeddings=True)  # the glove path trains its tables
+    assert glove.emb_p.weight.requires_grad and glove.emb_r.weight.requires_grad
 
 
 def test_bert_path_without_features_or_with_another_width_stops():

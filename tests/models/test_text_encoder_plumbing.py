@@ -54,3 +54,21 @@ def test_a_dataset_without_text_encoder_falls_back_to_glove_with_a_notice():
     assert out.model_cfg["text_features"] == "glove" and "declares no text_encoder" in said[0]
     declared = SimpleNamespace(dataset=lambda name: SimpleNamespace(text_encoder="minilm-l6"))
     assert _text_encoder_fallback(cfg, declared, said.append) is cfg
+
+
+def test_the_glove_fallback_drops_berts_learning_rate_as_the_glove_preset_does():
+    """The paper preset's text_encoder_lr (A.2: 5e-5, BERT fine-tuning) must not follow the text
+    path onto the GRU: after the fallback the model has one lr group, as under `glove`."""
+    from models.mmss import MMSS
+
+    said = []
+    manifest = SimpleNamespace(dataset=lambda name: SimpleNamespace(text_encoder=None))
+    paper = MMSS.preset("paper")
+    cfg = TrainConfig(model="mmss", dataset="d", lr=1e-4, model_cfg=paper["model_cfg"])
+    out = _text_encoder_fallback(cfg, manifest, said.append)
+    assert out.model_cfg["text_encoder_lr"] is None
+    assert out.model_cfg["text_encoder_lr"] == MMSS.preset("glove")["model_cfg"]["text_encoder_lr"]
+    assert said[0].endswith("text_encoder_lr 5e-05 (BERT's) -> none, the GRU trains at lr 0.0001")
+    model = MMSS.from_config({**out.model_cfg, "vocab_size": 5, "embed_dim": 4, "roi_dim": 8, "hidden": 8,
+                              "heads": 2})
+    assert [g["lr"] for g in model.parameter_groups(1e-4)] == [1e-4]  # one group: GRU at the base lr
