@@ -93,8 +93,13 @@ def _check(cfg: TrainConfig) -> TrainConfig:
     for k, v in positive.items():
         if v < 1:
             raise ConfigError(f"{k}: expected a positive integer, got {v}")
-    if cfg.lr <= 0:
+    if not cfg.lr > 0:  # `not >` refuses NaN too
         raise ConfigError(f"lr: expected a positive number, got {cfg.lr}")
+    # clip_grad_norm_ scales every gradient by grad_clip / norm: 0 zeroes them (nothing trains)
+    # and a negative value flips their sign (gradient ascent), both without a word
+    if cfg.grad_clip is not None and not cfg.grad_clip > 0:
+        raise ConfigError(f"grad_clip: expected a positive max gradient norm or null (no clipping), "
+                          f"got {cfg.grad_clip}")
     if not 0 < cfg.lr_factor < 1:
         raise ConfigError(f"lr_factor: expected a number in (0, 1), got {cfg.lr_factor}")
     if cfg.max_reviews_per_product is not None and cfg.max_reviews_per_product < 2:
