@@ -100,6 +100,13 @@ def _check(cfg: TrainConfig) -> TrainConfig:
     if cfg.grad_clip is not None and not cfg.grad_clip > 0:
         raise ConfigError(f"grad_clip: expected a positive max gradient norm or null (no clipping), "
                           f"got {cfg.grad_clip}")
+    # a negative is at least min_gap below its positive: at 0 a positive can be drawn as its own
+    # negative (and equal labels pair up), below 0 negatives may outrank their positive
+    if not cfg.min_gap > 0:
+        raise ConfigError(f"min_gap: expected a positive label gap (1 or 2 in the papers' setups), got {cfg.min_gap}")
+    # hinge max(0, m - (s+ - s-)): a negative margin rewards a negative scored above its positive
+    if not cfg.fixed_margin >= 0:
+        raise ConfigError(f"fixed_margin: expected a number >= 0, got {cfg.fixed_margin}")
     if not 0 < cfg.lr_factor < 1:
         raise ConfigError(f"lr_factor: expected a number in (0, 1), got {cfg.lr_factor}")
     if cfg.max_reviews_per_product is not None and cfg.max_reviews_per_product < 2:

@@ -33,3 +33,31 @@ def test_a_zero_grad_clip_would_zero_every_gradient():
 def test_valid_grad_clip_values_load():
     assert train_config({"grad_clip": 5.0}).grad_clip == 5.0
     assert train_config({"grad_clip": None}).grad_clip is None
+
+
+def test_lr_nan_is_refused():
+    _refused({"lr": float("nan")}, r"lr: expected a positive number")
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan")])
+def test_min_gap_must_be_positive(value):
+    _refused({"min_gap": value}, r"min_gap: expected a positive label gap")
+
+
+def test_a_zero_min_gap_would_pair_a_positive_with_itself():
+    # Why 0 is refused: labels (0, 2): the positive is review 1 (above the lowest label 0); its
+    # candidates are the reviews with label <= 2 - 0 = 2, i.e. reviews 0 and 1 (itself).
+    from models.samplers import PairwiseSampler
+
+    rows = PairwiseSampler(mode="listwise", min_gap=0.0).sample_product([0.0, 2.0], None)
+    assert [(pos, list(negs)) for pos, negs, _ in rows] == [(1, [0, 1])]
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan")])
+def test_fixed_margin_must_be_non_negative(value):
+    _refused({"fixed_margin": value}, r"fixed_margin: expected a number >= 0")
+
+
+def test_valid_gaps_and_margins_load():
+    cfg = train_config({"min_gap": 1.0, "fixed_margin": 0.0})
+    assert (cfg.min_gap, cfg.fixed_margin) == (1.0, 0.0)
