@@ -115,6 +115,11 @@ def _check(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("num_workers, patience and lr_patience must be >= 0")
     if cfg.ranking_reduction not in ("mean", "sum"):
         raise ConfigError(f"ranking_reduction: expected 'mean' or 'sum', got {cfg.ranking_reduction!r}")
+    # NDCG@k over the first k ranked reviews: k = 0 is 0 for every product, a negative k slices
+    # from the end (NDCG over all but the last |k|), a repeated k is one column twice
+    bad_ks = [k for k in cfg.ks if k < 1]
+    if bad_ks or len(set(cfg.ks)) != len(cfg.ks):
+        raise ConfigError(f"ks: expected distinct NDCG cut-offs >= 1, got {list(cfg.ks)}")
     valid_metrics = ["MAP", "MRR", *[f"NDCG@{k}" for k in cfg.ks]]
     if cfg.metric not in valid_metrics:
         raise ConfigError(f"metric: expected one of {', '.join(valid_metrics)}, got {cfg.metric!r}")

@@ -61,3 +61,24 @@ def test_fixed_margin_must_be_non_negative(value):
 def test_valid_gaps_and_margins_load():
     cfg = train_config({"min_gap": 1.0, "fixed_margin": 0.0})
     assert (cfg.min_gap, cfg.fixed_margin) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize("ks", [[0], [-1, 3], [3, 3]])
+def test_ndcg_cut_offs_must_be_distinct_and_positive(ks):
+    _refused({"ks": ks}, r"ks: expected distinct NDCG cut-offs >= 1")
+
+
+def test_product_metrics_refuses_a_cut_off_below_one():
+    from models.metrics import product_metrics
+
+    # labels (0, 2), scores ranking review 1 first: with k = -1 the old slice top[:-1] kept only
+    # the first ranked review, a number no NDCG definition gives; k = 0 gave 0 whatever the ranking
+    for k in (0, -1):
+        with pytest.raises(ValueError, match="cut-offs must be >= 1"):
+            product_metrics([0.0, 2.0], [0.0, 1.0], threshold=1.0, ks=(k,))
+    # NDCG@1 by hand: top-1 is label 2 (gain 3 / ln 2), ideal the same: 1.0
+    assert product_metrics([0.0, 2.0], [0.0, 1.0], threshold=1.0, ks=(1,))["NDCG@1"] == 1.0
+
+
+def test_ks_without_ndcg_and_several_cut_offs_load():
+    assert train_config({"ks": [1, 3, 10]}).ks == (1, 3, 10)
