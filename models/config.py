@@ -22,6 +22,8 @@ import yaml
 
 from pipeline.config import deep_merge, from_mapping, load_yaml, parse_overrides, to_mapping
 from pipeline.errors import ConfigError
+from pipeline.manifest import threshold_problem
+from pipeline.records import MAX_LABEL
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,8 @@ def _check(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"ranking_reduction: expected 'mean' or 'sum', got {cfg.ranking_reduction!r}")
     # NDCG@k over the first k ranked reviews: k = 0 is 0 for every product, a negative k slices
     # from the end (NDCG over all but the last |k|), a repeated k is one column twice
+    if cfg.threshold is not None and not 0 <= cfg.threshold < MAX_LABEL:
+        raise ConfigError(f"threshold: {threshold_problem(cfg.threshold)}")
     bad_ks = [k for k in cfg.ks if k < 1]
     if bad_ks or len(set(cfg.ks)) != len(cfg.ks):
         raise ConfigError(f"ks: expected distinct NDCG cut-offs >= 1, got {list(cfg.ks)}")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MAX_LABEL = 4  # helpfulness labels are 0..MAX_LABEL (REFERENCE.md section 1)
+
 
 @dataclass(frozen=True)
 class ImageRef:

@@ -32,14 +32,13 @@ from typing import Any, Literal
 from pipeline.datasets.tables import read_column_table
 from pipeline.errors import DataError
 from pipeline.manifest import DatasetSpec
-from pipeline.records import DatasetRecords, ImageRef, Product, Review
+from pipeline.records import MAX_LABEL, DatasetRecords, ImageRef, Product, Review
 
 PRD_COLUMNS = ("product_id", "name", "description", "img_url")
 PRD_OPTIONAL = ("keyword", "brand_name")  # written by the builders; not read (records do not use them)
 RVW_COLUMNS = ("product_id", "review_id", "content", "img_url")
 RVW_OPTIONAL = ("title", "time")  # Amazon only; not read
 REL_COLUMNS = ("product_id", "review_id", "upvotes")
-MAX_LABEL = 4
 _PIC = re.compile(r"^pic_(\d+)_(\d+)\.(?:jpe?g|png|webp|gif|bmp)$", re.IGNORECASE)
 _MAX_ISSUES_PER_FILE = 20  # validate lists this many errors/warnings per file, then a count
 

@@ -82,3 +82,23 @@ def test_product_metrics_refuses_a_cut_off_below_one():
 
 def test_ks_without_ndcg_and_several_cut_offs_load():
     assert train_config({"ks": [1, 3, 10]}).ks == (1, 3, 10)
+
+
+@pytest.mark.parametrize("value", [4.0, 7.0, -0.5, float("nan")])
+def test_threshold_must_lie_within_the_label_range(value):
+    _refused({"threshold": value}, r"threshold: expected a relevance threshold in \[0, 4\)")
+
+
+def test_an_out_of_range_threshold_would_make_every_metric_a_constant():
+    # Why: labels (0, 1, 4) with the worst ranking (the 4 last). Threshold 4: nothing is relevant,
+    # MAP = 0 for any ranking. Threshold -0.5: all three are relevant, MAP = mean(1/1, 2/2, 3/3) = 1.
+    from models.metrics import product_metrics
+
+    worst = dict(labels=[0.0, 1.0, 4.0], scores=[3.0, 2.0, 1.0])
+    assert product_metrics(**worst, threshold=4.0)["MAP"] == 0.0
+    assert product_metrics(**worst, threshold=-0.5)["MAP"] == 1.0
+
+
+def test_thresholds_in_range_load():
+    for t in (0.0, 1.0, 3.5, None):
+        assert train_config({"threshold": t}).threshold == t
