@@ -109,6 +109,12 @@ def _check(cfg: TrainConfig) -> TrainConfig:
     # hinge max(0, m - (s+ - s-)): a negative margin rewards a negative scored above its positive
     if not cfg.fixed_margin >= 0:
         raise ConfigError(f"fixed_margin: expected a number >= 0, got {cfg.fixed_margin}")
+    if not cfg.weight_decay >= 0:
+        raise ConfigError(f"weight_decay: expected a number >= 0, got {cfg.weight_decay}")
+    # ReduceLROnPlateau cuts lr to max(lr * lr_factor, min_lr) and only when that is lower: with
+    # min_lr above lr it never cuts, so lr_factor and lr_patience would be ignored in silence
+    if not 0 <= cfg.min_lr <= cfg.lr:
+        raise ConfigError(f"min_lr: expected a number in [0, lr={cfg.lr:g}], got {cfg.min_lr}")
     if not 0 < cfg.lr_factor < 1:
         raise ConfigError(f"lr_factor: expected a number in (0, 1), got {cfg.lr_factor}")
     if cfg.max_reviews_per_product is not None and cfg.max_reviews_per_product < 2:
@@ -136,6 +142,13 @@ def _check(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("allow_missing: 'tokens' cannot be missing (every model reads the token ids)")
     if cfg.data.max_boxes_per_image < 1 or cfg.data.max_rois < 1 or cfg.data.min_rois < 1:
         raise ConfigError("data.max_boxes_per_image, data.max_rois and data.min_rois must be >= 1")
+    # ids[:max_tokens]: 0 empties every text, a negative value drops the last tokens instead
+    if cfg.data.max_tokens is not None and cfg.data.max_tokens < 1:
+        raise ConfigError(f"data.max_tokens: expected a positive token cap or null, got {cfg.data.max_tokens}")
+    if cfg.data.roi_dim < 1:
+        raise ConfigError(f"data.roi_dim: expected a positive feature size, got {cfg.data.roi_dim}")
+    if cfg.data.empty_rois == "zeros" and cfg.data.zeros_rois < 1:  # no rows: "zeros" would be "mask"
+        raise ConfigError(f"data.zeros_rois: expected >= 1 rows for empty_rois: zeros, got {cfg.data.zeros_rois}")
     return cfg
 
 

@@ -102,3 +102,50 @@ def test_an_out_of_range_threshold_would_make_every_metric_a_constant():
 def test_thresholds_in_range_load():
     for t in (0.0, 1.0, 3.5, None):
         assert train_config({"threshold": t}).threshold == t
+
+
+@pytest.mark.parametrize("mapping, match", [
+    ({"weight_decay": -0.01}, r"weight_decay: expected a number >= 0"),
+    ({"min_lr": -1e-6}, r"min_lr: expected a number in \[0, lr=0.0001\]"),
+    ({"min_lr": 1e-3}, r"min_lr: expected a number in \[0, lr=0.0001\]"),  # above lr: never cuts
+    ({"lr": 1e-5, "min_lr": 2e-5}, r"min_lr: expected a number in \[0, lr=1e-05\]"),
+])
+def test_optimizer_settings_that_cannot_hold(mapping, match):
+    _refused(mapping, match)
+
+
+def test_a_min_lr_above_lr_would_freeze_the_scheduler():
+    # Why: ReduceLROnPlateau sets lr to max(lr * factor, min_lr) only when that is lower than lr;
+    # lr 1e-4, min_lr 1e-3: max(5e-5, 1e-3) = 1e-3 > 1e-4, so after any number of bad epochs lr stays.
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([w], lr=1e-4)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=0, min_lr=1e-3)
+    for _ in range(5):
+        sched.step(0.0)
+    assert opt.param_groups[0]["lr"] == 1e-4
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"max_tokens": 0}, r"data.max_tokens: expected a positive token cap or null, got 0"),
+    ({"max_tokens": -3}, r"data.max_tokens: expected a positive token cap or null, got -3"),
+    ({"roi_dim": 0}, r"data.roi_dim: expected a positive feature size"),
+    ({"empty_rois": "zeros", "zeros_rois": 0}, r"data.zeros_rois: expected >= 1 rows"),
+])
+def test_data_sizes_that_cannot_hold(data, match):
+    _refused({"data": data}, match)
+
+
+def test_a_negative_max_tokens_would_have_cut_from_the_end():
+    # Why: the data reader caps a text with ids[:max_tokens]; ids (5, 6, 7) with -1 kept (5, 6).
+    from models.config import DataConfig
+    from models.data import token_ids
+
+    ids = {"ids": [5, 6, 7]}
+    assert list(token_ids(ids, DataConfig(max_tokens=-1))) == [5, 6]
+    assert list(token_ids(ids, DataConfig(max_tokens=2))) == [5, 6]
+
+
+def test_valid_data_and_optimizer_settings_load():
+    cfg = train_config({"weight_decay": 0.0, "min_lr": 0.0, "data": {"max_tokens": 1, "roi_dim": 4,
+                                                                      "empty_rois": "mask", "zeros_rois": 0}})
+    assert cfg.data.max_tokens == 1 and cfg.min_lr == 0.0
