@@ -20,6 +20,7 @@ folder the refs are therefore `pic_0_0.jpg .. pic_<N-1>_0.jpg` for the N URLs.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -41,6 +42,10 @@ RVW_OPTIONAL = ("title", "time")  # Amazon only; not read
 REL_COLUMNS = ("product_id", "review_id", "upvotes")
 _PIC = re.compile(r"^pic_(\d+)_(\d+)\.(?:jpe?g|png|webp|gif|bmp)$", re.IGNORECASE)
 _MAX_ISSUES_PER_FILE = 20  # validate lists this many errors/warnings per file, then a count
+NO_REL_ROW = "reviews without a rel row (skipped)"
+ZERO_VOTES = "reviews with 0 votes (dropped)"
+
+log = logging.getLogger(__name__)
 
 
 def table_path(spec: DatasetSpec, category: str, kind: str, split: str) -> Path:
@@ -390,7 +395,7 @@ def _load(
         rel_path = table_path(spec, c, "rel", s)
         path = table_path(spec, c, "rvw", s)
         seen_in_rvw: set[str] = set()
-        dropped_zero = 0
+        dropped_zero = no_rel = 0
         keys, t = _read_or_report(path, RVW_COLUMNS, issues, counts)
         for key in keys:
             try:
@@ -412,6 +417,7 @@ def _load(
                     issues.warning(
                         str(path), f"{path}: row {key!r}: review {rid!r} has no row in {rel_path.name}; skipped"
                     )
+                    no_rel += 1
                     continue
                 if r.product_id != pid:
                     raise DataError(
@@ -445,8 +451,10 @@ def _load(
             with_reviews = {r.product_id for r in rel_rows.values()}
             for pid in sorted(local_products - with_reviews):
                 issues.warning(str(path), f"{prd_name}: product {pid!r} has no reviews in {rel_path.name}")
-        if dropped_zero:
-            stats["reviews with 0 votes (dropped)"] = stats.get("reviews with 0 votes (dropped)", 0) + dropped_zero
+        for reason, n in ((NO_REL_ROW, no_rel), (ZERO_VOTES, dropped_zero)):
+            if n:
+                stats[reason] = stats.get(reason, 0) + n
+                records.dropped[reason] = records.dropped.get(reason, 0) + n
     return records
 
 
@@ -490,8 +498,12 @@ def load_dataset(
 
     Raises DataError naming the file, row key and column of the first problem. Reviews without
     a rel row are skipped; in vote mode reviews with 0 votes are dropped (REFERENCE.md section 1).
+    Either is counted in `DatasetRecords.dropped` and said in one warning.
     """
-    return _load(spec, splits, categories, _Issues(collect=False), {}, {})
+    records = _load(spec, splits, categories, _Issues(collect=False), {}, {})
+    if records.dropped:
+        log.warning("dataset %r: %s", spec.name, ", ".join(f"{n:,} {reason}" for reason, n in records.dropped.items()))
+    return records
 
 
 def validate_dataset(
