@@ -227,18 +227,16 @@ class ImageIndex:
         self._dirs: dict[tuple[str, str], set[str]] = {}
 
     def refs(self, split: str, kind: str, item_id: str, urls: list[str]) -> tuple[ImageRef, ...]:
+        # An absent folder means "not crawled yet" (its refs point at missing files, which validate
+        # counts and stages record as failures); a folder that exists but cannot be listed is a
+        # DataError, never read as "no images" (every image of the split would silently go missing).
         if (split, kind) not in self._dirs:
             base = self.root / split / kind
-            try:
-                self._dirs[(split, kind)] = set(os.listdir(base)) if base.is_dir() else set()
-            except OSError:
-                self._dirs[(split, kind)] = set()
+            self._dirs[(split, kind)] = set(_list_folder(base)) if base.is_dir() else set()
         found: list[tuple[int, int, str]] = []
         if item_id in self._dirs[(split, kind)]:
-            try:
-                names = os.listdir(self.root / split / kind / item_id)
-            except OSError:
-                names = []
+            folder = self.root / split / kind / item_id
+            names = _list_folder(folder) if folder.is_dir() else []
             for name in names:
                 m = _PIC.match(name)
                 if m:
@@ -250,6 +248,13 @@ class ImageIndex:
         return tuple(
             ImageRef(path=prefix + name, url=urls[n] if n < len(urls) else None) for n, _, name in found
         )
+
+
+def _list_folder(folder: Path) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except OSError as e:
+        raise DataError(f"{folder}: image folder cannot be listed ({e.strerror or e})") from None
 
 
 def _check_id_is_folder_name(item_id: str, path: Path, key: str, col: str) -> None:
