@@ -109,6 +109,11 @@ def _check(cfg: TrainConfig) -> TrainConfig:
     # hinge max(0, m - (s+ - s-)): a negative margin rewards a negative scored above its positive
     if not cfg.fixed_margin >= 0:
         raise ConfigError(f"fixed_margin: expected a number >= 0, got {cfg.fixed_margin}")
+    # listwise pairs a positive with every lower review, drawing nothing: "sampling" weights
+    # (the default, for the pairwise sampler) would silently become "none" there
+    if cfg.sampler == "listwise" and cfg.negative_weights == "sampling":
+        raise ConfigError("negative_weights: 'sampling' draws negatives by weight, which sampler: listwise does "
+                          "not do (it takes every lower review); set negative_weights: loss or none")
     if not cfg.weight_decay >= 0:
         raise ConfigError(f"weight_decay: expected a number >= 0, got {cfg.weight_decay}")
     # ReduceLROnPlateau cuts lr to max(lr * lr_factor, min_lr) and only when that is lower: with

@@ -149,3 +149,26 @@ def test_valid_data_and_optimizer_settings_load():
     cfg = train_config({"weight_decay": 0.0, "min_lr": 0.0, "data": {"max_tokens": 1, "roi_dim": 4,
                                                                       "empty_rois": "mask", "zeros_rois": 0}})
     assert cfg.data.max_tokens == 1 and cfg.min_lr == 0.0
+
+
+def test_listwise_with_sampling_weights_is_refused():
+    _refused({"sampler": "listwise"}, r"negative_weights: 'sampling' draws negatives by weight, which sampler: "
+                                      r"listwise does not do")
+
+
+def test_listwise_dropped_the_sampling_weights():
+    # Why: with weight_mode "sampling" the listwise rows weigh 1 each, exactly as "none": labels
+    # (0, 0, 3), min_gap 1, label weights {0: 0.2, 3: 0.8}: positive review 2, negatives 0 and 1.
+    from models.samplers import PairwiseSampler
+
+    def rows(mode):
+        s = PairwiseSampler(mode="listwise", min_gap=1.0, label_weights={0.0: 0.2, 3.0: 0.8}, weight_mode=mode)
+        return [list(w) for _, _, w in s.sample_product([0.0, 0.0, 3.0], None)]
+
+    assert rows("sampling") == rows("none") == [[1.0, 1.0]]
+    assert rows("loss") == [[pytest.approx(0.2), pytest.approx(0.2)]]
+
+
+def test_listwise_with_loss_or_no_weights_loads():
+    for mode in ("loss", "none"):
+        assert train_config({"sampler": "listwise", "negative_weights": mode}).sampler == "listwise"
