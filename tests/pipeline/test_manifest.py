@@ -307,4 +307,5 @@ def test_a_relevance_threshold_outside_the_label_range_is_refused(tmp_path, valu
 
 def test_thresholds_0_and_1_load(tmp_path):
     for value in (0, 1):
-        assert load_manifest(write_manifest(tmp_path, variant(datasets__d__threshold=value))).dataset("d").threshold == value
+        m = load_manifest(write_manifest(tmp_path, variant(datasets__d__threshold=value)))
+        assert m.dataset("d").threshold == value
