@@ -403,6 +403,8 @@ class Trainer:
             # views the model needs that were absent and allowed (TrainConfig.allow_missing)
             "allow_missing": list(self.cfg.allow_missing),
             "missing_views": list(getattr(self.data, "missing_views", ())),
+            # reviews the dataset reader left out by its rules (no rel row, 0 votes), by reason
+            "dropped_reviews": dict(getattr(self.data.records, "dropped", None) or {}),
             **self._provenance,
             "finished_at": utc_now() if status in ("done", "failed") else None,
         }

@@ -10,7 +10,7 @@ import pytest
 from models.config import train_config
 from models.data import DataBundle, InMemorySource, ProductItem, ReviewItem
 from models.registry import build_model
-from models.trainer import Trainer, counts_line, evaluate
+from models.trainer import Trainer, counts_line, evaluate, train
 from pipeline.errors import TrainingError
 
 D = 4  # ROI width of these hand-made products
@@ -81,3 +81,16 @@ class _NoWriter:
 
     def flush(self):
         pass
+
+
+def test_run_json_records_the_reviews_the_reader_left_out(tmp_path):
+    import json
+
+    from pipeline.records import DatasetRecords
+
+    recs = DatasetRecords(name="hand", dropped={"reviews with 0 votes (dropped)": 3})
+    bundle = DataBundle(name="hand", splits={"train": _source(), "dev": _source()}, embeddings=None,
+                        threshold=1.0, records=recs)
+    train(_cfg(), bundle, tmp_path / "run", progress=lambda _m: None, progress_bar=False)
+    meta = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert meta["dropped_reviews"] == {"reviews with 0 votes (dropped)": 3}
