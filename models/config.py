@@ -236,6 +236,17 @@ def load_train_config(path: str | Path | None = None, overrides: Sequence[str] =
     return train_config(apply_preset(data, category=category))
 
 
+def _flat(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1} (for naming the settings two configs disagree on)."""
+    out: dict[str, Any] = {}
+    for k, v in mapping.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def config_to_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(to_mapping(cfg), sort_keys=False)
 
@@ -255,8 +266,22 @@ def resolve_train_config(manifest, *, model: str, dataset: str, config: str | Pa
         if any(o.split("=", 1)[0] == "preset" for o in overrides):
             raise ConfigError("give the preset once: --preset or preset=NAME, not both")
         overrides.append(f"preset={preset}")
-    cfg = load_train_config(config, overrides, base={"model": model, "dataset": dataset},
-                            category=spec.categories[0] if spec.categories else None)
+    base = {"model": model, "dataset": dataset}
+    cfg = load_train_config(config, overrides, base=base, category=spec.categories[0] if spec.categories else None)
+    # A preset with per-category values (SANCL's Table 5) on a dataset of several categories: the
+    # first category's values would apply to all, unsaid. Refused unless the settings agree.
+    for other in spec.categories[1:]:
+        alt = load_train_config(config, overrides, base=base, category=other)
+        if alt != cfg:
+            a, b = _flat(to_mapping(cfg)), _flat(to_mapping(alt))
+            keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+            first = ", ".join(f"{k}={a.get(k)}" for k in keys)
+            second = ", ".join(f"{k}={b.get(k)}" for k in keys)
+            raise ConfigError(
+                f"preset {cfg.preset!r} of {model} sets {', '.join(keys)} per category, and dataset {dataset!r} "
+                f"has categories {', '.join(spec.categories)} ({spec.categories[0]}: {first}; {other}: {second}); "
+                f"set them explicitly or train one category per dataset"
+            )
     if cfg.model != model or cfg.dataset != dataset:
         raise ConfigError(
             f"--model/--dataset ({model}, {dataset}) disagree with the config "
