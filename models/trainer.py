@@ -163,6 +163,20 @@ def evaluation_counts(preds: list[dict[str, Any]], threshold: float) -> dict[str
             "single_review_products": sum(1 for n in sizes.values() if n == 1)}
 
 
+def check_measurable(source: ProductSource, threshold: float, split: str) -> None:
+    """TrainingError when no review of `source` has a label above `threshold` (every metric would
+    be 0 whatever the model); reads the labels only."""
+    top = max((float(source.labels(i).max()) for i in range(len(source.product_ids))
+               if len(source.labels(i))), default=None)
+    if top is None or top <= threshold:
+        n = len(source.product_ids)
+        raise TrainingError(
+            f"{split} split: no review of its {n} product(s) has a label above the threshold {threshold:g} "
+            f"(highest label {'none' if top is None else f'{top:g}'}), so every metric would be 0 whatever "
+            f"the model; check the threshold (manifest datasets.<name>.threshold or threshold=)"
+        )
+
+
 def counts_line(split: str, counts: dict[str, int]) -> str:
     """One line saying over what the metrics of `split` were averaged."""
     return (f"{split}: metrics over {counts['products']:,} product(s), "
@@ -436,6 +450,9 @@ class Trainer:
         paths.config.write_text(config_to_yaml(cfg), encoding="utf-8")
         if "dev" not in self.data.splits:
             raise TrainingError(f"dataset {self.data.name!r} has no dev split to select the best epoch")
+        for split in ("dev", "test"):  # before any epoch: `evaluate` would refuse them after one
+            if split in self.data.splits:
+                check_measurable(self.data.split(split), self.threshold, split)
         writer = self._writer()
         self._write_meta("running")
         stopped_early = False

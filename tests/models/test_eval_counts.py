@@ -94,3 +94,19 @@ def test_run_json_records_the_reviews_the_reader_left_out(tmp_path):
     train(_cfg(), bundle, tmp_path / "run", progress=lambda _m: None, progress_bar=False)
     meta = json.loads((tmp_path / "run" / "run.json").read_text())
     assert meta["dropped_reviews"] == {"reviews with 0 votes (dropped)": 3}
+
+
+def test_an_unmeasurable_dev_split_stops_the_run_before_any_epoch(tmp_path):
+    # dev labels top out at 3 and the threshold is 3: refused before training, not after epoch 1
+    train_src = InMemorySource([_product("T0", [(0.0, 2), (2.0, 3)])], roi_dim=D)
+    bundle = DataBundle(name="hand", splits={"train": train_src, "dev": _source()}, embeddings=None,
+                        threshold=3.0, train_labels=[0.0, 2.0])
+    cfg = train_config({"model": "text-gru", "device": "cpu", "epochs": 1, "min_gap": 1.0, "data": {"roi_dim": D},
+                        "model_cfg": {"vocab_size": 8, "embed_dim": 4, "hidden": 4, "mlp_hidden": 4}})
+    trainer = Trainer(cfg, bundle, tmp_path / "run", progress_bar=False)
+    calls = []
+    trainer._train_epoch = lambda: calls.append(1)  # type: ignore[method-assign]
+    with pytest.raises(TrainingError, match=r"dev split: no review of its 3 product\(s\) has a label above the "
+                                            r"threshold 3 \(highest label 3\)"):
+        trainer.run()
+    assert calls == []
