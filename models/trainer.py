@@ -681,6 +681,11 @@ def train_seeds(manifest, cfg: TrainConfig, *, seeds: int = 1, first_seed: int =
     views = run_views(manifest, cfg)
     cfg = _text_encoder_fallback(cfg, manifest, say)
     data = build_datasets(manifest, cfg.dataset, cfg.data, required=views, allow_missing=cfg.allow_missing)
+    how = getattr(data.records, "label_interpretation", "")
+    if how:  # REFERENCE.md section 1: say which reading of rel.upvotes was used
+        said = "0-4 labels" if how == "labels" else "vote counts (label min(floor(log2 v), 4); v = 0 dropped)"
+        say(f"dataset {cfg.dataset!r}: rel.upvotes read as {said} (manifest labels: "
+            f"{manifest.dataset(cfg.dataset).labels})")
     if "bert" in views and "bert" not in data.missing_views:
         cfg = _text_feature_width(cfg, data, say)
     vfp = _vocab_fingerprint(manifest, cfg.dataset, data.records)

@@ -110,3 +110,26 @@ def test_an_unmeasurable_dev_split_stops_the_run_before_any_epoch(tmp_path):
                                             r"threshold 3 \(highest label 3\)"):
         trainer.run()
     assert calls == []
+
+
+def test_train_seeds_says_how_the_upvotes_were_read(tmp_path, monkeypatch):
+    import models.data as data_mod
+    import models.trainer as trainer_mod
+    from models.trainer import train_seeds
+    from pipeline.manifest import manifest_from_mapping
+    from pipeline.records import DatasetRecords
+
+    m = manifest_from_mapping({
+        "version": 1, "roots": {"data": ".", "resources": ".", "store": "store", "runs": "runs"},
+        "datasets": {"d": {"raw_root": "raw", "image_root": "pics", "categories": ["home"], "word_vectors": "wv"}},
+        "resources": {"word_vectors": {"wv": {"format": "glove", "path": "g.txt"}}, "detectors": {"bua-r101-c4": {}}},
+    }, tmp_path / "data_manifest.yaml")
+    bundle = DataBundle(name="d", splits={"train": _source(), "dev": _source()}, embeddings=None, threshold=1.0,
+                        records=DatasetRecords(name="d", label_interpretation="votes"))
+    monkeypatch.setattr(data_mod, "build_datasets", lambda *a, **k: bundle)
+    monkeypatch.setattr(trainer_mod, "_vocab_fingerprint", lambda *a: None)
+    said: list[str] = []
+    train_seeds(m, train_config({"model": "length", "dataset": "d", "device": "cpu", "data": {"roi_dim": D}}),
+                progress=said.append, progress_bar=False)
+    assert ("dataset 'd': rel.upvotes read as vote counts (label min(floor(log2 v), 4); v = 0 dropped) "
+            "(manifest labels: auto)") in said
