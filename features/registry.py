@@ -155,7 +155,8 @@ class ExtractRequest:
             manifest.dataset(dataset)  # an unknown dataset is a ManifestError naming the declared ones
         reg = registry or STAGES
         order = stage_order(stages, reg)
-        size = chunk_size or manifest.flows.chunk_size
+        # `is None`, not `or`: an explicit 0 is an error, not the manifest's default
+        size = chunk_size if chunk_size is not None else manifest.flows.chunk_size
         if size < 1:
             raise ConfigError(f"chunk_size must be at least 1, got {size}")
         return cls(

@@ -528,6 +528,12 @@ class RoisStage:
                         f"only {n_boxes} box(es) survived proposal filtering on this {w}x{h} "
                         f"image; {'fixed_k' if self.params.fixed_k is not None else 'min_boxes'} asks for {need}"))
                     continue
+                bad = int(np.size(arrays["features"]) - np.count_nonzero(np.isfinite(arrays["features"])))
+                if bad:  # e.g. fp16 autocast or the float16 cast overflowing: never store NaN/inf
+                    yield Record(key=key, failure=(
+                        f"{bad} non-finite (NaN/inf) box feature value(s) in {self.params.feature_dtype}; "
+                        f"turn autocast off or set feature_dtype: float32"))
+                    continue
                 yield Record(key=key, arrays=arrays,
                              meta={"n_boxes": int(arrays["boxes"].shape[0]),
                                    "image_hw": [int(x) for x in arrays["image_hw"]]})

@@ -22,6 +22,8 @@ import yaml
 
 from pipeline.config import deep_merge, from_mapping, load_yaml, parse_overrides, to_mapping
 from pipeline.errors import ConfigError
+from pipeline.manifest import threshold_problem
+from pipeline.records import MAX_LABEL
 
 
 @dataclass(frozen=True)
@@ -93,8 +95,31 @@ def _check(cfg: TrainConfig) -> TrainConfig:
     for k, v in positive.items():
         if v < 1:
             raise ConfigError(f"{k}: expected a positive integer, got {v}")
-    if cfg.lr <= 0:
+    if not cfg.lr > 0:  # `not >` refuses NaN too
         raise ConfigError(f"lr: expected a positive number, got {cfg.lr}")
+    # clip_grad_norm_ scales every gradient by grad_clip / norm: 0 zeroes them (nothing trains)
+    # and a negative value flips their sign (gradient ascent), both without a word
+    if cfg.grad_clip is not None and not cfg.grad_clip > 0:
+        raise ConfigError(f"grad_clip: expected a positive max gradient norm or null (no clipping), "
+                          f"got {cfg.grad_clip}")
+    # a negative is at least min_gap below its positive: at 0 a positive can be drawn as its own
+    # negative (and equal labels pair up), below 0 negatives may outrank their positive
+    if not cfg.min_gap > 0:
+        raise ConfigError(f"min_gap: expected a positive label gap (1 or 2 in the papers' setups), got {cfg.min_gap}")
+    # hinge max(0, m - (s+ - s-)): a negative margin rewards a negative scored above its positive
+    if not cfg.fixed_margin >= 0:
+        raise ConfigError(f"fixed_margin: expected a number >= 0, got {cfg.fixed_margin}")
+    # listwise pairs a positive with every lower review, drawing nothing: "sampling" weights
+    # (the default, for the pairwise sampler) would silently become "none" there
+    if cfg.sampler == "listwise" and cfg.negative_weights == "sampling":
+        raise ConfigError("negative_weights: 'sampling' draws negatives by weight, which sampler: listwise does "
+                          "not do (it takes every lower review); set negative_weights: loss or none")
+    if not cfg.weight_decay >= 0:
+        raise ConfigError(f"weight_decay: expected a number >= 0, got {cfg.weight_decay}")
+    # ReduceLROnPlateau cuts lr to max(lr * lr_factor, min_lr) and only when that is lower: with
+    # min_lr above lr it never cuts, so lr_factor and lr_patience would be ignored in silence
+    if not 0 <= cfg.min_lr <= cfg.lr:
+        raise ConfigError(f"min_lr: expected a number in [0, lr={cfg.lr:g}], got {cfg.min_lr}")
     if not 0 < cfg.lr_factor < 1:
         raise ConfigError(f"lr_factor: expected a number in (0, 1), got {cfg.lr_factor}")
     if cfg.max_reviews_per_product is not None and cfg.max_reviews_per_product < 2:
@@ -103,6 +128,13 @@ def _check(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("num_workers, patience and lr_patience must be >= 0")
     if cfg.ranking_reduction not in ("mean", "sum"):
         raise ConfigError(f"ranking_reduction: expected 'mean' or 'sum', got {cfg.ranking_reduction!r}")
+    # NDCG@k over the first k ranked reviews: k = 0 is 0 for every product, a negative k slices
+    # from the end (NDCG over all but the last |k|), a repeated k is one column twice
+    if cfg.threshold is not None and not 0 <= cfg.threshold < MAX_LABEL:
+        raise ConfigError(f"threshold: {threshold_problem(cfg.threshold)}")
+    bad_ks = [k for k in cfg.ks if k < 1]
+    if bad_ks or len(set(cfg.ks)) != len(cfg.ks):
+        raise ConfigError(f"ks: expected distinct NDCG cut-offs >= 1, got {list(cfg.ks)}")
     valid_metrics = ["MAP", "MRR", *[f"NDCG@{k}" for k in cfg.ks]]
     if cfg.metric not in valid_metrics:
         raise ConfigError(f"metric: expected one of {', '.join(valid_metrics)}, got {cfg.metric!r}")
@@ -115,6 +147,13 @@ def _check(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("allow_missing: 'tokens' cannot be missing (every model reads the token ids)")
     if cfg.data.max_boxes_per_image < 1 or cfg.data.max_rois < 1 or cfg.data.min_rois < 1:
         raise ConfigError("data.max_boxes_per_image, data.max_rois and data.min_rois must be >= 1")
+    # ids[:max_tokens]: 0 empties every text, a negative value drops the last tokens instead
+    if cfg.data.max_tokens is not None and cfg.data.max_tokens < 1:
+        raise ConfigError(f"data.max_tokens: expected a positive token cap or null, got {cfg.data.max_tokens}")
+    if cfg.data.roi_dim < 1:
+        raise ConfigError(f"data.roi_dim: expected a positive feature size, got {cfg.data.roi_dim}")
+    if cfg.data.empty_rois == "zeros" and cfg.data.zeros_rois < 1:  # no rows: "zeros" would be "mask"
+        raise ConfigError(f"data.zeros_rois: expected >= 1 rows for empty_rois: zeros, got {cfg.data.zeros_rois}")
     return cfg
 
 
@@ -202,6 +241,17 @@ def load_train_config(path: str | Path | None = None, overrides: Sequence[str] =
     return train_config(apply_preset(data, category=category))
 
 
+def _flat(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1} (for naming the settings two configs disagree on)."""
+    out: dict[str, Any] = {}
+    for k, v in mapping.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def config_to_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(to_mapping(cfg), sort_keys=False)
 
@@ -221,8 +271,22 @@ def resolve_train_config(manifest, *, model: str, dataset: str, config: str | Pa
         if any(o.split("=", 1)[0] == "preset" for o in overrides):
             raise ConfigError("give the preset once: --preset or preset=NAME, not both")
         overrides.append(f"preset={preset}")
-    cfg = load_train_config(config, overrides, base={"model": model, "dataset": dataset},
-                            category=spec.categories[0] if spec.categories else None)
+    base = {"model": model, "dataset": dataset}
+    cfg = load_train_config(config, overrides, base=base, category=spec.categories[0] if spec.categories else None)
+    # A preset with per-category values (SANCL's Table 5) on a dataset of several categories: the
+    # first category's values would apply to all, unsaid. Refused unless the settings agree.
+    for other in spec.categories[1:]:
+        alt = load_train_config(config, overrides, base=base, category=other)
+        if alt != cfg:
+            a, b = _flat(to_mapping(cfg)), _flat(to_mapping(alt))
+            keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+            first = ", ".join(f"{k}={a.get(k)}" for k in keys)
+            second = ", ".join(f"{k}={b.get(k)}" for k in keys)
+            raise ConfigError(
+                f"preset {cfg.preset!r} of {model} sets {', '.join(keys)} per category, and dataset {dataset!r} "
+                f"has categories {', '.join(spec.categories)} ({spec.categories[0]}: {first}; {other}: {second}); "
+                f"set them explicitly or train one category per dataset"
+            )
     if cfg.model != model or cfg.dataset != dataset:
         raise ConfigError(
             f"--model/--dataset ({model}, {dataset}) disagree with the config "

@@ -601,9 +601,15 @@ def bundle_from_records(records, *, store_root: str | Path, dataset: str, cfg: D
     sources: dict[str, ProductSource] = {}
     for s in splits:
         part = records.split(s)
-        if part.reviews:
-            sources[s] = StoreSource(store_root=store_root, dataset=dataset, records=part, cfg=cfg, split=s,
-                                     views=read)
+        if not part.reviews:  # before: left out, so e.g. an empty test split meant no test metrics, unsaid
+            dropped = f" ({', '.join(f'{n:,} {why}' for why, n in records.dropped.items())} in the dataset)" \
+                if getattr(records, "dropped", None) else ""
+            raise DataError(
+                f"dataset {dataset!r}: split {s!r} has no reviews{dropped}; check its tables, or leave "
+                f"the split out of datasets.{dataset}.splits in the manifest"
+            )
+        sources[s] = StoreSource(store_root=store_root, dataset=dataset, records=part, cfg=cfg, split=s,
+                                 views=read)
     emb = dict(embeddings) if embeddings is not None else store_embeddings(store_root, dataset)
     return DataBundle(
         name=dataset, splits=sources, embeddings=emb, threshold=float(threshold),

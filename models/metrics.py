@@ -35,6 +35,9 @@ def product_metrics(labels: Sequence[float], scores: Sequence[float], threshold:
     s = np.asarray(scores, dtype=np.float64)
     if y.shape != s.shape or y.ndim != 1:
         raise ValueError(f"labels and scores must be 1-d and aligned, got {y.shape} and {s.shape}")
+    bad = [k for k in ks if k < 1]
+    if bad:  # k = 0 gives 0 for every product and a negative k would slice from the end
+        raise ValueError(f"NDCG cut-offs must be >= 1, got {bad[0]}")
     order = np.argsort(-s, kind="stable")  # descending, ties keep input order
     ranked = y[order]
     rel = ranked > threshold

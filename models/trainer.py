@@ -59,6 +59,9 @@ class EvalResult:
     metrics: dict[str, float]
     per_product: dict[str, dict[str, float]]
     predictions: list[dict[str, Any]]  # {"product_id", "review_id", "label", "score"} in input order
+    # products scored; of them, those without a relevant review (0 on every metric, REFERENCE.md
+    # section 5) and those with a single review (ranked trivially): written next to the metrics
+    counts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -124,15 +127,62 @@ def score_source(model: nn.Module, source: ProductSource, *, cfg: TrainConfig,
 
 def evaluate(model: nn.Module, source: ProductSource, *, threshold: float, cfg: TrainConfig,
              device: torch.device | None = None) -> EvalResult:
-    """Score every review of every product of `source` and compute the ranking metrics."""
+    """Score every review of every product of `source` and compute the ranking metrics.
+
+    Products without a relevant review count as 0 (REFERENCE.md section 5) and are counted in
+    `EvalResult.counts`; a split where *no* review is relevant is a TrainingError, since every
+    metric would be 0 whatever the model (a threshold the labels never exceed)."""
     preds = score_source(model, source, cfg=cfg, device=device)
     if not preds:
         raise TrainingError("evaluation split has no reviews")
     per = per_product_metrics([p["product_id"] for p in preds], [p["label"] for p in preds],
                               [p["score"] for p in preds], threshold=threshold, ks=cfg.ks)
+    counts = evaluation_counts(preds, threshold)
+    if counts["products_without_relevant"] == counts["products"]:
+        where = getattr(source, "split", "") or "evaluation"
+        top = max(p["label"] for p in preds)
+        raise TrainingError(
+            f"{where} split: no review of its {counts['products']} product(s) has a label above the "
+            f"threshold {threshold:g} (highest label {top:g}), so every metric would be 0 whatever the "
+            f"model; check the threshold (manifest datasets.<name>.threshold or threshold=)"
+        )
     names = metric_names(cfg.ks)
     metrics = {n: float(np.mean([m[n] for m in per.values()])) for n in names}
-    return EvalResult(metrics=metrics, per_product=per, predictions=preds)
+    return EvalResult(metrics=metrics, per_product=per, predictions=preds, counts=counts)
+
+
+def evaluation_counts(preds: list[dict[str, Any]], threshold: float) -> dict[str, int]:
+    """{"products", "products_without_relevant", "single_review_products"} of scored reviews."""
+    sizes: dict[str, int] = {}
+    relevant: dict[str, bool] = {}
+    for p in preds:
+        pid = p["product_id"]
+        sizes[pid] = sizes.get(pid, 0) + 1
+        relevant[pid] = relevant.get(pid, False) or p["label"] > threshold
+    return {"products": len(sizes),
+            "products_without_relevant": sum(1 for v in relevant.values() if not v),
+            "single_review_products": sum(1 for n in sizes.values() if n == 1)}
+
+
+def check_measurable(source: ProductSource, threshold: float, split: str) -> None:
+    """TrainingError when no review of `source` has a label above `threshold` (every metric would
+    be 0 whatever the model); reads the labels only."""
+    top = max((float(source.labels(i).max()) for i in range(len(source.product_ids))
+               if len(source.labels(i))), default=None)
+    if top is None or top <= threshold:
+        n = len(source.product_ids)
+        raise TrainingError(
+            f"{split} split: no review of its {n} product(s) has a label above the threshold {threshold:g} "
+            f"(highest label {'none' if top is None else f'{top:g}'}), so every metric would be 0 whatever "
+            f"the model; check the threshold (manifest datasets.<name>.threshold or threshold=)"
+        )
+
+
+def counts_line(split: str, counts: dict[str, int]) -> str:
+    """One line saying over what the metrics of `split` were averaged."""
+    return (f"{split}: metrics over {counts['products']:,} product(s), "
+            f"{counts['products_without_relevant']:,} without a relevant review (scored 0), "
+            f"{counts['single_review_products']:,} with a single review")
 
 
 def _rng_state(rng: np.random.Generator) -> str:
@@ -252,7 +302,7 @@ class Trainer:
                              half_rois=cuda)
         totals = {"loss": 0.0, "rank": 0.0}
         aux_totals: dict[str, float] = {}
-        steps = reviews = instances = 0
+        steps = reviews = instances = skipped = 0
         t0 = time.perf_counter()
         bar = self._bar(len(plan))
         for step, batch in enumerate(loader):
@@ -262,7 +312,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{totals['loss'] / steps:.4f}", refresh=False)
             inst = self.sampler.sample(batch.labels.numpy(), batch.rev_product.numpy(), self.rng)
             if inst.count == 0:
-                continue  # no ranking pair in these products
+                skipped += 1  # no ranking pair in these products: counted in the epoch record
+                continue
             batch.instances = torch.from_numpy(inst.index)
             batch.instance_weights = torch.from_numpy(inst.weights)
             b = batch.to(self.device, non_blocking=cuda)
@@ -312,6 +363,7 @@ class Trainer:
             "rank_loss": totals["rank"] / steps,
             "aux": {k: v / steps for k, v in aux_totals.items()},
             "steps": steps,
+            "skipped_batches": skipped,
             "instances": instances,
             "reviews_per_s": reviews / dt if dt > 0 else None,
             "epoch_time_s": dt,
@@ -369,6 +421,8 @@ class Trainer:
             # views the model needs that were absent and allowed (TrainConfig.allow_missing)
             "allow_missing": list(self.cfg.allow_missing),
             "missing_views": list(getattr(self.data, "missing_views", ())),
+            # reviews the dataset reader left out by its rules (no rel row, 0 votes), by reason
+            "dropped_reviews": dict(getattr(self.data.records, "dropped", None) or {}),
             **self._provenance,
             "finished_at": utc_now() if status in ("done", "failed") else None,
         }
@@ -400,9 +454,13 @@ class Trainer:
         paths.config.write_text(config_to_yaml(cfg), encoding="utf-8")
         if "dev" not in self.data.splits:
             raise TrainingError(f"dataset {self.data.name!r} has no dev split to select the best epoch")
+        for split in ("dev", "test"):  # before any epoch: `evaluate` would refuse them after one
+            if split in self.data.splits:
+                check_measurable(self.data.split(split), self.threshold, split)
         writer = self._writer()
         self._write_meta("running")
         stopped_early = False
+        said_dev = False
         history: list[dict[str, Any]] = []
         try:
             if not self.params:
@@ -413,8 +471,12 @@ class Trainer:
                     self.epoch += 1
                     rec = {"event": "epoch", "epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"], **rec}
                     if self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs:
-                        dev = evaluate(self.model, self.data.split("dev"), threshold=self.threshold,
-                                       cfg=cfg, device=self.device).metrics
+                        res = evaluate(self.model, self.data.split("dev"), threshold=self.threshold,
+                                       cfg=cfg, device=self.device)
+                        if not said_dev:  # what dev metrics average over, once per session
+                            self.progress(counts_line("dev", res.counts))
+                            said_dev = True
+                        dev = res.metrics
                         rec["dev"] = dev
                         value = dev[cfg.metric]
                         self.scheduler.step(value)
@@ -447,8 +509,9 @@ class Trainer:
                 append_jsonl(paths.metrics, {"event": "test", "epoch": self.best_epoch, "test": test})
                 write_json_atomic(paths.eval_file("test"), {
                     "split": "test", "checkpoint": "best", "threshold": self.threshold,
-                    "metrics": res.metrics, "per_product": res.per_product,
+                    "metrics": res.metrics, "counts": res.counts, "per_product": res.per_product,
                 })
+                self.progress(counts_line("test", res.counts))
                 for k, v in test.items():
                     writer.add_scalar(f"test/{k}", v, self.best_epoch)
             self._write_meta("done")
@@ -493,6 +556,8 @@ class Trainer:
             f"epoch {e}/{self.cfg.epochs}: loss {rec['train_loss']:.4f}"
             + (f", dev {self.cfg.metric} {dev[self.cfg.metric]:.4f}" if dev else "")
             + (f", lr {rec['lr']:.2e}" if rec.get("lr") is not None else "")
+            + (f", {rec['skipped_batches']} batch(es) without a ranking pair skipped"
+               if rec.get("skipped_batches") else "")
             + (" (best)" if rec.get("best") else "")
         )
 
@@ -644,6 +709,11 @@ def train_seeds(manifest, cfg: TrainConfig, *, seeds: int = 1, first_seed: int =
     views = run_views(manifest, cfg)
     cfg = _text_encoder_fallback(cfg, manifest, say)
     data = build_datasets(manifest, cfg.dataset, cfg.data, required=views, allow_missing=cfg.allow_missing)
+    how = getattr(data.records, "label_interpretation", "")
+    if how:  # REFERENCE.md section 1: say which reading of rel.upvotes was used
+        said = "0-4 labels" if how == "labels" else "vote counts (label min(floor(log2 v), 4); v = 0 dropped)"
+        say(f"dataset {cfg.dataset!r}: rel.upvotes read as {said} (manifest labels: "
+            f"{manifest.dataset(cfg.dataset).labels})")
     if "bert" in views and "bert" not in data.missing_views:
         cfg = _text_feature_width(cfg, data, say)
     vfp = _vocab_fingerprint(manifest, cfg.dataset, data.records)

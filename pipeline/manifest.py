@@ -27,6 +27,7 @@ from typing import Any, Literal
 from pipeline.config import deep_merge, from_mapping, load_yaml
 from pipeline.errors import ManifestError
 from pipeline.params import STAGE_PARAMS, FlowParams
+from pipeline.records import MAX_LABEL
 
 DEFAULT_MANIFEST = "data_manifest.yaml"
 SCHEMA_VERSION = 1
@@ -380,6 +381,8 @@ def manifest_from_mapping(data: Any, mpath: Path) -> Manifest:
         spec = sub(DatasetSpec, value, kp)
         if not spec.categories:
             raise ManifestError(f"{mpath}: {kp}.categories: expected at least one category")
+        if not 0 <= spec.threshold < MAX_LABEL:  # NaN fails too
+            raise ManifestError(f"{mpath}: {kp}.threshold: {threshold_problem(spec.threshold)}")
         if spec.word_vectors not in word_vectors:
             raise ManifestError(
                 f"{mpath}: {kp}.word_vectors: {spec.word_vectors!r} is not declared under "
@@ -432,6 +435,14 @@ class _ResourcesRaw:
     word_vectors: Mapping[str, Any] = field(default_factory=dict)
     detectors: Mapping[str, Any] = field(default_factory=dict)
     text_encoders: Mapping[str, Any] = field(default_factory=dict)
+
+
+def threshold_problem(value: float) -> str:
+    """What is wrong with a relevance threshold outside [0, MAX_LABEL): a review is relevant when
+    its label (0..MAX_LABEL) exceeds the threshold, so at MAX_LABEL or above (or NaN) no review is
+    relevant and every metric is 0, and below 0 every review is, so MAP is 1 whatever the ranking."""
+    return (f"expected a relevance threshold in [0, {MAX_LABEL}) (labels are 0..{MAX_LABEL}; a review "
+            f"is relevant when its label exceeds it: 1 on Amazon, 0 on Lazada), got {value}")
 
 
 def _is_sha256(value: str) -> bool:

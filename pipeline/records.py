@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MAX_LABEL = 4  # helpfulness labels are 0..MAX_LABEL (REFERENCE.md section 1)
+
 
 @dataclass(frozen=True)
 class ImageRef:
@@ -46,6 +48,9 @@ class DatasetRecords:
     products: dict[str, Product] = field(default_factory=dict)
     reviews: list[Review] = field(default_factory=list)
     label_interpretation: str = ""  # "votes" or "labels": how the rel upvotes column was read
+    # reviews the reader left out by its documented rules, by reason -> count (e.g. "reviews with
+    # 0 votes (dropped)"); empty when none was. Said by the reader and recorded in run.json.
+    dropped: dict[str, int] = field(default_factory=dict)
 
     def reviews_by_product(self) -> dict[str, list[Review]]:
         out: dict[str, list[Review]] = {}

@@ -108,6 +108,13 @@ class EmbeddingsStage:
             vocab_fp, fld = it.source
             vocab = read_vocabularies(self.store_root, vocab_fp).field(fld)
             matrix, cov = build_matrix(vocab.words, vectors, oov_init=self.params.oov_init, seed=self.params.seed)
+            if cov.words and not cov.found + cov.subword:
+                # every row random: vectors of another language or casing, not "low coverage"
+                raise StageError(
+                    f"embeddings {self.dataset}/{fld}: none of the {cov.words:,} vocabulary words is in the "
+                    f"word vectors {self.vectors_spec.name!r}, so every row would be random; check "
+                    f"datasets.{self.dataset}.word_vectors (language {self.language!r})"
+                )
             log.info(
                 "embeddings %s/%s: %d words, %.1f%% found in %s%s", self.dataset, fld, cov.words,
                 100 * cov.share, self.vectors_spec.name,

@@ -180,6 +180,13 @@ class ProbeMasker:
                 f"probes: near_root must be >= 0 and batch_size, n_process >= 1; got near_root="
                 f"{near_root}, batch_size={batch_size}, n_process={n_process}"
             )
+        # each mode reads one of the two knobs; a value set for the other mode was ignored, unsaid
+        if mode == "paper" and keyword_test != "substring":
+            raise StageError(f"probes.keyword_test: {keyword_test!r} applies to mode script only (mode paper "
+                             f"matches keywords word by word already); remove it or set mode: script")
+        if mode == "script" and near_root != 1:
+            raise StageError(f"probes.near_root: {near_root} applies to mode paper only (the script takes the "
+                             f"root's lemma alone); remove it or set mode: paper")
         if language == "en" and mode == "paper" and coref == "none":
             raise StageError(
                 "probes: mode paper with coref none would give every review an all-zero mask "

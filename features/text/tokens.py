@@ -123,6 +123,17 @@ class TokensStage:
                 f"tokens: max_len, min_freq and n_process must be >= 1, got max_len={params.max_len}, "
                 f"min_freq={params.min_freq}, n_process={params.n_process}"
             )
+        if params.batch_size < 1:
+            raise StageError(f"tokens.batch_size: expected a positive integer, got {params.batch_size}")
+        if params.max_vocab is not None:  # before: ignored in mcr mode, an empty vocabulary below 3
+            if params.mode != "standard":
+                raise StageError(
+                    f"tokens.max_vocab: applies to mode 'standard' only (mode {params.mode!r} keeps every "
+                    f"train term at min_freq); remove max_vocab or set mode: standard"
+                )
+            if params.max_vocab < 3:
+                raise StageError(f"tokens.max_vocab: expected >= 3 (PAD, OOV and at least one word), "
+                                 f"got {params.max_vocab}")
         self.params = params
         self.language = language
         self.dataset = dataset

@@ -106,6 +106,8 @@ def fit_vocabulary(
     """Fit one vocabulary on tokenized train texts (see the module docstring for the rules)."""
     if mode not in ("mcr", "standard"):
         raise StageError(f"tokens.mode must be 'mcr' or 'standard', got {mode!r}")
+    if max_vocab is not None and max_vocab < 3:  # PAD and OOV take two ids: fewer left no word at all
+        raise StageError(f"tokens.max_vocab: expected >= 3 (PAD, OOV and at least one word), got {max_vocab}")
     counts: Counter[str] = Counter()
     for toks in token_lists:
         counts.update(toks)

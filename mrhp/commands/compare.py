@@ -196,6 +196,7 @@ def build_comparison(runs: list[RunEvals], *, paired: str = "products", alpha: f
     for ds in datasets:
         group = [r for r in runs if r.dataset == ds]
         ref = group[0]
+        _check_comparable(group)
         references[ds] = ref.label
         for r in group:
             for m in metrics:
@@ -223,6 +224,31 @@ def build_comparison(runs: list[RunEvals], *, paired: str = "products", alpha: f
         header[ds] = ds + (f" ({'+'.join(cats)})" if cats else "")
     return Comparison(datasets=datasets, dataset_header=header, metrics=metrics, rows=rows, cells=cells,
                       references=references, runs=runs, warnings=warnings)
+
+
+def _check_comparable(group: list[RunEvals]) -> None:
+    """The evaluations of one dataset's runs cover the same products at the same threshold, or a
+    TrainingError naming the two (before: means over different product sets stood side by side,
+    and a products-paired t-test quietly kept the shared products only)."""
+    from pipeline.errors import TrainingError
+
+    base_run, base = group[0], group[0].evals[0]
+    base_products, base_threshold = set(base["per_product"]), base.get("threshold")
+    for r in group:
+        for k, e in enumerate(r.evals, 1):
+            where = f"{r.name} (evaluation {k} of {len(r.evals)})"
+            if e.get("threshold") != base_threshold:
+                raise TrainingError(
+                    f"{where} was evaluated at threshold {e.get('threshold')}, {base_run.name} at "
+                    f"{base_threshold}: their metrics are not comparable; re-run `mrhp evaluate` on both"
+                )
+            products = set(e["per_product"])
+            if products != base_products:
+                raise TrainingError(
+                    f"{where} covers {len(products):,} products, {base_run.name} {len(base_products):,} "
+                    f"({len(products - base_products):,} only in the first, {len(base_products - products):,} "
+                    f"only in the second): re-run `mrhp evaluate` on both against the same data"
+                )
 
 
 # ---- rendering -----------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def format_table(name: str, rec: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from models.data import build_datasets
+    from models.data import build_datasets, required_views
     from models.runs import resolve_run, seed_dirs
     from models.trainer import run_config
     from pipeline.manifest import load_manifest
@@ -88,7 +88,12 @@ def run(args: argparse.Namespace) -> int:
     for d in seed_dirs(resolve_run(manifest.roots.runs, args.run)):
         cfg = run_config(d)
         if cfg.dataset not in bundles:
-            bundles[cfg.dataset] = build_datasets(manifest, cfg.dataset, cfg.data)
+            # the views the run's model needs, checked as `mrhp train` and `mrhp evaluate` check
+            # them (before: whatever views the store had, so a missing rois view meant MCL analysed
+            # without image features, unsaid)
+            bundles[cfg.dataset] = build_datasets(manifest, cfg.dataset, cfg.data,
+                                                  required=required_views(cfg.model, cfg.model_cfg),
+                                                  allow_missing=cfg.allow_missing)
         rec = distances_for_run(d, bundles[cfg.dataset], split=args.split, labels=args.labels,
                                 checkpoint=args.checkpoint)
         print(format_table(str(d), rec))

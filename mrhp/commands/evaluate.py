@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from models.data import build_datasets, required_views
     from models.metrics import metric_names
     from models.runs import RunPaths, resolve_run, seed_dirs, write_json_atomic
-    from models.trainer import evaluate, load_run, run_config
+    from models.trainer import counts_line, evaluate, load_run, run_config
     from pipeline.manifest import load_manifest
 
     manifest = load_manifest(args.manifest)
@@ -65,13 +65,15 @@ def run(args: argparse.Namespace) -> int:
         res = evaluate(model, data.split(args.split), threshold=threshold, cfg=cfg)
         write_json_atomic(RunPaths(d).eval_file(args.split), {
             "split": args.split, "checkpoint": args.checkpoint, "threshold": threshold,
-            "metrics": res.metrics, "per_product": res.per_product,
+            "metrics": res.metrics, "counts": res.counts, "per_product": res.per_product,
         })
         rows.append((d.name, res.metrics))
+        counts = res.counts
     names = metric_names(cfg.ks)
     mark = random_init_note(dirs)
     print(f"{args.run}{mark} on {args.split} (threshold {threshold:g}, {len(res.per_product)} products); "
           f"metrics x100")
+    print(counts_line(args.split, counts))
     print(f"{'run':<10}" + "".join(f"{n:>10}" for n in names))
     for label, m in rows:
         print(f"{label:<10}" + "".join(f"{m[n] * 100:>10.2f}" for n in names))

@@ -20,6 +20,7 @@ folder the refs are therefore `pic_0_0.jpg .. pic_<N-1>_0.jpg` for the N URLs.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -32,16 +33,19 @@ from typing import Any, Literal
 from pipeline.datasets.tables import read_column_table
 from pipeline.errors import DataError
 from pipeline.manifest import DatasetSpec
-from pipeline.records import DatasetRecords, ImageRef, Product, Review
+from pipeline.records import MAX_LABEL, DatasetRecords, ImageRef, Product, Review
 
 PRD_COLUMNS = ("product_id", "name", "description", "img_url")
 PRD_OPTIONAL = ("keyword", "brand_name")  # written by the builders; not read (records do not use them)
 RVW_COLUMNS = ("product_id", "review_id", "content", "img_url")
 RVW_OPTIONAL = ("title", "time")  # Amazon only; not read
 REL_COLUMNS = ("product_id", "review_id", "upvotes")
-MAX_LABEL = 4
 _PIC = re.compile(r"^pic_(\d+)_(\d+)\.(?:jpe?g|png|webp|gif|bmp)$", re.IGNORECASE)
 _MAX_ISSUES_PER_FILE = 20  # validate lists this many errors/warnings per file, then a count
+NO_REL_ROW = "reviews without a rel row (skipped)"
+ZERO_VOTES = "reviews with 0 votes (dropped)"
+
+log = logging.getLogger(__name__)
 
 
 def table_path(spec: DatasetSpec, category: str, kind: str, split: str) -> Path:
@@ -223,18 +227,16 @@ class ImageIndex:
         self._dirs: dict[tuple[str, str], set[str]] = {}
 
     def refs(self, split: str, kind: str, item_id: str, urls: list[str]) -> tuple[ImageRef, ...]:
+        # An absent folder means "not crawled yet" (its refs point at missing files, which validate
+        # counts and stages record as failures); a folder that exists but cannot be listed is a
+        # DataError, never read as "no images" (every image of the split would silently go missing).
         if (split, kind) not in self._dirs:
             base = self.root / split / kind
-            try:
-                self._dirs[(split, kind)] = set(os.listdir(base)) if base.is_dir() else set()
-            except OSError:
-                self._dirs[(split, kind)] = set()
+            self._dirs[(split, kind)] = set(_list_folder(base)) if base.is_dir() else set()
         found: list[tuple[int, int, str]] = []
         if item_id in self._dirs[(split, kind)]:
-            try:
-                names = os.listdir(self.root / split / kind / item_id)
-            except OSError:
-                names = []
+            folder = self.root / split / kind / item_id
+            names = _list_folder(folder) if folder.is_dir() else []
             for name in names:
                 m = _PIC.match(name)
                 if m:
@@ -246,6 +248,13 @@ class ImageIndex:
         return tuple(
             ImageRef(path=prefix + name, url=urls[n] if n < len(urls) else None) for n, _, name in found
         )
+
+
+def _list_folder(folder: Path) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except OSError as e:
+        raise DataError(f"{folder}: image folder cannot be listed ({e.strerror or e})") from None
 
 
 def _check_id_is_folder_name(item_id: str, path: Path, key: str, col: str) -> None:
@@ -391,7 +400,7 @@ def _load(
         rel_path = table_path(spec, c, "rel", s)
         path = table_path(spec, c, "rvw", s)
         seen_in_rvw: set[str] = set()
-        dropped_zero = 0
+        dropped_zero = no_rel = 0
         keys, t = _read_or_report(path, RVW_COLUMNS, issues, counts)
         for key in keys:
             try:
@@ -413,6 +422,7 @@ def _load(
                     issues.warning(
                         str(path), f"{path}: row {key!r}: review {rid!r} has no row in {rel_path.name}; skipped"
                     )
+                    no_rel += 1
                     continue
                 if r.product_id != pid:
                     raise DataError(
@@ -446,8 +456,10 @@ def _load(
             with_reviews = {r.product_id for r in rel_rows.values()}
             for pid in sorted(local_products - with_reviews):
                 issues.warning(str(path), f"{prd_name}: product {pid!r} has no reviews in {rel_path.name}")
-        if dropped_zero:
-            stats["reviews with 0 votes (dropped)"] = stats.get("reviews with 0 votes (dropped)", 0) + dropped_zero
+        for reason, n in ((NO_REL_ROW, no_rel), (ZERO_VOTES, dropped_zero)):
+            if n:
+                stats[reason] = stats.get(reason, 0) + n
+                records.dropped[reason] = records.dropped.get(reason, 0) + n
     return records
 
 
@@ -491,8 +503,12 @@ def load_dataset(
 
     Raises DataError naming the file, row key and column of the first problem. Reviews without
     a rel row are skipped; in vote mode reviews with 0 votes are dropped (REFERENCE.md section 1).
+    Either is counted in `DatasetRecords.dropped` and said in one warning.
     """
-    return _load(spec, splits, categories, _Issues(collect=False), {}, {})
+    records = _load(spec, splits, categories, _Issues(collect=False), {}, {})
+    if records.dropped:
+        log.warning("dataset %r: %s", spec.name, ", ".join(f"{n:,} {reason}" for reason, n in records.dropped.items()))
+    return records
 
 
 def validate_dataset(

@@ -662,6 +662,8 @@ def import_features(
                 for ref in refs:  # the same image bytes under another name: map it too
                     view.setdefault(ref, key)
                 continue
+            if item.failure is None:
+                item = _finite_features(item, config.feature_dtype)
             seen[key] = item.failure is None
             if item.failure is not None:
                 report.failed += 1
@@ -684,6 +686,25 @@ def import_features(
         store.write_view(dataset, STAGE, fp, view)
         report.view_written = True
     return report
+
+
+def _finite_features(item: SourceItem, dtype: str) -> SourceItem:
+    """`item`, or a failed one when its features hold NaN/inf, as read or once cast to `dtype`
+    (float16 overflows above 65504). Before, such rows were stored and reached the models."""
+    feats = item.arrays["features"] if item.arrays is not None else None
+    if feats is None:
+        return item
+    bad = int(np.size(feats) - np.count_nonzero(np.isfinite(feats)))
+    if bad:
+        return SourceItem(item.img_id, item.where, failure=f"{item.where}: {bad} non-finite (NaN/inf) feature value(s)")
+    if dtype == "float16":
+        with np.errstate(over="ignore"):
+            over = int(np.count_nonzero(~np.isfinite(np.asarray(feats).astype(np.float16))))
+        if over:
+            return SourceItem(item.img_id, item.where, failure=(
+                f"{item.where}: {over} feature value(s) beyond float16's range (|x| > 65504); "
+                f"import with --feature-dtype float32"))
+    return item
 
 
 def export_view_tsv(

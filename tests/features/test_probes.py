@@ -406,10 +406,13 @@ def test_fingerprint_and_keys_follow_what_changes_the_mask(tmp_path):
     fp = lambda probes: build_stage(manifest(tmp_path, probes), "toy", records=records()).fingerprint()  # noqa: E731
     base = fp({"mode": "paper", "coref": "rules"})
     assert fp({"mode": "paper", "coref": "rules", "batch_size": 7, "n_process": 2}) == base
-    assert fp({"mode": "paper", "coref": "rules", "keyword_test": "word"}) == base  # script-only setting
+    with pytest.raises(StageError, match="keyword_test"):  # a script-only setting: refused, not ignored
+        fp({"mode": "paper", "coref": "rules", "keyword_test": "word"})
     assert fp({"mode": "paper", "coref": "rules", "near_root": 2}) != base
     script = fp({"mode": "script", "coref": "rules"})
-    assert script != base and fp({"mode": "script", "coref": "rules", "near_root": 3}) == script
+    assert script != base
+    with pytest.raises(StageError, match="near_root"):  # a paper-only setting: refused, not ignored
+        fp({"mode": "script", "coref": "rules", "near_root": 3})
     assert fp({"mode": "script", "coref": "rules", "keyword_test": "word"}) != script
     assert fp({"mode": "script", "coref": "none"}) != script
 

@@ -183,3 +183,25 @@ def test_evaluate_marks_a_run_on_random_init_features(runs):
 
     assert random_init_note(seed_dirs(runs / "runs" / "D")) == " [random-init]"
     assert random_init_note(seed_dirs(runs / "runs" / "B")) == ""
+
+
+def test_runs_evaluated_on_different_products_or_thresholds_are_refused(tmp_path):
+    # Before: A's mean over p1..p3 stood beside B's over p1..p4, and the products-paired t-test
+    # silently kept the 3 shared products; a threshold mismatch went unnoticed entirely.
+    from pipeline.errors import TrainingError
+
+    (tmp_path / "m.yaml").write_text(MANIFEST, encoding="utf-8")
+    _write_run(tmp_path, "A", model="length", dataset="d1", category="home", source="amazon",
+               seeds=[({"MAP": 0.6, "MRR": 0.5}, _pp([0.5, 0.6, 0.7]))])
+    _write_run(tmp_path, "B", model="text-gru", dataset="d1", category="home", source="amazon",
+               seeds=[({"MAP": 0.7, "MRR": 0.6}, _pp([0.6, 0.8, 0.9, 0.5]))])
+    runs = [load_run_evals(n, tmp_path / "runs" / n, "test") for n in ("A", "B")]
+    with pytest.raises(TrainingError, match=r"B \(evaluation 1 of 1\) covers 4 products, A 3 \(1 only in the "
+                                            r"first, 0 only in the second\)"):
+        build_comparison(runs)
+    runs[1].evals[0]["per_product"] = _pp([0.6, 0.8, 0.9])
+    runs[1].evals[0]["threshold"] = 0.0
+    with pytest.raises(TrainingError, match=r"B \(evaluation 1 of 1\) was evaluated at threshold 0.0, A at None"):
+        build_comparison(runs)
+    runs[1].evals[0].pop("threshold")
+    assert build_comparison(runs).cells[("B", "d1", "MAP")].n == 3

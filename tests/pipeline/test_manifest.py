@@ -291,3 +291,21 @@ def test_overrides_freeze_to_sorted_leaves_and_thaw_back():
     assert freeze_overrides(None) == () and thaw_overrides(()) is None
     with pytest.raises(ManifestError, match=r"overrides: stages.rois.seed: expected a plain value .* got object"):
         freeze_overrides({"stages": {"rois": {"seed": object()}}})
+
+
+@pytest.mark.parametrize("value", [4, 10.0, -1, ".nan"])
+def test_a_relevance_threshold_outside_the_label_range_is_refused(tmp_path, value):
+    # labels are 0..4 and relevant means label > threshold: at 4 or above no review is relevant
+    # (every metric 0), below 0 every review is (MAP 1 whatever the ranking)
+    data = variant(datasets__d__threshold=value)
+    text = yaml.safe_dump(data).replace("'.nan'", ".nan")  # a YAML NaN, not the string
+    p = tmp_path / "data_manifest.yaml"
+    p.write_text(text, encoding="utf-8")
+    with pytest.raises(ManifestError, match=r"datasets\.d\.threshold: expected a relevance threshold in \[0, 4\)"):
+        load_manifest(p)
+
+
+def test_thresholds_0_and_1_load(tmp_path):
+    for value in (0, 1):
+        m = load_manifest(write_manifest(tmp_path, variant(datasets__d__threshold=value)))
+        assert m.dataset("d").threshold == value

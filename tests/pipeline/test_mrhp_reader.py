@@ -254,3 +254,54 @@ def test_product_without_reviews_is_a_warning_not_an_error(tmp_path):
     assert "Plonely" in load_dataset(spec).products
     report = validate_dataset(spec)
     assert report.ok and any("product 'Plonely' has no reviews" in w for w in report.warnings)
+
+
+def test_left_out_reviews_are_counted_on_the_records_and_said_once(tmp_path, caplog):
+    # 4 rvw rows, votes (0, 1, 5, 20), the rel row of review 3 removed: (0, 1, 5) is vote mode (5 > 4).
+    # Review 0 has 0 votes (dropped), review 3 has no rel row (skipped): 2 reviews kept.
+    spec = make_dataset(tmp_path, votes=(0, 1, 5, 20))
+    _edit(tmp_path / "raw" / "home.rel.train", lambda t: [t[c].pop("3") for c in t])
+    with caplog.at_level("WARNING", logger="pipeline.datasets.mrhp"):
+        ds = load_dataset(spec)
+    assert [r.id for r in ds.reviews] == ["Ptrain-1", "Ptrain-2"]
+    assert ds.dropped == {"reviews without a rel row (skipped)": 1, "reviews with 0 votes (dropped)": 1}
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["dataset 't': 1 reviews without a rel row (skipped), 1 reviews with 0 votes (dropped)"]
+    report = validate_dataset(spec, images="skip")
+    assert report.stats["reviews without a rel row (skipped)"] == 1
+    assert report.stats["reviews with 0 votes (dropped)"] == 1
+
+
+def test_nothing_left_out_means_no_count_and_no_warning(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="pipeline.datasets.mrhp"):
+        ds = load_dataset(make_dataset(tmp_path, votes=(1, 5, 20)))
+    assert ds.dropped == {} and not caplog.records
+
+
+@pytest.mark.parametrize("unreadable", ["train/prd", "train/prd/Ptrain"])
+def test_an_image_folder_that_cannot_be_listed_is_an_error_not_no_images(tmp_path, monkeypatch, unreadable):
+    # Before: an OSError listing the folder read as "no files", so the refs fell back to the
+    # derived names and the crawled pic_0_1.jpg silently went missing from the product.
+    import pipeline.datasets.mrhp as reader
+
+    spec = make_dataset(tmp_path, prd_img=["u0"])
+    folder = tmp_path / "pictures" / "train" / "prd" / "Ptrain"
+    folder.mkdir(parents=True)
+    for name in ("pic_0_0.jpg", "pic_0_1.jpg"):
+        (folder / name).write_bytes(b"x")
+    real = os.listdir
+    target = tmp_path / "pictures" / unreadable
+
+    def listdir(path):
+        if Path(path) == target:
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(reader.os, "listdir", listdir)
+    with pytest.raises(DataError, match=rf"{unreadable}: image folder cannot be listed \(Permission denied\)"):
+        load_dataset(spec)
+    report = validate_dataset(spec, images="skip")
+    assert any("cannot be listed" in e for e in report.errors)
+    monkeypatch.setattr(reader.os, "listdir", real)
+    assert [r.path.rsplit("/", 1)[1] for r in load_dataset(spec).products["Ptrain"].images] == [
+        "pic_0_0.jpg", "pic_0_1.jpg"]
