@@ -62,7 +62,7 @@ def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict-fp")
     (root / "data_manifest.yaml").write_text(MANIFEST, encoding="utf-8")
     fps = stage_fingerprints(root / "data_manifest.yaml", stages=("tokens", "probes"))
-    data = make_synthetic(root / "store", "synth", n_products=6, reviews_per_product=(3, 4), vocab_size=40,
+    data = make_synthetic(root / "store", "synth", n_products=10, reviews_per_product=(3, 4), vocab_size=40,
                           embed_dim=8, roi_dim=2048, max_boxes=2, seed=3, fingerprints=fps)
     write_mrhp_tables(data.records, root / "mrhp")
     m = ["--manifest", str(root / "data_manifest.yaml")]
