@@ -27,6 +27,9 @@ def prefect_defaults(store_root: str | Path) -> dict[str, str]:
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": str(STARTUP_TIMEOUT_S),
         # the project's own loggers reach the Prefect UI beside the flow's
         "PREFECT_LOGGING_EXTRA_LOGGERS": "pipeline,features,models,flows",
+        # ... and, outside a flow run (the up-to-date check, training), they go to stderr only
+        # instead of a UserWarning per record that Prefect has no run to attach them to
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     }
 
 

@@ -46,6 +46,7 @@ NO_REL_ROW = "reviews without a rel row (skipped)"
 ZERO_VOTES = "reviews with 0 votes (dropped)"
 
 log = logging.getLogger(__name__)
+_said: set[tuple[str, str, tuple[tuple[str, int], ...]]] = set()  # drop warnings already given in this process
 
 
 def table_path(spec: DatasetSpec, category: str, kind: str, split: str) -> Path:
@@ -503,10 +504,13 @@ def load_dataset(
 
     Raises DataError naming the file, row key and column of the first problem. Reviews without
     a rel row are skipped; in vote mode reviews with 0 votes are dropped (REFERENCE.md section 1).
-    Either is counted in `DatasetRecords.dropped` and said in one warning.
+    Either is counted in `DatasetRecords.dropped` and said in one warning (once per process for
+    the same dataset and counts: extraction and training read the tables several times).
     """
     records = _load(spec, splits, categories, _Issues(collect=False), {}, {})
-    if records.dropped:
+    said = (spec.name, str(spec.raw_root), tuple(sorted(records.dropped.items())))
+    if records.dropped and said not in _said:
+        _said.add(said)
         log.warning("dataset %r: %s", spec.name, ", ".join(f"{n:,} {reason}" for reason, n in records.dropped.items()))
     return records
 

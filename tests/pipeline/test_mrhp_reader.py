@@ -267,6 +267,10 @@ def test_left_out_reviews_are_counted_on_the_records_and_said_once(tmp_path, cap
     assert ds.dropped == {"reviews without a rel row (skipped)": 1, "reviews with 0 votes (dropped)": 1}
     said = [r.getMessage() for r in caplog.records]
     assert said == ["dataset 't': 1 reviews without a rel row (skipped), 1 reviews with 0 votes (dropped)"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.datasets.mrhp"):
+        again = load_dataset(spec)  # read again in this process (extraction, then training): said once
+    assert again.dropped == ds.dropped and not caplog.records
     report = validate_dataset(spec, images="skip")
     assert report.stats["reviews without a rel row (skipped)"] == 1
     assert report.stats["reviews with 0 votes (dropped)"] == 1
