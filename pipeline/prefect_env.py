@@ -66,6 +66,14 @@ def apply_prefect_defaults(store_root: str | Path) -> dict[str, str]:
         if name not in os.environ:
             os.environ[name] = value
             applied[name] = value
+    if "PREFECT_HOME" in applied:
+        # Prefect creates its home without parents: on a fresh checkout the store folder does not
+        # exist yet and Prefect warned "Failed to create the Prefect home directory" (the store is
+        # about to be created by the extraction anyway). A failure here is Prefect's to report.
+        try:
+            Path(applied["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass
     if applied and "prefect" in sys.modules and "PREFECT_HOME" in applied:
         print("mrhp: note: Prefect was imported before its settings were applied; "
               "PREFECT_HOME applies to worker processes only", file=sys.stderr)

@@ -19,6 +19,8 @@ def test_defaults_fill_only_what_the_user_did_not_set(tmp_path, monkeypatch):
     assert applied["PREFECT_HOME"] == str((tmp_path / "store").resolve() / ".prefect")
     assert os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
     assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" not in applied
+    assert (tmp_path / "store" / ".prefect").is_dir()  # Prefect creates its home without parents
+    assert applied["PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"] == "ignore"
 
 
 def test_server_start_timeout_becomes_one_line_with_exit_code_7(monkeypatch):
