@@ -4,8 +4,9 @@ learning, built from the paper (`../shared/papers/mmss.txt`); no public code exi
 Reads top to bottom like the paper:
   Sec. 4.1  encoders. Text: precomputed BERT-family token features (Batch.prod_text_feats /
             rev_text_feats, stage "bert") through one linear projection H_enc -> hidden
-            (`text_features: bert`, the `paper` preset), or word vectors through one
-            bidirectional GRU (`text_features: glove`, the `glove` preset). Images: each item's
+            (`text_features: bert`, the `paper` preset; `finetune_text_encoder: true` runs
+            the encoder itself on the stored word-piece ids and trains it, A.2), or word
+            vectors through one bidirectional GRU (`text_features: glove`, the `glove` preset). Images: each item's
             ROIs (its images' boxes concatenated) 2048 -> hidden, then one self-attention block.
             Product and review share the text and the image encoder (the paper names one BERT
             and one self-attention).
@@ -77,12 +78,18 @@ Readings of what the paper leaves open (also in docs/fidelity.md, MM-SS section)
     over the K negatives of a positive and averaged over positives (`ranking_reduction: mean`;
     a sum would scale L_tar alone by the batch's number of positives); L_s is averaged over
     the batch's reviews; Eq. 16 adds them with weight 1.
-  * Deviation, stated: the paper fine-tunes BERT (A.2, lr 5e-5; Sec. 5.2 "our fine-tuned BERT",
-    though the Conclusion lists fine-tuning BERT as future work); here the encoder's features
-    are precomputed and frozen (no `finetune_text_encoder` switch is wired in), and
-    `text_encoder_lr` applies to the projection (bert path: the paper preset reads A.2's
-    "hidden layer in BERT 128" as this projection, so it gets BERT's 5e-5) or the GRU and
-    tables (glove path, off in the `glove` preset: they train from scratch).
+  * Fine-tuning BERT: A.2 fine-tunes it (lr 5e-5; Sec. 5.2 "our fine-tuned BERT"), the
+    Conclusion lists fine-tuning BERT as future work. Both readings are built:
+    `finetune_text_encoder: false` (default, `paper` preset too) reads the bert stage's frozen
+    features; `true` builds the dataset's encoder (models/text_encoder.py: the manifest
+    resource, verified weights, the stage's random_init/seed/keep_sep, filled in and recorded
+    by `models.text_encoder.resolve_text_encoder`) under a forked RNG (every other parameter
+    initialises as without it), runs it on the stored word-piece ids (same rows as the stored
+    features: at initialisation equal to them up to float16 rounding) and trains it in the
+    `text_encoder_lr` group. `text_encoder_lr` covers the projection (the paper preset reads
+    A.2's "hidden layer in BERT 128" as this projection, so it gets BERT's 5e-5), the encoder
+    when fine-tuned, or the GRU and tables (glove path, off in the `glove` preset: they train
+    from scratch). `finetune_text_encoder` with `text_features: glove` is a ConfigError.
   * A.2 "batch size 32" does not say what it counts; the `paper` preset reads 32 products.
   * Not from the paper: dropout (`dropout`), the number of heads (`heads`), the feed-forward
     sublayer of the self-attention blocks, the GRU of the glove path; and the trainer's
@@ -542,19 +549,18 @@ class MMSS(nn.Module):
         word-piece ids, cut to the longest text of the batch (same rows as the stored ones)."""
         c = self.config
         if self.text_encoder is not None:
-            ids = [batch.prod_text_ids, batch.prod_text_ids_mask, batch.rev_text_ids, batch.rev_text_ids_mask]
-            if any(v is None for v in ids):
+            pi, pim = batch.prod_text_ids, batch.prod_text_ids_mask
+            ri, rim = batch.rev_text_ids, batch.rev_text_ids_mask
+            if pi is None or pim is None or ri is None or rim is None:
                 raise TrainingError("MM-SS finetune_text_encoder: the batch carries no word-piece ids "
                                     "(the bert view's input_ids); run `mrhp extract --stage bert`")
-            pf, pm = self._encode(ids[0], ids[1])
-            rf, rm = self._encode(ids[2], ids[3])
-            return pf, pm, rf, rm
-        got = [batch.prod_text_feats, batch.prod_text_feat_mask, batch.rev_text_feats, batch.rev_text_feat_mask]
-        if any(v is None for v in got):
+            return (*self._encode(pi, pim), *self._encode(ri, rim))
+        pf, pm = batch.prod_text_feats, batch.prod_text_feat_mask
+        rf, rm = batch.rev_text_feats, batch.rev_text_feat_mask
+        if pf is None or pm is None or rf is None or rm is None:
             raise TrainingError("MM-SS text_features=bert: the batch carries no text-encoder "
                                 "features (stage 'bert'); run `mrhp extract --stage bert` or use "
                                 "the glove preset")
-        pf, pm, rf, rm = got
         if pf.shape[-1] != c.text_feat_dim or rf.shape[-1] != c.text_feat_dim:
             raise TrainingError(f"MM-SS: text-encoder features are {pf.shape[-1]}-d, "
                                 f"model_cfg.text_feat_dim is {c.text_feat_dim}; set it to "

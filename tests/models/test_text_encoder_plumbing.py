@@ -1,10 +1,13 @@
 """MM-SS's text-encoder settings meet the dataset: width from the stored features, glove fallback."""
 from __future__ import annotations
 
+import hashlib
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
+import yaml
 
 from models.config import TrainConfig
 from models.trainer import _text_encoder_fallback, _text_feature_width
@@ -87,9 +90,6 @@ _VOCAB = (["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "
 
 def _make_encoder(folder, seed=0):
     """Writes the tiny BERT and its tokenizer into `folder`; returns the weights' sha256."""
-    import hashlib
-
-    import torch
     transformers = pytest.importorskip("transformers")
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -106,16 +106,13 @@ def _make_encoder(folder, seed=0):
 def _write_manifest(tmp_path, *, text_encoder="tiny", bert=None):
     """A manifest file declaring the tiny encoder (built once per tmp_path) for datasets toy and
     synth, loaded back as a Manifest."""
-    import yaml
-
     from pipeline.manifest import load_manifest
 
     enc = tmp_path / "enc"
-    sha = _make_encoder(enc) if not (enc / "model.safetensors").exists() else None
-    if sha is None:
-        import hashlib
-
+    if (enc / "model.safetensors").exists():
         sha = hashlib.sha256((enc / "model.safetensors").read_bytes()).hexdigest()
+    else:
+        sha = _make_encoder(enc)
     ds = {"raw_root": "raw", "image_root": "pics", "categories": ["home"], "word_vectors": "wv"}
     if text_encoder is not None:
         ds["text_encoder"] = text_encoder
@@ -175,16 +172,13 @@ def test_at_initialisation_the_fine_tuned_rows_equal_the_frozen_stage_features(t
     word-piece ids; MM-SS with finetune_text_encoder runs the same weights on those ids: the
     same rows, each value within float16 rounding of the stored one, and (all other parameters
     identical, the encoder being built under a forked RNG) the same scores."""
-    import torch
-
+    from features.text.bert import build_stage
     from models.config import DataConfig
     from models.data import Collator, StoreSource
     from models.registry import build_model
     from pipeline.runner import run_stage
     from pipeline.store import FeatureStore
     from tests.features.test_bert_stage import _tokens_view, records
-
-    from features.text.bert import build_stage
 
     m = _write_manifest(tmp_path)
     recs = records(("great pan!", "", "handles hot", "the steel lid is bad"))
@@ -234,8 +228,6 @@ def test_one_trainer_step_moves_the_encoder_at_the_text_encoder_lr(tmp_path):
     """(b) The optimizer holds the encoder in the text-encoder group (A.2: BERT at its own lr),
     and one step moves its weights by that lr: Adam's first step is lr * g / (|g| + eps) per
     element, so the largest change of a parameter with a gradient is lr (to eps / |g|)."""
-    import torch
-
     from models.synthetic import synthetic_train_config
     from models.text_encoder import resolve_text_encoder
     from models.trainer import Trainer
@@ -258,6 +250,7 @@ def test_one_trainer_step_moves_the_encoder_at_the_text_encoder_lr(tmp_path):
     assert enc_moved["text_encoder.encoder.encoder.layer.0.attention.self.query.weight"] > 0
     assert enc_moved["text_encoder.encoder.embeddings.word_embeddings.weight"] > 0
     assert 0.99 * 5e-4 <= max(enc_moved.values()) <= 5e-4 * (1 + 1e-4)
+    assert enc_moved["text_encoder.encoder.pooler.dense.weight"] == 0  # Eq. 2 reads no pooler: no gradient
     rest = {n: v for n, v in moved.items() if not n.startswith(("text_encoder.", "text_proj."))}
     assert 0.99 * 5e-3 <= max(rest.values()) <= 5e-3 * (1 + 1e-4)
 
@@ -265,8 +258,6 @@ def test_one_trainer_step_moves_the_encoder_at_the_text_encoder_lr(tmp_path):
 def test_a_fine_tuned_run_saves_reloads_and_scores_identically(tmp_path):
     """(c) The run's config records the encoder; load_run rebuilds it from the manifest (the
     verified initial weights) and the checkpoint restores the fine-tuned ones."""
-    import torch
-
     from models.synthetic import synthetic_train_config
     from models.text_encoder import resolve_text_encoder, text_encoder_from_config
     from models.trainer import Trainer, load_run, run_config, score_source
