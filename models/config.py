@@ -292,4 +292,6 @@ def resolve_train_config(manifest, *, model: str, dataset: str, config: str | Pa
             f"--model/--dataset ({model}, {dataset}) disagree with the config "
             f"({cfg.model}, {cfg.dataset}); set them in one place"
         )
-    return cfg
+    from models.text_encoder import resolve_text_encoder  # finetune_text_encoder: the dataset's encoder
+
+    return resolve_text_encoder(cfg, manifest)

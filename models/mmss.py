@@ -4,8 +4,9 @@ learning, built from the paper (`../shared/papers/mmss.txt`); no public code exi
 Reads top to bottom like the paper:
   Sec. 4.1  encoders. Text: precomputed BERT-family token features (Batch.prod_text_feats /
             rev_text_feats, stage "bert") through one linear projection H_enc -> hidden
-            (`text_features: bert`, the `paper` preset), or word vectors through one
-            bidirectional GRU (`text_features: glove`, the `glove` preset). Images: each item's
+            (`text_features: bert`, the `paper` preset; `finetune_text_encoder: true` runs
+            the encoder itself on the stored word-piece ids and trains it, A.2), or word
+            vectors through one bidirectional GRU (`text_features: glove`, the `glove` preset). Images: each item's
             ROIs (its images' boxes concatenated) 2048 -> hidden, then one self-attention block.
             Product and review share the text and the image encoder (the paper names one BERT
             and one self-attention).
@@ -77,12 +78,18 @@ Readings of what the paper leaves open (also in docs/fidelity.md, MM-SS section)
     over the K negatives of a positive and averaged over positives (`ranking_reduction: mean`;
     a sum would scale L_tar alone by the batch's number of positives); L_s is averaged over
     the batch's reviews; Eq. 16 adds them with weight 1.
-  * Deviation, stated: the paper fine-tunes BERT (A.2, lr 5e-5; Sec. 5.2 "our fine-tuned BERT",
-    though the Conclusion lists fine-tuning BERT as future work); here the encoder's features
-    are precomputed and frozen (no `finetune_text_encoder` switch is wired in), and
-    `text_encoder_lr` applies to the projection (bert path: the paper preset reads A.2's
-    "hidden layer in BERT 128" as this projection, so it gets BERT's 5e-5) or the GRU and
-    tables (glove path, off in the `glove` preset: they train from scratch).
+  * Fine-tuning BERT: A.2 fine-tunes it (lr 5e-5; Sec. 5.2 "our fine-tuned BERT"), the
+    Conclusion lists fine-tuning BERT as future work. Both readings are built:
+    `finetune_text_encoder: false` (default, `paper` preset too) reads the bert stage's frozen
+    features; `true` builds the dataset's encoder (models/text_encoder.py: the manifest
+    resource, verified weights, the stage's random_init/seed/keep_sep, filled in and recorded
+    by `models.text_encoder.resolve_text_encoder`) under a forked RNG (every other parameter
+    initialises as without it), runs it on the stored word-piece ids (same rows as the stored
+    features: at initialisation equal to them up to float16 rounding) and trains it in the
+    `text_encoder_lr` group. `text_encoder_lr` covers the projection (the paper preset reads
+    A.2's "hidden layer in BERT 128" as this projection, so it gets BERT's 5e-5), the encoder
+    when fine-tuned, or the GRU and tables (glove path, off in the `glove` preset: they train
+    from scratch). `finetune_text_encoder` with `text_features: glove` is a ConfigError.
   * A.2 "batch size 32" does not say what it counts; the `paper` preset reads 32 products.
   * Not from the paper: dropout (`dropout`), the number of heads (`heads`), the feed-forward
     sublayer of the self-attention blocks, the GRU of the glove path; and the trainer's
@@ -98,6 +105,7 @@ buffers, so `state_dict()` resumes exactly and loads with `torch.load(..., weigh
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -111,6 +119,7 @@ from models.batch import Batch, ModelOutput
 from models.layers import CrossModalBlock, RNNEncoder, ROIEncoder, embedding_pair, masked_softmax, with_embed_dim
 from models.layers import SoftPooling as AttentionPooling
 from models.registry import register_model
+from models.text_encoder import TextEncoder, text_encoder_from_config
 from pipeline.config import from_mapping
 from pipeline.errors import ConfigError, TrainingError
 
@@ -137,6 +146,17 @@ class MMSSConfig:
     embed_dim: int = 300  # word-vector size (glove path)
     finetune_embeddings: bool = False  # glove path: train the word tables
     text_encoder_lr: float | None = None  # A.2: 5e-5 for the text encoder; None = the base lr
+    # Fine-tuning the BERT-family encoder (bert path; A.2 fine-tunes BERT, the Conclusion calls it
+    # future work: off by default, the stored features are read frozen). When on, the encoder is
+    # built from the manifest resource and run on the word-piece ids of the bert view
+    # (models/text_encoder.py); the trainer fills the next five keys from the manifest
+    # (models.text_encoder.resolve_text_encoder) and the run's config records them.
+    finetune_text_encoder: bool = False
+    text_encoder: str | None = None  # resources.text_encoders name (the dataset's text_encoder)
+    manifest: str | None = None  # the manifest file declaring it
+    text_encoder_random_init: bool = False  # stages.bert.random_init: the stage's seeded random weights
+    text_encoder_seed: int = 0  # stages.bert.seed (random init only)
+    keep_sep: bool = False  # stages.bert.keep_sep: the [SEP] row is a token row too
     roi_dim: int = 2048  # ROI feature size (A.2)
     hidden: int = 128  # d_t = d_v = d_g (A.2: 128)
     heads: int = 4  # attention heads (not in the paper)
@@ -172,6 +192,14 @@ def _check(c: MMSSConfig) -> MMSSConfig:
         raise ConfigError("model.mmss.finetune_embeddings: true trains the word-vector tables of the glove "
                           "path; text_features: bert has none (its text encoder is text_proj over the stored "
                           "features); drop the key or set text_features: glove")
+    if c.finetune_text_encoder and c.text_features != "bert":
+        raise ConfigError(f"model.mmss.finetune_text_encoder: true fine-tunes the BERT-family encoder of "
+                          f"text_features: bert; text_features: {c.text_features} has none (its GRU trains "
+                          f"anyway); set text_features: bert or drop finetune_text_encoder")
+    if not c.finetune_text_encoder and (c.text_encoder_random_init or c.keep_sep):
+        raise ConfigError("model.mmss.text_encoder_random_init / keep_sep: only read with "
+                          "finetune_text_encoder: true (the frozen path reads the rows the bert stage "
+                          "stored); drop them or set finetune_text_encoder: true")
     if c.text_features == "glove" and c.hidden % 2:
         raise ConfigError(f"model.mmss.hidden: {c.hidden} must be even for the bidirectional GRU")
     if not 0.0 <= c.dropout < 1.0:
@@ -366,7 +394,16 @@ class MMSS(nn.Module):
         super().__init__()
         c = self.config = _check(config)
         # Sec. 4.1 encoders (shared by product and review)
+        self.text_encoder: TextEncoder | None = None
         if c.text_features == "bert":
+            if c.finetune_text_encoder:
+                # built under a forked RNG, so every other parameter initialises as without it
+                with torch.random.fork_rng(devices=[]):
+                    self.text_encoder = text_encoder_from_config(dataclasses.asdict(c))
+                if self.text_encoder is not None and self.text_encoder.hidden_size != c.text_feat_dim:
+                    raise ConfigError(f"model.mmss.text_feat_dim: {c.text_feat_dim}, but text encoder "
+                                      f"{c.text_encoder!r} has hidden_size {self.text_encoder.hidden_size}; "
+                                      f"set it to {self.text_encoder.hidden_size}")
             self.text_proj = nn.Linear(c.text_feat_dim, c.hidden)
         else:
             self.emb_p, self.emb_r = embedding_pair(embeddings, vocab_size=c.vocab_size,
@@ -426,7 +463,15 @@ class MMSS(nn.Module):
         return {"model_cfg": model_cfg, "train": train}
 
     @classmethod
+    def config_record(cls, cfg: Mapping[str, Any]) -> MMSSConfig:
+        """The validated config record (models.registry.model_config calls this as a config
+        loads, so contradictory settings stop before any data is read)."""
+        return _check(from_mapping(MMSSConfig, dict(cfg), "model.mmss"))
+
+    @classmethod
     def required_views(cls, model_cfg: Mapping) -> frozenset[str]:
+        """tokens + rois, and bert on the bert path (frozen or fine-tuned: the ids the encoder
+        reads come from the bert view too)."""
         c = _check(from_mapping(MMSSConfig, dict(model_cfg or {}), "model.mmss"))
         views = {"tokens", "rois"}
         if c.text_features == "bert":
@@ -442,7 +487,14 @@ class MMSS(nn.Module):
 
     # --- trainer hooks and checkpoint state -------------------------------------------------------
     def text_encoder_parameters(self) -> list[nn.Parameter]:
-        mods = [self.text_proj] if self.config.text_features == "bert" else [self.emb_p, self.emb_r, self.text_rnn]
+        """The text encoder's trainable parameters (A.2's 5e-5 group): the projection over the
+        BERT rows and, when fine-tuning, the BERT-family encoder itself; or the GRU and word
+        tables of the glove path."""
+        mods: list[nn.Module]
+        if self.config.text_features == "bert":
+            mods = [self.text_proj] + ([self.text_encoder] if self.text_encoder is not None else [])
+        else:
+            mods = [self.emb_p, self.emb_r, self.text_rnn]
         return [p for m in mods for p in m.parameters() if p.requires_grad]
 
     def parameter_groups(self, base_lr: float) -> list[dict]:
@@ -491,20 +543,40 @@ class MMSS(nn.Module):
             self.bank.load(state)
 
     # --- forward ----------------------------------------------------------------------------------
+    def text_token_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The BERT rows of Eq. (2) before the projection, (P, Lp, H), (P, Lp) bool, (R, Lr, H),
+        (R, Lr) bool: the stored features (frozen), or the fine-tuned encoder run on the stored
+        word-piece ids, cut to the longest text of the batch (same rows as the stored ones)."""
+        c = self.config
+        if self.text_encoder is not None:
+            pi, pim = batch.prod_text_ids, batch.prod_text_ids_mask
+            ri, rim = batch.rev_text_ids, batch.rev_text_ids_mask
+            if pi is None or pim is None or ri is None or rim is None:
+                raise TrainingError("MM-SS finetune_text_encoder: the batch carries no word-piece ids "
+                                    "(the bert view's input_ids); run `mrhp extract --stage bert`")
+            return (*self._encode(pi, pim), *self._encode(ri, rim))
+        pf, pm = batch.prod_text_feats, batch.prod_text_feat_mask
+        rf, rm = batch.rev_text_feats, batch.rev_text_feat_mask
+        if pf is None or pm is None or rf is None or rm is None:
+            raise TrainingError("MM-SS text_features=bert: the batch carries no text-encoder "
+                                "features (stage 'bert'); run `mrhp extract --stage bert` or use "
+                                "the glove preset")
+        if pf.shape[-1] != c.text_feat_dim or rf.shape[-1] != c.text_feat_dim:
+            raise TrainingError(f"MM-SS: text-encoder features are {pf.shape[-1]}-d, "
+                                f"model_cfg.text_feat_dim is {c.text_feat_dim}; set it to "
+                                f"{pf.shape[-1]}")
+        return pf, pm.bool(), rf, rm.bool()
+
+    def _encode(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.text_encoder is not None
+        feats, rows = self.text_encoder(ids, mask)  # [SEP] row masked unless keep_sep
+        width = max(1, int(rows.sum(1).max())) if rows.numel() else 1  # rows are left-aligned
+        return feats[:, :width], rows[:, :width]
+
     def _text(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         c = self.config
         if c.text_features == "bert":
-            got = [batch.prod_text_feats, batch.prod_text_feat_mask, batch.rev_text_feats,
-                   batch.rev_text_feat_mask]
-            if any(v is None for v in got):
-                raise TrainingError("MM-SS text_features=bert: the batch carries no text-encoder "
-                                    "features (stage 'bert'); run `mrhp extract --stage bert` or use "
-                                    "the glove preset")
-            pf, pm, rf, rm = got
-            if pf.shape[-1] != c.text_feat_dim or rf.shape[-1] != c.text_feat_dim:
-                raise TrainingError(f"MM-SS: text-encoder features are {pf.shape[-1]}-d, "
-                                    f"model_cfg.text_feat_dim is {c.text_feat_dim}; set it to "
-                                    f"{pf.shape[-1]}")
+            pf, pm, rf, rm = self.text_token_features(batch)
             pt = self.text_proj(pf.to(self.text_proj.weight.dtype)) * pm.unsqueeze(-1)
             rt = self.text_proj(rf.to(self.text_proj.weight.dtype)) * rm.unsqueeze(-1)
             return pt, pm.bool(), rt, rm.bool()

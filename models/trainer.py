@@ -683,7 +683,9 @@ def run_views(manifest, cfg: TrainConfig) -> frozenset[str]:
     a `text_encoder` needs no bert view). The training flow checks these before it waits for a
     GPU slot; `train_seeds` checks the same set when it loads the data."""
     from models.data import required_views
+    from models.text_encoder import resolve_text_encoder
 
+    cfg = resolve_text_encoder(cfg, manifest)  # finetune_text_encoder without an encoder: ConfigError
     fallback = _text_encoder_fallback(cfg, manifest, lambda _msg: None)
     return required_views(fallback.model, fallback.model_cfg)
 
@@ -706,6 +708,9 @@ def train_seeds(manifest, cfg: TrainConfig, *, seeds: int = 1, first_seed: int =
     say = progress or log.info
     name = name or f"{cfg.model}-{cfg.dataset}"
     root = Path(manifest.roots.runs) / name
+    from models.text_encoder import resolve_text_encoder
+
+    cfg = resolve_text_encoder(cfg, manifest)  # finetune_text_encoder: the dataset's encoder, recorded
     views = run_views(manifest, cfg)
     cfg = _text_encoder_fallback(cfg, manifest, say)
     data = build_datasets(manifest, cfg.dataset, cfg.data, required=views, allow_missing=cfg.allow_missing)
