@@ -1,8 +1,9 @@
 """Stage parameters, as declared under `stages:` in data_manifest.yaml.
 
 Light on purpose (no torch/spaCy import) so that loading a manifest validates every stage's keys.
-Defaults are the reference settings (../shared/docs/REFERENCE.md); every field enters the
-stage's fingerprint, so changing one recomputes that stage and only that stage.
+Defaults are the reference settings (../shared/docs/REFERENCE.md); every field that can change
+a result enters the stage's fingerprint, so changing one recomputes that stage and only that
+stage; operational fields (device, batch sizes, workers, n_process, the rois GPU settings) do not.
 """
 from __future__ import annotations
 
