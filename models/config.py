@@ -38,6 +38,11 @@ class DataConfig:
     zeros_rois: int = 16  # rows used by empty_rois="zeros"
     max_tokens: int | None = None  # cap on token ids per text (the tokens stage already cuts at 128)
     roi_dim: int = 2048  # ROI feature size; checked against the stored features
+    # A review whose probes record is a failure (the stage's coref/parse step failed on it): "ones"
+    # trains it with a mask of ones (plain attention), counted per split in run.json
+    # (`probe_fallback`) and said in one warning line at load; "refuse" stops the load with a
+    # DataError naming the first such review and its failure reason.
+    probe_failures: Literal["ones", "refuse"] = "ones"
     # (`require_probes` is gone: the model's `required_views` says whether probes are needed and
     # TrainConfig.allow_missing opts out; old run configs carrying it still load, see train_config)
 
@@ -154,6 +159,8 @@ def _check(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"data.roi_dim: expected a positive feature size, got {cfg.data.roi_dim}")
     if cfg.data.empty_rois == "zeros" and cfg.data.zeros_rois < 1:  # no rows: "zeros" would be "mask"
         raise ConfigError(f"data.zeros_rois: expected >= 1 rows for empty_rois: zeros, got {cfg.data.zeros_rois}")
+    if cfg.data.probe_failures not in ("ones", "refuse"):
+        raise ConfigError(f"data.probe_failures: expected 'ones' or 'refuse', got {cfg.data.probe_failures!r}")
     return cfg
 
 

@@ -13,6 +13,7 @@ A unit of work is `(product index, review indices)`.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from models.batch import Batch
 from models.config import DataConfig
 from pipeline.errors import DataError
 
+_log = logging.getLogger(__name__)
 Unit = tuple[int, tuple[int, ...]]  # (product index, review indices within the product)
 # Failure reasons of the bert stage (features/text/bert.py) that mean "this text is empty".
 EMPTY_TEXT_FAILURES = ("empty text", "no word piece")
@@ -96,8 +98,9 @@ def token_ids(tok: Mapping[str, np.ndarray], cfg: DataConfig) -> np.ndarray:
 def aligned_probe(tok: Mapping[str, np.ndarray], mask: np.ndarray | None, cfg: DataConfig, where: str) -> np.ndarray:
     """The probe mask (probes-stage `mask`, over raw tokens) at the kept token positions
     (`mask[pos]`), float32, capped as `token_ids`; None (no probes view read, or a review whose
-    mask failed) gives ones (plain attention). A mask shorter than the tokens' positions is a
-    DataError naming `where`."""
+    mask failed) gives ones (plain attention): callers count and say those reviews, or refuse
+    them, with `probe_fallback` (`data.probe_failures`). A mask shorter than the tokens'
+    positions is a DataError naming `where`."""
     n = len(np.asarray(tok["ids"]))
     if mask is None:
         probe = np.ones(n, dtype=np.float32)
@@ -133,6 +136,74 @@ def text_encoder_rows(got: Mapping[str, np.ndarray] | None, failure: str | None,
     if got is None:
         raise DataError(f"{where} are missing")
     return np.asarray(got["features"], dtype=np.float32), np.asarray(got["input_ids"], dtype=np.int64)
+
+
+def _refusal(dataset: str, split: str, rid: str, reason: str | None) -> str:
+    where = f"dataset {dataset!r} split {split!r}" if dataset else f"split {split!r}"
+    return (f"{where}: review {rid!r} has no probe mask (probes failed: {reason}); data.probe_failures: "
+            f"refuse stops here: set data.probe_failures: ones to use a mask of ones (plain attention) "
+            f"for such reviews" + (f", or rerun `mrhp extract --dataset {dataset} --stage probes`" if dataset else ""))
+
+
+def probe_fallback(split: str, n_reviews: int, failed: Sequence[tuple[str, str]], *, no_record: int = 0,
+                   policy: str = "ones", say: Callable[[str], None] | None = None, dataset: str = "",
+                   use: str = "train") -> dict[str, Any]:
+    """Account for the reviews of one split whose probe mask falls back to ones (plain attention):
+    `failed` lists (review id, failure reason) of reviews whose probes record is a failure,
+    `no_record` counts reviews with no probes record at all (the view allowed missing). Shared by
+    `bundle_from_records` (training, evaluate) and `mrhp predict`.
+
+    `policy` is `data.probe_failures`: "refuse" raises a one-line DataError naming the first
+    failed review and its reason; "ones" says one warning line through `say` when any review
+    falls back ("N of M reviews in split S have no probe mask (...); they <use> with a mask of
+    ones, i.e. plain attention") and returns the record written to run.json (`probe_fallback`):
+    {"reviews", "probes_failed", "no_probes_record", "first_failed": [[id, reason], ...] (<= 5)}."""
+    if failed and policy == "refuse":
+        rid, reason = failed[0]
+        raise DataError(_refusal(dataset, split, rid, reason))
+    record: dict[str, Any] = {"reviews": int(n_reviews), "probes_failed": len(failed),
+                              "no_probes_record": int(no_record),
+                              "first_failed": [[rid, reason] for rid, reason in failed[:5]]}
+    n = len(failed) + int(no_record)
+    if n:
+        parts = []
+        if failed:
+            reasons: dict[str, int] = {}
+            for _, reason in failed:
+                reasons[reason] = reasons.get(reason, 0) + 1
+            shown = "; ".join(f"{c} x {r}" for r, c in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
+            more = f"; {len(reasons) - 3} other reasons" if len(reasons) > 3 else ""
+            parts.append(f"probes failed: {len(failed)}, first {failed[0][0]!r}: {shown}{more}")
+        if no_record:
+            parts.append(f"no probes record (view allowed missing): {no_record}")
+        prefix = f"dataset {dataset!r}: " if dataset else ""
+        (say or _log.warning)(
+            f"warning: {prefix}{n} of {n_reviews} reviews in split {split!r} have no probe mask "
+            f"({'; '.join(parts)}); they {use} with a mask of ones, i.e. plain attention "
+            f"(data.probe_failures: refuse stops instead)")
+    return record
+
+
+def _split_probe_fallback(source: StoreSource, records, *, missing: bool, policy: str,
+                          say: Callable[[str], None] | None) -> dict[str, Any] | None:
+    """`probe_fallback` of one split read from the store: failures of the probes view for its
+    reviews, or every review when the probes view is required but allowed missing (`missing`);
+    None when the split's source reads no probes (the model does not use them)."""
+    rids = [r.id for r in records.reviews]
+    if missing:
+        return probe_fallback(source.split, len(rids), [], no_record=len(rids), policy=policy, say=say,
+                              dataset=source.dataset)
+    view = source._open()["probes"]
+    if view is None:
+        return None
+    failed = []
+    for rid in rids:
+        item = f"rvw:{rid}"
+        if item in view:  # an item the view lacks is a DataError when the review is loaded
+            reason = view.failure(item)
+            if reason is not None:
+                failed.append((rid, reason))
+    return probe_fallback(source.split, len(rids), failed, policy=policy, say=say, dataset=source.dataset)
 
 
 class InMemorySource:
@@ -214,9 +285,13 @@ class StoreSource:
     image root, probes `rvw:<id>`. `views` names the views to read (default: every one of
     READ_VIEWS the dataset has); a view not read gives no ROIs / probe masks of ones, which
     `check_views` allows only when the model does not need it or `allow_missing` says so.
-    Within a view read: an item recorded as failed (a broken image, a review whose mask could
-    not be computed) adds no ROIs / a mask of ones, as in the papers' preprocessing; an item the
-    view lacks (stale view) is a DataError naming the item and the extract command; a store
+    Within a view read: an image recorded as failed adds no ROIs; a review whose probes record is
+    a failure (its coref/parse step failed) gets a mask of ones (plain attention) under
+    `data.probe_failures: ones` (the default), counted per split by `probe_fallback` and said
+    at load, or stops the load under `refuse`. The released SANCL preprocessing (gen_amazon.py)
+    has no such fallback: an error there stops the preprocessing, so its data holds no review
+    without a mask; `refuse` is that behaviour, `ones` keeps the review and says so. An item
+    the view lacks (stale view) is a DataError naming the item and the extract command; a store
     error (damaged segment or index) propagates as a StoreError, never as "no features"."""
 
     def __init__(self, *, store_root: str | Path, dataset: str, records, cfg: DataConfig,
@@ -322,6 +397,9 @@ class StoreSource:
             rid = ref.review_ids[j]
             tok = self._tokens(f"rvw:{rid}")
             probe_rec = self._get(views["probes"], f"rvw:{rid}")  # None: plain attention
+            if probe_rec is None and views["probes"] is not None and self.cfg.probe_failures == "refuse":
+                # the load-time scan (`probe_fallback`) refuses first; this guards other callers
+                raise DataError(_refusal(self.dataset, self.split, rid, views["probes"].failure(f"rvw:{rid}")))
             item.reviews.append(review_item(
                 rid, tok, None if probe_rec is None else probe_rec["mask"],
                 self._rois(ref.review_images[j]), ref.labels[j], self.cfg,
@@ -555,6 +633,8 @@ class DataBundle:
     train_labels: list[float] = field(default_factory=list)  # for negative weights
     records: Any = None  # the DatasetRecords the bundle was built from, when read from a dataset
     missing_views: tuple[str, ...] = ()  # required views absent and allowed by allow_missing (recorded)
+    # per split: reviews whose probe mask fell back to ones (`probe_fallback`; recorded in run.json)
+    probe_fallback: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def split(self, name: str) -> ProductSource:
         if name not in self.splits:
@@ -590,15 +670,22 @@ def bundle_from_records(records, *, store_root: str | Path, dataset: str, cfg: D
                         threshold: float, splits: Sequence[str] = ("train", "dev", "test"),
                         embeddings: Mapping[str, np.ndarray] | None = None,
                         required: frozenset[str] | set[str] | None = None,
-                        allow_missing: Sequence[str] = ()) -> DataBundle:
+                        allow_missing: Sequence[str] = (),
+                        say: Callable[[str], None] | None = None) -> DataBundle:
     """A DataBundle over store views for already-loaded DatasetRecords.
 
     `required` (models.data.required_views of the model): those views are checked first
     (`check_views`: a missing one is a DataError unless `allow_missing` lists it) and only the
-    required ones are read. None: read whatever views the dataset has (no model known)."""
+    required ones are read. None: read whatever views the dataset has (no model known).
+
+    Probe masks: for each split whose reviews the model reads masks for, the reviews that fall
+    back to a mask of ones are counted (`probe_fallback`, per `cfg.probe_failures`: refused, or
+    said in one warning line through `say`, default the module logger) into
+    `DataBundle.probe_fallback`."""
     missing = check_views(store_root, dataset, required, allow_missing)
     read = None if required is None else tuple(v for v in READ_VIEWS if v in required and v not in missing)
     sources: dict[str, ProductSource] = {}
+    probe_fallbacks: dict[str, dict[str, Any]] = {}
     for s in splits:
         part = records.split(s)
         if not part.reviews:  # before: left out, so e.g. an empty test split meant no test metrics, unsaid
@@ -610,19 +697,24 @@ def bundle_from_records(records, *, store_root: str | Path, dataset: str, cfg: D
             )
         sources[s] = StoreSource(store_root=store_root, dataset=dataset, records=part, cfg=cfg, split=s,
                                  views=read)
+        fallback = _split_probe_fallback(sources[s], part, missing="probes" in missing,
+                                         policy=cfg.probe_failures, say=say)
+        if fallback is not None:
+            probe_fallbacks[s] = fallback
     emb = dict(embeddings) if embeddings is not None else store_embeddings(store_root, dataset)
     return DataBundle(
         name=dataset, splits=sources, embeddings=emb, threshold=float(threshold),
         train_labels=[float(r.label) for r in records.reviews if r.split == "train"],
-        records=records, missing_views=missing,
+        records=records, missing_views=missing, probe_fallback=probe_fallbacks,
     )
 
 
 def build_datasets(manifest, dataset_name: str, cfg: DataConfig | None = None, *,
                    required: frozenset[str] | set[str] | None = None,
-                   allow_missing: Sequence[str] = ()) -> DataBundle:
+                   allow_missing: Sequence[str] = (),
+                   say: Callable[[str], None] | None = None) -> DataBundle:
     """Labels and grouping from the dataset reader, arrays from the store views (the CLI and
-    the training flow call this); `required`/`allow_missing` as in `bundle_from_records`."""
+    the training flow call this); `required`/`allow_missing`/`say` as in `bundle_from_records`."""
     from pipeline.datasets.mrhp import load_dataset
 
     spec = manifest.dataset(dataset_name)
@@ -630,4 +722,5 @@ def build_datasets(manifest, dataset_name: str, cfg: DataConfig | None = None, *
     return bundle_from_records(
         records, store_root=manifest.store_root, dataset=dataset_name, cfg=cfg or DataConfig(),
         threshold=spec.threshold, splits=spec.splits, required=required, allow_missing=allow_missing,
+        say=say,
     )

@@ -423,6 +423,8 @@ class Trainer:
             "missing_views": list(getattr(self.data, "missing_views", ())),
             # reviews the dataset reader left out by its rules (no rel row, 0 votes), by reason
             "dropped_reviews": dict(getattr(self.data.records, "dropped", None) or {}),
+            # per split: reviews whose probe mask fell back to ones (models.data.probe_fallback)
+            "probe_fallback": dict(getattr(self.data, "probe_fallback", None) or {}),
             **self._provenance,
             "finished_at": utc_now() if status in ("done", "failed") else None,
         }
@@ -713,7 +715,8 @@ def train_seeds(manifest, cfg: TrainConfig, *, seeds: int = 1, first_seed: int =
     cfg = resolve_text_encoder(cfg, manifest)  # finetune_text_encoder: the dataset's encoder, recorded
     views = run_views(manifest, cfg)
     cfg = _text_encoder_fallback(cfg, manifest, say)
-    data = build_datasets(manifest, cfg.dataset, cfg.data, required=views, allow_missing=cfg.allow_missing)
+    data = build_datasets(manifest, cfg.dataset, cfg.data, required=views, allow_missing=cfg.allow_missing,
+                          say=say)
     how = getattr(data.records, "label_interpretation", "")
     if how:  # REFERENCE.md section 1: say which reading of rel.upvotes was used
         said = "0-4 labels" if how == "labels" else "vote counts (label min(floor(log2 v), 4); v = 0 dropped)"

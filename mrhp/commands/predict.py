@@ -26,7 +26,8 @@ stored features, predict stops with a one-line DataError naming `mrhp extract --
 unless the run's `allow_missing` or `--allow-missing rois` says so (then those images are left
 out and counted). An image whose extraction was recorded as failed, or a ref whose file was
 never crawled, adds no ROIs, as in training. A review whose probe mask the stage records as a
-failure gets a mask of ones, as in training; a model that needs probe masks (or text-encoder
+failure gets a mask of ones with one warning line counting them, or stops predict under the
+run's `data.probe_failures: refuse`, as in training (`models.data.probe_fallback`); a model that needs probe masks (or text-encoder
 features) is refused when the run's dataset has no probes view (declares no text encoder).
 
 Same settings as training: the stages above featurise with the current manifest, so before any
@@ -245,20 +246,24 @@ def _arrays(rec: Record) -> dict[str, np.ndarray]:
 def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, manifest, cfg: DataConfig,
                dataset: str, labels_mode: str | None = None, probes_needed: bool = False,
                bert_needed: bool = False,
-               check: Callable[[dict[str, str]], None] | None = None) -> tuple[InMemorySource, _Rois]:
+               check: Callable[[dict[str, str]], None] | None = None,
+               warn: Callable[[str], None] | None = None) -> tuple[InMemorySource, _Rois]:
     """Read the MRHP tables named by `path` into an in-memory source in the run's vocabulary;
     each review's `label` is its 0-4 label (NaN without one), raw votes in `source.votes`.
     `check`, when given, is called before any text is featurised with {stage: fingerprint} of
     the stages that will featurise the input (tokens; probes and bert when run: their
     `fingerprint()`, as the extraction computes it) and of the rois entries read (the dataset's
     rois view's fingerprint, when there is one); `run` passes `check_fingerprints`.
+    Reviews whose probes record is a failure go through `models.data.probe_fallback` per table
+    set, as training's splits do: under `cfg.probe_failures: refuse` a DataError naming the first,
+    else one warning line through `warn` (default: stderr) and a mask of ones.
 
     Rows are parsed by the dataset reader's row functions (`product_row`, `review_row`,
     `rel_row`), texts featurised by the tokens (and probes, bert) stages' `work_item` + `run`,
     images listed by the reader's `ImageIndex`, and items assembled by `models.data.review_item`
     / `token_ids`, exactly as the extraction and `StoreSource` do for training data."""
     from features.text.tokens import build_stage as tokens_stage
-    from models.data import InMemorySource, ProductItem, review_item, token_ids
+    from models.data import InMemorySource, ProductItem, probe_fallback, review_item, token_ids
     from pipeline.datasets.mrhp import (
         PRD_COLUMNS,
         PRD_OPTIONAL,
@@ -336,9 +341,13 @@ def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, m
             rows.append(review_row(rt, k, rvw_path))
         rtoks = [_arrays(r) for r in stage_records(tokens, [tokens.work_item("rvw", r.text, vocabs) for r in rows])]
         by_id = {p.id: p for p in prods}
-        masks = _masks(probes, [r.text for r in rows], [by_id[r.product_id] for r in rows])
+        masks = _mask_records(probes, [r.text for r in rows], [by_id[r.product_id] for r in rows])
+        failed = [(row.id, why) for row, (_, why) in zip(rows, masks, strict=True) if why is not None]
+        if probes is not None:  # reviews scored with a mask of ones: said, or refused (data.probe_failures)
+            probe_fallback(rvw_path.name, len(rows), failed, policy=cfg.probe_failures, use="are scored",
+                           say=warn or (lambda line: print(line, file=sys.stderr)))
         texts: list[tuple[ProductItem | ReviewItem, str]] = [(by_pid[p.id], p.text) for p in prods]
-        for row, tok, mask in zip(rows, rtoks, masks, strict=True):
+        for row, tok, (mask, _) in zip(rows, rtoks, masks, strict=True):
             review = review_item(
                 row.id, tok, mask, rois(image_spec, index.refs(split, "rvw", row.id, row.urls)),
                 labels.get(row.id, float("nan")), cfg, f"{rvw_path}: review {row.id!r}",
@@ -477,14 +486,23 @@ def probes_stage(manifest, spec, dataset: str, *, needed: bool = False):
     return ProbesStage(params=params, language=spec.language, dataset=dataset, records_loader=None)
 
 
-def _masks(stage, reviews: Sequence[str], products: Sequence) -> list:
-    """Each review's mask from the probes stage (`work_item` + `run`), None where the stage
-    records a failure (plain attention, as in training) or there is no stage."""
+def _mask_records(stage, reviews: Sequence[str], products: Sequence) -> list[tuple[np.ndarray | None, str | None]]:
+    """(mask, failure reason) of each review from the probes stage (`work_item` + `run`): the
+    mask, or None with the reason where the stage records a failure; (None, None) for every
+    review when there is no stage."""
     if stage is None:
-        return [None] * len(reviews)
+        return [(None, None)] * len(reviews)
     named = [SimpleNamespace(name=p) if isinstance(p, str) else p for p in products]
     recs = stage_records(stage, [stage.work_item(text, p) for text, p in zip(reviews, named, strict=True)])
-    return [r.arrays["mask"] if r.arrays is not None else None for r in recs]
+    return [(r.arrays["mask"], None) if r.arrays is not None else (None, r.failure or "unknown failure")
+            for r in recs]
+
+
+def _masks(stage, reviews: Sequence[str], products: Sequence) -> list:
+    """Each review's mask from the probes stage, None where the stage records a failure (plain
+    attention, as in training: counted, said or refused by `models.data.probe_fallback` in
+    `load_input`) or there is no stage."""
+    return [m for m, _ in _mask_records(stage, reviews, products)]
 
 
 def probe_masks(manifest, spec, dataset: str, reviews: Sequence[str], products: Sequence, *,

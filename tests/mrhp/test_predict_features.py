@@ -136,10 +136,48 @@ def test_predict_refuses_a_probe_mask_shorter_than_the_tokens_like_training(extr
     manifest, vfp, cfg = extracted
     spec = manifest.dataset("demo")
     short = [np.zeros(1, dtype=np.uint8)]
-    monkeypatch.setattr(predict, "_masks", lambda stage, reviews, products: short * len(reviews))
+    monkeypatch.setattr(predict, "_mask_records", lambda stage, reviews, products: [(short[0], None)] * len(reviews))
     with pytest.raises(DataError, match="probe mask has 1 raw tokens"):
         load_input(Path(spec.raw_root) / "home.prd.test", None, spec=spec, vocab_fp=vfp, manifest=manifest,
                    cfg=cfg, dataset="demo", probes_needed=True)
+
+
+def test_predict_counts_warns_or_refuses_failed_probe_masks_like_training(extracted, monkeypatch):
+    """Reviews whose probes record is a failure go through the shared `models.data.probe_fallback`:
+    one warning line counting them and a mask of ones (`data.probe_failures: ones`), or a
+    one-line DataError naming the first (`refuse`); the other reviews are unchanged."""
+    import dataclasses
+
+    import mrhp.commands.predict as predict
+    from pipeline.errors import DataError
+
+    manifest, vfp, cfg = extracted
+    spec = manifest.dataset("demo")
+    real = predict._mask_records
+
+    def two_fail(stage, reviews, products):  # the first two reviews' records become failures
+        recs = real(stage, reviews, products)
+        return [(None, "probe mask failed: ValueError: boom")] * 2 + recs[2:]
+
+    inp = Path(spec.raw_root) / "home.prd.test"
+    base, _ = load_input(inp, None, spec=spec, vocab_fp=vfp, manifest=manifest, cfg=cfg, dataset="demo",
+                         probes_needed=True, warn=lambda line: pytest.fail(f"said {line!r}"))
+    monkeypatch.setattr(predict, "_mask_records", two_fail)
+    lines: list[str] = []
+    source, _ = load_input(inp, None, spec=spec, vocab_fp=vfp, manifest=manifest, cfg=cfg, dataset="demo",
+                           probes_needed=True, warn=lines.append)
+    n = sum(len(p.reviews) for p in source.products)
+    assert len(lines) == 1 and f"2 of {n} reviews in split 'home.rvw.test' have no probe mask" in lines[0]
+    assert "probes failed: 2" in lines[0] and "they are scored with a mask of ones" in lines[0]
+    got = [r for p in source.products for r in p.reviews]
+    before = [r for p in base.products for r in p.reviews]
+    assert [r.id for r in got] == [r.id for r in before]
+    assert all((r.probe == 1).all() for r in got[:2]) and any((r.probe == 0).any() for r in before[:2])
+    assert all(np.array_equal(a.probe, b.probe) for a, b in zip(got[2:], before[2:], strict=True))
+    with pytest.raises(DataError) as ei:
+        load_input(inp, None, spec=spec, vocab_fp=vfp, manifest=manifest, dataset="demo", probes_needed=True,
+                   cfg=dataclasses.replace(cfg, probe_failures="refuse"))
+    assert f"review {got[0].id!r} has no probe mask" in str(ei.value) and "ValueError: boom" in str(ei.value)
 
 
 def test_predict_text_encoder_rows_come_from_the_bert_stage_as_training_reads_them(tmp_path):
