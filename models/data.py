@@ -695,9 +695,9 @@ def bundle_from_records(records, *, store_root: str | Path, dataset: str, cfg: D
                 f"dataset {dataset!r}: split {s!r} has no reviews{dropped}; check its tables, or leave "
                 f"the split out of datasets.{dataset}.splits in the manifest"
             )
-        sources[s] = StoreSource(store_root=store_root, dataset=dataset, records=part, cfg=cfg, split=s,
-                                 views=read)
-        fallback = _split_probe_fallback(sources[s], part, missing="probes" in missing,
+        source = StoreSource(store_root=store_root, dataset=dataset, records=part, cfg=cfg, split=s, views=read)
+        sources[s] = source
+        fallback = _split_probe_fallback(source, part, missing="probes" in missing,
                                          policy=cfg.probe_failures, say=say)
         if fallback is not None:
             probe_fallbacks[s] = fallback

@@ -27,8 +27,9 @@ unless the run's `allow_missing` or `--allow-missing rois` says so (then those i
 out and counted). An image whose extraction was recorded as failed, or a ref whose file was
 never crawled, adds no ROIs, as in training. A review whose probe mask the stage records as a
 failure gets a mask of ones with one warning line counting them, or stops predict under the
-run's `data.probe_failures: refuse`, as in training (`models.data.probe_fallback`); a model that needs probe masks (or text-encoder
-features) is refused when the run's dataset has no probes view (declares no text encoder).
+run's `data.probe_failures: refuse`, as in training (`models.data.probe_fallback`); a model
+that needs probe masks (or text-encoder features) is refused when the run's dataset has no
+probes view (declares no text encoder).
 
 Same settings as training: the stages above featurise with the current manifest, so before any
 text is featurised predict compares, for every view the model reads, the fingerprint the run
