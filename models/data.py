@@ -184,26 +184,22 @@ def probe_fallback(split: str, n_reviews: int, failed: Sequence[tuple[str, str]]
     return record
 
 
-def _split_probe_fallback(source: StoreSource, records, *, missing: bool, policy: str,
-                          say: Callable[[str], None] | None) -> dict[str, Any] | None:
-    """`probe_fallback` of one split read from the store: failures of the probes view for its
-    reviews, or every review when the probes view is required but allowed missing (`missing`);
-    None when the split's source reads no probes (the model does not use them)."""
+def _split_probe_fallback(view, records, *, split: str, dataset: str, missing: bool, policy: str,
+                          say: Callable[[str], None] | None) -> dict[str, Any]:
+    """`probe_fallback` of one split read from the store: the failures the probes `view` records
+    for its reviews, or every review when the probes view is required but allowed missing
+    (`missing`). An item the view lacks is left to the load (a DataError naming it)."""
     rids = [r.id for r in records.reviews]
     if missing:
-        return probe_fallback(source.split, len(rids), [], no_record=len(rids), policy=policy, say=say,
-                              dataset=source.dataset)
-    view = source._open()["probes"]
-    if view is None:
-        return None
+        return probe_fallback(split, len(rids), [], no_record=len(rids), policy=policy, say=say, dataset=dataset)
     failed = []
     for rid in rids:
         item = f"rvw:{rid}"
-        if item in view:  # an item the view lacks is a DataError when the review is loaded
+        if item in view:
             reason = view.failure(item)
             if reason is not None:
                 failed.append((rid, reason))
-    return probe_fallback(source.split, len(rids), failed, policy=policy, say=say, dataset=source.dataset)
+    return probe_fallback(split, len(rids), failed, policy=policy, say=say, dataset=dataset)
 
 
 class InMemorySource:
@@ -684,6 +680,15 @@ def bundle_from_records(records, *, store_root: str | Path, dataset: str, cfg: D
     `DataBundle.probe_fallback`."""
     missing = check_views(store_root, dataset, required, allow_missing)
     read = None if required is None else tuple(v for v in READ_VIEWS if v in required and v not in missing)
+    # the probes view, opened once here to count the reviews whose mask falls back to ones (the
+    # sources open their own views lazily, per process); None when no split reads probe masks
+    probes_view = None
+    if read is None or "probes" in read:
+        from pipeline.store import FeatureStore
+
+        store = FeatureStore(Path(store_root))
+        if any(v.dataset == dataset and v.stage == "probes" for v in store.views()):
+            probes_view = store.view(dataset, "probes")  # store errors (damage) propagate
     sources: dict[str, ProductSource] = {}
     probe_fallbacks: dict[str, dict[str, Any]] = {}
     for s in splits:
@@ -695,12 +700,12 @@ def bundle_from_records(records, *, store_root: str | Path, dataset: str, cfg: D
                 f"dataset {dataset!r}: split {s!r} has no reviews{dropped}; check its tables, or leave "
                 f"the split out of datasets.{dataset}.splits in the manifest"
             )
-        source = StoreSource(store_root=store_root, dataset=dataset, records=part, cfg=cfg, split=s, views=read)
-        sources[s] = source
-        fallback = _split_probe_fallback(source, part, missing="probes" in missing,
-                                         policy=cfg.probe_failures, say=say)
-        if fallback is not None:
-            probe_fallbacks[s] = fallback
+        sources[s] = StoreSource(store_root=store_root, dataset=dataset, records=part, cfg=cfg, split=s,
+                                 views=read)
+        if probes_view is not None or "probes" in missing:
+            probe_fallbacks[s] = _split_probe_fallback(probes_view, part, split=s, dataset=dataset,
+                                                       missing="probes" in missing, policy=cfg.probe_failures,
+                                                       say=say)
     emb = dict(embeddings) if embeddings is not None else store_embeddings(store_root, dataset)
     return DataBundle(
         name=dataset, splits=sources, embeddings=emb, threshold=float(threshold),

@@ -5,7 +5,9 @@ runs/<name>/[seed<k>/]
   config.yaml        the TrainConfig of the run, every field resolved (preset, model_cfg)
   run.json           dataset, category, model, preset, resolved model config, threshold, status,
                      best epoch, git commit + dirty flag, package versions, start/end times,
-                     the fingerprint of every store view of the dataset (random-init flagged)
+                     the fingerprint of every store view of the dataset (random-init flagged),
+                     reviews the reader dropped (`dropped_reviews`) and, per split, reviews
+                     whose probe mask fell back to ones (`probe_fallback`)
   metrics.jsonl      one JSON object per epoch ({"event": "epoch", ...}) and per evaluation
   checkpoints/       last.pt (model, optimizer, scheduler, RNG states: for --resume) and
                      best.pt (the same without optimizer and scheduler state)
