@@ -138,7 +138,13 @@ def text_encoder_rows(got: Mapping[str, np.ndarray] | None, failure: str | None,
     return np.asarray(got["features"], dtype=np.float32), np.asarray(got["input_ids"], dtype=np.int64)
 
 
+def _one_line(reason: str | None) -> str:
+    """A stored failure reason (an exception's text may span lines) on one line."""
+    return " ".join(str(reason).split())
+
+
 def _refusal(dataset: str, split: str, rid: str, reason: str | None) -> str:
+    reason = _one_line(reason)
     where = f"dataset {dataset!r} split {split!r}" if dataset else f"split {split!r}"
     return (f"{where}: review {rid!r} has no probe mask (probes failed: {reason}); data.probe_failures: "
             f"refuse stops here: set data.probe_failures: ones to use a mask of ones (plain attention) "
@@ -158,6 +164,7 @@ def probe_fallback(split: str, n_reviews: int, failed: Sequence[tuple[str, str]]
     falls back ("N of M reviews in split S have no probe mask (...); they <use> with a mask of
     ones, i.e. plain attention") and returns the record written to run.json (`probe_fallback`):
     {"reviews", "probes_failed", "no_probes_record", "first_failed": [[id, reason], ...] (<= 5)}."""
+    failed = [(rid, _one_line(reason)) for rid, reason in failed]
     if failed and policy == "refuse":
         rid, reason = failed[0]
         raise DataError(_refusal(dataset, split, rid, reason))

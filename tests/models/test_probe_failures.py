@@ -153,3 +153,12 @@ def test_probe_failures_is_validated_at_load():
     assert train_config({"data": {"probe_failures": "refuse"}}).data.probe_failures == "refuse"
     with pytest.raises(ConfigError, match="probe_failures"):
         train_config({"data": {"probe_failures": "zeros"}})
+
+
+def test_a_multi_line_failure_reason_is_said_on_one_line():
+    lines: list[str] = []
+    rec = probe_fallback("train", 2, [("a", "ValueError: bad\n  token")], say=lines.append)
+    assert rec["first_failed"] == [["a", "ValueError: bad token"]] and "\n" not in lines[0]
+    with pytest.raises(DataError) as ei:
+        probe_fallback("train", 2, [("a", "ValueError: bad\n  token")], policy="refuse")
+    assert "\n" not in str(ei.value) and "probes failed: ValueError: bad token" in str(ei.value)
