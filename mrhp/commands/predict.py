@@ -11,8 +11,9 @@ exactly as training data did (tests/mrhp/test_predict_features.py pins it bit fo
 - rows: the dataset reader's `product_row`, `review_row`, `rel_row` and `labels_mode`
   (pipeline.datasets.mrhp), over tables read by `read_column_table`;
 - texts: the tokens stage's `TokensStage.work_item` + `run` in the vocabulary the run was trained
-  with (its `data.json`, read by `vocabularies_for`); probe masks (when the dataset has a probes
-  view) by `ProbesStage.work_item` + `run` with the manifest's probes parameters; text-encoder
+  with (its `data.json`, read by `vocabularies_for`); probe masks (when the model reads them and
+  the dataset has a probes view) by `ProbesStage.work_item` + `run` with the manifest's probes
+  parameters; text-encoder
   rows (when the model reads the bert view) by `BertStage.work_item` + `run`;
 - images: an item's refs as the reader lists them (`ImageIndex.refs`: `<images>/<split>/{prd,rvw}/
   <id>/pic_<n>_<i>.<ext>` in (n, i) order), resolved by `resolve_image` (a file resolving outside
@@ -246,11 +247,12 @@ def _arrays(rec: Record) -> dict[str, np.ndarray]:
 
 def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, manifest, cfg: DataConfig,
                dataset: str, labels_mode: str | None = None, probes_needed: bool = False,
-               bert_needed: bool = False,
+               probes_read: bool = True, bert_needed: bool = False,
                check: Callable[[dict[str, str]], None] | None = None,
                warn: Callable[[str], None] | None = None) -> tuple[InMemorySource, _Rois]:
     """Read the MRHP tables named by `path` into an in-memory source in the run's vocabulary;
     each review's `label` is its 0-4 label (NaN without one), raw votes in `source.votes`.
+    `probes_read` False (a model that reads no probe masks): the probes stage is not run.
     `check`, when given, is called before any text is featurised with {stage: fingerprint} of
     the stages that will featurise the input (tokens; probes and bert when run: their
     `fingerprint()`, as the extraction computes it) and of the rois entries read (the dataset's
@@ -293,7 +295,9 @@ def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, m
     votes: dict[str, float] = {}
     seen_products: set[str] = set()
     seen_reviews: set[str] = set()
-    probes = probes_stage(manifest, spec, dataset, needed=probes_needed)  # built once: spaCy loads once
+    # built once (spaCy loads once); only for a model that reads probe masks (`probes_read`: training
+    # never opens the probes view for another, so its failures must not warn or refuse here either)
+    probes = probes_stage(manifest, spec, dataset, needed=probes_needed) if probes_read or probes_needed else None
     bert = bert_stage(manifest, dataset) if bert_needed else None
     if check is not None:
         used = {"tokens": tokens.fingerprint()}
@@ -600,7 +604,8 @@ def run(args: argparse.Namespace) -> int:
     source, rois = load_input(inp, image_root, spec=spec,
                               vocab_fp=meta.get("vocab_fingerprint"), manifest=manifest, cfg=cfg.data,
                               dataset=dataset, labels_mode=meta.get("labels"),
-                              probes_needed="probes" in needed, bert_needed="bert" in needed, check=check)
+                              probes_needed="probes" in needed, probes_read="probes" in reads,
+                              bert_needed="bert" in needed, check=check)
     rois.check(needed="rois" in needed, images=image_root, dataset=dataset)
     per_seed = [score_source(model, source, cfg=c) for model, c in models]
     rows = ranked(average_seeds(per_seed), getattr(source, "votes", None))

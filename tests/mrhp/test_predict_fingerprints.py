@@ -283,3 +283,24 @@ def test_the_record_is_read_strictly():
         recorded_views({"read_views": {"tokens": {"dataset": "d"}}}, "data.json")
     with pytest.raises(TrainingError, match="dataset 'e' is not the run's dataset 'd'"):
         recorded_views({"dataset": "d", "read_views": {"tokens": {"dataset": "e", "fingerprint": "ab"}}}, "x")
+
+
+def test_a_model_that_reads_no_probe_masks_is_not_refused_for_failed_ones(ws, monkeypatch, capsys):
+    """`length` reads no probes view (training never opens it, whatever data.probe_failures says):
+    predict must not compute probe masks for it, nor warn about or refuse reviews whose mask fails
+    (before: the probes stage ran whenever the dataset had a probes view, and its failures stopped
+    predict under `data.probe_failures: refuse`)."""
+    import mrhp.commands.predict as predict
+
+    root, m, _ = ws
+    assert main([*m, "train", "--model", "length", "--dataset", "synth", "--name", "len-refuse",
+                 "data.probe_failures=refuse"]) == 0
+    real = predict._mask_records
+
+    def all_fail(stage, reviews, products):
+        return [(None, "probe mask failed: ValueError: boom") for _ in real(stage, reviews, products)]
+
+    monkeypatch.setattr(predict, "_mask_records", all_fail)
+    capsys.readouterr()
+    assert _predict(m, "len-refuse", root) == 0
+    assert "probe mask" not in capsys.readouterr().err
