@@ -183,12 +183,11 @@ class _Rois:
             per.append(as_rois(self.reader.get(key)["features"], self.cfg.roi_dim, f"rois of image {full}"))
         return concat_rois(per, self.cfg)
 
-    def check(self, *, needed: bool, images: Path | None, dataset: str) -> None:
-        """Refuse to rank without image features the model needs (see the module docstring)."""
+    def check_setup(self, *, needed: bool, images: Path | None, dataset: str) -> None:
+        """The refusals that need no input item (no rois view, no image folder): `load_input`
+        makes them before any text is featurised."""
         if not needed:
             return
-        fix = (f"run `mrhp extract --dataset <a dataset holding these images> --stage rois` (the run's "
-               f"dataset is {dataset!r}) or pass --allow-missing rois to rank without them")
         if not self.has_view:
             raise DataError(f"the model needs image features, but dataset {dataset!r} has no rois view: "
                             f"build it with `mrhp extract --dataset {dataset} --stage rois` "
@@ -196,6 +195,14 @@ class _Rois:
         if images is None:
             raise DataError("the model needs image features, but the image folder (--images, default "
                             "<input folder>/pictures) does not exist: pass --images, or --allow-missing rois")
+
+    def check(self, *, needed: bool, images: Path | None, dataset: str) -> None:
+        """Refuse to rank without image features the model needs (see the module docstring)."""
+        if not needed:
+            return
+        self.check_setup(needed=needed, images=images, dataset=dataset)
+        fix = (f"run `mrhp extract --dataset <a dataset holding these images> --stage rois` (the run's "
+               f"dataset is {dataset!r}) or pass --allow-missing rois to rank without them")
         if self.files == 0:
             raise DataError(f"the model needs image features, but --images {images} holds no "
                             "<split>/{prd,rvw}/<id>/pic_* file for any input item: check --images, or pass "
@@ -247,12 +254,13 @@ def _arrays(rec: Record) -> dict[str, np.ndarray]:
 
 def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, manifest, cfg: DataConfig,
                dataset: str, labels_mode: str | None = None, probes_needed: bool = False,
-               probes_read: bool = True, bert_needed: bool = False,
+               probes_read: bool = True, bert_needed: bool = False, rois_needed: bool = False,
                check: Callable[[dict[str, str]], None] | None = None,
                warn: Callable[[str], None] | None = None) -> tuple[InMemorySource, _Rois]:
     """Read the MRHP tables named by `path` into an in-memory source in the run's vocabulary;
     each review's `label` is its 0-4 label (NaN without one), raw votes in `source.votes`.
     `probes_read` False (a model that reads no probe masks): the probes stage is not run.
+    `rois_needed`: a missing rois view or image folder is refused first (`_Rois.check_setup`).
     `check`, when given, is called before any text is featurised with {stage: fingerprint} of
     the stages that will featurise the input (tokens; probes and bert when run: their
     `fingerprint()`, as the extraction computes it) and of the rois entries read (the dataset's
@@ -285,6 +293,8 @@ def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, m
     tokens = tokens_stage(manifest, dataset)  # the dataset's records are never read (no plan())
     vocabs = tokens.vocabularies_for(vocab_fp)  # the run's vocabulary, read from the store
     rois = _Rois(manifest.store_root, dataset, cfg)
+    # no rois view / no image folder: refused before any text is featurised (`run` checks the rest after)
+    rois.check_setup(needed=rois_needed, images=images, dataset=dataset)
     folder = path if path.is_dir() else path.parent
     # the input as a dataset: the run dataset's conventions (source, language), the input's folders
     in_spec = dataclasses.replace(spec, name=str(path), raw_root=folder,
@@ -605,7 +615,7 @@ def run(args: argparse.Namespace) -> int:
                               vocab_fp=meta.get("vocab_fingerprint"), manifest=manifest, cfg=cfg.data,
                               dataset=dataset, labels_mode=meta.get("labels"),
                               probes_needed="probes" in needed, probes_read="probes" in reads,
-                              bert_needed="bert" in needed, check=check)
+                              bert_needed="bert" in needed, rois_needed="rois" in needed, check=check)
     rois.check(needed="rois" in needed, images=image_root, dataset=dataset)
     per_seed = [score_source(model, source, cfg=c) for model, c in models]
     rows = ranked(average_seeds(per_seed), getattr(source, "votes", None))

@@ -304,3 +304,21 @@ def test_a_model_that_reads_no_probe_masks_is_not_refused_for_failed_ones(ws, mo
     capsys.readouterr()
     assert _predict(m, "len-refuse", root) == 0
     assert "probe mask" not in capsys.readouterr().err
+
+
+def test_missing_image_features_are_refused_before_any_text_is_featurised(mm_run, reads_mm, monkeypatch, capsys):
+    """A model that needs rois, predicted without an image folder: the refusal needs no input
+    text, so it comes before the stages featurise anything (tokens, spaCy probes, a BERT
+    encoder over every review), not after."""
+    import mrhp.commands.predict as predict
+
+    root, m = mm_run
+
+    def featurised(stage, items):
+        raise AssertionError(f"the {stage.name} stage ran before the refusal")
+
+    monkeypatch.setattr(predict, "stage_records", featurised)
+    assert _predict(m, "mm", root, "--images", str(root / "no-such-folder")) == 3
+    err = capsys.readouterr().err
+    assert "the image folder (--images, default <input folder>/pictures) does not exist" in err
+    assert "stage ran before" not in err
