@@ -583,7 +583,10 @@ def run(args: argparse.Namespace) -> int:
     if args.seed is None:
         chosen = dirs
     else:
-        chosen = [d for d in dirs if d.name == f"seed{args.seed}"] or (dirs if len(dirs) == 1 else [])
+        # a lone folder that is not a seed<k> one (a run folder given directly) serves any --seed;
+        # a lone seed<k> folder serves --seed k only, never another seed's request
+        lone = len(dirs) == 1 and not (dirs[0].name.startswith("seed") and dirs[0].name[4:].isdigit())
+        chosen = [d for d in dirs if d.name == f"seed{args.seed}"] or (dirs if lone else [])
     if not chosen:
         raise TrainingError(f"run {args.run!r} has no seed{args.seed}; found {', '.join(d.name for d in dirs)}")
     metas = [read_json(d / "data.json") for d in chosen]

@@ -322,3 +322,15 @@ def test_missing_image_features_are_refused_before_any_text_is_featurised(mm_run
     err = capsys.readouterr().err
     assert "the image folder (--images, default <input folder>/pictures) does not exist" in err
     assert "stage ran before" not in err
+
+
+def test_a_seed_the_run_does_not_have_is_refused_not_swapped(ws, capsys):
+    """`--seed 3` on a run whose only seed folder is seed0: refused naming the seeds there (before:
+    seed0's scores came back as seed 3's, unsaid). A run folder that is itself one run (no seed<k>
+    name) still predicts with any --seed."""
+    root, m, _ = ws
+    shutil.copytree(root / "runs/len/seed0", root / "runs/one/seed0")
+    assert _predict(m, "one", root, "--seed", "3") == 6
+    assert "run 'one' has no seed3; found seed0" in capsys.readouterr().err
+    shutil.copytree(root / "runs/len/seed0", root / "runs/flat")
+    assert _predict(m, "flat", root, "--seed", "3", "--output", str(root / "flat.jsonl")) == 0
