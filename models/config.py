@@ -93,7 +93,7 @@ class TrainConfig:
 VIEW_NAMES = ("tokens", "rois", "probes", "bert")  # the stage views a model can require
 
 
-def _check(cfg: TrainConfig) -> TrainConfig:
+def _check(cfg: TrainConfig, *, training: bool = True) -> TrainConfig:
     positive = {"epochs": cfg.epochs, "batch_products": cfg.batch_products,
                 "eval_batch_products": cfg.eval_batch_products, "num_negatives": cfg.num_negatives,
                 "eval_max_reviews": cfg.eval_max_reviews, "eval_every": cfg.eval_every}
@@ -102,29 +102,33 @@ def _check(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"{k}: expected a positive integer, got {v}")
     if not cfg.lr > 0:  # `not >` refuses NaN too
         raise ConfigError(f"lr: expected a positive number, got {cfg.lr}")
-    # clip_grad_norm_ scales every gradient by grad_clip / norm: 0 zeroes them (nothing trains)
-    # and a negative value flips their sign (gradient ascent), both without a word
-    if cfg.grad_clip is not None and not cfg.grad_clip > 0:
-        raise ConfigError(f"grad_clip: expected a positive max gradient norm or null (no clipping), "
-                          f"got {cfg.grad_clip}")
-    # a negative is at least min_gap below its positive: at 0 a positive can be drawn as its own
-    # negative (and equal labels pair up), below 0 negatives may outrank their positive
-    if not cfg.min_gap > 0:
-        raise ConfigError(f"min_gap: expected a positive label gap (1 or 2 in the papers' setups), got {cfg.min_gap}")
-    # hinge max(0, m - (s+ - s-)): a negative margin rewards a negative scored above its positive
-    if not cfg.fixed_margin >= 0:
-        raise ConfigError(f"fixed_margin: expected a number >= 0, got {cfg.fixed_margin}")
-    # listwise pairs a positive with every lower review, drawing nothing: "sampling" weights
-    # (the default, for the pairwise sampler) would silently become "none" there
-    if cfg.sampler == "listwise" and cfg.negative_weights == "sampling":
-        raise ConfigError("negative_weights: 'sampling' draws negatives by weight, which sampler: listwise does "
-                          "not do (it takes every lower review); set negative_weights: loss or none")
-    if not cfg.weight_decay >= 0:
-        raise ConfigError(f"weight_decay: expected a number >= 0, got {cfg.weight_decay}")
-    # ReduceLROnPlateau cuts lr to max(lr * lr_factor, min_lr) and only when that is lower: with
-    # min_lr above lr it never cuts, so lr_factor and lr_patience would be ignored in silence
-    if not 0 <= cfg.min_lr <= cfg.lr:
-        raise ConfigError(f"min_lr: expected a number in [0, lr={cfg.lr:g}], got {cfg.min_lr}")
+    # Settings only training reads (a run about to train is refused); a finished run's saved config
+    # (`training=False`: evaluate, predict) loads whatever it trained under before a check existed.
+    if training:
+        # clip_grad_norm_ scales every gradient by grad_clip / norm: 0 zeroes them (nothing trains)
+        # and a negative value flips their sign (gradient ascent), both without a word
+        if cfg.grad_clip is not None and not cfg.grad_clip > 0:
+            raise ConfigError(f"grad_clip: expected a positive max gradient norm or null (no clipping), "
+                              f"got {cfg.grad_clip}")
+        # a negative is at least min_gap below its positive: at 0 a positive can be drawn as its own
+        # negative (and equal labels pair up), below 0 negatives may outrank their positive
+        if not cfg.min_gap > 0:
+            raise ConfigError(f"min_gap: expected a positive label gap (1 or 2 in the papers' setups), "
+                              f"got {cfg.min_gap}")
+        # hinge max(0, m - (s+ - s-)): a negative margin rewards a negative scored above its positive
+        if not cfg.fixed_margin >= 0:
+            raise ConfigError(f"fixed_margin: expected a number >= 0, got {cfg.fixed_margin}")
+        # listwise pairs a positive with every lower review, drawing nothing: "sampling" weights
+        # (the default, for the pairwise sampler) would silently become "none" there
+        if cfg.sampler == "listwise" and cfg.negative_weights == "sampling":
+            raise ConfigError("negative_weights: 'sampling' draws negatives by weight, which sampler: listwise does "
+                              "not do (it takes every lower review); set negative_weights: loss or none")
+        if not cfg.weight_decay >= 0:
+            raise ConfigError(f"weight_decay: expected a number >= 0, got {cfg.weight_decay}")
+        # ReduceLROnPlateau cuts lr to max(lr * lr_factor, min_lr) and only when that is lower: with
+        # min_lr above lr it never cuts, so lr_factor and lr_patience would be ignored in silence
+        if not 0 <= cfg.min_lr <= cfg.lr:
+            raise ConfigError(f"min_lr: expected a number in [0, lr={cfg.lr:g}], got {cfg.min_lr}")
     if not 0 < cfg.lr_factor < 1:
         raise ConfigError(f"lr_factor: expected a number in (0, 1), got {cfg.lr_factor}")
     if cfg.max_reviews_per_product is not None and cfg.max_reviews_per_product < 2:
@@ -164,11 +168,12 @@ def _check(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def _resolve_model_cfg(cfg: TrainConfig) -> TrainConfig:
+def _resolve_model_cfg(cfg: TrainConfig, *, training: bool = True) -> TrainConfig:
     """model_cfg validated into the model's own config record and stored as every field of it
     (so a run folder records the resolved model config); unchanged for a model without one. A
     model class may define `check_train_config(record, cfg)` to refuse model settings that
-    contradict the training settings (SANCL: its CPC reduction against ranking_reduction)."""
+    contradict the training settings (SANCL: its CPC reduction against ranking_reduction); it is
+    not called for a finished run's saved config (`training=False`)."""
     from models.registry import model_class, model_config, preset_names
 
     valid = preset_names(cfg.model)
@@ -178,7 +183,7 @@ def _resolve_model_cfg(cfg: TrainConfig) -> TrainConfig:
     if record is None:
         return cfg
     check = getattr(model_class(cfg.model), "check_train_config", None)  # model x trainer settings
-    if callable(check):
+    if callable(check) and training:
         check(record, cfg)
     resolved = to_mapping(record)
     # Fields the data decides (the word vectors' width, a test vocabulary's size) stay unset unless
@@ -192,7 +197,7 @@ def _resolve_model_cfg(cfg: TrainConfig) -> TrainConfig:
 DATA_DERIVED_FIELDS = ("embed_dim", "vocab_size")
 
 
-def train_config(mapping: Mapping[str, Any] | None = None) -> TrainConfig:
+def train_config(mapping: Mapping[str, Any] | None = None, *, saved_run: bool = False) -> TrainConfig:
     """Validated TrainConfig from a plain mapping (unknown keys name the valid ones), model_cfg
     checked against the model's config record. No preset is applied here: a saved run config
     already holds every resolved field.
@@ -200,14 +205,18 @@ def train_config(mapping: Mapping[str, Any] | None = None) -> TrainConfig:
     Backward compatibility: `data.require_probes` (run configs written before `allow_missing`)
     is accepted and dropped; `true` is what required_views now does by default, and `false` had
     only an effect when the probes view was missing, which now stops the run unless
-    `allow_missing` lists probes."""
+    `allow_missing` lists probes. `saved_run=True` (a finished run's config.yaml read for
+    `mrhp evaluate` / `predict`): the refusals of settings only training reads (grad_clip,
+    min_gap, fixed_margin, sampler x negative_weights, weight_decay, min_lr, a model's
+    `check_train_config`) are skipped, so a run trained before one of them existed still loads."""
     mapping = dict(mapping or {})
     data = mapping.get("data")
     if isinstance(data, Mapping) and "require_probes" in data:
         data = dict(data)
         data.pop("require_probes")
         mapping["data"] = data
-    return _resolve_model_cfg(_check(from_mapping(TrainConfig, mapping, "")))
+    training = not saved_run
+    return _resolve_model_cfg(_check(from_mapping(TrainConfig, mapping, ""), training=training), training=training)
 
 
 def apply_preset(explicit: Mapping[str, Any], *, category: str | None = None) -> dict[str, Any]:

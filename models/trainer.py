@@ -592,8 +592,9 @@ def train(cfg: TrainConfig, data: DataBundle, run_dir: str | Path, *, resume: bo
 
 
 def run_config(run_dir: str | Path) -> TrainConfig:
-    """The TrainConfig saved in a run folder."""
-    return train_config(_load_yaml(RunPaths(Path(run_dir)).config))
+    """The TrainConfig saved in a run folder, for scoring (`saved_run`: the checks of settings only
+    training reads are skipped; a resumed run's config is checked in full)."""
+    return train_config(_load_yaml(RunPaths(Path(run_dir)).config), saved_run=True)
 
 
 def load_run(run_dir: str | Path, *, embeddings: dict[str, np.ndarray] | None,

@@ -172,3 +172,30 @@ def test_listwise_dropped_the_sampling_weights():
 def test_listwise_with_loss_or_no_weights_loads():
     for mode in ("loss", "none"):
         assert train_config({"sampler": "listwise", "negative_weights": mode}).sampler == "listwise"
+
+
+def test_a_finished_run_saved_before_the_training_refusals_still_loads_for_evaluate_and_predict(tmp_path):
+    """The refusals of training-only settings (sampler/negative_weights, min_gap, grad_clip,
+    min_lr, SANCL's cpc_reduction beside ranking_reduction) guard a run about to train; a run
+    folder that trained under them before they existed must still load for `mrhp evaluate` /
+    `predict` (`run_config`, `load_run`), which train nothing. A new training config with the
+    same settings is still refused."""
+    import yaml
+
+    from models.config import TrainConfig, config_to_yaml
+    from models.trainer import run_config
+
+    saved = yaml.safe_load(config_to_yaml(train_config({"model": "sancl"})))
+    saved.update({"sampler": "listwise", "negative_weights": "sampling", "min_gap": 0.0, "grad_clip": 0.0,
+                  "min_lr": 1.0, "ranking_reduction": "sum"})
+    saved["model_cfg"]["cpc_reduction"] = "instances"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
+    cfg = run_config(tmp_path)
+    assert isinstance(cfg, TrainConfig) and cfg.sampler == "listwise" and cfg.min_gap == 0.0
+    assert cfg.model_cfg["cpc_reduction"] == "instances"
+    _refused({"sampler": "listwise", "negative_weights": "sampling"}, r"negative_weights: .sampling. draws negatives")
+    _refused({**saved, "sampler": "pairwise"}, r"grad_clip: expected a positive")
+    # settings the data loading and the metrics read are still checked on a saved config
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**saved, "ks": [0]}), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"ks: expected distinct NDCG cut-offs >= 1"):
+        run_config(tmp_path)
