@@ -14,7 +14,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -392,6 +392,33 @@ class Trainer:
                 return view_fingerprints(root, getattr(src, "dataset", self.data.name))
         return {}
 
+    def _check_resumed_views(self) -> None:
+        """Refuse to resume when a store view the run reads changed since its run.json recorded
+        it (a re-extraction between sessions): the epochs so far trained on the old features, the
+        rest would train on the new ones, and run.json / data.json would record only the new.
+        A run.json without the record (or in-memory data) is not checked."""
+        if not self.paths.meta.is_file():
+            return
+        try:
+            prev = read_json(self.paths.meta).get("views")
+        except TrainingError:
+            return
+        if not isinstance(prev, Mapping):
+            return
+        now = self._views()
+        changed = []
+        for stage in sorted(_stages_read(self.data)):
+            was = prev.get(stage, {}).get("fingerprint") if isinstance(prev.get(stage), Mapping) else None
+            got = now.get(stage, {}).get("fingerprint")
+            if was != got:
+                changed.append(f"{stage} {was or 'absent'} -> {got or 'absent'}")
+        if changed:
+            raise TrainingError(
+                f"{self.paths.root}: cannot resume: store views the run reads changed since it was trained "
+                f"({'; '.join(changed)}); the epochs so far read the old features: retrain (--overwrite) "
+                f"or restore the views the run was trained on"
+            )
+
     def _write_meta(self, status: str) -> None:
         from pipeline.config import to_mapping
 
@@ -443,6 +470,7 @@ class Trainer:
                     f"{paths.root}: cannot resume with a different config; changed: {', '.join(diff)} "
                     f"(only {', '.join(RESUMABLE_CHANGES)} may change)"
                 )
+            self._check_resumed_views()
             self._restore(load_checkpoint(paths.last))
             truncate_metrics(paths.metrics, self.epoch)
             self.progress(f"resuming {paths.root} after epoch {self.epoch}")

@@ -212,3 +212,33 @@ def test_training_without_ranking_instances_stops_with_the_min_gap_message(tmp_p
                         "model_cfg": {"vocab_size": 8, "embed_dim": 4, "hidden": 2, "mlp_hidden": 2}})
     with pytest.raises(TrainingError, match=r"min_gap=2.*set min_gap=1"):
         train(cfg, _bundle([[0, 1, 1], [1, 3]]), tmp_path / "g", progress_bar=False)
+
+
+def test_resume_refuses_a_store_view_re_extracted_since_the_run_was_trained(stored, tmp_path, monkeypatch):
+    """--resume after the tokens view was re-extracted under other settings (its fingerprint
+    changed since run.json recorded it): refused in one line naming the view and both
+    fingerprints, before any epoch trains on the new features; unchanged views resume."""
+    import models.trainer
+
+    data, bundle = stored
+    cfg = synthetic_train_config("text-gru", data, {"model_cfg": {"hidden": 8, "mlp_hidden": 8}, "epochs": 1,
+                                                    "batch_products": 4})
+    train(cfg, bundle, tmp_path / "r")
+    real = models.trainer.view_fingerprints
+
+    def re_extracted(root, dataset, *a, **kw):
+        out = real(root, dataset, *a, **kw)
+        out["tokens"] = {**out["tokens"], "fingerprint": "0123456789abcdef"}
+        return out
+
+    monkeypatch.setattr(models.trainer, "view_fingerprints", re_extracted)
+    more = synthetic_train_config("text-gru", data, {"model_cfg": {"hidden": 8, "mlp_hidden": 8}, "epochs": 2,
+                                                     "batch_products": 4})
+    with pytest.raises(TrainingError) as ei:
+        train(more, bundle, tmp_path / "r", resume=True)
+    msg = str(ei.value)
+    assert "\n" not in msg and "cannot resume" in msg
+    assert f"tokens {view_fingerprints(data.store_root, 'synth')['tokens']['fingerprint']} -> 0123456789abcdef" in msg
+    assert load_checkpoint(RunPaths(tmp_path / "r").last)["epoch"] == 1
+    monkeypatch.setattr(models.trainer, "view_fingerprints", real)
+    assert train(more, bundle, tmp_path / "r", resume=True).epochs_run == 2
