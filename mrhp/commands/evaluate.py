@@ -2,6 +2,7 @@
 
 RUN is a run name under the manifest's runs root (or a path): a single run folder or a folder of
 seed<k>/ runs. The threshold is the dataset's (manifest) unless the run's config overrides it.
+A run whose store views were re-extracted since training (data.json `read_views`) is refused.
 Writes `eval_<split>.json` (metrics and per-product metrics) into each run folder, which
 `mrhp compare` reads. Numbers print x100 with two decimals, the scale of `mrhp compare` and of
 the papers; a run trained on random-init features is marked.
@@ -25,6 +26,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", choices=("best", "last"), default="best",
                    help="which checkpoint to score (default best: the best dev epoch)")
     p.set_defaults(func=run)
+
+
+def check_views_unchanged(run_dir, store_root, dataset: str) -> None:
+    """Refuse to evaluate a run whose store views changed since it was trained: data.json's
+    `read_views` (the fingerprint of every view training read) against the store's views now. A
+    run folder without the record is evaluated unchecked (trained before it existed); a recorded
+    view now absent is left to the data loading (refused unless allowed missing)."""
+    from pathlib import Path
+
+    from models.runs import read_json, views_read
+    from mrhp.commands.predict import recorded_views, short_fp
+    from pipeline.errors import DataError
+
+    path = Path(run_dir) / "data.json"
+    if not path.is_file():
+        return
+    rec = recorded_views(read_json(path), str(path))
+    if not rec:
+        return
+    now = {s: v["fingerprint"] for s, v in views_read(store_root, dataset, rec).items()}
+    for stage in sorted(rec):
+        was, got = rec[stage], now.get(stage)
+        if got is not None and got != was:
+            raise DataError(
+                f"{run_dir}: the run was trained on the {stage} view of dataset {dataset!r} with fingerprint "
+                f"{short_fp(was, got)}, the store's view now has {short_fp(got, was)} (re-extracted since "
+                f"training): evaluating would score features the model never saw; retrain the run, or "
+                f"re-extract {stage} with the settings it was trained on"
+            )
 
 
 def random_init_note(dirs) -> str:
@@ -53,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for d in dirs:
         cfg = run_config(d)
+        check_views_unchanged(d, manifest.store_root, cfg.dataset)
         views = required_views(cfg.model, cfg.model_cfg)
         key = (cfg.dataset, tuple(sorted(views)))
         if key not in bundles:

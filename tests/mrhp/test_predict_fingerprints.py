@@ -334,3 +334,22 @@ def test_a_seed_the_run_does_not_have_is_refused_not_swapped(ws, capsys):
     assert "run 'one' has no seed3; found seed0" in capsys.readouterr().err
     shutil.copytree(root / "runs/len/seed0", root / "runs/flat")
     assert _predict(m, "flat", root, "--seed", "3", "--output", str(root / "flat.jsonl")) == 0
+
+
+def test_evaluate_refuses_a_run_whose_views_were_re_extracted_since_training(ws, capsys):
+    """`mrhp evaluate` reads the store's current views: a view the run read (data.json
+    `read_views`) whose fingerprint changed since would score the model on features it was not
+    trained on, so it is refused in one line naming the stage and both fingerprints; a run
+    folder without the record evaluates as before."""
+    root, m, _ = ws
+    shutil.copytree(root / "runs/len/seed0", root / "runs/ev/seed0")
+    meta = json.loads((root / "runs/ev/seed0/data.json").read_text())
+    was = meta["read_views"]["tokens"]["fingerprint"]
+    meta["read_views"]["tokens"]["fingerprint"] = "0000000000000000"
+    (root / "runs/ev/seed0/data.json").write_text(json.dumps(meta))
+    assert main([*m, "evaluate", "ev"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tokens" in err[0] and "00000000" in err[0] and was[:8] in err[0]
+    del meta["read_views"]
+    (root / "runs/ev/seed0/data.json").write_text(json.dumps(meta))
+    assert main([*m, "evaluate", "ev"]) == 0
