@@ -2,7 +2,8 @@
 
 RUN is a run name under the manifest's runs root (or a path): a single run folder or a folder of
 seed<k>/ runs. The threshold is the dataset's (manifest) unless the run's config overrides it.
-A run whose store views were re-extracted since training (data.json `read_views`) is refused.
+A run whose store views were re-extracted since training (data.json `read_views`), or trained in
+another vocabulary than the dataset's now (`vocab_fingerprint`), is refused.
 Writes `eval_<split>.json` (metrics and per-product metrics) into each run folder, which
 `mrhp compare` reads. Numbers print x100 with two decimals, the scale of `mrhp compare` and of
 the papers; a run trained on random-init features is marked.
@@ -57,6 +58,28 @@ def check_views_unchanged(run_dir, store_root, dataset: str) -> None:
             )
 
 
+def check_vocabulary_unchanged(run_dir, now: str | None, dataset: str) -> None:
+    """Refuse to evaluate a run trained in another vocabulary than the dataset's now (data.json
+    `vocab_fingerprint`): the tokens view's fingerprint leaves the vocabulary out, so after the
+    train texts changed and were re-extracted every token id means another word to the model.
+    Unchecked when either side is unknown (a run or a tokens stage without the record)."""
+    from pathlib import Path
+
+    from models.runs import read_json
+    from pipeline.errors import DataError
+
+    path = Path(run_dir) / "data.json"
+    if now is None or not path.is_file():
+        return
+    was = read_json(path).get("vocab_fingerprint")
+    if isinstance(was, str) and was and was != now:
+        raise DataError(
+            f"{run_dir}: the run was trained in vocabulary {was[:8]}, dataset {dataset!r} now fits vocabulary "
+            f"{now[:8]} (its train texts changed since training): the stored token ids mean other words to "
+            f"the model; retrain the run on the current data"
+        )
+
+
 def random_init_note(dirs) -> str:
     """" [random-init]" when any seed of the run read random-init features (its run.json)."""
     from models.runs import RunPaths, read_json, run_is_random_init
@@ -74,12 +97,13 @@ def run(args: argparse.Namespace) -> int:
     from models.data import build_datasets, required_views
     from models.metrics import metric_names
     from models.runs import RunPaths, resolve_run, seed_dirs, write_json_atomic
-    from models.trainer import counts_line, evaluate, load_run, run_config
+    from models.trainer import _vocab_fingerprint, counts_line, evaluate, load_run, run_config
     from pipeline.manifest import load_manifest
 
     manifest = load_manifest(args.manifest)
     dirs = seed_dirs(resolve_run(manifest.roots.runs, args.run))
     bundles: dict[tuple, object] = {}
+    vocabs: dict[str, str | None] = {}
     rows = []
     for d in dirs:
         cfg = run_config(d)
@@ -91,6 +115,9 @@ def run(args: argparse.Namespace) -> int:
                                           required=required_views(cfg.model, cfg.model_cfg),
                                           allow_missing=cfg.allow_missing)
         data = bundles[key]
+        if cfg.dataset not in vocabs:  # the dataset's vocabulary now (the tokens stage's cached fit)
+            vocabs[cfg.dataset] = _vocab_fingerprint(manifest, cfg.dataset, data.records)
+        check_vocabulary_unchanged(d, vocabs[cfg.dataset], cfg.dataset)
         model, cfg = load_run(d, embeddings=data.embeddings, checkpoint=args.checkpoint)
         threshold = cfg.threshold if cfg.threshold is not None else data.threshold
         res = evaluate(model, data.split(args.split), threshold=threshold, cfg=cfg)

@@ -353,3 +353,18 @@ def test_evaluate_refuses_a_run_whose_views_were_re_extracted_since_training(ws,
     del meta["read_views"]
     (root / "runs/ev/seed0/data.json").write_text(json.dumps(meta))
     assert main([*m, "evaluate", "ev"]) == 0
+
+
+def test_evaluate_refuses_a_run_trained_in_another_vocabulary(ws, capsys):
+    """The tokens and embeddings view fingerprints leave the vocabulary out (it is in every item
+    key), so a dataset whose train texts changed and were re-extracted keeps them while every
+    token id moves: evaluate compares the run's vocabulary (data.json `vocab_fingerprint`) with
+    the dataset's now and refuses a difference in one line."""
+    root, m, _ = ws
+    shutil.copytree(root / "runs/len/seed0", root / "runs/voc/seed0")
+    meta = json.loads((root / "runs/voc/seed0/data.json").read_text())
+    meta["vocab_fingerprint"] = "feedfacefeedface"
+    (root / "runs/voc/seed0/data.json").write_text(json.dumps(meta))
+    assert main([*m, "evaluate", "voc"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "vocabulary feedface" in err[0]
