@@ -75,8 +75,8 @@ def check_vocabulary_unchanged(run_dir, now: str | None, dataset: str) -> None:
     if isinstance(was, str) and was and was != now:
         raise DataError(
             f"{run_dir}: the run was trained in vocabulary {was[:8]}, dataset {dataset!r} now fits vocabulary "
-            f"{now[:8]} (its train texts changed since training): the stored token ids mean other words to "
-            f"the model; retrain the run on the current data"
+            f"{now[:8]} (its train texts or the manifest's stages.tokens changed since training): token ids "
+            f"would mean other words to the model; retrain the run on the current data and settings"
         )
 
 
