@@ -256,7 +256,7 @@ def thaw_overrides(frozen: FrozenOverrides) -> dict[str, Any] | None:
 
 _MEMO_MAX = 8  # manifests kept per process (a key per file content and overrides)
 _memo_lock = threading.Lock()
-_memo: OrderedDict[tuple[str, str, FrozenOverrides], Manifest] = OrderedDict()
+_memo: OrderedDict[tuple[str, str, Any], Manifest] = OrderedDict()  # (path, sha256, typed overrides)
 parses = 0  # how many times a manifest was actually parsed and validated (tests and benches read it)
 
 
@@ -276,7 +276,7 @@ def load_manifest(path: str | Path | None = None, *,
         raw_bytes = mpath.read_bytes()
     except OSError as e:
         raise ManifestError(f"{mpath}: cannot read the manifest ({e.strerror or e})") from None
-    key = (str(mpath.resolve()), hashlib.sha256(raw_bytes).hexdigest(), frozen)
+    key = (str(mpath.resolve()), hashlib.sha256(raw_bytes).hexdigest(), _typed(frozen))
     with _memo_lock:
         hit = _memo.get(key)
         if hit is not None:
@@ -299,6 +299,15 @@ def load_manifest(path: str | Path | None = None, *,
         while len(_memo) > _MEMO_MAX:
             _memo.popitem(last=False)
     return manifest
+
+
+def _typed(value: Any) -> Any:
+    """`value` with every scalar paired with its type, for the memo key: True == 1 == 1.0 in
+    Python (one hash), but a bool field refuses 1 and an int field refuses true or 1.0, so
+    overrides spelled with another type must not share an entry (nor skip their validation)."""
+    if isinstance(value, tuple):
+        return tuple(_typed(v) for v in value)
+    return (type(value).__name__, value)
 
 
 def clear_manifest_memo() -> None:

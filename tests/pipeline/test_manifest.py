@@ -309,3 +309,17 @@ def test_thresholds_0_and_1_load(tmp_path):
     for value in (0, 1):
         m = load_manifest(write_manifest(tmp_path, variant(datasets__d__threshold=value)))
         assert m.dataset("d").threshold == value
+
+
+def test_overrides_equal_in_python_but_of_another_type_are_validated_on_their_own(tmp_path):
+    # True == 1 == 1.0 in Python (same hash), but a bool field refuses 1 and an int field refuses
+    # true or 1.0: the memo must not hand the record of one spelling to the other.
+    path = write_manifest(tmp_path, BASE)
+    assert load_manifest(path, overrides={"stages": {"rois": {"random_init": True}}}).stage_params(
+        "rois").random_init is True
+    with pytest.raises(ManifestError, match=r"stages\.rois\.random_init: expected true or false, got 1"):
+        load_manifest(path, overrides={"stages": {"rois": {"random_init": 1}}})
+    assert load_manifest(path, overrides={"flows": {"chunk_size": 1}}).flows.chunk_size == 1
+    for wrong in (True, 1.0):
+        with pytest.raises(ManifestError, match=r"flows\.chunk_size: expected an integer"):
+            load_manifest(path, overrides={"flows": {"chunk_size": wrong}})
