@@ -135,6 +135,11 @@ class ExtractRequest:
     chunk_size: int  # items per chunk task
     overrides: FrozenOverrides = ()  # merged over the manifest file (e.g. --random-init)
 
+    def __post_init__(self) -> None:
+        # Rebuilt from Prefect's JSON record, a list-valued override arrives as a list (JSON has
+        # no tuples): freeze it again, so that the request stays hashable and equal to the original.
+        object.__setattr__(self, "overrides", freeze_overrides(thaw_overrides(tuple(self.overrides))))
+
     @classmethod
     def build(
         cls,

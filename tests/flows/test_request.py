@@ -96,3 +96,17 @@ def test_the_default_registry_entries_travel_in_the_request(tmp_path):
     req = ExtractRequest.build(write_project(tmp_path, 1), stages=["embeddings"])
     assert req.entries == (("tokens", STAGES["tokens"]), ("embeddings", STAGES["embeddings"]))
     assert isinstance(req.entry("embeddings"), StageEntry)
+
+
+def test_a_recorded_request_with_list_overrides_comes_back_frozen(tmp_path):
+    # JSON has no tuples: a list-valued override (datasets.D.splits) is recorded as a list and
+    # must come back as the tuple it was, or the request is unhashable (the stage caches and the
+    # manifest memo key on it) and unequal to the one recorded
+    from flows.extract import extract_flow
+
+    req = ExtractRequest.build(write_project(tmp_path, 1), dataset="syn", registry=REGISTRY,
+                               overrides={"datasets": {"syn": {"splits": ["train", "test"]}}})
+    recorded = extract_flow.serialize_parameters({"request": req})["request"]
+    again = extract_flow.validate_parameters({"request": recorded})["request"]
+    assert again == req and hash(again) == hash(req)
+    assert again.manifest().dataset("syn").splits == ("train", "test")
