@@ -162,6 +162,8 @@ class ExtractRequest:
         order = stage_order(stages, reg)
         # `is None`, not `or`: an explicit 0 is an error, not the manifest's default
         size = chunk_size if chunk_size is not None else manifest.flows.chunk_size
+        if not isinstance(size, int) or isinstance(size, bool):  # int() would truncate 2.5, read True as 1
+            raise ConfigError(f"chunk_size must be an integer, got {size!r}")
         if size < 1:
             raise ConfigError(f"chunk_size must be at least 1, got {size}")
         return cls(
