@@ -135,6 +135,11 @@ class ExtractRequest:
     chunk_size: int  # items per chunk task
     overrides: FrozenOverrides = ()  # merged over the manifest file (e.g. --random-init)
 
+    def __post_init__(self) -> None:
+        # Rebuilt from Prefect's JSON record, a list-valued override arrives as a list (JSON has
+        # no tuples): freeze it again, so that the request stays hashable and equal to the original.
+        object.__setattr__(self, "overrides", freeze_overrides(thaw_overrides(tuple(self.overrides))))
+
     @classmethod
     def build(
         cls,
@@ -157,6 +162,8 @@ class ExtractRequest:
         order = stage_order(stages, reg)
         # `is None`, not `or`: an explicit 0 is an error, not the manifest's default
         size = chunk_size if chunk_size is not None else manifest.flows.chunk_size
+        if not isinstance(size, int) or isinstance(size, bool):  # int() would truncate 2.5, read True as 1
+            raise ConfigError(f"chunk_size must be an integer, got {size!r}")
         if size < 1:
             raise ConfigError(f"chunk_size must be at least 1, got {size}")
         return cls(

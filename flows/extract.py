@@ -104,12 +104,22 @@ def resolve_stage(ref: StageRef) -> Any:
     if cached is not None:
         return cached
     stage = build_stage(ref.request.manifest(), ref.dataset, ref.stage, {ref.stage: ref.entry})
+    return remember_stage(ref, stage, replace=False)
+
+
+def remember_stage(ref: StageRef, stage: Any, *, replace: bool = True) -> Any:
+    """Cache `stage` for `ref` in this process (the one cached wins unless `replace`) and drop,
+    closing them, the stages of other runs: a process lives across many runs (a served flow, a
+    Dask worker, `run_extraction` called again), and a rois stage holds a detector and decoding
+    workers. Returns the stage cached for `ref`."""
     with _lock:
-        # Drop stages of earlier runs (a served flow lives across many runs).
         for old in [r for r in _stage_cache if r.run_token != ref.run_token]:
             close = getattr(_stage_cache.pop(old), "close", None)
             if callable(close):  # e.g. the rois stage's persistent decoding workers
                 close()
+        if replace:
+            _stage_cache[ref] = stage
+            return stage
         return _stage_cache.setdefault(ref, stage)
 
 
@@ -232,8 +242,7 @@ def _run_stage(
     chunk_size = request.chunk_size
     stage = build_stage(manifest, dataset, name, {name: entry})
     work = plan_stage(stage, store, force=force)
-    with _lock:
-        _stage_cache[ref] = stage
+    remember_stage(ref, stage)  # thread tasks of this run reuse it; earlier runs' stages go
     if force:
         forget_stage_results(store_root, name)
     chunk_task = extract_chunk.with_options(

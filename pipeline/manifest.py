@@ -8,8 +8,10 @@ A process parses a manifest once: `load_manifest` keeps the validated record in 
 the file's resolved path, the sha256 of its bytes and the frozen overrides (`freeze_overrides`),
 so a worker resolving many chunks, or a command asking several times, reads and hashes the
 file (a few KiB) but parses and validates it once. An edited file has new bytes: a new entry.
-The records are frozen, so every caller may share them. (Symbolic links below the roots are
-resolved when an entry is made; a link changed while a process runs is seen by the next process.)
+The records are frozen, so every caller may share them. Symbolic links (roots and the paths below
+them) are resolved when an entry is made; the entry keeps each declared path with what it
+resolved to, and a hit resolves them again (a few stat calls): a link repointed while the process
+lives (a served flow, a Dask worker) makes a new entry, checked like a fresh process would.
 """
 from __future__ import annotations
 
@@ -177,11 +179,15 @@ class _Raw:
     flows: FlowParams = FlowParams()
 
 
-def resolve_under(root: Path, p: Path, keypath: str, manifest: Path) -> Path:
-    """Resolve `p` against `root`; refuse a result outside `root` (symlinks and '..' included)."""
+def resolve_under(root: Path, p: Path, keypath: str, manifest: Path,
+                  trace: list[tuple[Path, Path]] | None = None) -> Path:
+    """Resolve `p` against `root`; refuse a result outside `root` (symlinks and '..' included).
+    `trace` (the memo's) gets (the declared path, what it resolved to)."""
     root_r = root.resolve()
     full = (root / p) if not p.is_absolute() else p
     full_r = full.resolve()
+    if trace is not None:
+        trace.append((full, full_r))
     if full_r != root_r and root_r not in full_r.parents:
         raise ManifestError(
             f"{manifest}: {keypath}: path {str(p)!r} resolves to {full_r}, outside its declared "
@@ -256,7 +262,8 @@ def thaw_overrides(frozen: FrozenOverrides) -> dict[str, Any] | None:
 
 _MEMO_MAX = 8  # manifests kept per process (a key per file content and overrides)
 _memo_lock = threading.Lock()
-_memo: OrderedDict[tuple[str, str, FrozenOverrides], Manifest] = OrderedDict()
+# (path, sha256, typed overrides) -> (record, (declared path, resolved path) of every path in it)
+_memo: OrderedDict[tuple[str, str, Any], tuple[Manifest, tuple[tuple[Path, Path], ...]]] = OrderedDict()
 parses = 0  # how many times a manifest was actually parsed and validated (tests and benches read it)
 
 
@@ -276,12 +283,14 @@ def load_manifest(path: str | Path | None = None, *,
         raw_bytes = mpath.read_bytes()
     except OSError as e:
         raise ManifestError(f"{mpath}: cannot read the manifest ({e.strerror or e})") from None
-    key = (str(mpath.resolve()), hashlib.sha256(raw_bytes).hexdigest(), frozen)
+    key = (str(mpath.resolve()), hashlib.sha256(raw_bytes).hexdigest(), _typed(frozen))
     with _memo_lock:
         hit = _memo.get(key)
-        if hit is not None:
-            _memo.move_to_end(key)
-            return hit
+    if hit is not None and all(declared.resolve() == resolved for declared, resolved in hit[1]):
+        with _memo_lock:
+            if key in _memo:
+                _memo.move_to_end(key)
+        return hit[0]
     try:
         text = raw_bytes.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # as read_text() did
     except UnicodeDecodeError as e:
@@ -292,13 +301,24 @@ def load_manifest(path: str | Path | None = None, *,
         if data is not None and not isinstance(data, Mapping):
             raise ManifestError(f"{mpath}: expected a mapping at the top level")
         data = deep_merge(data or {}, merge)
-    manifest = manifest_from_mapping(data, mpath)
+    trace: list[tuple[Path, Path]] = []
+    manifest = manifest_from_mapping(data, mpath, trace=trace)
     with _memo_lock:
         parses += 1
-        _memo[key] = manifest
+        _memo[key] = (manifest, tuple(trace))
+        _memo.move_to_end(key)
         while len(_memo) > _MEMO_MAX:
             _memo.popitem(last=False)
     return manifest
+
+
+def _typed(value: Any) -> Any:
+    """`value` with every scalar paired with its type, for the memo key: True == 1 == 1.0 in
+    Python (one hash), but a bool field refuses 1 and an int field refuses true or 1.0, so
+    overrides spelled with another type must not share an entry (nor skip their validation)."""
+    if isinstance(value, tuple):
+        return tuple(_typed(v) for v in value)
+    return (type(value).__name__, value)
 
 
 def clear_manifest_memo() -> None:
@@ -307,8 +327,9 @@ def clear_manifest_memo() -> None:
         _memo.clear()
 
 
-def manifest_from_mapping(data: Any, mpath: Path) -> Manifest:
-    """Validate an already-parsed manifest mapping that came from the file `mpath`."""
+def manifest_from_mapping(data: Any, mpath: Path, *, trace: list[tuple[Path, Path]] | None = None) -> Manifest:
+    """Validate an already-parsed manifest mapping that came from the file `mpath`. `trace`
+    (`load_manifest`'s) gets every (declared path, resolved path) pair it resolved."""
     if data is not None and not isinstance(data, Mapping):
         raise ManifestError(f"{mpath}: expected a mapping of top-level keys, got {type(data).__name__}")
     top = {f.name for f in dataclasses.fields(_Raw)}
@@ -327,10 +348,10 @@ def manifest_from_mapping(data: Any, mpath: Path) -> Manifest:
         raise ManifestError(f"{mpath}: version: expected {SCHEMA_VERSION}, got {raw.version}")
     folder = mpath.resolve().parent
 
-    roots = Roots(**{
-        f.name: (folder / getattr(raw.roots, f.name)).resolve()
-        for f in dataclasses.fields(Roots)
-    })
+    declared_roots = {f.name: folder / getattr(raw.roots, f.name) for f in dataclasses.fields(Roots)}
+    roots = Roots(**{name: p.resolve() for name, p in declared_roots.items()})
+    if trace is not None:
+        trace += [(p, getattr(roots, name)) for name, p in declared_roots.items()]
 
     def sub(cls, value, keypath):
         try:
@@ -347,13 +368,13 @@ def manifest_from_mapping(data: Any, mpath: Path) -> Manifest:
         spec = sub(WordVectorSpec, value, kp)
         if spec.path is None and spec.format != "kumo":
             raise ManifestError(f"{mpath}: {kp}.path: required for format {spec.format!r}")
-        path = resolve_under(roots.resources, spec.path, f"{kp}.path", mpath) if spec.path else None
+        path = resolve_under(roots.resources, spec.path, f"{kp}.path", mpath, trace) if spec.path else None
         word_vectors[name] = dataclasses.replace(spec, path=path, name=name)
     detectors = {}
     for name, value in res_raw.detectors.items():
         kp = f"resources.detectors.{name}"
         spec = sub(DetectorSpec, value, kp)
-        path = resolve_under(roots.resources, spec.path, f"{kp}.path", mpath) if spec.path else None
+        path = resolve_under(roots.resources, spec.path, f"{kp}.path", mpath, trace) if spec.path else None
         detectors[name] = dataclasses.replace(spec, path=path, name=name)
     text_encoders = {}
     for name, value in res_raw.text_encoders.items():
@@ -367,7 +388,7 @@ def manifest_from_mapping(data: Any, mpath: Path) -> Manifest:
             )
         if spec.sha256 is not None and not _is_sha256(spec.sha256):
             raise ManifestError(f"{mpath}: {kp}.sha256: expected 64 hex digits, got {spec.sha256!r}")
-        path = resolve_under(roots.resources, spec.path, f"{kp}.path", mpath) if spec.path else None
+        path = resolve_under(roots.resources, spec.path, f"{kp}.path", mpath, trace) if spec.path else None
         text_encoders[name] = dataclasses.replace(spec, path=path, name=name)
     resources = Resources(
         word_vectors=types.MappingProxyType(word_vectors),
@@ -401,8 +422,8 @@ def manifest_from_mapping(data: Any, mpath: Path) -> Manifest:
         datasets[name] = dataclasses.replace(
             spec,
             name=name,
-            raw_root=resolve_under(roots.data, spec.raw_root, f"{kp}.raw_root", mpath),
-            image_root=resolve_under(roots.data, spec.image_root, f"{kp}.image_root", mpath),
+            raw_root=resolve_under(roots.data, spec.raw_root, f"{kp}.raw_root", mpath, trace),
+            image_root=resolve_under(roots.data, spec.image_root, f"{kp}.image_root", mpath, trace),
         )
 
     stages = {}

@@ -313,7 +313,12 @@ class FeatureStore:
         lease_id = uuid.uuid4().hex
         owner_lock = _owner_lock(self.root, lease_id)
         owner_fd = _acquire_lock(owner_lock, "")  # the lease id also owns the run's chunk claims
-        self.index.add_lease(lease_id, holder, os.getpid(), socket.gethostname(), time.time())
+        try:
+            self.index.add_lease(lease_id, holder, os.getpid(), socket.gethostname(), time.time())
+        except BaseException:  # no lease row: the owner lock must not outlive it
+            owner_lock.unlink(missing_ok=True)
+            os.close(owner_fd)
+            raise
         stop = threading.Event()
 
         def beat() -> None:

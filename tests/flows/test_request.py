@@ -96,3 +96,42 @@ def test_the_default_registry_entries_travel_in_the_request(tmp_path):
     req = ExtractRequest.build(write_project(tmp_path, 1), stages=["embeddings"])
     assert req.entries == (("tokens", STAGES["tokens"]), ("embeddings", STAGES["embeddings"]))
     assert isinstance(req.entry("embeddings"), StageEntry)
+
+
+def test_a_recorded_request_with_list_overrides_comes_back_frozen(tmp_path):
+    # JSON has no tuples: a list-valued override (datasets.D.splits) is recorded as a list and
+    # must come back as the tuple it was, or the request is unhashable (the stage caches and the
+    # manifest memo key on it) and unequal to the one recorded
+    from flows.extract import extract_flow
+
+    req = ExtractRequest.build(write_project(tmp_path, 1), dataset="syn", registry=REGISTRY,
+                               overrides={"datasets": {"syn": {"splits": ["train", "test"]}}})
+    recorded = extract_flow.serialize_parameters({"request": req})["request"]
+    again = extract_flow.validate_parameters({"request": recorded})["request"]
+    assert again == req and hash(again) == hash(req)
+    assert again.manifest().dataset("syn").splits == ("train", "test")
+
+
+def test_the_flow_process_keeps_only_the_current_runs_stages(tmp_path, monkeypatch):
+    # The flow process puts the stages it built in the per-process cache (thread tasks reuse
+    # them); a process running one flow after another (run_extraction called again, a notebook,
+    # a long-lived worker) must drop and close the earlier runs' stages there (a rois stage
+    # holds a detector and decoding workers), as a Dask worker's cache already does.
+    import flows.extract as fx
+
+    monkeypatch.setattr(fx, "_stage_cache", {})
+    req = ExtractRequest.build(write_project(tmp_path, 1), dataset="syn", stages=["synthetic"], registry=REGISTRY)
+
+    class Stage:
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    refs = [fx.StageRef(request=req, dataset="syn", stage="synthetic", store_root=str(tmp_path),
+                        run_token=f"run-{i}") for i in range(2)]
+    first, second = Stage(), Stage()
+    fx.remember_stage(refs[0], first)
+    fx.remember_stage(refs[1], second)
+    assert first.closed and not second.closed
+    assert list(fx._stage_cache) == [refs[1]] and fx.resolve_stage(refs[1]) is second

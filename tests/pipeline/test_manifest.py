@@ -309,3 +309,48 @@ def test_thresholds_0_and_1_load(tmp_path):
     for value in (0, 1):
         m = load_manifest(write_manifest(tmp_path, variant(datasets__d__threshold=value)))
         assert m.dataset("d").threshold == value
+
+
+def test_overrides_equal_in_python_but_of_another_type_are_validated_on_their_own(tmp_path):
+    # True == 1 == 1.0 in Python (same hash), but a bool field refuses 1 and an int field refuses
+    # true or 1.0: the memo must not hand the record of one spelling to the other.
+    path = write_manifest(tmp_path, BASE)
+    assert load_manifest(path, overrides={"stages": {"rois": {"random_init": True}}}).stage_params(
+        "rois").random_init is True
+    with pytest.raises(ManifestError, match=r"stages\.rois\.random_init: expected true or false, got 1"):
+        load_manifest(path, overrides={"stages": {"rois": {"random_init": 1}}})
+    assert load_manifest(path, overrides={"flows": {"chunk_size": 1}}).flows.chunk_size == 1
+    for wrong in (True, 1.0):
+        with pytest.raises(ManifestError, match=r"flows\.chunk_size: expected an integer"):
+            load_manifest(path, overrides={"flows": {"chunk_size": wrong}})
+
+
+def test_a_symlink_repointed_while_the_process_lives_is_followed_not_remembered(tmp_path):
+    # A served flow (mrhp deploy) or a Dask worker outlives many runs: a link below a root that
+    # is repointed between two loads of an unchanged manifest file must be resolved again, and a
+    # link repointed outside its root refused, as a fresh process would.
+    data = tmp_path / "data"
+    for d in ("v1", "v2"):
+        (data / d).mkdir(parents=True)
+    os.symlink(data / "v1", data / "mrhp")
+    path = write_manifest(tmp_path, BASE)
+    assert load_manifest(path).dataset("d").raw_root == (data / "v1").resolve()
+    (data / "mrhp").unlink()
+    os.symlink(data / "v2", data / "mrhp")
+    assert load_manifest(path).dataset("d").raw_root == (data / "v2").resolve()
+    (data / "mrhp").unlink()
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", data / "mrhp")
+    with pytest.raises(ManifestError, match=r"datasets\.d\.raw_root: .*outside its declared root"):
+        load_manifest(path)
+
+
+def test_a_root_symlink_repointed_is_followed(tmp_path):
+    (tmp_path / "store_a").mkdir()
+    (tmp_path / "store_b").mkdir()
+    os.symlink(tmp_path / "store_a", tmp_path / "store")
+    path = write_manifest(tmp_path, BASE)
+    assert load_manifest(path).roots.store == (tmp_path / "store_a").resolve()
+    (tmp_path / "store").unlink()
+    os.symlink(tmp_path / "store_b", tmp_path / "store")
+    assert load_manifest(path).roots.store == (tmp_path / "store_b").resolve()

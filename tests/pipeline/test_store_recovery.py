@@ -347,3 +347,21 @@ def test_many_threads_claiming_at_once_do_not_block_each_other(tmp_path, monkeyp
         t.join(20)
     assert not any(t.is_alive() for t in threads), "claiming threads deadlocked on the owner lock"
     assert sorted(got) == [f"k{i}" for i in range(8)]
+
+
+def test_a_lease_that_cannot_be_recorded_leaves_no_owner_lock_behind(tmp_path, monkeypatch):
+    """The lease's owner lock is taken before its index row: when recording the row fails
+    (a locked or full index), the lock file must go and its flock be let go, else this
+    process (a served flow lives long) owns a run id that never ran, alive to every claim."""
+    from pipeline.store.index import Index
+
+    store = FeatureStore(tmp_path / "store")
+
+    def refuse(self, *args, **kwargs):
+        raise StoreError("index.sqlite: database or disk is full")
+
+    monkeypatch.setattr(Index, "add_lease", refuse)
+    with pytest.raises(StoreError, match="disk is full"):
+        with store.lease("mrhp extract demo"):
+            pass
+    assert sorted(p.name for p in store.tmp_dir.glob("claims-*.lock")) == []
