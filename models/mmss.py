@@ -188,10 +188,6 @@ def _check(c: MMSSConfig) -> MMSSConfig:
             raise ConfigError(f"model.mmss.{name}: expected a positive integer, got {getattr(c, name)}")
     if c.hidden % c.heads:
         raise ConfigError(f"model.mmss.hidden: {c.hidden} is not divisible by heads={c.heads}")
-    if c.text_features == "bert" and c.finetune_embeddings:
-        raise ConfigError("model.mmss.finetune_embeddings: true trains the word-vector tables of the glove "
-                          "path; text_features: bert has none (its text encoder is text_proj over the stored "
-                          "features); drop the key or set text_features: glove")
     if c.finetune_text_encoder and c.text_features != "bert":
         raise ConfigError(f"model.mmss.finetune_text_encoder: true fine-tunes the BERT-family encoder of "
                           f"text_features: bert; text_features: {c.text_features} has none (its GRU trains "
@@ -467,6 +463,19 @@ class MMSS(nn.Module):
         """The validated config record (models.registry.model_config calls this as a config
         loads, so contradictory settings stop before any data is read)."""
         return _check(from_mapping(MMSSConfig, dict(cfg), "model.mmss"))
+
+    @classmethod
+    def check_train_config(cls, record: MMSSConfig, train: Any) -> None:
+        """Model settings a run about to train refuses (`models.config` calls this as a training
+        config loads, not for a finished run's saved config). `finetune_embeddings: true` trains
+        the word-vector tables of the glove path; `text_features: bert` has none, so the key
+        would silently do nothing: refused for training. A run folder saved before this refusal
+        with that pair still loads for evaluate / predict: the key never had an effect on the
+        bert path, so its saved model is the same as without it."""
+        if record.text_features == "bert" and record.finetune_embeddings:
+            raise ConfigError("model.mmss.finetune_embeddings: true trains the word-vector tables of the glove "
+                              "path; text_features: bert has none (its text encoder is text_proj over the stored "
+                              "features); drop the key or set text_features: glove")
 
     @classmethod
     def required_views(cls, model_cfg: Mapping) -> frozenset[str]:

@@ -505,10 +505,30 @@ def test_bert_features_are_projected_and_trained():
     assert n == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def test_bert_path_refuses_a_word_table_setting_it_would_ignore():
-    # the bert path builds no word tables, so finetune_embeddings: true would silently do nothing
-    with pytest.raises(ConfigError, match="finetune_embeddings"):
-        _model(text_features="bert", text_feat_dim=12, finetune_embeddings=True)
+def test_bert_path_refuses_a_word_table_setting_it_would_ignore_for_training_only(tmp_path):
+    # the bert path builds no word tables, so finetune_embeddings: true would silently do nothing:
+    # a training config refuses it; a run folder saved before that refusal still loads (the key
+    # never had an effect on the bert path, so the saved model is the same)
+    import yaml
+
+    from models.config import train_config
+    from models.trainer import run_config
+
+    pair = {"text_features": "bert", "text_feat_dim": 12, "finetune_embeddings": True}
+    with pytest.raises(ConfigError, match="finetune_embeddings: true trains the word-vector tables"):
+        train_config({"model": "mmss", "model_cfg": pair})
+    saved = {"model": "mmss", "preset": "paper", "model_cfg": {**TINY["mmss"], **pair}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
+    cfg = run_config(tmp_path)  # what evaluate / predict read (load_run)
+    assert cfg.model_cfg["finetune_embeddings"] is True and cfg.model_cfg["text_features"] == "bert"
+    torch.manual_seed(0)
+    loaded = MMSS.from_config(cfg.model_cfg)  # builds; same parameters as without the key
+    torch.manual_seed(0)
+    plain = MMSS.from_config({**cfg.model_cfg, "finetune_embeddings": False})
+    assert not hasattr(loaded, "emb_p")
+    assert loaded.state_dict().keys() == plain.state_dict().keys()
+    a, b = loaded.state_dict(), plain.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b if isinstance(b[k], torch.Tensor))
     glove = _model(finetune_embeddings=True)  # the glove path trains its tables
     assert glove.emb_p.weight.requires_grad and glove.emb_r.weight.requires_grad
 
