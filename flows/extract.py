@@ -81,20 +81,49 @@ class StageRef:
 # them; a Dask worker builds each stage once per flow run and reuses it for all its chunks.
 _lock = threading.Lock()
 _stage_cache: dict[StageRef, Any] = {}
-_store_cache: dict[str, Any] = {}
+_store_cache: dict[str, tuple[Any, tuple[tuple[int, int] | None, ...]]] = {}  # root -> (store, identity)
 _gpu_lock = threading.Lock()  # GPU chunks of one process never overlap
 _stage_locks: dict[StageRef, threading.Lock] = {}  # chunks of a non-thread-safe stage, one at a time
 
 
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of `path`, None when it does not exist."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _store_identity(root: Path) -> tuple[tuple[int, int] | None, ...]:
+    """Which store folder and index file `root` names now: a store deleted and recreated (or
+    just deleted) under a cached FeatureStore gets another identity."""
+    return (_file_id(root), _file_id(root / "index.sqlite"))
+
+
 def open_store(root: str | Path):
-    """One FeatureStore per process and root, shared by the threads of that process."""
+    """One FeatureStore per process and root, shared by the threads of that process.
+
+    The cached store is reopened when the folder or its index file is no longer the one it
+    opened (deleted, or deleted and recreated, e.g. a scratch store wiped under a served flow or
+    a Dask worker): its connections would otherwise read and write the deleted index file and
+    every row committed through them would be lost, unsaid. The old store is closed when it has
+    a `close`."""
     from pipeline.store import FeatureStore
 
     key = str(Path(root).resolve())
     with _lock:
-        if key not in _store_cache:
-            _store_cache[key] = FeatureStore(key)
-        return _store_cache[key]
+        cached = _store_cache.get(key)
+        if cached is not None:
+            store, identity = cached
+            if _store_identity(Path(key)) == identity:
+                return store
+            close = getattr(store, "close", None)
+            if callable(close):
+                close()
+        store = FeatureStore(key)
+        _store_cache[key] = (store, _store_identity(Path(key)))
+        return store
 
 
 def resolve_stage(ref: StageRef) -> Any:
