@@ -30,6 +30,11 @@ default so a TSV round-trips exactly; float16 on request. The fingerprint says w
 came from: `import-<format>-<first 16 hex of the sources' sha256>` (+ `-f16`, `-noinfo`).
 Keys: the sha256 of the local image when the matched dataset image exists under the image root
 (the key the extractor would use), else `import:<format>:<img_id>`.
+
+Several rows of one key (an image listed twice, or the same image bytes under two names): a good
+row wins over a failed one wherever it comes; identical good rows are counted as duplicates; two
+good rows whose stored arrays differ stop the import with a DataError naming both rows (which one
+is right is not ours to guess).
 """
 from __future__ import annotations
 
@@ -111,8 +116,8 @@ class ImportReport:
     rows: int = 0  # images read from the source (good and bad)
     imported: int = 0  # written to the store by this run
     already_present: int = 0  # in the store from an earlier run with the same source
-    duplicates: int = 0  # rows whose key an earlier row already supplied
-    failed: int = 0  # bad rows (recorded as store failures)
+    duplicates: int = 0  # rows of a key another row supplies (identical good rows, failed rows beside a good one)
+    failed: int = 0  # keys no good row supplied (recorded as store failures)
     unmatched_rows: int = 0  # source images matching no dataset image (stored all the same)
     dataset_images: int = 0  # distinct image refs of the dataset
     matched_images: int = 0  # dataset images that got features
@@ -632,7 +637,12 @@ def import_features(
     }
 
     view: dict[str, str] = {}
-    seen: dict[str, bool] = {}  # key -> its first row was good
+    seen: dict[str, bool] = {}  # key -> a good row supplied it
+    # Duplicate rows of one key: a good row wins over a failed one wherever it comes, so a
+    # failure is held back (it carries no arrays) until the source is read; two good rows must
+    # agree, which a digest of their stored arrays checks without keeping the arrays.
+    good: dict[str, tuple[bytes, str]] = {}  # key -> (digest of its stored arrays, where it was read)
+    held: dict[str, tuple[Record, list[str]]] = {}  # key -> its failure, while no good row came
     pending: list[tuple[Record, list[str]]] = []
     writer = store.writer(STAGE, fp, schema, attrs=attrs, chunk_size=config.chunk_size)
 
@@ -657,23 +667,45 @@ def import_features(
             if not refs:
                 report.unmatched_rows += 1
             key = _item_key(config.format, item.img_id, refs, root)
-            if key in seen:
-                report.duplicates += 1
-                for ref in refs:  # the same image bytes under another name: map it too
-                    view.setdefault(ref, key)
-                continue
             if item.failure is None:
                 item = _finite_features(item, config.feature_dtype)
-            seen[key] = item.failure is None
             if item.failure is not None:
-                report.failed += 1
-                if len(report.failures) < _MAX_REPORTED_FAILURES:
-                    report.failures.append(item.failure)
-                pending.append((Record(key=key, failure=item.failure), refs))
-            else:
-                arrays = dict(item.arrays)
-                arrays["features"] = arrays["features"].astype(config.feature_dtype, copy=False)
-                pending.append((Record(key=key, arrays=arrays, meta={"img_id": item.img_id}), refs))
+                if key in seen:  # a failed duplicate: the first failure or the good row stays
+                    report.duplicates += 1
+                    for ref in refs:  # the same image bytes under another name: map it too
+                        view.setdefault(ref, key)
+                    continue
+                seen[key] = False
+                held[key] = (Record(key=key, failure=item.failure), list(refs))
+                continue
+            arrays = dict(item.arrays)
+            arrays["features"] = arrays["features"].astype(config.feature_dtype, copy=False)
+            digest = _arrays_digest(arrays)
+            if key in good:
+                first_digest, first_where = good[key]
+                if digest != first_digest:
+                    raise DataError(
+                        f"{item.where}: image key {key} (img_id {item.img_id!r}) was already read from "
+                        f"{first_where} with different arrays; two good rows of one image must agree: "
+                        f"remove one of them from the source")
+                report.duplicates += 1
+                for ref in refs:
+                    view.setdefault(ref, key)
+                continue
+            if key in held:  # a failed row came first: this good row replaces it
+                _, held_refs = held.pop(key)
+                report.duplicates += 1
+                refs = list(dict.fromkeys([*held_refs, *refs]))
+            seen[key] = True
+            good[key] = (digest, item.where)
+            pending.append((Record(key=key, arrays=arrays, meta={"img_id": item.img_id}), refs))
+            if len(pending) >= config.chunk_size:
+                flush()
+        for rec, refs in held.values():  # keys that no good row supplied: stored as failures
+            report.failed += 1
+            if len(report.failures) < _MAX_REPORTED_FAILURES:
+                report.failures.append(rec.failure or "")
+            pending.append((rec, refs))
             if len(pending) >= config.chunk_size:
                 flush()
         if pending:
@@ -686,6 +718,17 @@ def import_features(
         store.write_view(dataset, STAGE, fp, view)
         report.view_written = True
     return report
+
+
+def _arrays_digest(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """A digest of the arrays a row stores (names, dtypes, shapes and bytes): two good rows of
+    one key are compared by it, so the first row's arrays need not be kept."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}\x00{a.dtype.str}\x00{a.shape}\x00".encode())
+        h.update(a.tobytes())
+    return h.digest()
 
 
 def _finite_features(item: SourceItem, dtype: str) -> SourceItem:
