@@ -36,8 +36,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import short_repr
 from pipeline.errors import TrainingError
-from pipeline.stage import is_random_init
+from pipeline.stage import RANDOM_INIT_PREFIX, is_random_init
 
 # Packages whose versions every run records (those installed).
 RECORDED_PACKAGES: tuple[str, ...] = (
@@ -356,6 +357,47 @@ def views_read(store_root: str | Path, dataset: str, stages: Collection[str]) ->
         if v.dataset == dataset and v.stage in stages:
             out[v.stage] = {"dataset": dataset, "fingerprint": v.fingerprint}
     return dict(sorted(out.items()))
+
+
+def short_fp(fp: str, other: str = "") -> str:
+    """A fingerprint shortened for a message (a random-init prefix kept): 8 hex digits, all of
+    them when the first 8 do not tell it from `other`."""
+    prefix = RANDOM_INIT_PREFIX if fp.startswith(RANDOM_INIT_PREFIX) else ""
+    body = fp[len(prefix):]
+    o = other[len(RANDOM_INIT_PREFIX):] if other.startswith(RANDOM_INIT_PREFIX) else other
+    return prefix + (body if body[:8] == o[:8] else body[:8])
+
+
+def recorded_views(meta: Mapping, where: str) -> dict[str, str] | None:
+    """{stage: fingerprint} of the views a run read (data.json `read_views`, written by
+    `train_seeds`); None for a run trained before they were recorded. A damaged record is a
+    TrainingError naming the file and field."""
+    if "read_views" not in meta:
+        return None
+    rec = meta["read_views"]
+    if not isinstance(rec, Mapping):
+        raise TrainingError(f"{where}: read_views: expected a mapping stage -> {{dataset, fingerprint}}, "
+                            f"got {short_repr(rec)}")
+    out: dict[str, str] = {}
+    for stage, entry in rec.items():
+        fp = entry.get("fingerprint") if isinstance(entry, Mapping) else None
+        if not isinstance(fp, str) or not fp:
+            raise TrainingError(f"{where}: read_views.{stage}: expected {{dataset, fingerprint}}, "
+                                f"got {short_repr(entry)}")
+        if entry.get("dataset") not in (None, meta.get("dataset")):
+            raise TrainingError(f"{where}: read_views.{stage}: dataset {entry.get('dataset')!r} is not the run's "
+                                f"dataset {meta.get('dataset')!r}")
+        out[str(stage)] = fp
+    return out
+
+
+def changed_views(recorded: Mapping[str, str | None],
+                  now: Mapping[str, str]) -> list[tuple[str, str | None, str | None]]:
+    """(stage, recorded fingerprint, the store's now or None when the view is gone) of every stage
+    in `recorded` ({stage: fingerprint}, e.g. `recorded_views`) whose view changed since, given the
+    store's fingerprints `now`: the one comparison behind `mrhp evaluate`'s refusal and the
+    trainer's resume check."""
+    return [(s, was, now.get(s)) for s, was in sorted(recorded.items()) if now.get(s) != was]
 
 
 def run_is_random_init(meta: Mapping[str, Any]) -> bool:

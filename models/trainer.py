@@ -32,6 +32,7 @@ from models.registry import build_model
 from models.runs import (
     RunPaths,
     append_jsonl,
+    changed_views,
     git_state,
     load_checkpoint,
     package_versions,
@@ -405,13 +406,11 @@ class Trainer:
             return
         if not isinstance(prev, Mapping):
             return
-        now = self._views()
-        changed = []
-        for stage in sorted(_stages_read(self.data)):
-            was = prev.get(stage, {}).get("fingerprint") if isinstance(prev.get(stage), Mapping) else None
-            got = now.get(stage, {}).get("fingerprint")
-            if was != got:
-                changed.append(f"{stage} {was or 'absent'} -> {got or 'absent'}")
+        now = {stage: v["fingerprint"] for stage, v in self._views().items()}
+        recorded = {stage: prev[stage].get("fingerprint") if isinstance(prev.get(stage), Mapping) else None
+                    for stage in _stages_read(self.data)}
+        changed = [f"{stage} {was or 'absent'} -> {got or 'absent'}"
+                   for stage, was, got in changed_views(recorded, now)]
         if changed:
             raise TrainingError(
                 f"{self.paths.root}: cannot resume: store views the run reads changed since it was trained "

@@ -36,8 +36,7 @@ def check_views_unchanged(run_dir, store_root, dataset: str) -> None:
     view now absent is left to the data loading (refused unless allowed missing)."""
     from pathlib import Path
 
-    from models.runs import read_json, views_read
-    from mrhp.commands.predict import recorded_views, short_fp
+    from models.runs import changed_views, read_json, recorded_views, short_fp, views_read
     from pipeline.errors import DataError
 
     path = Path(run_dir) / "data.json"
@@ -47,9 +46,8 @@ def check_views_unchanged(run_dir, store_root, dataset: str) -> None:
     if not rec:
         return
     now = {s: v["fingerprint"] for s, v in views_read(store_root, dataset, rec).items()}
-    for stage in sorted(rec):
-        was, got = rec[stage], now.get(stage)
-        if got is not None and got != was:
+    for stage, was, got in changed_views(rec, now):
+        if got is not None and was is not None:  # a view now gone is left to the data loading
             raise DataError(
                 f"{run_dir}: the run was trained on the {stage} view of dataset {dataset!r} with fingerprint "
                 f"{short_fp(was, got)}, the store's view now has {short_fp(got, was)} (re-extracted since "

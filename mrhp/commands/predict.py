@@ -65,6 +65,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
+from models.runs import recorded_views, short_fp  # noqa: F401 - re-exported: predict's messages and tests
 from pipeline.config import short_repr
 from pipeline.errors import DataError, StageError, TrainingError
 
@@ -380,40 +381,6 @@ def load_input(path: Path, images: Path | None, *, spec, vocab_fp: str | None, m
 
 
 CHECKED_STAGES = ("tokens", "probes", "bert", "rois")  # the features predict builds or reads, in order
-
-
-def short_fp(fp: str, other: str = "") -> str:
-    """A fingerprint shortened for a message (a random-init prefix kept): 8 hex digits, all of
-    them when the first 8 do not tell it from `other`."""
-    from pipeline.stage import RANDOM_INIT_PREFIX
-
-    prefix = RANDOM_INIT_PREFIX if fp.startswith(RANDOM_INIT_PREFIX) else ""
-    body = fp[len(prefix):]
-    o = other[len(RANDOM_INIT_PREFIX):] if other.startswith(RANDOM_INIT_PREFIX) else other
-    return prefix + (body if body[:8] == o[:8] else body[:8])
-
-
-def recorded_views(meta: Mapping, where: str) -> dict[str, str] | None:
-    """{stage: fingerprint} of the views a run read (data.json `read_views`, written by
-    `train_seeds`); None for a run trained before they were recorded. A damaged record is a
-    TrainingError naming the file and field."""
-    if "read_views" not in meta:
-        return None
-    rec = meta["read_views"]
-    if not isinstance(rec, Mapping):
-        raise TrainingError(f"{where}: read_views: expected a mapping stage -> {{dataset, fingerprint}}, "
-                            f"got {short_repr(rec)}")
-    out: dict[str, str] = {}
-    for stage, entry in rec.items():
-        fp = entry.get("fingerprint") if isinstance(entry, Mapping) else None
-        if not isinstance(fp, str) or not fp:
-            raise TrainingError(f"{where}: read_views.{stage}: expected {{dataset, fingerprint}}, "
-                                f"got {short_repr(entry)}")
-        if entry.get("dataset") not in (None, meta.get("dataset")):
-            raise TrainingError(f"{where}: read_views.{stage}: dataset {entry.get('dataset')!r} is not the run's "
-                                f"dataset {meta.get('dataset')!r}")
-        out[str(stage)] = fp
-    return out
 
 
 def check_fingerprints(recorded: Mapping[str, str] | None, used: Mapping[str, str], *, run: str, dataset: str,
